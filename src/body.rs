@@ -1,0 +1,147 @@
+//! The one body type that flows through the gateway, in both directions.
+//!
+//! An enum rather than a boxed trait object: no allocation per request, and every kind
+//! of body the gateway handles is visible here. Bodies stream; nothing is buffered
+//! except what a variant holds in full (`Full`).
+
+use bytes::Bytes;
+use http_body::{Body as _, Frame, SizeHint};
+use hyper::body::Incoming;
+use std::fmt;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+use tokio::time::{Instant, Sleep};
+
+/// A request or response body.
+#[derive(Debug, Default)]
+pub enum Body {
+    /// No body.
+    #[default]
+    Empty,
+    /// A body held in memory (error responses, small generated bodies).
+    Full(Option<Bytes>),
+    /// A streamed body, passed through as it arrives.
+    Stream(Incoming),
+    /// A streamed request body of unknown length that must stay under a limit.
+    Limited { inner: Incoming, remaining: u64 },
+    /// A streamed upstream response that fails if the upstream stalls for `idle`.
+    Upstream(UpstreamBody),
+}
+
+impl Body {
+    /// A body holding `bytes`.
+    pub fn full(bytes: impl Into<Bytes>) -> Body {
+        Body::Full(Some(bytes.into()))
+    }
+}
+
+/// Why a body stopped.
+#[derive(Debug)]
+pub enum BodyError {
+    /// The transport failed.
+    Hyper(hyper::Error),
+    /// The client sent more than the limit.
+    TooLarge,
+    /// The upstream sent nothing for longer than the route timeout.
+    UpstreamStalled,
+}
+
+impl fmt::Display for BodyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BodyError::Hyper(e) => write!(f, "body transport error: {e}"),
+            BodyError::TooLarge => f.write_str("request body is over the limit"),
+            BodyError::UpstreamStalled => f.write_str("upstream response body stalled"),
+        }
+    }
+}
+
+impl std::error::Error for BodyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            BodyError::Hyper(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            Body::Empty => Poll::Ready(None),
+            Body::Full(b) => Poll::Ready(b.take().filter(|b| !b.is_empty()).map(|b| Ok(Frame::data(b)))),
+            Body::Stream(inner) => Pin::new(inner).poll_frame(cx).map_err(BodyError::Hyper),
+            Body::Limited { inner, remaining } => {
+                let frame = ready!(Pin::new(inner).poll_frame(cx));
+                if let Some(Ok(f)) = &frame
+                    && let Some(data) = f.data_ref()
+                {
+                    let len = data.len() as u64;
+                    if len > *remaining {
+                        *remaining = 0;
+                        return Poll::Ready(Some(Err(BodyError::TooLarge)));
+                    }
+                    *remaining -= len;
+                }
+                Poll::Ready(frame.map(|r| r.map_err(BodyError::Hyper)))
+            }
+            Body::Upstream(u) => u.poll(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Body::Empty => true,
+            Body::Full(b) => b.as_ref().is_none_or(|b| b.is_empty()),
+            Body::Stream(i) | Body::Limited { inner: i, .. } => i.is_end_stream(),
+            Body::Upstream(u) => u.inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Body::Empty => SizeHint::with_exact(0),
+            Body::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Body::Stream(i) | Body::Limited { inner: i, .. } => i.size_hint(),
+            Body::Upstream(u) => u.inner.size_hint(),
+        }
+    }
+}
+
+/// An upstream response body with an idle timeout between frames.
+#[derive(Debug)]
+pub struct UpstreamBody {
+    inner: Incoming,
+    idle: Duration,
+    // Created only when the body first has to wait: most responses arrive whole in the
+    // first poll and never pay for a timer.
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl UpstreamBody {
+    /// Wraps `inner`, failing it after `idle` without a frame.
+    pub fn new(inner: Incoming, idle: Duration) -> Self {
+        UpstreamBody { inner, idle, timer: None }
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                if let Some(t) = self.timer.as_mut() {
+                    t.as_mut().reset(Instant::now() + self.idle);
+                }
+                Poll::Ready(frame.map(|r| r.map_err(BodyError::Hyper)))
+            }
+            Poll::Pending => {
+                let idle = self.idle;
+                let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                ready!(timer.as_mut().poll(cx));
+                Poll::Ready(Some(Err(BodyError::UpstreamStalled)))
+            }
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! The serde shape of `gatehouse.yaml`, exactly as written by operators.
+//!
+//! Unknown fields are rejected everywhere (a typo must not silently fall back to a
+//! default). Values that need checking across fields are wrapped in `Spanned` so that
+//! `validate` can still point at their line.
+
+use super::units::{Dur, Size};
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listeners: Vec<FileListener>,
+    #[serde(default)]
+    pub admin: Option<FileAdmin>,
+    #[serde(default)]
+    pub credentials: Option<Spanned<PathBuf>>,
+    #[serde(default)]
+    pub master_key: Option<PathBuf>,
+    #[serde(default)]
+    pub audit_log: Option<String>,
+    #[serde(default)]
+    pub auth: FileAuth,
+    #[serde(default)]
+    pub rate_limit: Option<FileRateLimit>,
+    #[serde(default)]
+    pub limits: FileLimits,
+    #[serde(default)]
+    pub trusted_proxies: Vec<Spanned<String>>,
+    pub routes: Vec<FileRoute>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileListener {
+    pub address: SocketAddr,
+    /// Label for logs and metrics; defaults to the address.
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub tls: Option<Spanned<FileTls>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAdmin {
+    pub address: SocketAddr,
+    #[serde(default)]
+    pub token_env: Option<String>,
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAuth {
+    #[serde(default)]
+    pub hmac: FileHmac,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileHmac {
+    #[serde(default)]
+    pub max_skew: Option<Dur>,
+    #[serde(default)]
+    pub replay_protection: Option<bool>,
+    #[serde(default)]
+    pub max_body: Option<Size>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRateLimit {
+    pub per_second: Spanned<u32>,
+    pub burst: Spanned<u32>,
+}
+
+/// Abuse limits on the client side. Every field has a production default.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileLimits {
+    #[serde(default)]
+    pub max_connections: Option<Spanned<usize>>,
+    #[serde(default)]
+    pub header_read_timeout: Option<Dur>,
+    #[serde(default)]
+    pub idle_timeout: Option<Dur>,
+    #[serde(default)]
+    pub tls_handshake_timeout: Option<Dur>,
+    #[serde(default)]
+    pub max_header_bytes: Option<Spanned<Size>>,
+    #[serde(default)]
+    pub max_headers: Option<usize>,
+    #[serde(default)]
+    pub max_request_body: Option<Size>,
+    #[serde(default)]
+    pub h2_max_concurrent_streams: Option<u32>,
+    #[serde(default)]
+    pub upstream_connect_timeout: Option<Dur>,
+    #[serde(default)]
+    pub shutdown_grace: Option<Dur>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRoute {
+    pub name: Spanned<String>,
+    pub path_prefix: Spanned<String>,
+    #[serde(default)]
+    pub host: Option<Spanned<String>>,
+    pub upstream: Spanned<OneOrMany>,
+    #[serde(default)]
+    pub allow_anonymous: bool,
+    #[serde(default)]
+    pub forward_credentials: bool,
+    #[serde(default)]
+    pub timeout: Option<Dur>,
+    #[serde(default)]
+    pub set_headers: BTreeMap<String, Spanned<String>>,
+}
+
+/// `upstream: http://a` or `upstream: [http://a, http://b]`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}

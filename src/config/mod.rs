@@ -1,0 +1,514 @@
+//! `gatehouse.yaml`: `file.rs` (serde shape) → [`validate`] → [`Config`] (runtime types
+//! that cannot hold a bad value).
+//!
+//! Every problem carries the file, line, column and reason, and `check-config` prints
+//! all of them at once. Relative paths in the file are resolved against the working
+//! directory of the process (as the examples in `config/` assume).
+
+pub mod env;
+mod file;
+pub mod units;
+
+use file::{FileConfig, FileRoute};
+use http::{HeaderName, HeaderValue, Uri};
+use ipnet::IpNet;
+use serde_saphyr::Location;
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use env::{Env, ProcessEnv};
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub listeners: Vec<ListenerConfig>,
+    pub admin: Option<AdminConfig>,
+    pub credentials: Option<PathBuf>,
+    pub master_key: PathBuf,
+    pub audit_log: AuditSink,
+    pub auth: AuthConfig,
+    pub rate_limit: RateLimitConfig,
+    pub limits: Limits,
+    pub trusted_proxies: Vec<IpNet>,
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    pub address: SocketAddr,
+    pub name: String,
+    pub tls: Option<TlsFiles>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub address: SocketAddr,
+    pub token_env: Option<String>,
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditSink {
+    Stdout,
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    pub max_skew: Duration,
+    pub replay_protection: bool,
+    pub hmac_max_body: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct RateLimitConfig {
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+/// Client-side abuse limits (README "Limits").
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub tls_handshake_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub max_request_body: u64,
+    pub h2_max_concurrent_streams: u32,
+    pub upstream_connect_timeout: Duration,
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 10_000,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            tls_handshake_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            max_request_body: 1 << 30,
+            h2_max_concurrent_streams: 128,
+            upstream_connect_timeout: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub name: String,
+    /// Lower-case host without port.
+    pub host: Option<String>,
+    pub path_prefix: String,
+    pub upstreams: Vec<Uri>,
+    pub allow_anonymous: bool,
+    pub forward_credentials: bool,
+    pub timeout: Duration,
+    pub set_headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+/// One problem in a config file, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub line: u64,
+    pub column: u64,
+    pub message: String,
+}
+
+/// Every problem found in one file.
+#[derive(Debug)]
+pub struct ConfigErrors {
+    pub file: PathBuf,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            if p.line > 0 {
+                write!(f, "{}:{}:{}: {}", self.file.display(), p.line, p.column, p.message)?;
+            } else {
+                write!(f, "{}: {}", self.file.display(), p.message)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Converts a serde-saphyr error into a located problem.
+pub(crate) fn yaml_problem(e: &serde_saphyr::Error) -> Problem {
+    let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
+    Problem { line, column, message: e.without_snippet().to_string() }
+}
+
+/// Reads a small text file, refusing an empty one.
+pub(crate) fn read_text(path: &Path) -> Result<String, ConfigErrors> {
+    let fail = |message: String| ConfigErrors {
+        file: path.to_path_buf(),
+        problems: vec![Problem { line: 0, column: 0, message }],
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read: {e}")))?;
+    if text.trim().is_empty() {
+        return Err(fail("file is empty".into()));
+    }
+    Ok(text)
+}
+
+impl Config {
+    /// Reads and validates `path`, expanding `${VAR}` from the process environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        Self::load_with_env(path, &ProcessEnv)
+    }
+
+    /// Reads and validates `path` with `${VAR}` values from `env`.
+    pub fn load_with_env(path: &Path, env: &dyn Env) -> Result<Config, ConfigErrors> {
+        let text = read_text(path)?;
+        Self::parse(path, &text, env)
+    }
+
+    /// Validates config text; `path` is only used for messages and the result.
+    pub fn parse(path: &Path, text: &str, env: &dyn Env) -> Result<Config, ConfigErrors> {
+        let file: FileConfig = serde_saphyr::from_str(text)
+            .map_err(|e| ConfigErrors { file: path.to_path_buf(), problems: vec![yaml_problem(&e)] })?;
+        let mut v = Validator { problems: Vec::new() };
+        let config = v.config(path, file, env);
+        if v.problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors { file: path.to_path_buf(), problems: v.problems })
+        }
+    }
+}
+
+/// Collects problems instead of stopping at the first, so `check-config` shows them all.
+struct Validator {
+    problems: Vec<Problem>,
+}
+
+impl Validator {
+    fn at(&mut self, loc: &Location, message: impl Into<String>) {
+        self.problems.push(Problem { line: loc.line(), column: loc.column(), message: message.into() });
+    }
+
+    fn config(&mut self, path: &Path, f: FileConfig, env: &dyn Env) -> Config {
+        if f.listeners.is_empty() {
+            self.problems.push(Problem { line: 0, column: 0, message: "at least one listener is required".into() });
+        }
+        let mut seen_addrs = HashSet::new();
+        let listeners = f
+            .listeners
+            .into_iter()
+            .map(|l| {
+                if !seen_addrs.insert(l.address) && l.address.port() != 0 {
+                    self.problems.push(Problem {
+                        line: 0,
+                        column: 0,
+                        message: format!("listener address {} is listed twice", l.address),
+                    });
+                }
+                let tls = l.tls.map(|t| {
+                    for p in [&t.value.cert, &t.value.key] {
+                        if let Err(e) = std::fs::metadata(p) {
+                            self.at(&t.referenced, format!("cannot read TLS file {}: {e}", p.display()));
+                        }
+                    }
+                    TlsFiles { cert: t.value.cert, key: t.value.key }
+                });
+                ListenerConfig { name: l.name.unwrap_or_else(|| l.address.to_string()), address: l.address, tls }
+            })
+            .collect();
+
+        let admin =
+            f.admin.map(|a| AdminConfig { address: a.address, token_env: a.token_env, token_file: a.token_file });
+
+        let credentials = f.credentials.map(|c| c.value);
+        let audit_log = match f.audit_log.as_deref() {
+            None | Some("stdout") | Some("-") => AuditSink::Stdout,
+            Some(p) => AuditSink::File(PathBuf::from(p)),
+        };
+        let auth = AuthConfig {
+            max_skew: f.auth.hmac.max_skew.map_or(Duration::from_secs(300), |d| d.0),
+            replay_protection: f.auth.hmac.replay_protection.unwrap_or(true),
+            hmac_max_body: f.auth.hmac.max_body.map_or(10 << 20, |s| s.0),
+        };
+        let rate_limit = match f.rate_limit {
+            None => RateLimitConfig { per_second: 50, burst: 100 },
+            Some(r) => {
+                if r.per_second.value == 0 {
+                    self.at(&r.per_second.referenced, "rate_limit.per_second must be at least 1");
+                }
+                if r.burst.value == 0 {
+                    self.at(&r.burst.referenced, "rate_limit.burst must be at least 1");
+                }
+                RateLimitConfig { per_second: r.per_second.value, burst: r.burst.value }
+            }
+        };
+        let limits = self.limits(f.limits);
+        let trusted_proxies = f
+            .trusted_proxies
+            .into_iter()
+            .filter_map(|s| {
+                let parsed = s.value.parse::<IpNet>().or_else(|_| s.value.parse::<std::net::IpAddr>().map(IpNet::from));
+                parsed
+                    .map_err(|_| {
+                        self.at(&s.referenced, format!("invalid trusted proxy {:?}: expected an IP or CIDR", s.value))
+                    })
+                    .ok()
+            })
+            .collect();
+
+        let mut names = HashSet::new();
+        let mut keys = HashSet::new();
+        let routes = f.routes.into_iter().filter_map(|r| self.route(r, env, &mut names, &mut keys)).collect();
+        Config {
+            path: path.to_path_buf(),
+            listeners,
+            admin,
+            credentials,
+            master_key: f.master_key.unwrap_or_else(|| PathBuf::from("config/master.key")),
+            audit_log,
+            auth,
+            rate_limit,
+            limits,
+            trusted_proxies,
+            routes,
+        }
+    }
+
+    fn limits(&mut self, l: file::FileLimits) -> Limits {
+        let d = Limits::default();
+        let max_header_bytes = match l.max_header_bytes {
+            None => d.max_header_bytes,
+            Some(s) => {
+                // hyper refuses buffers below 8 KiB and we never want one above 1 MiB.
+                if !(8192..=1 << 20).contains(&s.value.0) {
+                    self.at(&s.referenced, "limits.max_header_bytes must be between 8KiB and 1MiB");
+                }
+                s.value.0.clamp(8192, 1 << 20) as usize
+            }
+        };
+        let max_connections = match l.max_connections {
+            None => d.max_connections,
+            Some(m) if m.value == 0 => {
+                self.at(&m.referenced, "limits.max_connections must be at least 1");
+                1
+            }
+            Some(m) => m.value,
+        };
+        Limits {
+            max_connections,
+            header_read_timeout: l.header_read_timeout.map_or(d.header_read_timeout, |x| x.0),
+            idle_timeout: l.idle_timeout.map_or(d.idle_timeout, |x| x.0),
+            tls_handshake_timeout: l.tls_handshake_timeout.map_or(d.tls_handshake_timeout, |x| x.0),
+            max_header_bytes,
+            max_headers: l.max_headers.unwrap_or(d.max_headers),
+            max_request_body: l.max_request_body.map_or(d.max_request_body, |x| x.0),
+            h2_max_concurrent_streams: l.h2_max_concurrent_streams.unwrap_or(d.h2_max_concurrent_streams),
+            upstream_connect_timeout: l.upstream_connect_timeout.map_or(d.upstream_connect_timeout, |x| x.0),
+            shutdown_grace: l.shutdown_grace.map_or(d.shutdown_grace, |x| x.0),
+        }
+    }
+
+    fn route(
+        &mut self,
+        r: FileRoute,
+        env: &dyn Env,
+        names: &mut HashSet<String>,
+        keys: &mut HashSet<(Option<String>, String)>,
+    ) -> Option<RouteConfig> {
+        let before = self.problems.len();
+        let name = r.name.value.clone();
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)) {
+            self.at(&r.name.referenced, format!("route name {name:?} must be letters, digits, '_', '.' or '-'"));
+        } else if !names.insert(name.clone()) {
+            self.at(&r.name.referenced, format!("duplicate route name {name:?}"));
+        }
+        let prefix = r.path_prefix.value.clone();
+        if !prefix.starts_with('/')
+            || prefix.contains(['?', '#', '%', '\\'])
+            || prefix.contains("/./")
+            || prefix.contains("/../")
+            || prefix.contains("//")
+        {
+            self.at(
+                &r.path_prefix.referenced,
+                format!("path_prefix {prefix:?} must be a normalised absolute path starting with '/'"),
+            );
+        }
+        let host = r.host.map(|h| {
+            let v = h.value.trim().to_ascii_lowercase();
+            if v.is_empty() || v.contains(['/', ' ', '@']) || v.parse::<http::uri::Authority>().is_err() {
+                self.at(&h.referenced, format!("invalid host {:?}", h.value));
+            }
+            v
+        });
+        if !keys.insert((host.clone(), prefix.clone())) {
+            self.at(
+                &r.path_prefix.referenced,
+                format!("another route already has host {host:?} and path_prefix {prefix:?}"),
+            );
+        }
+        let loc = r.upstream.referenced;
+        let upstream_list = r.upstream.value.into_vec();
+        if upstream_list.is_empty() {
+            self.at(&loc, "upstream needs at least one URL");
+        }
+        let upstreams = upstream_list
+            .iter()
+            .filter_map(|u| match parse_upstream(u) {
+                Ok(uri) => Some(uri),
+                Err(e) => {
+                    self.at(&loc, e);
+                    None
+                }
+            })
+            .collect();
+        let timeout = r.timeout.map_or(Duration::from_secs(30), |d| d.0);
+        if timeout.is_zero() {
+            self.at(&loc, "route timeout must be more than 0s");
+        }
+        let mut set_headers = Vec::new();
+        for (k, v) in r.set_headers {
+            let name = match HeaderName::from_bytes(k.as_bytes()) {
+                Ok(n) => n,
+                Err(_) => {
+                    self.at(&v.referenced, format!("invalid header name {k:?}"));
+                    continue;
+                }
+            };
+            match env::expand(&v.value, env) {
+                // The value may hold a credential: never echo it in an error.
+                Ok(val) => match HeaderValue::from_str(&val) {
+                    Ok(mut hv) => {
+                        hv.set_sensitive(true);
+                        set_headers.push((name, hv));
+                    }
+                    Err(_) => self.at(&v.referenced, format!("set_headers.{k}: value is not a valid header value")),
+                },
+                Err(e) => self.at(&v.referenced, format!("set_headers.{k}: {e}")),
+            }
+        }
+        (self.problems.len() == before).then_some(RouteConfig {
+            name,
+            host,
+            path_prefix: prefix,
+            upstreams,
+            allow_anonymous: r.allow_anonymous,
+            forward_credentials: r.forward_credentials,
+            timeout,
+            set_headers,
+        })
+    }
+}
+
+/// `http://host:port` with an optional base path of `/`. Only plain-HTTP upstreams for now.
+fn parse_upstream(s: &str) -> Result<Uri, String> {
+    let uri: Uri = s.parse().map_err(|e| format!("invalid upstream URL {s:?}: {e}"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => return Err(format!("upstream {s:?}: https upstreams are not supported yet; use http://")),
+        _ => return Err(format!("upstream {s:?} must start with http://")),
+    }
+    if uri.authority().is_none_or(|a| a.host().is_empty()) {
+        return Err(format!("upstream {s:?} has no host"));
+    }
+    if uri.path_and_query().is_some_and(|p| p.as_str() != "/" && !p.as_str().is_empty()) {
+        return Err(format!("upstream {s:?} must not have a path: requests keep their own path"));
+    }
+    Ok(uri)
+}
+
+/// Parses a whole config from YAML text for tests.
+#[cfg(test)]
+fn parse_str(text: &str) -> Result<Config, ConfigErrors> {
+    Config::parse(
+        Path::new("test.yaml"),
+        text,
+        &std::collections::HashMap::from([("UP".to_string(), "tok".to_string())]),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "listeners:\n  - address: 127.0.0.1:0\nroutes:\n  - name: a\n    path_prefix: /api/\n    upstream: http://127.0.0.1:3000\n    timeout: 5s\n    set_headers: { Authorization: \"Bearer ${UP}\" }\n";
+
+    /// the minimal shape validates, with defaults filled in
+    #[test]
+    fn minimal_config_validates() {
+        let c = parse_str(GOOD).unwrap();
+        assert_eq!(c.routes[0].timeout, Duration::from_secs(5));
+        assert_eq!(c.routes[0].set_headers[0].1, "Bearer tok");
+        assert_eq!(c.auth.max_skew, Duration::from_secs(300));
+        assert_eq!(c.limits.max_connections, 10_000);
+    }
+
+    /// an unknown field is rejected with its line
+    #[test]
+    fn unknown_field_is_located() {
+        let e = parse_str(&GOOD.replace("    timeout: 5s\n", "    timeout: 5s\n    timout: 5s\n")).unwrap_err();
+        assert_eq!(e.problems.len(), 1);
+        assert_eq!(e.problems[0].line, 8, "{e}");
+        assert!(e.problems[0].message.contains("timout"), "{e}");
+    }
+
+    /// a bad duration names the value and its line
+    #[test]
+    fn bad_duration_is_located() {
+        let e = parse_str(&GOOD.replace("timeout: 5s", "timeout: 5 parsecs")).unwrap_err();
+        assert_eq!(e.problems[0].line, 7, "{e}");
+        assert!(e.to_string().contains("invalid duration"), "{e}");
+    }
+
+    /// duplicate route names and an unset variable are both reported, each with its line
+    #[test]
+    fn all_validation_problems_are_reported() {
+        let text = format!(
+            "{GOOD}  - name: a\n    path_prefix: /b/\n    upstream: http://127.0.0.1:1\n    set_headers: {{ X: \"${{NOPE}}\" }}\n"
+        );
+        let e = parse_str(&text).unwrap_err();
+        let msgs: Vec<_> = e.problems.iter().map(|p| (p.line, p.message.as_str())).collect();
+        assert!(msgs.iter().any(|(l, m)| *l == 9 && m.contains("duplicate route name")), "{e}");
+        assert!(msgs.iter().any(|(l, m)| *l == 12 && m.contains("NOPE is not set")), "{e}");
+    }
+
+    /// https, a path, or no scheme on an upstream are refused
+    #[test]
+    fn upstream_urls_are_checked() {
+        assert!(parse_upstream("http://10.0.0.1:80").is_ok());
+        assert!(parse_upstream("http://10.0.0.1:80/").is_ok());
+        assert!(parse_upstream("https://x").unwrap_err().contains("not supported"));
+        assert!(parse_upstream("http://x/base").unwrap_err().contains("path"));
+        assert!(parse_upstream("x:80").is_err());
+    }
+
+    /// a missing TLS file is reported at the listener
+    #[test]
+    fn unreadable_cert_is_reported() {
+        let text = GOOD
+            .replace("127.0.0.1:0\n", "127.0.0.1:0\n    tls: { cert: /nonexistent/c.pem, key: /nonexistent/k.pem }\n");
+        let e = parse_str(&text).unwrap_err();
+        assert!(e.problems[0].message.contains("cannot read TLS file /nonexistent/c.pem"), "{e}");
+        assert_eq!(e.problems[0].line, 3, "{e}");
+    }
+}

@@ -1,0 +1,146 @@
+//! The one place where a failure becomes a status code and a SPEC §5 JSON body.
+//!
+//! Every step returns `GateError`; `into_response` is exhaustive, so a new variant does
+//! not compile until it has a status, a code and a message.
+
+use crate::body::Body;
+use crate::headers::{CACHE_CONTROL, CONTENT_TYPE, X_REQUEST_ID};
+use http::{HeaderValue, Response, StatusCode};
+
+/// Why a request failed, as the pipeline knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GateError {
+    /// 400: the request cannot be routed or checked safely.
+    BadRequest(BadRequest),
+    /// 404: no route matches host and path.
+    NoRoute,
+    /// 413: the body is over a configured limit.
+    PayloadTooLarge,
+    /// 502: the upstream could not be reached or answered garbage.
+    Upstream(UpstreamFailure),
+    /// 504: the upstream did not answer within the route's timeout.
+    UpstreamTimeout,
+}
+
+/// What made a request unacceptable (400).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadRequest {
+    /// The path cannot be normalised safely (encoded `/`, `..` above the root, NUL, …).
+    Path,
+    /// Missing, repeated or malformed `Host` / authority.
+    Host,
+    /// A malformed or contradictory header (e.g. a bad `Content-Length`).
+    Header,
+}
+
+/// How the upstream failed (502).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamFailure {
+    /// The TCP connection was refused or could not be made.
+    Connect,
+    /// The connection broke or the upstream sent something that is not HTTP.
+    Protocol,
+}
+
+impl GateError {
+    /// A fixed, low-cardinality name for logs and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            GateError::BadRequest(BadRequest::Path) => "bad_path",
+            GateError::BadRequest(BadRequest::Host) => "bad_host",
+            GateError::BadRequest(BadRequest::Header) => "bad_header",
+            GateError::NoRoute => "no_route",
+            GateError::PayloadTooLarge => "payload_too_large",
+            GateError::Upstream(UpstreamFailure::Connect) => "upstream_connect",
+            GateError::Upstream(UpstreamFailure::Protocol) => "upstream_protocol",
+            GateError::UpstreamTimeout => "upstream_timeout",
+        }
+    }
+
+    fn parts(&self) -> (StatusCode, &'static str, &'static str) {
+        match self {
+            GateError::BadRequest(BadRequest::Path) => {
+                (StatusCode::BAD_REQUEST, "invalid_request", "Request path cannot be normalised safely")
+            }
+            GateError::BadRequest(BadRequest::Host) => {
+                (StatusCode::BAD_REQUEST, "invalid_request", "Invalid Host header")
+            }
+            GateError::BadRequest(BadRequest::Header) => {
+                (StatusCode::BAD_REQUEST, "invalid_request", "Malformed request header")
+            }
+            GateError::NoRoute => (StatusCode::NOT_FOUND, "not_found", "No route matches this request"),
+            GateError::PayloadTooLarge => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "Request body is too large")
+            }
+            GateError::Upstream(_) => (StatusCode::BAD_GATEWAY, "upstream_error", "Upstream service is unavailable"),
+            GateError::UpstreamTimeout => {
+                (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", "Upstream service timed out")
+            }
+        }
+    }
+
+    /// The status this error is answered with.
+    pub fn status(&self) -> StatusCode {
+        self.parts().0
+    }
+
+    /// The SPEC §5 response: JSON body, `X-Request-Id`, never cached.
+    pub fn into_response(self, request_id: &HeaderValue) -> Response<Body> {
+        let (status, code, message) = self.parts();
+        error_response(status, code, message, request_id)
+    }
+}
+
+/// Builds a §5 JSON error response. Also used for the errors hyper itself answers.
+pub fn error_response(status: StatusCode, code: &str, message: &str, request_id: &HeaderValue) -> Response<Body> {
+    let mut res = Response::new(Body::full(error_json(code, message, request_id.to_str().unwrap_or_default())));
+    *res.status_mut() = status;
+    let h = res.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(X_REQUEST_ID, request_id.clone());
+    res
+}
+
+/// The §5 body, fields in the order the SPEC shows them.
+pub fn error_json(code: &str, message: &str, request_id: &str) -> String {
+    #[derive(serde::Serialize)]
+    struct ErrorBody<'a> {
+        success: bool,
+        message: &'a str,
+        code: &'a str,
+        request_id: &'a str,
+    }
+    serde_json::to_string(&ErrorBody { success: false, message, code, request_id }).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    /// each error maps to the SPEC §5 status and code, with the request id in header and body
+    #[tokio::test]
+    async fn errors_map_to_spec_table() {
+        let id = HeaderValue::from_static("req-1");
+        let cases = [
+            (GateError::BadRequest(BadRequest::Path), 400, "invalid_request"),
+            (GateError::NoRoute, 404, "not_found"),
+            (GateError::PayloadTooLarge, 413, "payload_too_large"),
+            (GateError::Upstream(UpstreamFailure::Connect), 502, "upstream_error"),
+            (GateError::UpstreamTimeout, 504, "upstream_timeout"),
+        ];
+        for (err, status, code) in cases {
+            let res = err.into_response(&id);
+            assert_eq!(res.status().as_u16(), status);
+            assert_eq!(res.headers()[CONTENT_TYPE], "application/json");
+            assert_eq!(res.headers()[X_REQUEST_ID], "req-1");
+            let body = res.into_body().collect().await.unwrap().to_bytes();
+            assert!(body.starts_with(b"{\"success\":false,\"message\":"), "{body:?}");
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(v["success"], false);
+            assert_eq!(v["code"], code);
+            assert_eq!(v["request_id"], "req-1");
+        }
+    }
+}

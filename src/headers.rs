@@ -1,0 +1,121 @@
+//! Every header name Gatehouse reads or writes, as a constant, and the static lists built
+//! from them. No other module spells a header name as a string.
+
+use http::HeaderName;
+use http::header::{CONNECTION, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
+
+pub use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST, RETRY_AFTER, WWW_AUTHENTICATE};
+
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+pub const X_SIGNATURE: HeaderName = HeaderName::from_static("x-signature");
+pub const X_TIMESTAMP: HeaderName = HeaderName::from_static("x-timestamp");
+pub const X_PROXIED_USER: HeaderName = HeaderName::from_static("x-proxied-user");
+pub const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+pub const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+pub const CACHE_CONTROL: HeaderName = http::header::CACHE_CONTROL;
+
+/// The prefix of every identity header Gatehouse sets (SPEC §4). A client-sent header
+/// with this prefix, in any spelling, never reaches an upstream.
+pub const IDENTITY_PREFIX: &str = "x-gatehouse-";
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1, plus the legacy ones proxies still see). Built
+/// once so that removal does not parse and hash a string per request.
+pub static HOP_BY_HOP: [HeaderName; 9] = [
+    CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    TE,
+    TRAILER,
+    TRANSFER_ENCODING,
+    UPGRADE,
+    PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION,
+];
+
+/// How a client-sent header is treated on its way upstream, judged on its name with
+/// `_` read as `-` (some backends, e.g. CGI-style ones, treat the two as the same).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protected {
+    /// Not protected: forwarded as is.
+    No,
+    /// Identity or forwarding context: always removed, Gatehouse sets its own.
+    Identity,
+    /// A credential header: removed unless the route forwards credentials.
+    Credential,
+}
+
+/// Classifies a (lower-case) header name. Allocation-free.
+pub fn classify(name: &str) -> Protected {
+    let b = name.as_bytes();
+    // Only names starting with x, f or a can be protected: keep the common case cheap.
+    match b.first() {
+        Some(b'x' | b'f' | b'a') => {}
+        _ => return Protected::No,
+    }
+    if eq_dashed(b, "authorization")
+        || eq_dashed(b, "x-api-key")
+        || eq_dashed(b, "x-signature")
+        || eq_dashed(b, "x-timestamp")
+    {
+        return Protected::Credential;
+    }
+    let identity = starts_with_dashed(b, IDENTITY_PREFIX)
+        || starts_with_dashed(b, "x-forwarded-")
+        || eq_dashed(b, "forwarded")
+        || eq_dashed(b, "x-real-ip")
+        || eq_dashed(b, "x-proxied-user")
+        || eq_dashed(b, "x-request-id")
+        // Method overrides would let a client run a method that was never authorised.
+        || eq_dashed(b, "x-http-method-override")
+        || eq_dashed(b, "x-http-method")
+        || eq_dashed(b, "x-method-override");
+    if identity { Protected::Identity } else { Protected::No }
+}
+
+/// `a == b` where `_` in `a` counts as `-`.
+fn eq_dashed(a: &[u8], b: &str) -> bool {
+    a.len() == b.len() && starts_with_dashed(a, b)
+}
+
+fn starts_with_dashed(a: &[u8], prefix: &str) -> bool {
+    a.len() >= prefix.len() && a.iter().zip(prefix.as_bytes()).all(|(&x, &y)| x == y || (x == b'_' && y == b'-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// identity headers are protected in every spelling a backend might read
+    #[test]
+    fn identity_spellings_are_protected() {
+        for n in [
+            "x-gatehouse-user",
+            "x_gatehouse_user",
+            "x-gatehouse_org",
+            "x-forwarded-for",
+            "x_forwarded_host",
+            "forwarded",
+            "x-real-ip",
+            "x-proxied-user",
+            "x-http-method-override",
+            "x-request-id",
+        ] {
+            assert_eq!(classify(n), Protected::Identity, "{n}");
+        }
+    }
+
+    /// credential headers are their own class; ordinary headers are not protected
+    #[test]
+    fn credentials_and_plain_headers() {
+        for n in ["authorization", "x-api-key", "x_api_key", "x-signature", "x-timestamp"] {
+            assert_eq!(classify(n), Protected::Credential, "{n}");
+        }
+        for n in ["accept", "content-type", "x-custom", "x-gatehouse", "authorizations", "forwarded-x"] {
+            assert_eq!(classify(n), Protected::No, "{n}");
+        }
+    }
+}

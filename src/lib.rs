@@ -1,0 +1,41 @@
+//! Gatehouse: an authentication gateway for machine clients.
+//!
+//! Every proxied request flows one way:
+//!
+//! ```text
+//!  accept ──► TLS ──► parse ──► authenticate ──► authorize ──► rewrite ──► forward ──► record
+//!  listen.rs  tls.rs  request.rs  authn/          authz.rs     rewrite.rs  forward.rs  record.rs
+//! ```
+//!
+//! `pipeline.rs` calls the steps in that order; each step returns `Result<_, GateError>`
+//! and `error.rs` is the only place a failure becomes a status and a JSON body. Steps
+//! depend on the shared modules (`config`, `route`, `headers`, `body`, `error`,
+//! `state`), never on each other.
+
+#![forbid(unsafe_code)]
+
+// Shared building blocks.
+pub mod body;
+pub mod config;
+pub mod error;
+pub mod headers;
+pub mod path;
+pub mod route;
+pub mod state;
+pub mod watch;
+
+// The request pipeline, in request order.
+pub mod listen;
+pub mod tls;
+pub mod parse_errors;
+pub mod request;
+pub mod authn;
+pub mod authz;
+pub mod rewrite;
+pub mod forward;
+pub mod record;
+pub mod pipeline;
+
+// Around the pipeline.
+pub mod cli;
+pub mod echo;

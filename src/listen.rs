@@ -1,0 +1,274 @@
+//! [accept] Listeners, connection limits, TLS handshakes, per-connection protocol limits
+//! and graceful drain.
+//!
+//! Shutdown: listeners close first (new connections are refused), every connection is
+//! told to finish its in-flight requests and close, and the process waits at most
+//! `limits.shutdown_grace` for them.
+
+use crate::config::{Config, Limits};
+use crate::parse_errors::JsonParseErrors;
+use crate::pipeline;
+use crate::request::ConnInfo;
+use crate::state::Gateway;
+use crate::tls::{self, CertResolver, TlsError};
+use hyper::rt::{Read, Write};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("TLS certificate {0}")]
+    Tls(#[from] TlsError),
+}
+
+/// A bound listener, not yet accepting.
+struct Bound {
+    tcp: TcpListener,
+    name: Arc<str>,
+    addr: SocketAddr,
+    tls: Option<(TlsAcceptor, Arc<CertResolver>)>,
+}
+
+/// The proxy listeners of one gateway, bound and ready to run.
+pub struct Server {
+    gw: Arc<Gateway>,
+    listeners: Vec<Bound>,
+    limits: Limits,
+}
+
+/// One listener's name, bound address and whether it speaks TLS.
+#[derive(Debug, Clone)]
+pub struct ListenerInfo {
+    pub name: Arc<str>,
+    pub addr: SocketAddr,
+    pub tls: bool,
+}
+
+impl Server {
+    /// Loads certificates and binds every listener. Nothing accepts until [`Server::run`].
+    pub async fn bind(config: &Config) -> Result<Server, StartError> {
+        let mut listeners = Vec::with_capacity(config.listeners.len());
+        for l in &config.listeners {
+            let tls = l.tls.as_ref().map(tls::acceptor).transpose()?;
+            let tcp =
+                TcpListener::bind(l.address).await.map_err(|source| StartError::Bind { addr: l.address, source })?;
+            let addr = tcp.local_addr().map_err(|source| StartError::Bind { addr: l.address, source })?;
+            listeners.push(Bound { tcp, name: Arc::from(l.name.as_str()), addr, tls });
+        }
+        Ok(Server { gw: Arc::new(Gateway::new(config)), listeners, limits: config.limits.clone() })
+    }
+
+    /// The bound listeners (with the real port where the config said `:0`).
+    pub fn listeners(&self) -> Vec<ListenerInfo> {
+        self.listeners
+            .iter()
+            .map(|b| ListenerInfo { name: b.name.clone(), addr: b.addr, tls: b.tls.is_some() })
+            .collect()
+    }
+
+    /// Serves until `shutdown` completes, then drains.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let Server { gw, listeners, limits } = self;
+        let max = u32::try_from(limits.max_connections).unwrap_or(u32::MAX).min(Semaphore::MAX_PERMITS as u32);
+        let conns = Arc::new(Semaphore::new(max as usize));
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let shared = Arc::new(Shared { gw, http: http_builder(&limits), limits });
+        let mut accepting = JoinSet::new();
+        for b in listeners {
+            if let Some((_, resolver)) = &b.tls {
+                resolver.clone().spawn_reloader();
+            }
+            tracing::info!(listener = %b.name, address = %b.addr, tls = b.tls.is_some(), "listening");
+            accepting.spawn(accept_loop(b, shared.clone(), conns.clone(), stop_rx.clone()));
+        }
+        shutdown.await;
+        tracing::info!("shutting down: refusing new connections, draining in-flight requests");
+        let _ = stop_tx.send(true);
+        while accepting.join_next().await.is_some() {}
+        let open = max as usize - conns.available_permits();
+        match tokio::time::timeout(shared.limits.shutdown_grace, conns.acquire_many(max)).await {
+            Ok(_) => tracing::info!(connections = open, "drained"),
+            Err(_) => tracing::warn!(
+                still_open = max as usize - conns.available_permits(),
+                "shutdown grace period over; closing remaining connections"
+            ),
+        }
+    }
+}
+
+/// What every connection of a server shares.
+struct Shared {
+    gw: Arc<Gateway>,
+    http: auto::Builder<TokioExecutor>,
+    limits: Limits,
+}
+
+/// hyper's protocol limits. Both builders get a timer: hyper ignores
+/// `header_read_timeout` (slowloris) and h2 keep-alive without one.
+fn http_builder(l: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        // Also closes idle keep-alive connections: hyper starts this timer whenever it
+        // waits for a request head, including between requests.
+        .header_read_timeout(l.header_read_timeout)
+        .max_buf_size(l.max_header_bytes)
+        .max_headers(l.max_headers)
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(l.h2_max_concurrent_streams)
+        .max_header_list_size(u32::try_from(l.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    // hyper's rapid-reset protection (max_pending_accept_reset_streams) keeps its default.
+    b
+}
+
+async fn accept_loop(b: Bound, shared: Arc<Shared>, conns: Arc<Semaphore>, mut stop: watch::Receiver<bool>) {
+    loop {
+        // Take a connection slot before accepting: at the cap, new connections wait in
+        // the kernel backlog instead of being accepted and starved.
+        let permit = tokio::select! {
+            p = conns.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            _ = stopped(&mut stop) => return,
+        };
+        let (stream, peer) = tokio::select! {
+            r = b.tcp.accept() => match r {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning on a full fd table.
+                    tracing::warn!(listener = %b.name, error = %e, "accept failed; backing off");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = stopped(&mut stop) => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let info = ConnInfo { peer, listener: b.name.clone(), tls: b.tls.is_some() };
+        let acceptor = b.tls.as_ref().map(|(a, _)| a.clone());
+        tokio::spawn(serve_conn(stream, info, acceptor, shared.clone(), stop.clone(), permit));
+    }
+}
+
+async fn serve_conn(
+    stream: TcpStream,
+    info: ConnInfo,
+    acceptor: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+    stop: watch::Receiver<bool>,
+    _permit: OwnedSemaphorePermit,
+) {
+    let conn =
+        Arc::new(Conn { info, inflight: AtomicUsize::new(0), last_done_ms: AtomicU64::new(0), opened: Instant::now() });
+    match acceptor {
+        None => drive(TokioIo::new(JsonParseErrors::new(stream)), conn, shared, stop).await,
+        Some(acceptor) => {
+            match tokio::time::timeout(shared.limits.tls_handshake_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => drive(TokioIo::new(JsonParseErrors::new(tls)), conn, shared, stop).await,
+                Ok(Err(e)) => tracing::debug!(peer = %conn.info.peer, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!(peer = %conn.info.peer, "TLS handshake timed out"),
+            }
+        }
+    }
+}
+
+/// Per-connection state: who it is, and whether it is idle.
+struct Conn {
+    info: ConnInfo,
+    inflight: AtomicUsize,
+    last_done_ms: AtomicU64,
+    opened: Instant,
+}
+
+impl Conn {
+    /// How long the connection has had no request in flight, or `None` while one is.
+    fn idle_for(&self) -> Option<Duration> {
+        if self.inflight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let since_open = self.opened.elapsed();
+        Some(since_open.saturating_sub(Duration::from_millis(self.last_done_ms.load(Ordering::Relaxed))))
+    }
+}
+
+/// Counts a request in flight until dropped (also when the client goes away mid-request).
+struct InFlight(Arc<Conn>);
+
+impl InFlight {
+    fn new(conn: Arc<Conn>) -> InFlight {
+        conn.inflight.fetch_add(1, Ordering::AcqRel);
+        InFlight(conn)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.last_done_ms.store(self.0.opened.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.0.inflight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+async fn drive<I>(io: I, conn: Arc<Conn>, shared: Arc<Shared>, mut stop: watch::Receiver<bool>)
+where
+    I: Read + Write + Unpin + Send + 'static,
+{
+    let gw = shared.gw.clone();
+    let svc_conn = conn.clone();
+    let svc = hyper::service::service_fn(move |req| {
+        let gw = gw.clone();
+        let guard = InFlight::new(svc_conn.clone());
+        async move {
+            let res = pipeline::handle(&gw, &guard.0.info, req).await;
+            drop(guard);
+            Ok::<_, Infallible>(res)
+        }
+    });
+    let served = shared.http.serve_connection_with_upgrades(io, svc);
+    tokio::pin!(served);
+    let idle = shared.limits.idle_timeout;
+    let idle_check = tokio::time::sleep(idle);
+    tokio::pin!(idle_check);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            res = served.as_mut() => {
+                if let Err(e) = res {
+                    tracing::debug!(peer = %conn.info.peer, error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            _ = stopped(&mut stop), if !closing => {
+                closing = true;
+                served.as_mut().graceful_shutdown();
+            }
+            _ = &mut idle_check, if !closing => match conn.idle_for() {
+                Some(d) if d >= idle => {
+                    closing = true;
+                    served.as_mut().graceful_shutdown();
+                }
+                Some(d) => idle_check.as_mut().reset(tokio::time::Instant::now() + (idle - d)),
+                None => idle_check.as_mut().reset(tokio::time::Instant::now() + idle),
+            },
+        }
+    }
+}
+
+/// Completes once shutdown has been requested.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns is not `Send`: drop it here, not in the caller.
+    let _ = stop.wait_for(|&s| s).await.map(|_| ());
+}

@@ -1,0 +1,47 @@
+//! The straight line every proxied request follows:
+//!
+//! ```text
+//! parse → authenticate → authorize → rewrite → forward → (rewrite response) → record
+//! ```
+//!
+//! `handle` only maps errors and records; `handle_inner` calls the steps in order and
+//! uses `?` on each. A step never calls another step.
+
+use crate::body::Body;
+use crate::record::{self, Outcome};
+use crate::request::{self, ConnInfo};
+use crate::state::Gateway;
+use crate::{authn, authz, forward, rewrite};
+use http::{Request, Response};
+use hyper::body::Incoming;
+
+/// Serves one request on a proxy listener. Never fails: every error becomes a §5 response.
+pub async fn handle(gw: &Gateway, conn: &ConnInfo, req: Request<Incoming>) -> Response<Body> {
+    let request_id = request::request_id(req.headers());
+    let mut out = Outcome::start(request_id.clone(), req.method().clone());
+    let res = match handle_inner(gw, conn, req, &mut out).await {
+        Ok(res) => res,
+        Err(e) => {
+            out.error = Some(e);
+            e.into_response(&request_id)
+        }
+    };
+    record::finish(&out, res.status());
+    res
+}
+
+async fn handle_inner(
+    gw: &Gateway,
+    conn: &ConnInfo,
+    req: Request<Incoming>,
+    out: &mut Outcome,
+) -> Result<Response<Body>, crate::error::GateError> {
+    let parsed = request::parse(&gw.routes, &gw.limits, req, out.request_id.clone())?;
+    out.route = Some(parsed.route.name.clone());
+    let caller = authn::authenticate(&parsed)?;
+    let permit = authz::authorize(caller, &parsed)?;
+    let outbound = rewrite::request(parsed, &permit, conn, gw.is_trusted_proxy(conn.peer.ip()));
+    let fwd = forward::send(&gw.client, outbound).await?;
+    out.upstream_latency = Some(fwd.upstream_latency);
+    Ok(rewrite::response(fwd.response, &out.request_id))
+}

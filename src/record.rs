@@ -1,0 +1,40 @@
+//! [record] The one place that reports on a finished request. Metrics and the audit log
+//! are written from here, from the [`Outcome`] the pipeline filled in.
+
+use crate::error::GateError;
+use http::{HeaderValue, Method, StatusCode};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What happened to one request, filled in as it goes through the pipeline.
+#[derive(Debug)]
+pub struct Outcome {
+    started: Instant,
+    pub request_id: HeaderValue,
+    pub method: Method,
+    pub route: Option<Arc<str>>,
+    pub error: Option<GateError>,
+    pub upstream_latency: Option<Duration>,
+}
+
+impl Outcome {
+    /// Starts the clock for a request.
+    pub fn start(request_id: HeaderValue, method: Method) -> Outcome {
+        Outcome { started: Instant::now(), request_id, method, route: None, error: None, upstream_latency: None }
+    }
+}
+
+/// Reports a finished request.
+pub fn finish(out: &Outcome, status: StatusCode) {
+    let elapsed_ms = out.started.elapsed().as_secs_f64() * 1e3;
+    let route = out.route.as_deref().unwrap_or("");
+    let id = out.request_id.to_str().unwrap_or_default();
+    match out.error {
+        Some(e) if e.status().is_server_error() => {
+            tracing::warn!(request_id = id, route, method = %out.method, status = status.as_u16(), reason = e.reason(), elapsed_ms, "request failed upstream");
+        }
+        _ => {
+            tracing::debug!(request_id = id, route, method = %out.method, status = status.as_u16(), reason = out.error.map(|e| e.reason()), elapsed_ms, "request");
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! [rewrite] The request as the upstream will see it, and the response as the client
+//! will see it.
+//!
+//! Order matters: headers named in `Connection` are removed *before* Gatehouse adds its
+//! own, and `Connection` itself is dropped, so a client can never make the upstream
+//! discard a header the gateway set (SPEC §4).
+
+use crate::authz::Permit;
+use crate::body::Body;
+use crate::headers::{
+    self, HOP_BY_HOP, HOST, Protected, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID,
+};
+use crate::request::{ConnInfo, Parsed};
+use crate::route::Route;
+use http::header::{CONNECTION, UPGRADE};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version};
+use hyper::upgrade::OnUpgrade;
+use std::sync::Arc;
+
+/// A request ready to forward. Only [`request`] builds one, and it needs a [`Permit`].
+#[derive(Debug)]
+pub struct Outbound {
+    pub(crate) request: Request<Body>,
+    pub route: Arc<Route>,
+    /// The client side of a protocol upgrade (WebSocket), to join on `101`.
+    pub client_upgrade: Option<OnUpgrade>,
+}
+
+/// Builds the upstream request from an authorised one.
+pub fn request(p: Parsed, _permit: &Permit, conn: &ConnInfo, trusted_peer: bool) -> Outbound {
+    let Parsed { request_id, route, path_and_query, host, mut parts, body } = p;
+    let h = &mut parts.headers;
+
+    let upgrade = parts.version == Version::HTTP_11 && is_upgrade(h);
+    let forwarding = Forwarding::capture(h, trusted_peer);
+    strip_connection_listed(h);
+    for name in &HOP_BY_HOP {
+        if !(upgrade && name == UPGRADE) {
+            h.remove(name);
+        }
+    }
+    h.remove(HOST); // the client sets it from the target's authority
+    strip_protected(h, route.forward_credentials);
+
+    forwarding.apply(h, conn, host);
+    h.insert(X_REQUEST_ID, request_id);
+    for (name, value) in &route.set_headers {
+        h.insert(name, value.clone());
+    }
+    if upgrade {
+        h.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+
+    let client_upgrade = if upgrade { parts.extensions.remove::<OnUpgrade>() } else { None };
+    // HTTP/2 in, HTTP/1.1 out: the pooled client refuses a request still marked h2.
+    parts.version = Version::HTTP_11;
+    parts.uri = Uri::from(path_and_query);
+    parts.extensions.clear();
+    Outbound { request: Request::from_parts(parts, body), route, client_upgrade }
+}
+
+/// Cleans an upstream response for the client.
+pub fn response(mut res: Response<Body>, request_id: &HeaderValue) -> Response<Body> {
+    // A 101 keeps `Connection`/`Upgrade`: they are what switches the protocol.
+    let switching = res.status() == StatusCode::SWITCHING_PROTOCOLS;
+    let h = res.headers_mut();
+    if !switching {
+        strip_connection_listed(h);
+        for name in &HOP_BY_HOP {
+            h.remove(name);
+        }
+    }
+    h.insert(X_REQUEST_ID, request_id.clone());
+    res
+}
+
+/// `Connection: upgrade` plus an `Upgrade` other than `h2c` (never forwarded, SPEC §4).
+fn is_upgrade(h: &HeaderMap) -> bool {
+    let wants = h
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    wants && h.get(UPGRADE).and_then(|v| v.to_str().ok()).is_some_and(|u| !u.to_ascii_lowercase().contains("h2c"))
+}
+
+/// Removes every header named in `Connection` (RFC 9110 §7.6.1).
+fn strip_connection_listed(h: &mut HeaderMap) {
+    if !h.contains_key(CONNECTION) {
+        return;
+    }
+    let named: Vec<HeaderName> = h
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        if n != UPGRADE {
+            h.remove(n);
+        }
+    }
+}
+
+/// Removes identity and forwarding headers in every spelling, and credentials unless
+/// the route forwards them.
+fn strip_protected(h: &mut HeaderMap, forward_credentials: bool) {
+    let doomed: Vec<HeaderName> = h
+        .keys()
+        .filter(|n| match headers::classify(n.as_str()) {
+            Protected::No => false,
+            Protected::Identity => true,
+            Protected::Credential => !forward_credentials,
+        })
+        .cloned()
+        .collect();
+    for n in doomed {
+        h.remove(n);
+    }
+}
+
+/// The forwarding context a trusted proxy in front of us sent, kept to extend it.
+struct Forwarding {
+    prior_for: Option<String>,
+    prior_proto: Option<HeaderValue>,
+    prior_host: Option<HeaderValue>,
+}
+
+impl Forwarding {
+    fn capture(h: &HeaderMap, trusted_peer: bool) -> Forwarding {
+        if !trusted_peer {
+            return Forwarding { prior_for: None, prior_proto: None, prior_host: None };
+        }
+        let joined: Vec<&str> = h.get_all(X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect();
+        Forwarding {
+            prior_for: (!joined.is_empty()).then(|| joined.join(", ")),
+            prior_proto: h.get(X_FORWARDED_PROTO).cloned(),
+            prior_host: h.get(X_FORWARDED_HOST).cloned(),
+        }
+    }
+
+    /// Replaces (untrusted peer) or extends (trusted proxy) the forwarding headers.
+    fn apply(self, h: &mut HeaderMap, conn: &ConnInfo, host: Option<HeaderValue>) {
+        let ip = conn.peer.ip().to_string();
+        let xff = match self.prior_for {
+            Some(prior) => format!("{prior}, {ip}"),
+            None => ip,
+        };
+        if let Ok(v) = HeaderValue::from_str(&xff) {
+            h.insert(X_FORWARDED_FOR, v);
+        }
+        let proto =
+            self.prior_proto.unwrap_or_else(|| HeaderValue::from_static(if conn.tls { "https" } else { "http" }));
+        h.insert(X_FORWARDED_PROTO, proto);
+        if let Some(v) = self.prior_host.or(host) {
+            h.insert(X_FORWARDED_HOST, v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// a client's `Connection` list removes its own headers but never one we add later
+    #[test]
+    fn connection_listed_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(CONNECTION, HeaderValue::from_static("X-Foo, keep-alive, x-gatehouse-user"));
+        h.insert("x-foo", HeaderValue::from_static("1"));
+        h.insert("x-bar", HeaderValue::from_static("2"));
+        strip_connection_listed(&mut h);
+        assert!(h.get("x-foo").is_none());
+        assert_eq!(h["x-bar"], "2");
+    }
+
+    /// `_` spellings of identity headers are stripped; credentials stay only when forwarded
+    #[test]
+    fn protected_headers_are_stripped() {
+        let mut h = HeaderMap::new();
+        h.insert("x_gatehouse_user", HeaderValue::from_static("admin"));
+        h.append("x-gatehouse-user", HeaderValue::from_static("root"));
+        h.insert("x-api-key", HeaderValue::from_static("k"));
+        h.insert("accept", HeaderValue::from_static("*/*"));
+        let mut keep = h.clone();
+        strip_protected(&mut h, false);
+        assert_eq!(h.len(), 1);
+        strip_protected(&mut keep, true);
+        assert_eq!(keep.len(), 2);
+        assert_eq!(keep["x-api-key"], "k");
+    }
+
+    /// h2c is never an upgrade we forward; websocket is
+    #[test]
+    fn upgrade_detection() {
+        let mut h = HeaderMap::new();
+        h.insert(CONNECTION, HeaderValue::from_static("keep-alive, Upgrade"));
+        h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(is_upgrade(&h));
+        h.insert(UPGRADE, HeaderValue::from_static("h2c"));
+        assert!(!is_upgrade(&h));
+    }
+}

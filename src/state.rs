@@ -1,0 +1,53 @@
+//! The long-lived handles every request shares.
+
+use crate::body::Body;
+use crate::config::{Config, Limits};
+use crate::route::RouteTable;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use ipnet::IpNet;
+use std::net::IpAddr;
+use std::time::Duration;
+
+/// The pooled upstream client.
+pub type HttpClient = Client<HttpConnector, Body>;
+
+/// Everything a request needs, built once at start.
+#[derive(Debug)]
+pub struct Gateway {
+    pub routes: RouteTable,
+    pub limits: Limits,
+    trusted_proxies: Vec<IpNet>,
+    pub client: HttpClient,
+}
+
+impl Gateway {
+    /// Builds the gateway from a validated config.
+    pub fn new(config: &Config) -> Gateway {
+        Gateway {
+            routes: RouteTable::new(&config.routes),
+            limits: config.limits.clone(),
+            trusted_proxies: config.trusted_proxies.clone(),
+            client: http_client(&config.limits),
+        }
+    }
+
+    /// True when `ip` is a configured trusted proxy whose forwarding headers we extend.
+    pub fn is_trusted_proxy(&self, ip: IpAddr) -> bool {
+        !self.trusted_proxies.is_empty() && self.trusted_proxies.iter().any(|n| n.contains(&ip))
+    }
+}
+
+fn http_client(limits: &Limits) -> HttpClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(limits.upstream_connect_timeout));
+    connector.set_keepalive(Some(Duration::from_secs(60)));
+    Client::builder(TokioExecutor::new())
+        // Without a timer the idle-eviction task never runs (hyper-util pool.rs).
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(1024)
+        .build(connector)
+}

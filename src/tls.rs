@@ -1,0 +1,104 @@
+//! [TLS] rustls server configuration with certificates that reload in place.
+//!
+//! The acceptor is built once; the certificate lives behind an `ArcSwap` in our own
+//! resolver, so a reload swaps one pointer and open connections are untouched. A
+//! certificate pair that fails to load keeps the last good one in service.
+
+use crate::config::TlsFiles;
+use arc_swap::ArcSwap;
+use rustls::ServerConfig;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_rustls::TlsAcceptor;
+
+#[cfg(not(any(feature = "aws-lc", feature = "ring")))]
+compile_error!("enable one crypto provider feature: `aws-lc` (default) or `ring`");
+
+/// The crypto provider chosen by cargo feature.
+pub fn provider() -> Arc<CryptoProvider> {
+    #[cfg(feature = "aws-lc")]
+    return Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    #[cfg(all(feature = "ring", not(feature = "aws-lc")))]
+    return Arc::new(rustls::crypto::ring::default_provider());
+}
+
+/// A certificate and key that could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {reason}")]
+pub struct TlsError {
+    pub path: String,
+    pub reason: String,
+}
+
+/// Serves the current certificate for every handshake.
+#[derive(Debug)]
+pub struct CertResolver {
+    files: TlsFiles,
+    current: ArcSwap<CertifiedKey>,
+}
+
+impl ResolvesServerCert for CertResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+impl CertResolver {
+    /// Re-reads the files; on failure the last good certificate stays in service.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let key = load(&self.files)?;
+        self.current.store(Arc::new(key));
+        Ok(())
+    }
+
+    /// The files this resolver serves.
+    pub fn files(&self) -> &TlsFiles {
+        &self.files
+    }
+
+    /// Reloads whenever the files change, until the process ends.
+    pub fn spawn_reloader(self: Arc<Self>) {
+        let mut changes =
+            crate::watch::watch(vec![self.files.cert.clone(), self.files.key.clone()], Duration::from_secs(60));
+        tokio::spawn(async move {
+            while changes.recv().await.is_some() {
+                match self.reload() {
+                    Ok(()) => tracing::info!(cert = %self.files.cert.display(), "TLS certificate reloaded"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "TLS certificate reload failed; keeping the previous certificate")
+                    }
+                }
+            }
+        });
+    }
+}
+
+fn load(files: &TlsFiles) -> Result<CertifiedKey, TlsError> {
+    let err = |p: &std::path::Path, reason: String| TlsError { path: p.display().to_string(), reason };
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
+        .map_err(|e| err(&files.cert, e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| err(&files.cert, e.to_string()))?;
+    if chain.is_empty() {
+        return Err(err(&files.cert, "no certificate in file".into()));
+    }
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| err(&files.key, e.to_string()))?;
+    CertifiedKey::from_der(chain, key, &provider()).map_err(|e| err(&files.key, e.to_string()))
+}
+
+/// Builds the acceptor (TLS 1.2 and 1.3, ALPN h2 then http/1.1) and its resolver.
+pub fn acceptor(files: &TlsFiles) -> Result<(TlsAcceptor, Arc<CertResolver>), TlsError> {
+    let resolver = Arc::new(CertResolver { current: ArcSwap::from_pointee(load(files)?), files: files.clone() });
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError { path: files.cert.display().to_string(), reason: e.to_string() })?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver.clone());
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok((TlsAcceptor::from(Arc::new(config)), resolver))
+}
