@@ -4,7 +4,7 @@
 //! not compile until it has a status, a code and a message.
 
 use crate::body::Body;
-use crate::headers::{CACHE_CONTROL, CONTENT_TYPE, X_REQUEST_ID};
+use crate::headers::{CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE, X_REQUEST_ID};
 use http::{HeaderValue, Response, StatusCode};
 
 /// Why a request failed, as the pipeline knows it.
@@ -12,10 +12,14 @@ use http::{HeaderValue, Response, StatusCode};
 pub enum GateError {
     /// 400: the request cannot be routed or checked safely.
     BadRequest(BadRequest),
+    /// 401: the caller could not be authenticated; carries the true reason.
+    Unauthorized(AuthFailure),
     /// 404: no route matches host and path.
     NoRoute,
     /// 413: the body is over a configured limit.
     PayloadTooLarge,
+    /// 429: too many requests; retry after this many seconds.
+    TooManyRequests { retry_after_secs: u32 },
     /// 502: the upstream could not be reached or answered garbage.
     Upstream(UpstreamFailure),
     /// 504: the upstream did not answer within the route's timeout.
@@ -31,6 +35,94 @@ pub enum BadRequest {
     Host,
     /// A malformed or contradictory header (e.g. a bad `Content-Length`).
     Header,
+    /// The body could not be read (client gone, or too slow).
+    Body,
+}
+
+/// Why authentication failed. Clients see only [`AuthFailure::client_message`], which
+/// folds every key-state problem into one message (SPEC §3.4); logs and metrics get the
+/// true reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    /// No credential on a route that needs one.
+    Missing,
+    /// Two credentials (two `X-API-Key`s, or `X-API-Key` and `Authorization` disagreeing).
+    TwoCredentials,
+    /// Not a well-formed token (bad prefix, length, characters or checksum).
+    MalformedToken,
+    /// No such token or key id.
+    UnknownKey,
+    Revoked,
+    Expired,
+    /// The key's user is `inactive`.
+    Inactive,
+    /// The key's user is `retired`.
+    Retired,
+    /// A credential used the other method (a token with a signature, or an api_key
+    /// key's public id).
+    WrongMethod,
+    /// An hmac key id without `X-Signature` and `X-Timestamp`.
+    SignatureMissing,
+    BadSignature,
+    /// Timestamp missing, malformed, or outside the window.
+    StaleTimestamp,
+    Replay,
+}
+
+impl AuthFailure {
+    /// The metric label (`gatehouse_auth_failures_total{reason}`): a fixed, small set.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AuthFailure::Missing => "missing",
+            AuthFailure::TwoCredentials
+            | AuthFailure::MalformedToken
+            | AuthFailure::UnknownKey
+            | AuthFailure::WrongMethod => "invalid_key",
+            AuthFailure::Revoked => "revoked",
+            AuthFailure::Expired => "expired",
+            AuthFailure::Inactive | AuthFailure::Retired => "inactive",
+            AuthFailure::SignatureMissing | AuthFailure::BadSignature => "bad_signature",
+            AuthFailure::StaleTimestamp => "stale_timestamp",
+            AuthFailure::Replay => "replay",
+        }
+    }
+
+    /// The precise reason, for the log and the audit record.
+    pub fn detail(&self) -> &'static str {
+        match self {
+            AuthFailure::Missing => "missing",
+            AuthFailure::TwoCredentials => "two_credentials",
+            AuthFailure::MalformedToken => "malformed_token",
+            AuthFailure::UnknownKey => "unknown_key",
+            AuthFailure::Revoked => "revoked",
+            AuthFailure::Expired => "expired",
+            AuthFailure::Inactive => "inactive",
+            AuthFailure::Retired => "retired",
+            AuthFailure::WrongMethod => "wrong_auth_method",
+            AuthFailure::SignatureMissing => "signature_missing",
+            AuthFailure::BadSignature => "bad_signature",
+            AuthFailure::StaleTimestamp => "stale_timestamp",
+            AuthFailure::Replay => "replay",
+        }
+    }
+
+    /// What the client is told (SPEC §5).
+    pub fn client_message(&self) -> &'static str {
+        match self {
+            AuthFailure::Missing => "API key is missing",
+            AuthFailure::TwoCredentials
+            | AuthFailure::MalformedToken
+            | AuthFailure::UnknownKey
+            | AuthFailure::Revoked
+            | AuthFailure::Expired
+            | AuthFailure::Inactive
+            | AuthFailure::Retired
+            | AuthFailure::WrongMethod => "Invalid API key",
+            AuthFailure::SignatureMissing | AuthFailure::BadSignature => "Invalid signature",
+            AuthFailure::StaleTimestamp => "Request timestamp is outside the allowed window",
+            AuthFailure::Replay => "Replayed request",
+        }
+    }
 }
 
 /// How the upstream failed (502).
@@ -49,6 +141,9 @@ impl GateError {
             GateError::BadRequest(BadRequest::Path) => "bad_path",
             GateError::BadRequest(BadRequest::Host) => "bad_host",
             GateError::BadRequest(BadRequest::Header) => "bad_header",
+            GateError::BadRequest(BadRequest::Body) => "bad_body",
+            GateError::Unauthorized(f) => f.detail(),
+            GateError::TooManyRequests { .. } => "rate_limited",
             GateError::NoRoute => "no_route",
             GateError::PayloadTooLarge => "payload_too_large",
             GateError::Upstream(UpstreamFailure::Connect) => "upstream_connect",
@@ -67,6 +162,13 @@ impl GateError {
             }
             GateError::BadRequest(BadRequest::Header) => {
                 (StatusCode::BAD_REQUEST, "invalid_request", "Malformed request header")
+            }
+            GateError::BadRequest(BadRequest::Body) => {
+                (StatusCode::BAD_REQUEST, "invalid_request", "Request body could not be read")
+            }
+            GateError::Unauthorized(f) => (StatusCode::UNAUTHORIZED, "authentication_error", f.client_message()),
+            GateError::TooManyRequests { .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "Rate limit exceeded")
             }
             GateError::NoRoute => (StatusCode::NOT_FOUND, "not_found", "No route matches this request"),
             GateError::PayloadTooLarge => {
@@ -87,7 +189,17 @@ impl GateError {
     /// The SPEC §5 response: JSON body, `X-Request-Id`, never cached.
     pub fn into_response(self, request_id: &HeaderValue) -> Response<Body> {
         let (status, code, message) = self.parts();
-        error_response(status, code, message, request_id)
+        let mut res = error_response(status, code, message, request_id);
+        match self {
+            GateError::Unauthorized(_) => {
+                res.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"gatehouse\""));
+            }
+            GateError::TooManyRequests { retry_after_secs } => {
+                res.headers_mut().insert(RETRY_AFTER, HeaderValue::from(retry_after_secs));
+            }
+            _ => {}
+        }
+        res
     }
 }
 

@@ -17,10 +17,12 @@
 // Shared building blocks.
 pub mod body;
 pub mod config;
+pub mod credentials;
 pub mod error;
 pub mod headers;
 pub mod path;
 pub mod route;
+pub mod rules;
 pub mod state;
 pub mod watch;
 

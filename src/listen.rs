@@ -6,6 +6,7 @@
 //! `limits.shutdown_grace` for them.
 
 use crate::config::{Config, Limits};
+use crate::credentials::reload::Credentials;
 use crate::parse_errors::JsonParseErrors;
 use crate::pipeline;
 use crate::request::ConnInfo;
@@ -31,6 +32,8 @@ pub enum StartError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("TLS certificate {0}")]
     Tls(#[from] TlsError),
+    #[error("{0}")]
+    Credentials(#[from] crate::config::ConfigErrors),
 }
 
 /// A bound listener, not yet accepting.
@@ -67,7 +70,8 @@ impl Server {
             let addr = tcp.local_addr().map_err(|source| StartError::Bind { addr: l.address, source })?;
             listeners.push(Bound { tcp, name: Arc::from(l.name.as_str()), addr, tls });
         }
-        Ok(Server { gw: Arc::new(Gateway::new(config)), listeners, limits: config.limits.clone() })
+        let credentials = Arc::new(Credentials::load(config)?);
+        Ok(Server { gw: Arc::new(Gateway::new(config, credentials)), listeners, limits: config.limits.clone() })
     }
 
     /// The bound listeners (with the real port where the config said `:0`).
@@ -84,6 +88,7 @@ impl Server {
         let max = u32::try_from(limits.max_connections).unwrap_or(u32::MAX).min(Semaphore::MAX_PERMITS as u32);
         let conns = Arc::new(Semaphore::new(max as usize));
         let (stop_tx, stop_rx) = watch::channel(false);
+        gw.credentials.clone().spawn_reloader();
         let shared = Arc::new(Shared { gw, http: http_builder(&limits), limits });
         let mut accepting = JoinSet::new();
         for b in listeners {

@@ -36,9 +36,15 @@ async fn handle_inner(
     req: Request<Incoming>,
     out: &mut Outcome,
 ) -> Result<Response<Body>, crate::error::GateError> {
-    let parsed = request::parse(&gw.routes, &gw.limits, req, out.request_id.clone())?;
+    // One consistent view of the credentials for the whole request.
+    let snap = gw.credentials.snapshot();
+    let mut parsed = request::parse(&gw.routes, &gw.limits, req, out.request_id.clone())?;
     out.route = Some(parsed.route.name.clone());
-    let caller = authn::authenticate(&parsed)?;
+    let caller = authn::authenticate(&snap, &mut parsed, &gw.auth, &gw.replay, gw.unix_now()).await?;
+    if let authn::Caller::User(id) = &caller {
+        out.user = Some(id.key.user.id.clone());
+        out.key = Some(id.key.id.clone());
+    }
     let permit = authz::authorize(caller, &parsed)?;
     let outbound = rewrite::request(parsed, &permit, conn, gw.is_trusted_proxy(conn.peer.ip()));
     let fwd = forward::send(&gw.client, outbound).await?;

@@ -13,6 +13,8 @@ pub struct Outcome {
     pub request_id: HeaderValue,
     pub method: Method,
     pub route: Option<Arc<str>>,
+    pub user: Option<Arc<str>>,
+    pub key: Option<Arc<str>>,
     pub error: Option<GateError>,
     pub upstream_latency: Option<Duration>,
 }
@@ -20,7 +22,16 @@ pub struct Outcome {
 impl Outcome {
     /// Starts the clock for a request.
     pub fn start(request_id: HeaderValue, method: Method) -> Outcome {
-        Outcome { started: Instant::now(), request_id, method, route: None, error: None, upstream_latency: None }
+        Outcome {
+            started: Instant::now(),
+            request_id,
+            method,
+            route: None,
+            user: None,
+            key: None,
+            error: None,
+            upstream_latency: None,
+        }
     }
 }
 
@@ -34,7 +45,17 @@ pub fn finish(out: &Outcome, status: StatusCode) {
             tracing::warn!(request_id = id, route, method = %out.method, status = status.as_u16(), reason = e.reason(), elapsed_ms, "request failed upstream");
         }
         _ => {
-            tracing::debug!(request_id = id, route, method = %out.method, status = status.as_u16(), reason = out.error.map(|e| e.reason()), elapsed_ms, "request");
+            tracing::debug!(
+                request_id = id,
+                route,
+                user = out.user.as_deref(),
+                key_id = out.key.as_deref(),
+                method = %out.method,
+                status = status.as_u16(),
+                reason = out.error.map(|e| e.reason()),
+                elapsed_ms,
+                "request"
+            );
         }
     }
 }

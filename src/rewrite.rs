@@ -5,10 +5,12 @@
 //! own, and `Connection` itself is dropped, so a client can never make the upstream
 //! discard a header the gateway set (SPEC §4).
 
+use crate::authn::Caller;
 use crate::authz::Permit;
 use crate::body::Body;
 use crate::headers::{
-    self, HOP_BY_HOP, HOST, Protected, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID,
+    self, HOP_BY_HOP, HOST, Protected, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_GATEHOUSE_KEY_ID,
+    X_GATEHOUSE_ORG, X_GATEHOUSE_ROLES, X_GATEHOUSE_TEAMS, X_GATEHOUSE_USER, X_REQUEST_ID,
 };
 use crate::request::{ConnInfo, Parsed};
 use crate::route::Route;
@@ -27,7 +29,7 @@ pub struct Outbound {
 }
 
 /// Builds the upstream request from an authorised one.
-pub fn request(p: Parsed, _permit: &Permit, conn: &ConnInfo, trusted_peer: bool) -> Outbound {
+pub fn request(p: Parsed, permit: &Permit, conn: &ConnInfo, trusted_peer: bool) -> Outbound {
     let Parsed { request_id, route, path_and_query, host, mut parts, body } = p;
     let h = &mut parts.headers;
 
@@ -44,6 +46,15 @@ pub fn request(p: Parsed, _permit: &Permit, conn: &ConnInfo, trusted_peer: bool)
 
     forwarding.apply(h, conn, host);
     h.insert(X_REQUEST_ID, request_id);
+    // SPEC §4: who the caller is, from the snapshot; the client's copies are gone.
+    if let Caller::User(id) = permit.caller() {
+        let u = &id.key.user.headers;
+        h.insert(X_GATEHOUSE_USER, u.user.clone());
+        h.insert(X_GATEHOUSE_KEY_ID, id.key.id_header.clone());
+        h.insert(X_GATEHOUSE_ORG, u.org.clone());
+        h.insert(X_GATEHOUSE_TEAMS, u.teams.clone());
+        h.insert(X_GATEHOUSE_ROLES, u.roles.clone());
+    }
     for (name, value) in &route.set_headers {
         h.insert(name, value.clone());
     }

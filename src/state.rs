@@ -1,14 +1,17 @@
 //! The long-lived handles every request shares.
 
+use crate::authn::replay::ReplayCache;
 use crate::body::Body;
-use crate::config::{Config, Limits};
+use crate::config::{AuthConfig, Config, Limits};
+use crate::credentials::reload::Credentials;
 use crate::route::RouteTable;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use ipnet::IpNet;
 use std::net::IpAddr;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The pooled upstream client.
 pub type HttpClient = Client<HttpConnector, Body>;
@@ -20,17 +23,28 @@ pub struct Gateway {
     pub limits: Limits,
     trusted_proxies: Vec<IpNet>,
     pub client: HttpClient,
+    pub credentials: Arc<Credentials>,
+    pub auth: AuthConfig,
+    pub replay: ReplayCache,
 }
 
 impl Gateway {
-    /// Builds the gateway from a validated config.
-    pub fn new(config: &Config) -> Gateway {
+    /// Builds the gateway from a validated config and its loaded credentials.
+    pub fn new(config: &Config, credentials: Arc<Credentials>) -> Gateway {
         Gateway {
             routes: RouteTable::new(&config.routes),
             limits: config.limits.clone(),
             trusted_proxies: config.trusted_proxies.clone(),
             client: http_client(&config.limits),
+            credentials,
+            auth: config.auth.clone(),
+            replay: ReplayCache::new(config.auth.replay_cache_entries),
         }
+    }
+
+    /// Wall-clock unix seconds, the clock HMAC timestamps are checked against.
+    pub fn unix_now(&self) -> i64 {
+        SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
     }
 
     /// True when `ip` is a configured trusted proxy whose forwarding headers we extend.

@@ -2,6 +2,7 @@
 
 use super::EXIT_CONFIG;
 use crate::config::Config;
+use crate::credentials::reload::Credentials;
 use crate::tls;
 use std::path::Path;
 use std::process::ExitCode;
@@ -23,6 +24,14 @@ pub fn run(config_path: &Path) -> ExitCode {
             failed = true;
         }
     }
+    let credentials = match Credentials::load(&config) {
+        Ok(c) => Some(c.snapshot()),
+        Err(e) => {
+            eprintln!("{e}");
+            failed = true;
+            None
+        }
+    };
     if failed {
         return ExitCode::from(EXIT_CONFIG);
     }
@@ -32,5 +41,8 @@ pub fn run(config_path: &Path) -> ExitCode {
         config.listeners.len(),
         config.routes.len()
     );
+    if let (Some(path), Some(snap)) = (&config.credentials, credentials) {
+        println!("{}: ok ({} user(s), {} key(s))", path.display(), snap.user_count(), snap.key_count());
+    }
     ExitCode::SUCCESS
 }

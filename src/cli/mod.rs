@@ -3,6 +3,7 @@
 mod check_config;
 mod demo;
 mod serve;
+mod sign;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -42,6 +43,8 @@ enum Command {
         #[arg(long, env = "GATEHOUSE_CONFIG", default_value = "config/gatehouse.yaml")]
         config: PathBuf,
     },
+    /// Print the three HMAC headers for one request.
+    Sign(sign::SignArgs),
     /// Start a throw-away gateway on 127.0.0.1 with a built-in echo upstream.
     Demo {
         /// Port of the demo's proxy listener.
@@ -58,6 +61,7 @@ pub fn run() -> ExitCode {
         Command::Serve { config } => serve::run(&config),
         Command::CheckConfig { config } => check_config::run(&config),
         Command::Demo { port } => demo::run(port),
+        Command::Sign(args) => sign::run(args),
     }
 }
 

@@ -78,6 +78,8 @@ pub struct FileHmac {
     pub replay_protection: Option<bool>,
     #[serde(default)]
     pub max_body: Option<Size>,
+    #[serde(default)]
+    pub replay_cache_entries: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]

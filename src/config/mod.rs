@@ -68,6 +68,8 @@ pub struct AuthConfig {
     pub max_skew: Duration,
     pub replay_protection: bool,
     pub hmac_max_body: u64,
+    /// Signatures the replay cache holds at most (all keys together).
+    pub replay_cache_entries: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -249,6 +251,7 @@ impl Validator {
             max_skew: f.auth.hmac.max_skew.map_or(Duration::from_secs(300), |d| d.0),
             replay_protection: f.auth.hmac.replay_protection.unwrap_or(true),
             hmac_max_body: f.auth.hmac.max_body.map_or(10 << 20, |s| s.0),
+            replay_cache_entries: f.auth.hmac.replay_cache_entries.unwrap_or(1_000_000),
         };
         let rate_limit = match f.rate_limit {
             None => RateLimitConfig { per_second: 50, burst: 100 },

@@ -1,0 +1,172 @@
+//! The replay cache for HMAC signatures (SPEC §3.2).
+//!
+//! Keyed on the key id and the decoded signature (so a case-flipped hex string is the
+//! same signature). An entry lives until its timestamp leaves the freshness window; after
+//! that the timestamp check refuses the request anyway. Bounded twice:
+//!
+//! - per key, by what the key can legitimately send in one window:
+//!   `burst + per_second × (2 × max_skew + 1)`; a key over it is over its rate limit;
+//! - overall, by `auth.hmac.replay_cache_entries` (default 1,000,000, about 60 bytes an
+//!   entry: ≈ 60 MB at the cap).
+//!
+//! When a bound is reached new signatures are refused; live entries are never dropped
+//! early, because forgetting one would let that request be replayed.
+//!
+//! Entries are sharded by key id (16 mutex-guarded shards), so all of one key's entries
+//! live in one shard and its count is exact. Each shard keeps its entries ordered by
+//! expiry and drops the expired ones on every insert: no sweeper task, no scan.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Mutex;
+
+const SHARDS: usize = 16;
+
+/// The outcome of recording a signature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seen {
+    /// First time: recorded.
+    Fresh,
+    /// Already accepted within its window.
+    Replay,
+    /// A bound is reached: refused without recording.
+    Full,
+}
+
+/// One recorded signature: the key id's hash and the first 16 bytes of the signature
+/// (128 bits: a collision between two genuine signatures is not a practical event).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Entry {
+    key: u64,
+    sig: u128,
+}
+
+#[derive(Debug, Default)]
+struct Shard {
+    seen: HashSet<Entry>,
+    by_expiry: BTreeMap<i64, Vec<Entry>>,
+    per_key: HashMap<u64, u32>,
+}
+
+impl Shard {
+    fn purge(&mut self, now: i64) {
+        while let Some(entry) = self.by_expiry.first_entry() {
+            if *entry.key() > now {
+                break;
+            }
+            for e in entry.remove() {
+                self.seen.remove(&e);
+                if let Some(n) = self.per_key.get_mut(&e.key) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.per_key.remove(&e.key);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The bounded replay cache.
+#[derive(Debug)]
+pub struct ReplayCache {
+    shards: Box<[Mutex<Shard>]>,
+    per_shard_cap: usize,
+    hasher: RandomState,
+}
+
+impl ReplayCache {
+    /// A cache holding at most `capacity` signatures in all.
+    pub fn new(capacity: usize) -> ReplayCache {
+        ReplayCache {
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            per_shard_cap: capacity.div_ceil(SHARDS).max(1),
+            hasher: RandomState::new(),
+        }
+    }
+
+    /// Records `sig` for `key_id` until `expires_at` (unix seconds) unless it was seen
+    /// already or a bound is reached. `key_cap` is the key's own bound.
+    pub fn record(&self, key_id: &str, sig: &[u8; 32], expires_at: i64, key_cap: u64, now: i64) -> Seen {
+        let key = self.hasher.hash_one(key_id);
+        let mut first = [0u8; 16];
+        first.copy_from_slice(&sig[..16]);
+        let entry = Entry { key, sig: u128::from_be_bytes(first) };
+        let shard = &self.shards[(key as usize) % SHARDS];
+        let mut s = shard.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        s.purge(now);
+        if s.seen.contains(&entry) {
+            return Seen::Replay;
+        }
+        let count = s.per_key.get(&key).copied().unwrap_or(0);
+        if s.seen.len() >= self.per_shard_cap || u64::from(count) >= key_cap {
+            return Seen::Full;
+        }
+        s.seen.insert(entry);
+        s.by_expiry.entry(expires_at).or_default().push(entry);
+        *s.per_key.entry(key).or_insert(0) += 1;
+        Seen::Fresh
+    }
+
+    /// Signatures currently held.
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).seen.len()).sum()
+    }
+
+    /// True when nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sig(n: u8) -> [u8; 32] {
+        [n; 32]
+    }
+
+    /// the same signature for the same key is a replay; for another key it is not
+    #[test]
+    fn same_signature_twice_is_a_replay() {
+        let c = ReplayCache::new(100);
+        assert_eq!(c.record("k1", &sig(1), 1_000, 10, 0), Seen::Fresh);
+        assert_eq!(c.record("k1", &sig(1), 1_000, 10, 0), Seen::Replay);
+        assert_eq!(c.record("k2", &sig(1), 1_000, 10, 0), Seen::Fresh);
+    }
+
+    /// an entry is forgotten once its expiry passes, never before
+    #[test]
+    fn entries_expire_with_their_window() {
+        let c = ReplayCache::new(100);
+        c.record("k", &sig(1), 10, 10, 0);
+        assert_eq!(c.record("k", &sig(1), 10, 10, 9), Seen::Replay);
+        assert_eq!(c.record("k", &sig(2), 20, 10, 10), Seen::Fresh);
+        assert_eq!(c.len(), 1, "the entry expiring at 10 was purged at 10");
+        assert_eq!(c.record("k", &sig(1), 30, 10, 10), Seen::Fresh);
+    }
+
+    /// a key at its own bound is refused; other keys are not affected; live entries stay
+    #[test]
+    fn per_key_bound_refuses_rather_than_forgets() {
+        let c = ReplayCache::new(1_000);
+        for n in 0..3 {
+            assert_eq!(c.record("busy", &sig(n), 100, 3, 0), Seen::Fresh);
+        }
+        assert_eq!(c.record("busy", &sig(9), 100, 3, 0), Seen::Full);
+        assert_eq!(c.record("busy", &sig(0), 100, 3, 0), Seen::Replay, "live entry kept");
+        assert_eq!(c.record("quiet", &sig(9), 100, 3, 0), Seen::Fresh);
+    }
+
+    /// the overall bound holds whatever keys an attacker uses
+    #[test]
+    fn overall_bound_holds() {
+        let c = ReplayCache::new(16);
+        let fresh = (0..200u32)
+            .filter(|i| c.record(&format!("k{i}"), &sig((i % 250) as u8), 100, 10, 0) == Seen::Fresh)
+            .count();
+        assert!(fresh <= 16, "{fresh}");
+        assert!(c.len() <= 16);
+    }
+}

@@ -1,0 +1,246 @@
+//! Secrets: `ghk_` API tokens, HMAC signing secrets, their at-rest forms, and the types
+//! that keep them out of logs.
+//!
+//! - An API token is `ghk_` + 43 base62 characters (32 bytes from the OS CSPRNG) + a
+//!   6-character base62 CRC-32 of everything before it. The checksum lets a mistyped or
+//!   made-up token be refused before any lookup, and the fixed prefix lets secret
+//!   scanners find leaked tokens. At rest only its SHA-256 digest and a display hint
+//!   (`ghk_…` + last four characters) are kept.
+//! - An HMAC signing secret is `ghs_` + 43 base62 characters; the HMAC key is the UTF-8
+//!   bytes of the whole string, as integrators' clients use it. At rest it is sealed with
+//!   AES-256-GCM under the master key, with the key id as associated data (so a sealed
+//!   secret cannot be moved to another key).
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Key, Nonce};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use sha2::{Digest, Sha256};
+use std::fmt;
+
+/// Prefix of every API token.
+pub const TOKEN_PREFIX: &str = "ghk_";
+/// Prefix of every HMAC signing secret.
+pub const SECRET_PREFIX: &str = "ghs_";
+const BODY_LEN: usize = 43;
+const CHECK_LEN: usize = 6;
+/// Length of a well-formed token.
+pub const TOKEN_LEN: usize = TOKEN_PREFIX.len() + BODY_LEN + CHECK_LEN;
+const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+const BASE36: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+
+/// A secret string: shown once, never printed by `Debug`, no `Display`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl Secret {
+    /// Wraps a secret string (e.g. one given on the command line).
+    pub fn new(s: String) -> Secret {
+        Secret(s)
+    }
+
+    /// The secret itself, for the one place that must show or use it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The SHA-256 digest of a token: what is stored and looked up.
+pub type TokenDigest = [u8; 32];
+
+fn random_bytes<const N: usize>() -> Result<[u8; N], getrandom::Error> {
+    let mut b = [0u8; N];
+    getrandom::fill(&mut b)?;
+    Ok(b)
+}
+
+/// Base62 of a big-endian number, left-padded to `len` digits.
+fn base62(bytes: &[u8], len: usize) -> String {
+    encode(bytes, len, BASE62)
+}
+
+/// `bytes` as a big-endian number in the base of `alphabet`, left-padded to `len` digits.
+fn encode(bytes: &[u8], len: usize, alphabet: &[u8]) -> String {
+    let base = alphabet.len() as u32;
+    let mut num = bytes.to_vec();
+    let mut out = vec![b'0'; len];
+    for slot in out.iter_mut().rev() {
+        let mut rem = 0u32;
+        for b in num.iter_mut() {
+            let acc = (rem << 8) | u32::from(*b);
+            *b = (acc / base) as u8;
+            rem = acc % base;
+        }
+        *slot = alphabet[rem as usize];
+    }
+    String::from_utf8(out).unwrap_or_default()
+}
+
+fn checksum(s: &str) -> String {
+    base62(&crc32fast::hash(s.as_bytes()).to_be_bytes(), CHECK_LEN)
+}
+
+/// A new random API token.
+pub fn new_token() -> Result<Secret, getrandom::Error> {
+    let body = format!("{TOKEN_PREFIX}{}", base62(&random_bytes::<32>()?, BODY_LEN));
+    let check = checksum(&body);
+    Ok(Secret(body + &check))
+}
+
+/// A new random HMAC signing secret.
+pub fn new_hmac_secret() -> Result<Secret, getrandom::Error> {
+    Ok(Secret(format!("{SECRET_PREFIX}{}", base62(&random_bytes::<32>()?, BODY_LEN))))
+}
+
+/// A new random public key id with `prefix` (`ak_`, `hk_`): 25 lower-case base36
+/// characters (128 bits), inside the SPEC's id alphabet.
+pub fn new_key_id(prefix: &str) -> Result<String, getrandom::Error> {
+    Ok(format!("{prefix}{}", encode(&random_bytes::<16>()?, 25, BASE36)))
+}
+
+/// True when `s` has the shape of a token and its checksum is right.
+pub fn is_well_formed_token(s: &str) -> bool {
+    s.len() == TOKEN_LEN
+        && s.starts_with(TOKEN_PREFIX)
+        && s.bytes().skip(TOKEN_PREFIX.len()).all(|b| b.is_ascii_alphanumeric())
+        && checksum(&s[..TOKEN_LEN - CHECK_LEN]) == s[TOKEN_LEN - CHECK_LEN..]
+}
+
+/// The digest under which a token is stored.
+pub fn token_digest(token: &str) -> TokenDigest {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// What is shown in listings instead of a token: `ghk_…` + its last four characters.
+pub fn token_hint(token: &str) -> String {
+    let tail = token.get(token.len().saturating_sub(4)..).unwrap_or_default();
+    format!("{TOKEN_PREFIX}…{tail}")
+}
+
+/// The gateway's master key, for sealing HMAC secrets at rest.
+#[derive(Clone)]
+pub struct MasterKey(Key<Aes256Gcm>);
+
+impl fmt::Debug for MasterKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("MasterKey(<redacted>)")
+    }
+}
+
+/// A sealed secret that does not open.
+#[derive(Debug, thiserror::Error)]
+#[error("sealed secret cannot be opened with this master key (wrong key, or the value was altered)")]
+pub struct OpenError;
+
+impl MasterKey {
+    /// A new random master key.
+    pub fn generate() -> Result<MasterKey, getrandom::Error> {
+        Ok(MasterKey(Key::<Aes256Gcm>::from(random_bytes::<32>()?)))
+    }
+
+    /// Parses the key file's text: base64 of 32 bytes.
+    pub fn from_text(text: &str) -> Result<MasterKey, String> {
+        let raw = B64.decode(text.trim()).map_err(|_| "master key is not valid base64".to_string())?;
+        let bytes: [u8; 32] = raw.try_into().map_err(|_| "master key must be 32 bytes (base64)".to_string())?;
+        Ok(MasterKey(Key::<Aes256Gcm>::from(bytes)))
+    }
+
+    /// The key file's text.
+    pub fn to_text(&self) -> String {
+        format!("{}\n", B64.encode(self.0.as_slice()))
+    }
+
+    /// Seals `secret` for key `key_id`: base64(nonce ‖ ciphertext ‖ tag).
+    pub fn seal(&self, key_id: &str, secret: &Secret) -> Result<String, getrandom::Error> {
+        let nonce = Nonce::from(random_bytes::<12>()?);
+        let cipher = Aes256Gcm::new(&self.0);
+        let ct = cipher
+            .encrypt(&nonce, Payload { msg: secret.expose().as_bytes(), aad: key_id.as_bytes() })
+            .unwrap_or_default();
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&ct);
+        Ok(B64.encode(out))
+    }
+
+    /// Opens a value made by [`MasterKey::seal`] for the same key id.
+    pub fn open(&self, key_id: &str, sealed: &str) -> Result<Secret, OpenError> {
+        let raw = B64.decode(sealed.trim()).map_err(|_| OpenError)?;
+        if raw.len() < 12 + 16 {
+            return Err(OpenError);
+        }
+        let (nonce, ct) = raw.split_at(12);
+        let nonce: [u8; 12] = nonce.try_into().map_err(|_| OpenError)?;
+        let plain = Aes256Gcm::new(&self.0)
+            .decrypt(&Nonce::from(nonce), Payload { msg: ct, aad: key_id.as_bytes() })
+            .map_err(|_| OpenError)?;
+        String::from_utf8(plain).map(Secret).map_err(|_| OpenError)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// a new token is well formed, 53 characters, and any single change breaks its checksum
+    #[test]
+    fn tokens_carry_a_checksum() {
+        let t = new_token().unwrap();
+        let t = t.expose();
+        assert_eq!(t.len(), TOKEN_LEN);
+        assert!(t.starts_with("ghk_"));
+        assert!(is_well_formed_token(t));
+        let mut flipped = t.as_bytes().to_vec();
+        flipped[10] = if flipped[10] == b'a' { b'b' } else { b'a' };
+        assert!(!is_well_formed_token(std::str::from_utf8(&flipped).unwrap()));
+        assert!(!is_well_formed_token(&t[..TOKEN_LEN - 1]));
+        assert!(!is_well_formed_token("ghk_nope"));
+    }
+
+    /// key ids are valid SPEC ids
+    #[test]
+    fn key_ids_fit_the_id_alphabet() {
+        let id = new_key_id("hk_").unwrap();
+        assert_eq!(id.len(), 28);
+        assert!(crate::credentials::snapshot::is_valid_id(&id), "{id}");
+    }
+
+    /// two tokens never repeat (entropy comes from the OS)
+    #[test]
+    fn tokens_are_random() {
+        assert_ne!(new_token().unwrap(), new_token().unwrap());
+    }
+
+    /// the hint shows the prefix and last four characters only
+    #[test]
+    fn hint_hides_the_token() {
+        assert_eq!(token_hint("ghk_abcdefghijkl1234"), "ghk_…1234");
+    }
+
+    /// seal/open round-trips; another key id or master key cannot open it
+    #[test]
+    fn sealing_binds_key_id_and_master_key() {
+        let mk = MasterKey::generate().unwrap();
+        let s = new_hmac_secret().unwrap();
+        let sealed = mk.seal("hk_1", &s).unwrap();
+        assert!(!sealed.contains(s.expose()));
+        assert_eq!(mk.open("hk_1", &sealed).unwrap(), s);
+        assert!(mk.open("hk_2", &sealed).is_err());
+        assert!(MasterKey::generate().unwrap().open("hk_1", &sealed).is_err());
+        let text = mk.to_text();
+        assert_eq!(MasterKey::from_text(&text).unwrap().open("hk_1", &sealed).unwrap(), s);
+    }
+
+    /// Debug never shows a secret
+    #[test]
+    fn debug_is_redacted() {
+        let s = new_token().unwrap();
+        assert_eq!(format!("{s:?}"), "Secret(<redacted>)");
+        assert!(!format!("{:?}", MasterKey::generate().unwrap()).contains('='));
+    }
+}

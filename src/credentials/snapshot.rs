@@ -1,0 +1,342 @@
+//! An immutable, indexed view of `credentials.yaml`, built to the side on every reload
+//! and swapped in whole.
+//!
+//! Everything a request needs is precomputed here: token digests and key ids in hash
+//! maps (no scan, no secret compared with `==`), HMAC secrets opened and keyed once,
+//! rules compiled, each key's effective rate limit resolved.
+
+use super::file::{AuthMethod, FileCredentials, FileKey, FileUser, Status};
+use super::secrets::{MasterKey, TokenDigest};
+use crate::config::{ConfigErrors, Problem, RateLimitConfig, yaml_problem};
+use crate::rules::Rule;
+use hmac::{Hmac, KeyInit};
+use http::HeaderValue;
+use serde_saphyr::Location;
+use sha2::Sha256;
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::path::Path;
+use std::sync::Arc;
+
+/// A user id, key id or proxied-user id: `[a-z0-9][a-z0-9_.-]{0,63}` (SPEC §1).
+pub fn is_valid_id(s: &str) -> bool {
+    let b = s.as_bytes();
+    (1..=64).contains(&b.len())
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b.iter().all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"_.-".contains(&c))
+}
+
+/// An API user, as requests see it.
+#[derive(Debug)]
+pub struct User {
+    pub id: Arc<str>,
+    pub organization: String,
+    pub teams: Vec<String>,
+    pub roles: Vec<Arc<Role>>,
+    pub status: Status,
+    pub auth_method: AuthMethod,
+    pub allowed_endpoints: Vec<Rule>,
+    pub allow_proxied_users: bool,
+    pub allowed_proxied_users: HashSet<String>,
+    /// Identity header values, built once per snapshot.
+    pub headers: UserHeaders,
+}
+
+/// The values of the `X-Gatehouse-*` identity headers for one user.
+#[derive(Debug, Clone)]
+pub struct UserHeaders {
+    pub user: HeaderValue,
+    pub org: HeaderValue,
+    pub teams: HeaderValue,
+    pub roles: HeaderValue,
+}
+
+/// A role: a named set of rules.
+#[derive(Debug)]
+pub struct Role {
+    pub name: String,
+    pub rules: Vec<Rule>,
+}
+
+/// The secret side of a key, ready to use.
+#[derive(Clone)]
+pub enum KeyCredential {
+    /// An API token, found by its digest.
+    Token,
+    /// An HMAC key already keyed with its secret: cloning it is cheaper than keying.
+    Hmac(Hmac<Sha256>),
+}
+
+impl std::fmt::Debug for KeyCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KeyCredential::Token => "Token",
+            KeyCredential::Hmac(_) => "Hmac(<redacted>)",
+        })
+    }
+}
+
+/// Per-second rate and burst.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+/// One key of one user.
+#[derive(Debug)]
+pub struct Key {
+    pub id: Arc<str>,
+    pub user: Arc<User>,
+    /// Unix seconds from which the key is revoked (a future time schedules it).
+    pub revoked_at: Option<i64>,
+    /// Unix seconds after which the key is expired.
+    pub expires_at: Option<i64>,
+    pub credential: KeyCredential,
+    /// The key id as a header value.
+    pub id_header: HeaderValue,
+    /// Key override, else user override, else the config default.
+    pub rate_limit: RateLimit,
+}
+
+/// Token digests are SHA-256 outputs: already uniform, and an attacker cannot choose
+/// them, so the first eight bytes are a fine hash (no SipHash per request).
+#[derive(Default)]
+pub struct DigestHasher(u64);
+
+impl Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for (i, b) in bytes.iter().take(8).enumerate() {
+            self.0 ^= u64::from(*b) << (i * 8);
+        }
+    }
+}
+
+type DigestMap<V> = HashMap<TokenDigest, V, BuildHasherDefault<DigestHasher>>;
+
+/// The whole credentials file, indexed.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    tokens: DigestMap<Arc<Key>>,
+    key_ids: HashMap<Box<str>, Arc<Key>>,
+    users: usize,
+}
+
+impl Snapshot {
+    /// A snapshot with no users (no credentials file configured).
+    pub fn empty() -> Snapshot {
+        Snapshot::default()
+    }
+
+    /// The api_key key whose token has this digest.
+    pub fn by_token(&self, digest: &TokenDigest) -> Option<&Arc<Key>> {
+        self.tokens.get(digest)
+    }
+
+    /// The key with this public id (either kind).
+    pub fn by_id(&self, id: &str) -> Option<&Arc<Key>> {
+        self.key_ids.get(id)
+    }
+
+    /// Number of users loaded.
+    pub fn user_count(&self) -> usize {
+        self.users
+    }
+
+    /// Number of keys loaded.
+    pub fn key_count(&self) -> usize {
+        self.key_ids.len()
+    }
+
+    /// Parses and validates a credentials file. Every problem is reported with its line.
+    pub fn parse(
+        path: &Path,
+        text: &str,
+        master: Option<&MasterKey>,
+        default_rate: RateLimitConfig,
+    ) -> Result<Snapshot, ConfigErrors> {
+        let file: FileCredentials = serde_saphyr::from_str(text)
+            .map_err(|e| ConfigErrors { file: path.to_path_buf(), problems: vec![yaml_problem(&e)] })?;
+        let mut b = Builder { problems: Vec::new(), master, default_rate };
+        let snap = b.build(file);
+        if b.problems.is_empty() {
+            Ok(snap)
+        } else {
+            Err(ConfigErrors { file: path.to_path_buf(), problems: b.problems })
+        }
+    }
+}
+
+struct Builder<'a> {
+    problems: Vec<Problem>,
+    master: Option<&'a MasterKey>,
+    default_rate: RateLimitConfig,
+}
+
+impl Builder<'_> {
+    fn at(&mut self, loc: &Location, message: impl Into<String>) {
+        self.problems.push(Problem { line: loc.line(), column: loc.column(), message: message.into() });
+    }
+
+    fn build(&mut self, file: FileCredentials) -> Snapshot {
+        let mut roles = HashMap::new();
+        for (name, role) in file.roles {
+            let rules = role
+                .rules
+                .iter()
+                .filter_map(|r| r.value.parse::<Rule>().map_err(|e| self.at(&r.referenced, e)).ok())
+                .collect();
+            roles.insert(name.clone(), Arc::new(Role { name, rules }));
+        }
+        let mut snap = Snapshot::default();
+        let mut user_ids = HashSet::new();
+        for u in file.users {
+            if !is_valid_id(&u.id.value) {
+                self.at(&u.id.referenced, format!("user id {:?} must match [a-z0-9][a-z0-9_.-]{{0,63}}", u.id.value));
+            } else if !user_ids.insert(u.id.value.clone()) {
+                self.at(&u.id.referenced, format!("duplicate user id {:?}", u.id.value));
+            }
+            self.user(&mut snap, u, &roles);
+        }
+        snap.users = user_ids.len();
+        snap
+    }
+
+    fn user(&mut self, snap: &mut Snapshot, u: FileUser, roles: &HashMap<String, Arc<Role>>) {
+        let mut user_roles = Vec::new();
+        for r in &u.roles {
+            match roles.get(&r.value) {
+                Some(role) => user_roles.push(role.clone()),
+                None => self.at(&r.referenced, format!("user {:?}: unknown role {:?}", u.id.value, r.value)),
+            }
+        }
+        let allowed_endpoints = u
+            .allowed_endpoints
+            .iter()
+            .filter_map(|r| r.value.parse::<Rule>().map_err(|e| self.at(&r.referenced, e)).ok())
+            .collect();
+        if let Some(t) = &u.default_team
+            && !u.teams.contains(t)
+        {
+            self.at(&u.id.referenced, format!("user {:?}: default_team {t:?} is not one of its teams", u.id.value));
+        }
+        for p in &u.allowed_proxied_users {
+            if !is_valid_id(p) {
+                self.at(
+                    &u.id.referenced,
+                    format!("user {:?}: allowed_proxied_users entry {p:?} is not a valid id", u.id.value),
+                );
+            }
+        }
+        let user_rate = match &u.rate_limit {
+            Some(r) if r.value.per_second == 0 || r.value.burst == 0 => {
+                self.at(&r.referenced, "rate_limit.per_second and burst must be at least 1");
+                None
+            }
+            Some(r) => Some(RateLimit { per_second: r.value.per_second, burst: r.value.burst }),
+            None => None,
+        };
+        let role_names: Vec<&str> = u.roles.iter().map(|r| r.value.as_str()).collect();
+        let mut value = |what: &str, v: String| {
+            HeaderValue::from_bytes(v.as_bytes()).unwrap_or_else(|_| {
+                self.at(&u.id.referenced, format!("user {:?}: {what} contains control characters", u.id.value));
+                HeaderValue::from_static("")
+            })
+        };
+        let headers = UserHeaders {
+            user: value("id", u.id.value.clone()),
+            org: value("organization", u.organization.clone()),
+            teams: value("teams", u.teams.join(",")),
+            roles: value("roles", role_names.join(",")),
+        };
+        let user = Arc::new(User {
+            headers,
+            id: Arc::from(u.id.value.as_str()),
+            organization: u.organization,
+            teams: u.teams,
+            roles: user_roles,
+            status: u.status,
+            auth_method: u.auth_method,
+            allowed_endpoints,
+            allow_proxied_users: u.allow_proxied_users,
+            allowed_proxied_users: u.allowed_proxied_users.into_iter().collect(),
+        });
+        let default = RateLimit { per_second: self.default_rate.per_second, burst: self.default_rate.burst };
+        for k in u.keys {
+            let rate = k
+                .rate_limit
+                .map(|r| RateLimit { per_second: r.per_second, burst: r.burst })
+                .or(user_rate)
+                .unwrap_or(default);
+            self.key(snap, &user, k, rate);
+        }
+    }
+
+    fn key(&mut self, snap: &mut Snapshot, user: &Arc<User>, k: FileKey, rate_limit: RateLimit) {
+        let loc = k.id.referenced;
+        let id = k.id.value.clone();
+        if !is_valid_id(&id) {
+            self.at(&loc, format!("key id {id:?} must match [a-z0-9][a-z0-9_.-]{{0,63}}"));
+        }
+        if snap.key_ids.contains_key(id.as_str()) {
+            self.at(&loc, format!("duplicate key id {id:?}"));
+            return;
+        }
+        if rate_limit.per_second == 0 || rate_limit.burst == 0 {
+            self.at(&loc, "rate_limit.per_second and burst must be at least 1");
+        }
+        let credential = match (user.auth_method, &k.token_sha256, &k.secret_sealed) {
+            (AuthMethod::ApiKey, Some(hex_digest), None) => {
+                let digest: Option<TokenDigest> = hex::decode(hex_digest).ok().and_then(|d| d.try_into().ok());
+                let Some(digest) = digest else {
+                    self.at(&loc, format!("key {id:?}: token_sha256 must be 64 hex characters"));
+                    return;
+                };
+                let key = Arc::new(self.entry(&id, user, &k, KeyCredential::Token, rate_limit));
+                if snap.tokens.insert(digest, key.clone()).is_some() {
+                    self.at(&loc, format!("key {id:?}: the same token is stored under another key"));
+                }
+                snap.key_ids.insert(id.into(), key);
+                return;
+            }
+            (AuthMethod::Hmac, None, Some(sealed)) => {
+                let Some(master) = self.master else {
+                    self.at(&loc, format!("key {id:?}: an hmac key needs the master key, and none is configured"));
+                    return;
+                };
+                match master.open(&id, sealed).map(|s| Hmac::<Sha256>::new_from_slice(s.expose().as_bytes())) {
+                    Ok(Ok(mac)) => KeyCredential::Hmac(mac),
+                    Ok(Err(_)) | Err(_) => {
+                        self.at(&loc, format!("key {id:?}: secret_sealed cannot be opened with the master key (wrong master key, or the value was altered)"));
+                        return;
+                    }
+                }
+            }
+            (AuthMethod::ApiKey, _, _) => {
+                self.at(&loc, format!("key {id:?}: an api_key user's key needs token_sha256 and no secret_sealed"));
+                return;
+            }
+            (AuthMethod::Hmac, _, _) => {
+                self.at(&loc, format!("key {id:?}: an hmac user's key needs secret_sealed and no token_sha256"));
+                return;
+            }
+        };
+        let key = Arc::new(self.entry(&id, user, &k, credential, rate_limit));
+        snap.key_ids.insert(id.into(), key);
+    }
+
+    fn entry(&self, id: &str, user: &Arc<User>, k: &FileKey, credential: KeyCredential, rate_limit: RateLimit) -> Key {
+        Key {
+            id: Arc::from(id),
+            user: user.clone(),
+            revoked_at: k.revoked_at.map(|t| t.unix_timestamp()),
+            expires_at: k.expires_at.map(|t| t.unix_timestamp()),
+            id_header: HeaderValue::from_str(id).unwrap_or_else(|_| HeaderValue::from_static("")),
+            credential,
+            rate_limit,
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! The `METHODS PATH-PATTERN` rule grammar (SPEC §1): parsed once when a snapshot is
+//! built, matched per request against the normalised path.
+//!
+//! `GET /api/v1/accounts/**`, `GET,POST /api/v1/orders/*`, `* /public/**`. `*` matches
+//! exactly one non-empty segment; `**`, only as the last segment, matches zero or more.
+//! Literal segments match case-sensitively and must already be in canonical form (the
+//! form `path::normalise` produces), so a rule can never be written that no request
+//! path could match.
+
+use http::Method;
+use std::fmt;
+use std::str::FromStr;
+
+/// One compiled rule.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Rule {
+    methods: Methods,
+    segments: Box<[Segment]>,
+    text: Box<str>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Methods {
+    Any,
+    List(Box<[Method]>),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Segment {
+    Literal(Box<str>),
+    One,
+    Rest,
+}
+
+impl fmt::Debug for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Rule({:?})", self.text)
+    }
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl FromStr for Rule {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Rule, String> {
+        let text = s.split_whitespace().collect::<Vec<_>>();
+        let [methods, pattern] = text.as_slice() else {
+            return Err(format!("rule {s:?} must be `METHODS PATH-PATTERN`, e.g. `GET /api/v1/orders/**`"));
+        };
+        let methods = if *methods == "*" {
+            Methods::Any
+        } else {
+            let list = methods
+                .split(',')
+                .map(|m| {
+                    let m = m.trim().to_ascii_uppercase();
+                    if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()) {
+                        return Err(format!("rule {s:?}: {m:?} is not an HTTP method"));
+                    }
+                    Method::from_bytes(m.as_bytes()).map_err(|_| format!("rule {s:?}: {m:?} is not an HTTP method"))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Methods::List(list.into())
+        };
+        let Some(rest) = pattern.strip_prefix('/') else {
+            return Err(format!("rule {s:?}: the path pattern must start with '/'"));
+        };
+        let parts: Vec<&str> = if rest.is_empty() { vec![] } else { rest.split('/').collect() };
+        let last = parts.len().saturating_sub(1);
+        let mut segments = Vec::with_capacity(parts.len());
+        for (i, p) in parts.iter().enumerate() {
+            segments.push(match *p {
+                "**" if i == last => Segment::Rest,
+                "**" => return Err(format!("rule {s:?}: `**` is only allowed as the last segment")),
+                "*" => Segment::One,
+                "" if i == last => Segment::Literal("".into()),
+                "" => return Err(format!("rule {s:?}: empty path segment (`//`)")),
+                "." | ".." => return Err(format!("rule {s:?}: `.` and `..` segments never match a normalised path")),
+                lit => {
+                    let canonical = crate::path::normalise(&format!("/{lit}")).ok().is_some_and(|n| n == format!("/{lit}"));
+                    if lit.contains('*') || !canonical {
+                        return Err(format!(
+                            "rule {s:?}: segment {lit:?} is not a plain path segment (write it as requests arrive after normalisation; `*` only as a whole segment)"
+                        ));
+                    }
+                    Segment::Literal(lit.into())
+                }
+            });
+        }
+        Ok(Rule { methods, segments: segments.into(), text: format!("{} {}", text[0], text[1]).into() })
+    }
+}
+
+impl Rule {
+    /// True when the rule allows `method` on the normalised `path`.
+    pub fn matches(&self, method: &Method, path: &str) -> bool {
+        let method_ok = match &self.methods {
+            Methods::Any => true,
+            Methods::List(list) => list.iter().any(|m| m == method),
+        };
+        method_ok && self.matches_path(path)
+    }
+
+    fn matches_path(&self, path: &str) -> bool {
+        let Some(rest) = path.strip_prefix('/') else { return false };
+        let mut parts = if rest.is_empty() { None } else { Some(rest.split('/')) }.into_iter().flatten();
+        for seg in self.segments.iter() {
+            match seg {
+                Segment::Rest => return true,
+                Segment::One => match parts.next() {
+                    Some(p) if !p.is_empty() => {}
+                    _ => return false,
+                },
+                Segment::Literal(l) => match parts.next() {
+                    Some(p) if p == &**l => {}
+                    _ => return false,
+                },
+            }
+        }
+        parts.next().is_none()
+    }
+
+    /// The rule as written (normalised whitespace).
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(s: &str) -> Rule {
+        s.parse().unwrap()
+    }
+
+    /// `**` as the last segment matches zero or more segments
+    #[test]
+    fn double_star_matches_any_depth() {
+        let rule = r("GET /api/v1/orders/**");
+        for p in ["/api/v1/orders", "/api/v1/orders/", "/api/v1/orders/1", "/api/v1/orders/1/items/2"] {
+            assert!(rule.matches(&Method::GET, p), "{p}");
+        }
+        for p in ["/api/v1/order", "/api/v1/ordersx", "/api/v1", "/api/v1/accounts/1"] {
+            assert!(!rule.matches(&Method::GET, p), "{p}");
+        }
+    }
+
+    /// `*` matches exactly one non-empty segment
+    #[test]
+    fn single_star_matches_one_segment() {
+        let rule = r("GET,POST /api/v1/orders/*");
+        assert!(rule.matches(&Method::POST, "/api/v1/orders/42"));
+        assert!(!rule.matches(&Method::GET, "/api/v1/orders"));
+        assert!(!rule.matches(&Method::GET, "/api/v1/orders/"));
+        assert!(!rule.matches(&Method::GET, "/api/v1/orders/42/items"));
+        assert!(!rule.matches(&Method::DELETE, "/api/v1/orders/42"));
+    }
+
+    /// methods: a comma list, case-insensitive in the rule, or `*` for any
+    #[test]
+    fn methods() {
+        assert!(r("get /x").matches(&Method::GET, "/x"));
+        assert!(!r("GET /x").matches(&Method::POST, "/x"));
+        assert!(r("* /public/**").matches(&Method::PATCH, "/public/a"));
+        assert!(r("* /**").matches(&Method::GET, "/"));
+    }
+
+    /// literal segments are case-sensitive and exact
+    #[test]
+    fn literals_are_case_sensitive() {
+        assert!(!r("GET /API/**").matches(&Method::GET, "/api/x"));
+        assert!(r("GET /a/b").matches(&Method::GET, "/a/b"));
+        assert!(!r("GET /a/b").matches(&Method::GET, "/a/b/"));
+        assert!(r("GET /a/b/").matches(&Method::GET, "/a/b/"));
+    }
+
+    /// malformed rules are refused with a reason
+    #[test]
+    fn malformed_rules_are_refused() {
+        for bad in [
+            "GET",
+            "GET api/x",
+            "GET /a/**/b",
+            "GE T /x",
+            "GET /a//b",
+            "GET /a/../b",
+            "GET /a/b*",
+            "GET /a/%2e",
+            "G3T /x",
+            "GET /x extra",
+        ] {
+            assert!(bad.parse::<Rule>().is_err(), "{bad}");
+        }
+    }
+}
