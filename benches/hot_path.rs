@@ -4,14 +4,27 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use criterion::{Criterion, criterion_group, criterion_main};
+use bytes::Bytes;
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use gatehouse::authn::replay::ReplayCache;
+use gatehouse::authn::{authenticate, sign_hex};
+use gatehouse::body::Body;
 use gatehouse::config::RouteConfig;
+use gatehouse::config::{AuthConfig, RateLimitConfig};
+use gatehouse::credentials::secrets::MasterKey;
+use gatehouse::credentials::snapshot::Snapshot;
+use gatehouse::credentials::{mint_api_key, mint_hmac_key};
 use gatehouse::headers;
 use gatehouse::path;
 use gatehouse::request;
+use gatehouse::request::Parsed;
+use gatehouse::route::Route;
 use gatehouse::route::RouteTable;
 use http::HeaderMap;
+use http::{HeaderValue, Request};
 use std::hint::black_box;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// `path::normalise`: the canonical fast path (borrowed, no allocation) and the slow
@@ -98,5 +111,114 @@ fn bench_request(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_path, bench_route, bench_headers, bench_request);
+/// A credentials file of `n` users, alternating api_key and hmac, one key each.
+/// Returns the YAML, the master key, one token and one (key id, secret) from the middle.
+fn users_yaml(n: usize) -> (String, MasterKey, String, (String, String)) {
+    let master = MasterKey::generate().unwrap();
+    let mut y = String::from("roles:\n  r:\n    rules: [\"* /**\"]\nusers:\n");
+    let (mut token, mut hmac) = (String::new(), (String::new(), String::new()));
+    for i in 0..n {
+        let method = if i % 2 == 0 { "api_key" } else { "hmac" };
+        let (key, secret) = if i % 2 == 0 { mint_api_key("k").unwrap() } else { mint_hmac_key(&master, "k").unwrap() };
+        if i == n / 2 {
+            token = secret.expose().to_string();
+        } else if i == n / 2 + 1 {
+            hmac = (key.id.value.clone(), secret.expose().to_string());
+        }
+        let cred = match (&key.token_sha256, &key.secret_sealed) {
+            (Some(d), _) => format!("token_sha256: {d}"),
+            (_, Some(s)) => format!("secret_sealed: \"{s}\""),
+            _ => unreachable!(),
+        };
+        y.push_str(&format!(
+            "  - id: user-{i}\n    roles: [r]\n    status: active\n    auth_method: {method}\n    created_at: 2026-01-01T00:00:00Z\n    updated_at: 2026-01-01T00:00:00Z\n    keys:\n      - id: {}\n        created_at: 2026-01-01T00:00:00Z\n        {cred}\n",
+            key.id.value
+        ));
+    }
+    (y, master, token, hmac)
+}
+
+fn parsed(route: &Arc<Route>, method: &str, target: &str, headers: &[(&'static str, String)], body: Bytes) -> Parsed {
+    let mut b = Request::builder().method(method).uri(target);
+    for (k, v) in headers {
+        b = b.header(*k, v);
+    }
+    let (parts, ()) = b.body(()).unwrap().into_parts();
+    Parsed {
+        request_id: HeaderValue::from_static("bench"),
+        route: route.clone(),
+        path_and_query: target.parse().unwrap(),
+        host: None,
+        parts,
+        body: Body::Full(Some(body)),
+    }
+}
+
+/// Runs a future that completes without waiting (everything here is in memory).
+fn now_or_never<F: Future>(f: F) -> F::Output {
+    let mut f = std::pin::pin!(f);
+    match f.as_mut().poll(&mut std::task::Context::from_waker(std::task::Waker::noop())) {
+        std::task::Poll::Ready(v) => v,
+        std::task::Poll::Pending => panic!("authentication waited on something"),
+    }
+}
+
+/// `authn::authenticate` against a 100 000-user snapshot: one API-key request, and one
+/// HMAC request with a 1 KiB body (replay protection off here so every iteration is
+/// fresh; the replay cache has its own bench). Also the snapshot build itself.
+fn bench_authn(c: &mut Criterion) {
+    const USERS: usize = 100_000;
+    let (yaml, master, token, (key_id, secret)) = users_yaml(USERS);
+    let rate = RateLimitConfig { per_second: 50, burst: 100 };
+    let snap = Snapshot::parse(Path::new("bench.yaml"), &yaml, Some(&master), rate).unwrap();
+    assert_eq!(snap.user_count(), USERS);
+    let route = Arc::new(Route::new(&twenty_routes()[0]));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let _guard = rt.enter();
+    let auth = AuthConfig {
+        max_skew: Duration::from_secs(300),
+        replay_protection: false,
+        hmac_max_body: 10 << 20,
+        replay_cache_entries: 1 << 20,
+    };
+    let replay = ReplayCache::new(auth.replay_cache_entries);
+    let now = 1_800_000_000;
+
+    let mut g = c.benchmark_group("authn");
+    let key_headers = [("x-api-key", token.clone())];
+    g.bench_function("api_key_100k_users", |b| {
+        b.iter_batched(
+            || parsed(&route, "GET", "/api/v1/orders/1", &key_headers, Bytes::new()),
+            |mut p| assert!(now_or_never(authenticate(&snap, &mut p, &auth, &replay, now)).is_ok()),
+            BatchSize::SmallInput,
+        )
+    });
+    let body = Bytes::from(vec![b'x'; 1024]);
+    let ts = now.to_string();
+    let sig = sign_hex(&secret, &ts, "POST", "/api/v1/orders?x=1", &body);
+    let hmac_headers = [("x-api-key", key_id.clone()), ("x-timestamp", ts.clone()), ("x-signature", sig)];
+    g.bench_function("hmac_1kib_100k_users", |b| {
+        b.iter_batched(
+            || parsed(&route, "POST", "/api/v1/orders?x=1", &hmac_headers, body.clone()),
+            |mut p| assert!(now_or_never(authenticate(&snap, &mut p, &auth, &replay, now)).is_ok()),
+            BatchSize::SmallInput,
+        )
+    });
+    let mut n = 0u64;
+    g.bench_function("replay_record", |b| {
+        b.iter(|| {
+            n += 1;
+            let mut sig = [0u8; 32];
+            sig[..8].copy_from_slice(&n.to_be_bytes());
+            replay.record(black_box("hk_bench"), &sig, now + 300, u64::MAX, now)
+        })
+    });
+    g.sample_size(10);
+    g.bench_function("snapshot_build_100k_users", |b| {
+        b.iter(|| Snapshot::parse(Path::new("bench.yaml"), black_box(&yaml), Some(&master), rate).unwrap())
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench_path, bench_route, bench_headers, bench_request, bench_authn);
 criterion_main!(benches);

@@ -158,7 +158,7 @@ impl Snapshot {
         master: Option<&MasterKey>,
         default_rate: RateLimitConfig,
     ) -> Result<Snapshot, ConfigErrors> {
-        let file: FileCredentials = serde_saphyr::from_str(text)
+        let file: FileCredentials = serde_saphyr::from_str_with_options(text, yaml_options())
             .map_err(|e| ConfigErrors { file: path.to_path_buf(), problems: vec![yaml_problem(&e)] })?;
         let mut b = Builder { problems: Vec::new(), master, default_rate };
         let snap = b.build(file);
@@ -168,6 +168,19 @@ impl Snapshot {
             Err(ConfigErrors { file: path.to_path_buf(), problems: b.problems })
         }
     }
+}
+
+/// The parser's budget, sized for large files: about 25 nodes a user, so 20 M nodes is
+/// ~800 k users. Alias and anchor limits (the YAML-bomb defences) keep their defaults.
+fn yaml_options() -> serde_saphyr::Options {
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_nodes = 20_000_000;
+    budget.max_events = 50_000_000;
+    budget.max_total_scalar_bytes = 1 << 30;
+    budget.max_reader_input_bytes = Some(1 << 30);
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    options
 }
 
 struct Builder<'a> {
