@@ -18,7 +18,7 @@ use hyper_util::server::conn::auto;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
@@ -177,8 +177,13 @@ async fn serve_conn(
     stop: watch::Receiver<bool>,
     _permit: OwnedSemaphorePermit,
 ) {
-    let conn =
-        Arc::new(Conn { info, inflight: AtomicUsize::new(0), last_done_ms: AtomicU64::new(0), opened: Instant::now() });
+    let conn = Arc::new(Conn {
+        info,
+        inflight: AtomicUsize::new(0),
+        last_done_ms: AtomicU64::new(0),
+        opened: Instant::now(),
+        started: AtomicBool::new(false),
+    });
     match acceptor {
         None => drive(TokioIo::new(JsonParseErrors::new(stream)), conn, shared, stop).await,
         Some(acceptor) => {
@@ -197,6 +202,8 @@ struct Conn {
     inflight: AtomicUsize,
     last_done_ms: AtomicU64,
     opened: Instant,
+    /// Set when the first request reaches the service.
+    started: AtomicBool,
 }
 
 impl Conn {
@@ -215,6 +222,7 @@ struct InFlight(Arc<Conn>);
 
 impl InFlight {
     fn new(conn: Arc<Conn>) -> InFlight {
+        conn.started.store(true, Ordering::Relaxed);
         conn.inflight.fetch_add(1, Ordering::AcqRel);
         InFlight(conn)
     }
@@ -247,6 +255,12 @@ where
     let idle = shared.limits.idle_timeout;
     let idle_check = tokio::time::sleep(idle);
     tokio::pin!(idle_check);
+    // hyper's HTTP/1 header timer only starts once the auto builder has seen a byte that
+    // is not the HTTP/2 preface: a silent client, or one trickling "PRI * HTTP/2.0…",
+    // would otherwise hold the connection until the idle timeout.
+    let first_request = tokio::time::sleep(shared.limits.header_read_timeout);
+    tokio::pin!(first_request);
+    let mut awaiting_first = true;
     let mut closing = false;
     loop {
         tokio::select! {
@@ -259,6 +273,13 @@ where
             _ = stopped(&mut stop), if !closing => {
                 closing = true;
                 served.as_mut().graceful_shutdown();
+            }
+            _ = &mut first_request, if awaiting_first && !closing => {
+                awaiting_first = false;
+                if !conn.started.load(Ordering::Relaxed) {
+                    closing = true;
+                    served.as_mut().graceful_shutdown();
+                }
             }
             _ = &mut idle_check, if !closing => match conn.idle_for() {
                 Some(d) if d >= idle => {

@@ -1,0 +1,16 @@
+//! Gatehouse integration tests: real sockets on 127.0.0.1 ephemeral ports, a real recording
+//! upstream, real TLS with certificates generated per test, and the real binary where the
+//! process matters (memory, signals, exit codes). One binary, one file per capability or
+//! threat; the harness is in `support/`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+mod config;
+mod demo;
+mod errors;
+mod limits;
+mod proxy;
+mod shutdown;
+mod smuggling;

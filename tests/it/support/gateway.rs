@@ -1,0 +1,249 @@
+//! `GatewayConfig` writes a real `gatehouse.yaml` (plus a generated TLS certificate) into
+//! a temporary directory; `TestGateway` runs it in process, `GatewayProcess` (process.rs)
+//! runs the real binary on it.
+
+use super::upstream::TestUpstream;
+use gatehouse::config::Config;
+use gatehouse::listen::Server;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+
+/// A YAML scalar: JSON strings are valid YAML double-quoted scalars.
+fn q(s: &str) -> String {
+    serde_json::Value::from(s).to_string()
+}
+
+/// One route of the test config. Every route allows anonymous callers (authentication
+/// is a later issue; until then only anonymous routes forward).
+#[derive(Debug, Clone)]
+pub struct RouteSpec {
+    name: String,
+    path_prefix: String,
+    host: Option<String>,
+    upstreams: Vec<String>,
+    timeout: Option<String>,
+    set_headers: Vec<(String, String)>,
+}
+
+impl RouteSpec {
+    /// A route `name` for `path_prefix` with no upstream yet.
+    pub fn new(name: &str, path_prefix: &str) -> RouteSpec {
+        RouteSpec {
+            name: name.into(),
+            path_prefix: path_prefix.into(),
+            host: None,
+            upstreams: Vec::new(),
+            timeout: None,
+            set_headers: Vec::new(),
+        }
+    }
+
+    /// Adds `up` as a target.
+    pub fn to(mut self, up: &TestUpstream) -> Self {
+        self.upstreams.push(up.url());
+        self
+    }
+
+    /// Only for requests to `host`.
+    pub fn host(mut self, host: &str) -> Self {
+        self.host = Some(host.into());
+        self
+    }
+
+    /// The route timeout, e.g. `"1s"`.
+    pub fn timeout(mut self, t: &str) -> Self {
+        self.timeout = Some(t.into());
+        self
+    }
+
+    /// A `set_headers` entry (the value may use `${VAR}`).
+    pub fn set_header(mut self, name: &str, value: &str) -> Self {
+        self.set_headers.push((name.into(), value.into()));
+        self
+    }
+
+    fn yaml(&self, out: &mut String) {
+        out.push_str(&format!("  - name: {}\n    path_prefix: {}\n", q(&self.name), q(&self.path_prefix)));
+        if let Some(h) = &self.host {
+            out.push_str(&format!("    host: {}\n", q(h)));
+        }
+        let ups: Vec<String> = self.upstreams.iter().map(|u| q(u)).collect();
+        out.push_str(&format!("    upstream: [{}]\n    allow_anonymous: true\n", ups.join(", ")));
+        if let Some(t) = &self.timeout {
+            out.push_str(&format!("    timeout: {t}\n"));
+        }
+        if !self.set_headers.is_empty() {
+            let kv: Vec<String> = self.set_headers.iter().map(|(k, v)| format!("{}: {}", q(k), q(v))).collect();
+            out.push_str(&format!("    set_headers: {{ {} }}\n", kv.join(", ")));
+        }
+    }
+}
+
+/// A throw-away certificate for `localhost`, as PEM.
+#[derive(Debug, Clone)]
+pub struct TestCert {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl TestCert {
+    pub fn generate() -> TestCert {
+        let c = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        TestCert { cert_pem: c.cert.pem(), key_pem: c.signing_key.serialize_pem() }
+    }
+}
+
+/// A gateway configuration under construction.
+#[derive(Debug, Clone, Default)]
+pub struct GatewayConfig {
+    routes: Vec<RouteSpec>,
+    tls: bool,
+    limits: Vec<(String, String)>,
+    trusted_proxies: Vec<String>,
+    env: HashMap<String, String>,
+}
+
+/// The config file and everything it points to, in a directory removed on drop.
+pub struct WrittenConfig {
+    pub dir: TempDir,
+    pub path: PathBuf,
+    pub cert: Option<TestCert>,
+}
+
+impl GatewayConfig {
+    /// A plain listener on 127.0.0.1:0 and no routes yet.
+    pub fn new() -> GatewayConfig {
+        GatewayConfig::default()
+    }
+
+    pub fn route(mut self, r: RouteSpec) -> Self {
+        self.routes.push(r);
+        self
+    }
+
+    /// Adds a TLS listener (on another ephemeral port) with a fresh certificate.
+    pub fn tls(mut self) -> Self {
+        self.tls = true;
+        self
+    }
+
+    /// A `limits:` entry, e.g. `("max_request_body", "1MiB")`.
+    pub fn limit(mut self, name: &str, value: &str) -> Self {
+        self.limits.push((name.into(), value.into()));
+        self
+    }
+
+    pub fn trusted_proxy(mut self, net: &str) -> Self {
+        self.trusted_proxies.push(net.into());
+        self
+    }
+
+    /// A variable for `${VAR}` expansion (in-process gateways only).
+    pub fn env(mut self, name: &str, value: &str) -> Self {
+        self.env.insert(name.into(), value.into());
+        self
+    }
+
+    /// The YAML text, with TLS files in `dir`.
+    pub fn yaml(&self, dir: &Path) -> String {
+        let mut y = String::from("listeners:\n  - address: 127.0.0.1:0\n    name: plain\n");
+        if self.tls {
+            y.push_str(&format!(
+                "  - address: 127.0.0.1:0\n    name: tls\n    tls: {{ cert: {}, key: {} }}\n",
+                q(&dir.join("cert.pem").display().to_string()),
+                q(&dir.join("key.pem").display().to_string()),
+            ));
+        }
+        if !self.limits.is_empty() {
+            y.push_str("limits:\n");
+            for (k, v) in &self.limits {
+                y.push_str(&format!("  {k}: {v}\n"));
+            }
+        }
+        if !self.trusted_proxies.is_empty() {
+            let t: Vec<String> = self.trusted_proxies.iter().map(|s| q(s)).collect();
+            y.push_str(&format!("trusted_proxies: [{}]\n", t.join(", ")));
+        }
+        y.push_str("routes:\n");
+        for r in &self.routes {
+            r.yaml(&mut y);
+        }
+        y
+    }
+
+    /// Writes the config (and certificate) to a fresh temporary directory.
+    pub fn write(&self) -> WrittenConfig {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = self.tls.then(TestCert::generate);
+        if let Some(c) = &cert {
+            std::fs::write(dir.path().join("cert.pem"), &c.cert_pem).unwrap();
+            std::fs::write(dir.path().join("key.pem"), &c.key_pem).unwrap();
+        }
+        let path = dir.path().join("gatehouse.yaml");
+        std::fs::write(&path, self.yaml(dir.path())).unwrap();
+        WrittenConfig { dir, path, cert }
+    }
+
+    /// Loads the written config and runs the gateway in this process.
+    pub async fn start(&self) -> TestGateway {
+        let written = self.write();
+        let config = Config::load_with_env(&written.path, &self.env)
+            .unwrap_or_else(|e| panic!("test config is invalid: {e}\n{}", self.yaml(written.dir.path())));
+        let server = Server::bind(&config).await.unwrap();
+        let listeners = server.listeners();
+        let plain = listeners.iter().find(|l| !l.tls).map(|l| l.addr).unwrap();
+        let tls = listeners.iter().find(|l| l.tls).map(|l| l.addr);
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(server.run(async {
+            let _ = stopped.await;
+        }));
+        TestGateway { plain, tls, written, stop: Some(stop) }
+    }
+}
+
+/// A gateway running in this process. Starts its drain when dropped; the test's runtime
+/// ends whatever is left.
+pub struct TestGateway {
+    plain: SocketAddr,
+    tls: Option<SocketAddr>,
+    written: WrittenConfig,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl TestGateway {
+    /// A config to build a gateway from.
+    pub fn builder() -> GatewayConfig {
+        GatewayConfig::new()
+    }
+
+    /// The plain listener's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.plain
+    }
+
+    /// `http://<plain listener><path>`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.plain)
+    }
+
+    /// The TLS listener's address.
+    pub fn tls_addr(&self) -> SocketAddr {
+        self.tls.expect("gateway has no TLS listener: call .tls() on the builder")
+    }
+
+    /// The TLS listener's certificate, PEM.
+    pub fn cert_pem(&self) -> &str {
+        &self.written.cert.as_ref().expect("gateway has no TLS listener").cert_pem
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}

@@ -1,0 +1,334 @@
+//! `TestUpstream`: a real HTTP server on 127.0.0.1:0 that records every request it
+//! receives, so that a test can assert what was forwarded, and "nothing at all".
+
+use super::{Generated, MIB};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use std::convert::Infallible;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+
+/// How the upstream answers.
+#[derive(Debug, Clone)]
+pub enum Mode {
+    /// 200 with a JSON description of the request it received.
+    Echo,
+    /// Like `Echo`, after sleeping this long.
+    Slow(Duration),
+    /// 200 with a streamed (chunked) body of this many bytes.
+    LargeBody(u64),
+    /// `101 Switching Protocols`, then writes `welcome\n` and echoes every byte back.
+    Upgrade,
+    /// Raw TCP: reads the request head, answers a status line that is not HTTP.
+    GarbageStatus,
+    /// Raw TCP: reads the request head, then resets the connection (RST).
+    Reset,
+    /// Raw TCP: reads the request head, then closes without answering (FIN).
+    CloseWithoutAnswer,
+    /// Nothing listens: the port was bound, then released, so connections are refused.
+    Refused,
+}
+
+/// How a request body ended at the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyEnd {
+    /// Still arriving (or the head is all there was, for the raw modes).
+    Pending,
+    /// Ended cleanly: the upstream got a complete request.
+    Complete,
+    /// The connection broke mid-body: the request was never complete.
+    Broken,
+}
+
+/// One request as the upstream received it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: Method,
+    /// Path and query, exactly as received.
+    pub target: String,
+    pub version: Version,
+    pub headers: HeaderMap,
+    /// Body bytes received (counted while streaming; never buffered).
+    pub body_bytes: u64,
+    /// How the body ended, as far as the upstream can tell yet.
+    pub body_end: BodyEnd,
+    /// The first 64 KiB of the body.
+    pub body_prefix: Vec<u8>,
+}
+
+impl Seen {
+    /// Every value of `name`, as text.
+    pub fn values(&self, name: &str) -> Vec<String> {
+        self.headers.get_all(name).iter().map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()).collect()
+    }
+
+    /// The single value of `name` (panics when absent or repeated).
+    pub fn header(&self, name: &str) -> String {
+        let v = self.values(name);
+        assert_eq!(v.len(), 1, "upstream expected exactly one {name} header, got {v:?} in {:?}", self.headers);
+        v.into_iter().next().unwrap_or_default()
+    }
+
+    /// True when `name` is absent.
+    pub fn lacks(&self, name: &str) -> bool {
+        !self.headers.contains_key(name)
+    }
+}
+
+#[derive(Default)]
+struct Log {
+    seen: Mutex<Vec<Seen>>,
+    connections: AtomicUsize,
+}
+
+/// A recording upstream. Stops serving when dropped.
+pub struct TestUpstream {
+    addr: SocketAddr,
+    id: Arc<str>,
+    log: Arc<Log>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for TestUpstream {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+impl TestUpstream {
+    /// An echoing upstream.
+    pub async fn start() -> TestUpstream {
+        Self::with(Mode::Echo).await
+    }
+
+    /// An upstream answering as `mode` says.
+    pub async fn with(mode: Mode) -> TestUpstream {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let id: Arc<str> = Arc::from(addr.port().to_string());
+        let log = Arc::new(Log::default());
+        if let Mode::Refused = mode {
+            drop(listener);
+            return TestUpstream { addr, id, log, task: None };
+        }
+        let task = tokio::spawn(accept_loop(listener, mode, id.clone(), log.clone()));
+        TestUpstream { addr, id, log, task: Some(task) }
+    }
+
+    /// `http://127.0.0.1:<port>`, for a route's `upstream`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The value of the `x-upstream-id` header this upstream puts on its responses.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// How many requests reached this upstream (request heads received).
+    pub fn count(&self) -> usize {
+        self.log.seen.lock().unwrap().len()
+    }
+
+    /// How many TCP connections were accepted.
+    pub fn connections(&self) -> usize {
+        self.log.connections.load(Ordering::SeqCst)
+    }
+
+    /// Every request received so far.
+    pub fn requests(&self) -> Vec<Seen> {
+        self.log.seen.lock().unwrap().clone()
+    }
+
+    /// The only request received (panics unless exactly one arrived).
+    pub fn only_request(&self) -> Seen {
+        let all = self.requests();
+        assert_eq!(all.len(), 1, "expected exactly one upstream request, got {all:#?}");
+        all.into_iter().next().unwrap()
+    }
+}
+
+async fn accept_loop(listener: TcpListener, mode: Mode, id: Arc<str>, log: Arc<Log>) {
+    // Dropping the JoinSet (when this task is aborted) aborts every connection task.
+    let mut conns = JoinSet::new();
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        log.connections.fetch_add(1, Ordering::SeqCst);
+        let (mode, id, log) = (mode.clone(), id.clone(), log.clone());
+        conns.spawn(async move {
+            match mode {
+                Mode::GarbageStatus | Mode::Reset | Mode::CloseWithoutAnswer => raw(stream, mode, &log).await,
+                _ => {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let (mode, id, log) = (mode.clone(), id.clone(), log.clone());
+                        async move { Ok::<_, Infallible>(answer(req, mode, id, log).await) }
+                    });
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                        .await;
+                }
+            }
+        });
+        while conns.try_join_next().is_some() {}
+    }
+}
+
+type UpBody = BoxBody<Bytes, Infallible>;
+
+/// Request headers that ask the echo upstream to add `name: value` to its response.
+pub const RESPOND_WITH: &str = "x-test-respond-with";
+
+async fn answer(mut req: Request<Incoming>, mode: Mode, id: Arc<str>, log: Arc<Log>) -> Response<UpBody> {
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let (parts, mut body) = req.into_parts();
+    let target = parts.uri.path_and_query().map_or_else(|| parts.uri.to_string(), |pq| pq.as_str().to_string());
+    let index = {
+        let mut seen = log.seen.lock().unwrap();
+        seen.push(Seen {
+            method: parts.method.clone(),
+            target: target.clone(),
+            version: parts.version,
+            headers: parts.headers.clone(),
+            body_bytes: 0,
+            body_end: BodyEnd::Pending,
+            body_prefix: Vec::new(),
+        });
+        seen.len() - 1
+    };
+    let (mut count, mut prefix, mut end) = (0u64, Vec::new(), BodyEnd::Complete);
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) => {
+                if let Some(d) = f.data_ref() {
+                    count += d.len() as u64;
+                    let room = (64 * 1024usize).saturating_sub(prefix.len());
+                    prefix.extend_from_slice(&d[..d.len().min(room)]);
+                }
+            }
+            Err(_) => {
+                end = BodyEnd::Broken;
+                break;
+            }
+        }
+    }
+    {
+        let mut seen = log.seen.lock().unwrap();
+        let s = &mut seen[index];
+        s.body_bytes = count;
+        s.body_end = end;
+        s.body_prefix = prefix;
+    }
+
+    let mut res = match mode {
+        Mode::Upgrade => {
+            tokio::spawn(async move {
+                if let Ok(upgraded) = on_upgrade.await {
+                    let mut io = TokioIo::new(upgraded);
+                    let _ = io.write_all(b"welcome\n").await;
+                    let mut buf = vec![0u8; 4096];
+                    while let Ok(n) = io.read(&mut buf).await {
+                        if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            });
+            let mut res = Response::new(Empty::new().boxed());
+            *res.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            res.headers_mut().insert("connection", HeaderValue::from_static("upgrade"));
+            res.headers_mut().insert("upgrade", HeaderValue::from_static("websocket"));
+            res
+        }
+        Mode::LargeBody(len) => Response::new(Generated::streamed(len).boxed()),
+        Mode::Slow(d) => {
+            tokio::time::sleep(d).await;
+            echo(&parts, &target, count, &id)
+        }
+        _ => echo(&parts, &target, count, &id),
+    };
+    res.headers_mut().insert("x-upstream-id", HeaderValue::from_str(&id).unwrap());
+    for v in parts.headers.get_all(RESPOND_WITH) {
+        if let Some((k, v)) = v.to_str().ok().and_then(|s| s.split_once(':'))
+            && let (Ok(k), Ok(v)) = (HeaderName::from_bytes(k.trim().as_bytes()), HeaderValue::from_str(v.trim()))
+        {
+            res.headers_mut().append(k, v);
+        }
+    }
+    res
+}
+
+fn echo(parts: &http::request::Parts, target: &str, body_bytes: u64, id: &str) -> Response<UpBody> {
+    let headers: serde_json::Map<String, serde_json::Value> = parts
+        .headers
+        .keys()
+        .map(|k| {
+            let vals: Vec<String> =
+                parts.headers.get_all(k).iter().map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()).collect();
+            (k.as_str().to_string(), serde_json::Value::from(vals))
+        })
+        .collect();
+    let reply = serde_json::json!({
+        "upstream": id,
+        "method": parts.method.as_str(),
+        "target": target,
+        "version": format!("{:?}", parts.version),
+        "headers": headers,
+        "body_bytes": body_bytes,
+    });
+    let mut res = Response::new(Full::new(Bytes::from(reply.to_string())).boxed());
+    res.headers_mut().insert("content-type", HeaderValue::from_static("application/json"));
+    res
+}
+
+/// The raw-TCP misbehaviours. The request head is read (and recorded) first, so the
+/// gateway has really sent its request when the upstream misbehaves.
+async fn raw(mut stream: TcpStream, mode: Mode, log: &Log) {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MIB as usize {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let line = String::from_utf8_lossy(&head).lines().next().unwrap_or_default().to_string();
+    let mut words = line.split(' ');
+    log.seen.lock().unwrap().push(Seen {
+        method: Method::from_bytes(words.next().unwrap_or("GET").as_bytes()).unwrap_or(Method::GET),
+        target: words.next().unwrap_or_default().to_string(),
+        version: Version::HTTP_11,
+        headers: HeaderMap::new(),
+        body_bytes: 0,
+        body_end: BodyEnd::Pending,
+        body_prefix: Vec::new(),
+    });
+    match mode {
+        Mode::GarbageStatus => {
+            let _ = stream.write_all(b"HTTP/1.1 2x0 What Is This\r\ncontent-length: 0\r\n\r\n").await;
+            let _ = stream.flush().await;
+            // Keep the connection open a moment: the failure must come from the garbage,
+            // not from the close.
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        Mode::Reset => {
+            let _ = stream.set_zero_linger();
+            drop(stream);
+        }
+        _ => drop(stream),
+    }
+}
