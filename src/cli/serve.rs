@@ -2,7 +2,7 @@
 
 use super::{EXIT_CONFIG, runtime, shutdown_signal};
 use crate::config::Config;
-use crate::listen::Server;
+use crate::listen::{Server, StartError};
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -23,7 +23,12 @@ pub fn run(config_path: &Path) -> ExitCode {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("gatehouse: {e}");
-                return ExitCode::FAILURE;
+                // A port in use is an operational failure; a bad certificate or
+                // credentials file is a configuration error, like the config file itself.
+                return match e {
+                    StartError::Bind { .. } => ExitCode::FAILURE,
+                    StartError::Tls(_) | StartError::Credentials(_) => ExitCode::from(EXIT_CONFIG),
+                };
             }
         };
         server.run(shutdown_signal()).await;

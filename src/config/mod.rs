@@ -159,7 +159,14 @@ impl std::error::Error for ConfigErrors {}
 /// Converts a serde-saphyr error into a located problem.
 pub(crate) fn yaml_problem(e: &serde_saphyr::Error) -> Problem {
     let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
-    Problem { line, column, message: e.without_snippet().to_string() }
+    let mut message = e.without_snippet().to_string();
+    // The location is printed in front already; drop the parser's own copy of it.
+    if let Some(i) = message.rfind(" at line ")
+        && message[i..].contains(", column ")
+    {
+        message.truncate(i);
+    }
+    Problem { line, column, message }
 }
 
 /// Reads a small text file, refusing an empty one.
