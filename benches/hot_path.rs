@@ -220,5 +220,35 @@ fn bench_authn(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_path, bench_route, bench_headers, bench_request, bench_authn);
+/// `authz::permits` for a user with 50 rules (5 roles × 10): a request granted by the
+/// very last rule (every rule is tried) and one that no rule grants.
+fn bench_authz(c: &mut Criterion) {
+    let roles: Vec<String> = (0..5)
+        .map(|r| {
+            let rules: Vec<String> = (0..10).map(|i| format!("\"GET,POST /api/v{r}/res{i}/*/items/**\"")).collect();
+            format!("  role{r}:\n    rules: [{}]\n", rules.join(", "))
+        })
+        .collect();
+    let yaml = format!(
+        "roles:\n{}users:\n  - id: u\n    roles: [role0, role1, role2, role3, role4]\n    status: active\n    auth_method: api_key\n    created_at: 2026-01-01T00:00:00Z\n    updated_at: 2026-01-01T00:00:00Z\n    keys:\n      - id: k\n        created_at: 2026-01-01T00:00:00Z\n        token_sha256: {}\n",
+        roles.concat(),
+        "0".repeat(64)
+    );
+    let rate = RateLimitConfig { per_second: 50, burst: 100 };
+    let snap = Snapshot::parse(Path::new("bench.yaml"), &yaml, None, rate).unwrap();
+    let user = snap.by_id("k").unwrap().user.clone();
+    assert_eq!(user.roles.iter().map(|r| r.rules.len()).sum::<usize>(), 50);
+    let (method, hit, miss) = (http::Method::POST, "/api/v4/res9/42/items/7", "/api/v9/res1/42/items/7");
+    assert!(gatehouse::authz::permits(&user, &method, hit).is_some());
+    let mut g = c.benchmark_group("authz");
+    g.bench_function("permits_50_rules_last", |b| {
+        b.iter(|| gatehouse::authz::permits(&user, black_box(&method), black_box(hit)))
+    });
+    g.bench_function("permits_50_rules_none", |b| {
+        b.iter(|| gatehouse::authz::permits(&user, black_box(&method), black_box(miss)))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench_path, bench_route, bench_headers, bench_request, bench_authn, bench_authz);
 criterion_main!(benches);

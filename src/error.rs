@@ -14,6 +14,8 @@ pub enum GateError {
     BadRequest(BadRequest),
     /// 401: the caller could not be authenticated; carries the true reason.
     Unauthorized(AuthFailure),
+    /// 403: the caller may not do this; carries why.
+    Forbidden(Denial),
     /// 404: no route matches host and path.
     NoRoute,
     /// 413: the body is over a configured limit.
@@ -37,6 +39,41 @@ pub enum BadRequest {
     Header,
     /// The body could not be read (client gone, or too slow).
     Body,
+    /// `X-Proxied-User` repeated, empty, too long or outside the id alphabet.
+    ProxiedUser,
+}
+
+/// Why an authenticated caller was refused (403).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denial {
+    /// No role rule grants the method and path, or allowed_endpoints exclude it.
+    NotGranted,
+    /// `X-Proxied-User` from a user without `allow_proxied_users`.
+    ProxiedNotAllowed,
+    /// `X-Proxied-User` naming a user outside `allowed_proxied_users`.
+    ProxiedNotListed,
+    /// `X-Proxied-User` on an anonymous request.
+    ProxiedAnonymous,
+}
+
+impl Denial {
+    /// The metric label (`forbidden` or `proxied_user_denied`).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Denial::NotGranted => "forbidden",
+            Denial::ProxiedNotAllowed | Denial::ProxiedNotListed | Denial::ProxiedAnonymous => "proxied_user_denied",
+        }
+    }
+
+    /// The precise reason, for the log and audit record.
+    pub fn detail(&self) -> &'static str {
+        match self {
+            Denial::NotGranted => "not_granted",
+            Denial::ProxiedNotAllowed => "proxied_users_not_allowed",
+            Denial::ProxiedNotListed => "proxied_user_not_listed",
+            Denial::ProxiedAnonymous => "proxied_user_on_anonymous_request",
+        }
+    }
 }
 
 /// Why authentication failed. Clients see only [`AuthFailure::client_message`], which
@@ -143,6 +180,8 @@ impl GateError {
             GateError::BadRequest(BadRequest::Header) => "bad_header",
             GateError::BadRequest(BadRequest::Body) => "bad_body",
             GateError::Unauthorized(f) => f.detail(),
+            GateError::Forbidden(d) => d.detail(),
+            GateError::BadRequest(BadRequest::ProxiedUser) => "bad_proxied_user",
             GateError::TooManyRequests { .. } => "rate_limited",
             GateError::NoRoute => "no_route",
             GateError::PayloadTooLarge => "payload_too_large",
@@ -167,6 +206,15 @@ impl GateError {
                 (StatusCode::BAD_REQUEST, "invalid_request", "Request body could not be read")
             }
             GateError::Unauthorized(f) => (StatusCode::UNAUTHORIZED, "authentication_error", f.client_message()),
+            GateError::BadRequest(BadRequest::ProxiedUser) => {
+                (StatusCode::BAD_REQUEST, "invalid_request", "Invalid X-Proxied-User header")
+            }
+            GateError::Forbidden(Denial::NotGranted) => {
+                (StatusCode::FORBIDDEN, "permission_error", "API key does not have permission to access this resource")
+            }
+            GateError::Forbidden(Denial::ProxiedNotAllowed | Denial::ProxiedNotListed | Denial::ProxiedAnonymous) => {
+                (StatusCode::FORBIDDEN, "permission_error", "Proxied user is not allowed")
+            }
             GateError::TooManyRequests { .. } => {
                 (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "Rate limit exceeded")
             }

@@ -19,6 +19,7 @@ pub const X_GATEHOUSE_KEY_ID: HeaderName = HeaderName::from_static("x-gatehouse-
 pub const X_GATEHOUSE_ORG: HeaderName = HeaderName::from_static("x-gatehouse-org");
 pub const X_GATEHOUSE_TEAMS: HeaderName = HeaderName::from_static("x-gatehouse-teams");
 pub const X_GATEHOUSE_ROLES: HeaderName = HeaderName::from_static("x-gatehouse-roles");
+pub const X_GATEHOUSE_PROXIED_USER: HeaderName = HeaderName::from_static("x-gatehouse-proxied-user");
 pub const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 pub const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 pub const CACHE_CONTROL: HeaderName = http::header::CACHE_CONTROL;
@@ -79,6 +80,12 @@ pub fn classify(name: &str) -> Protected {
         || eq_dashed(b, "x-http-method")
         || eq_dashed(b, "x-method-override");
     if identity { Protected::Identity } else { Protected::No }
+}
+
+/// True when a backend could read header `name` (lower case) as `protected`: the same
+/// name with `_` for `-`.
+pub fn same_header(name: &str, protected: &HeaderName) -> bool {
+    eq_dashed(name.as_bytes(), protected.as_str())
 }
 
 /// `a == b` where `_` in `a` counts as `-`.

@@ -46,7 +46,9 @@ async fn handle_inner(
         out.key = Some(id.key.id.clone());
     }
     let permit = authz::authorize(caller, &parsed)?;
-    let outbound = rewrite::request(parsed, &permit, conn, gw.is_trusted_proxy(conn.peer.ip()));
+    out.proxied_user = permit.proxied_user().cloned();
+    out.grant = permit.granted_by().cloned();
+    let outbound = rewrite::request(parsed, &permit, conn, gw.is_trusted_proxy(conn.peer.ip()), &gw.identity_headers);
     let fwd = forward::send(&gw.client, outbound).await?;
     out.upstream_latency = Some(fwd.upstream_latency);
     Ok(rewrite::response(fwd.response, &out.request_id))

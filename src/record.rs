@@ -1,6 +1,7 @@
 //! [record] The one place that reports on a finished request. Metrics and the audit log
 //! are written from here, from the [`Outcome`] the pipeline filled in.
 
+use crate::authz::Grant;
 use crate::error::GateError;
 use http::{HeaderValue, Method, StatusCode};
 use std::sync::Arc;
@@ -15,6 +16,9 @@ pub struct Outcome {
     pub route: Option<Arc<str>>,
     pub user: Option<Arc<str>>,
     pub key: Option<Arc<str>>,
+    pub proxied_user: Option<HeaderValue>,
+    /// The role rule that granted the request.
+    pub grant: Option<Grant>,
     pub error: Option<GateError>,
     pub upstream_latency: Option<Duration>,
 }
@@ -29,6 +33,8 @@ impl Outcome {
             route: None,
             user: None,
             key: None,
+            proxied_user: None,
+            grant: None,
             error: None,
             upstream_latency: None,
         }
@@ -50,6 +56,8 @@ pub fn finish(out: &Outcome, status: StatusCode) {
                 route,
                 user = out.user.as_deref(),
                 key_id = out.key.as_deref(),
+                proxied_user = out.proxied_user.as_ref().and_then(|v| v.to_str().ok()),
+                granted_by = out.grant.as_ref().map(Grant::describe),
                 method = %out.method,
                 status = status.as_u16(),
                 reason = out.error.map(|e| e.reason()),

@@ -8,9 +8,9 @@
 use crate::authn::Caller;
 use crate::authz::Permit;
 use crate::body::Body;
+use crate::config::IdentityHeaders;
 use crate::headers::{
-    self, HOP_BY_HOP, HOST, Protected, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_GATEHOUSE_KEY_ID,
-    X_GATEHOUSE_ORG, X_GATEHOUSE_ROLES, X_GATEHOUSE_TEAMS, X_GATEHOUSE_USER, X_REQUEST_ID,
+    self, HOP_BY_HOP, HOST, Protected, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID,
 };
 use crate::request::{ConnInfo, Parsed};
 use crate::route::Route;
@@ -29,7 +29,7 @@ pub struct Outbound {
 }
 
 /// Builds the upstream request from an authorised one.
-pub fn request(p: Parsed, permit: &Permit, conn: &ConnInfo, trusted_peer: bool) -> Outbound {
+pub fn request(p: Parsed, permit: &Permit, conn: &ConnInfo, trusted_peer: bool, names: &IdentityHeaders) -> Outbound {
     let Parsed { request_id, route, path_and_query, host, mut parts, body } = p;
     let h = &mut parts.headers;
 
@@ -42,18 +42,21 @@ pub fn request(p: Parsed, permit: &Permit, conn: &ConnInfo, trusted_peer: bool) 
         }
     }
     h.remove(HOST); // the client sets it from the target's authority
-    strip_protected(h, route.forward_credentials);
+    strip_protected(h, route.forward_credentials, names);
 
     forwarding.apply(h, conn, host);
     h.insert(X_REQUEST_ID, request_id);
     // SPEC §4: who the caller is, from the snapshot; the client's copies are gone.
     if let Caller::User(id) = permit.caller() {
         let u = &id.key.user.headers;
-        h.insert(X_GATEHOUSE_USER, u.user.clone());
-        h.insert(X_GATEHOUSE_KEY_ID, id.key.id_header.clone());
-        h.insert(X_GATEHOUSE_ORG, u.org.clone());
-        h.insert(X_GATEHOUSE_TEAMS, u.teams.clone());
-        h.insert(X_GATEHOUSE_ROLES, u.roles.clone());
+        h.insert(&names.user, u.user.clone());
+        h.insert(&names.key_id, id.key.id_header.clone());
+        h.insert(&names.org, u.org.clone());
+        h.insert(&names.teams, u.teams.clone());
+        h.insert(&names.roles, u.roles.clone());
+        if let Some(p) = permit.proxied_user() {
+            h.insert(&names.proxied_user, p.clone());
+        }
     }
     for (name, value) in &route.set_headers {
         h.insert(name, value.clone());
@@ -115,13 +118,13 @@ fn strip_connection_listed(h: &mut HeaderMap) {
     }
 }
 
-/// Removes identity and forwarding headers in every spelling, and credentials unless
-/// the route forwards them.
-fn strip_protected(h: &mut HeaderMap, forward_credentials: bool) {
+/// Removes identity and forwarding headers in every spelling (the SPEC's and the
+/// configured names), and credentials unless the route forwards them.
+fn strip_protected(h: &mut HeaderMap, forward_credentials: bool, names: &IdentityHeaders) {
     let doomed: Vec<HeaderName> = h
         .keys()
         .filter(|n| match headers::classify(n.as_str()) {
-            Protected::No => false,
+            Protected::No => names.all().iter().any(|p| headers::same_header(n.as_str(), p)),
             Protected::Identity => true,
             Protected::Credential => !forward_credentials,
         })
@@ -195,10 +198,12 @@ mod tests {
         h.append("x-gatehouse-user", HeaderValue::from_static("root"));
         h.insert("x-api-key", HeaderValue::from_static("k"));
         h.insert("accept", HeaderValue::from_static("*/*"));
+        h.insert("x_user_id", HeaderValue::from_static("spoof"));
         let mut keep = h.clone();
-        strip_protected(&mut h, false);
+        let names = IdentityHeaders { user: HeaderName::from_static("x-user-id"), ..IdentityHeaders::default() };
+        strip_protected(&mut h, false, &names);
         assert_eq!(h.len(), 1);
-        strip_protected(&mut keep, true);
+        strip_protected(&mut keep, true, &names);
         assert_eq!(keep.len(), 2);
         assert_eq!(keep["x-api-key"], "k");
     }

@@ -198,4 +198,65 @@ mod tests {
             assert!(bad.parse::<Rule>().is_err(), "{bad}");
         }
     }
+
+    mod property {
+        use super::*;
+        use crate::path::normalise;
+        use proptest::prelude::*;
+
+        /// Segments an attacker would try, plus random short ones.
+        fn segment() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just("api".to_string()),
+                Just("v1".to_string()),
+                Just("orders".to_string()),
+                Just("accounts".to_string()),
+                Just("..".to_string()),
+                Just(".".to_string()),
+                Just(String::new()),
+                Just("%2e%2e".to_string()),
+                Just("%2E%2E".to_string()),
+                Just(".%2e".to_string()),
+                Just("..%2f".to_string()),
+                Just("..%5c".to_string()),
+                Just("..;".to_string()),
+                Just("%252e%252e".to_string()),
+                Just("orders%2F..".to_string()),
+                Just("%6Frders".to_string()),
+                "[a-z.%;\\\\0-9A-F]{0,5}",
+            ]
+        }
+
+        /// a path the matcher allows, after normalisation, always lies under the rule's
+        /// prefix; it is canonical (normalising it again changes nothing), and decoding it
+        /// once more cannot step out of the prefix either. The runner counts allowed cases,
+        /// so the property cannot pass by never matching.
+        #[test]
+        fn allowed_paths_stay_under_the_rule_prefix() {
+            let rule: Rule = "GET /api/v1/orders/**".parse().unwrap();
+            let prefixes =
+                prop_oneof![Just("/api/v1/orders"), Just("/api/v1"), Just("/api"), Just(""), Just("/api/v1/orders/7")];
+            let strategy = (prefixes, proptest::collection::vec(segment(), 0..8));
+            let mut runner =
+                proptest::test_runner::TestRunner::new(ProptestConfig { cases: 6_000, ..ProptestConfig::default() });
+            let allowed = std::cell::Cell::new(0u32);
+            runner
+                .run(&strategy, |(prefix, segs)| {
+                    let raw = format!("{prefix}/{}", segs.join("/"));
+                    if let Ok(n) = normalise(&raw)
+                        && rule.matches(&Method::GET, &n)
+                    {
+                        allowed.set(allowed.get() + 1);
+                        prop_assert!(n == "/api/v1/orders" || n.starts_with("/api/v1/orders/"), "{raw} -> {n}");
+                        prop_assert_eq!(normalise(&n).unwrap(), n.clone());
+                        let decoded = percent_encoding::percent_decode_str(&n).decode_utf8_lossy().into_owned();
+                        prop_assert!(decoded.starts_with("/api/v1/orders"), "{raw} -> {n} -> {decoded}");
+                        prop_assert!(!decoded.split('/').any(|s| s == ".." || s == "."), "{raw} -> {n} -> {decoded}");
+                    }
+                    Ok(())
+                })
+                .unwrap();
+            assert!(allowed.get() > 600, "only {} generated paths were allowed", allowed.get());
+        }
+    }
 }

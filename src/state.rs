@@ -2,7 +2,7 @@
 
 use crate::authn::replay::ReplayCache;
 use crate::body::Body;
-use crate::config::{AuthConfig, Config, Limits};
+use crate::config::{AuthConfig, Config, IdentityHeaders, Limits};
 use crate::credentials::reload::Credentials;
 use crate::route::RouteTable;
 use hyper_util::client::legacy::Client;
@@ -26,6 +26,7 @@ pub struct Gateway {
     pub credentials: Arc<Credentials>,
     pub auth: AuthConfig,
     pub replay: ReplayCache,
+    pub identity_headers: IdentityHeaders,
 }
 
 impl Gateway {
@@ -39,6 +40,7 @@ impl Gateway {
             credentials,
             auth: config.auth.clone(),
             replay: ReplayCache::new(config.auth.replay_cache_entries),
+            identity_headers: config.identity_headers.clone(),
         }
     }
 

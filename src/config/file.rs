@@ -31,6 +31,8 @@ pub struct FileConfig {
     pub limits: FileLimits,
     #[serde(default)]
     pub trusted_proxies: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub identity_headers: Option<Spanned<FileIdentityHeaders>>,
     pub routes: Vec<FileRoute>,
 }
 
@@ -113,6 +115,24 @@ pub struct FileLimits {
     pub upstream_connect_timeout: Option<Dur>,
     #[serde(default)]
     pub shutdown_grace: Option<Dur>,
+}
+
+/// Names of the identity headers sent upstream; each defaults to the SPEC's.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileIdentityHeaders {
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub key_id: Option<String>,
+    #[serde(default)]
+    pub org: Option<String>,
+    #[serde(default)]
+    pub teams: Option<String>,
+    #[serde(default)]
+    pub roles: Option<String>,
+    #[serde(default)]
+    pub proxied_user: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -34,7 +34,41 @@ pub struct Config {
     pub rate_limit: RateLimitConfig,
     pub limits: Limits,
     pub trusted_proxies: Vec<IpNet>,
+    pub identity_headers: IdentityHeaders,
     pub routes: Vec<RouteConfig>,
+}
+
+/// The names of the identity headers Gatehouse sets upstream (SPEC §4 by default).
+/// Client-sent copies of each, in any spelling, are removed on every route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityHeaders {
+    pub user: HeaderName,
+    pub key_id: HeaderName,
+    pub org: HeaderName,
+    pub teams: HeaderName,
+    pub roles: HeaderName,
+    pub proxied_user: HeaderName,
+}
+
+impl Default for IdentityHeaders {
+    fn default() -> Self {
+        use crate::headers::*;
+        IdentityHeaders {
+            user: X_GATEHOUSE_USER,
+            key_id: X_GATEHOUSE_KEY_ID,
+            org: X_GATEHOUSE_ORG,
+            teams: X_GATEHOUSE_TEAMS,
+            roles: X_GATEHOUSE_ROLES,
+            proxied_user: X_GATEHOUSE_PROXIED_USER,
+        }
+    }
+}
+
+impl IdentityHeaders {
+    /// All six names.
+    pub fn all(&self) -> [&HeaderName; 6] {
+        [&self.user, &self.key_id, &self.org, &self.teams, &self.roles, &self.proxied_user]
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -286,6 +320,7 @@ impl Validator {
             })
             .collect();
 
+        let identity_headers = f.identity_headers.map_or_else(IdentityHeaders::default, |h| self.identity(h));
         let mut names = HashSet::new();
         let mut keys = HashSet::new();
         let routes = f.routes.into_iter().filter_map(|r| self.route(r, env, &mut names, &mut keys)).collect();
@@ -300,8 +335,43 @@ impl Validator {
             rate_limit,
             limits,
             trusted_proxies,
+            identity_headers,
             routes,
         }
+    }
+
+    fn identity(&mut self, h: serde_saphyr::Spanned<file::FileIdentityHeaders>) -> IdentityHeaders {
+        let d = IdentityHeaders::default();
+        let loc = h.referenced;
+        let f = h.value;
+        let mut name = |v: Option<String>, default: HeaderName| match v {
+            None => default,
+            Some(s) => match HeaderName::from_bytes(s.as_bytes()) {
+                Ok(n)
+                    if !crate::headers::HOP_BY_HOP.contains(&n)
+                        && crate::headers::classify(n.as_str()) != crate::headers::Protected::Credential =>
+                {
+                    n
+                }
+                _ => {
+                    self.at(&loc, format!("identity_headers: {s:?} is not a usable header name"));
+                    default
+                }
+            },
+        };
+        let out = IdentityHeaders {
+            user: name(f.user, d.user),
+            key_id: name(f.key_id, d.key_id),
+            org: name(f.org, d.org),
+            teams: name(f.teams, d.teams),
+            roles: name(f.roles, d.roles),
+            proxied_user: name(f.proxied_user, d.proxied_user),
+        };
+        let distinct: HashSet<&HeaderName> = out.all().into_iter().collect();
+        if distinct.len() != 6 {
+            self.at(&loc, "identity_headers: the six names must be different");
+        }
+        out
     }
 
     fn limits(&mut self, l: file::FileLimits) -> Limits {
