@@ -10,6 +10,7 @@ use crate::credentials::snapshot::{Role, User, is_valid_id};
 use crate::error::{BadRequest, Denial, GateError};
 use crate::headers::X_PROXIED_USER;
 use crate::request::Parsed;
+use crate::rules;
 use http::{HeaderValue, Method};
 use std::sync::Arc;
 
@@ -56,11 +57,14 @@ impl Permit {
 /// The first role rule that allows `method` on `path`, if the user's allowed endpoints
 /// (when it has any) allow it too. A user with no roles is permitted nothing.
 pub fn permits(user: &User, method: &Method, path: &str) -> Option<Grant> {
+    // Split once; every rule then compares segments by index.
+    let segments = rules::split(path);
     let grant = user.roles.iter().find_map(|role| {
-        let rule = role.rules.iter().position(|r| r.matches(method, path))?;
+        let rule = role.rules.iter().position(|r| r.matches_split(method, &segments))?;
         Some(Grant { role: role.clone(), rule })
     })?;
-    let allowed = user.allowed_endpoints.is_empty() || user.allowed_endpoints.iter().any(|r| r.matches(method, path));
+    let allowed = user.allowed_endpoints.is_empty()
+        || user.allowed_endpoints.iter().any(|r| r.matches_split(method, &segments));
     allowed.then_some(grant)
 }
 

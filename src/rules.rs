@@ -96,33 +96,39 @@ impl FromStr for Rule {
     }
 }
 
+/// A normalised path split into its segments once, to be matched against many rules.
+pub fn split(path: &str) -> Vec<&str> {
+    match path.strip_prefix('/') {
+        Some("") | None => Vec::new(),
+        Some(rest) => rest.split('/').collect(),
+    }
+}
+
 impl Rule {
     /// True when the rule allows `method` on the normalised `path`.
     pub fn matches(&self, method: &Method, path: &str) -> bool {
+        path.starts_with('/') && self.matches_split(method, &split(path))
+    }
+
+    /// [`Rule::matches`] for a path already [`split`].
+    pub fn matches_split(&self, method: &Method, segments: &[&str]) -> bool {
         let method_ok = match &self.methods {
             Methods::Any => true,
             Methods::List(list) => list.iter().any(|m| m == method),
         };
-        method_ok && self.matches_path(path)
+        method_ok && self.matches_segments(segments)
     }
 
-    fn matches_path(&self, path: &str) -> bool {
-        let Some(rest) = path.strip_prefix('/') else { return false };
-        let mut parts = if rest.is_empty() { None } else { Some(rest.split('/')) }.into_iter().flatten();
-        for seg in self.segments.iter() {
-            match seg {
-                Segment::Rest => return true,
-                Segment::One => match parts.next() {
-                    Some(p) if !p.is_empty() => {}
-                    _ => return false,
-                },
-                Segment::Literal(l) => match parts.next() {
-                    Some(p) if p == &**l => {}
-                    _ => return false,
-                },
+    fn matches_segments(&self, parts: &[&str]) -> bool {
+        for (i, seg) in self.segments.iter().enumerate() {
+            match (seg, parts.get(i)) {
+                (Segment::Rest, _) => return true,
+                (Segment::One, Some(p)) if !p.is_empty() => {}
+                (Segment::Literal(l), Some(p)) if *p == &**l => {}
+                _ => return false,
             }
         }
-        parts.next().is_none()
+        parts.len() == self.segments.len()
     }
 
     /// The rule as written (normalised whitespace).
