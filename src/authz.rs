@@ -63,8 +63,8 @@ pub fn permits(user: &User, method: &Method, path: &str) -> Option<Grant> {
         let rule = role.rules.iter().position(|r| r.matches_split(method, &segments))?;
         Some(Grant { role: role.clone(), rule })
     })?;
-    let allowed = user.allowed_endpoints.is_empty()
-        || user.allowed_endpoints.iter().any(|r| r.matches_split(method, &segments));
+    let allowed =
+        user.allowed_endpoints.is_empty() || user.allowed_endpoints.iter().any(|r| r.matches_split(method, &segments));
     allowed.then_some(grant)
 }
 

@@ -2,8 +2,12 @@
 
 mod check_config;
 mod demo;
+mod keys;
+mod roles;
 mod serve;
 mod sign;
+mod store_args;
+mod users;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -45,6 +49,12 @@ enum Command {
     },
     /// Print the three HMAC headers for one request.
     Sign(sign::SignArgs),
+    /// Manage API users in the credentials file.
+    Users(users::UsersArgs),
+    /// Add, list, revoke and rotate a user's keys.
+    Keys(keys::KeysArgs),
+    /// Manage roles (named sets of rules).
+    Roles(roles::RolesArgs),
     /// Start a throw-away gateway on 127.0.0.1 with a built-in echo upstream.
     Demo {
         /// Port of the demo's proxy listener.
@@ -62,6 +72,9 @@ pub fn run() -> ExitCode {
         Command::CheckConfig { config } => check_config::run(&config),
         Command::Demo { port } => demo::run(port),
         Command::Sign(args) => sign::run(args),
+        Command::Users(args) => users::run(args),
+        Command::Keys(args) => keys::run(args),
+        Command::Roles(args) => roles::run(args),
     }
 }
 

@@ -3,9 +3,11 @@
 //! makes and seals tokens and signing secrets.
 
 pub mod file;
+pub mod ops;
 pub mod reload;
 pub mod secrets;
 pub mod snapshot;
+pub mod store;
 
 use crate::config::{ConfigErrors, Problem, RateLimitConfig, read_text};
 use file::FileKey;

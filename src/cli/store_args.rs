@@ -1,0 +1,84 @@
+//! What the `users`, `keys` and `roles` commands share: where the credentials file is,
+//! and how results and failures are printed.
+
+use crate::config::{Config, RateLimitConfig, units};
+use crate::credentials::file::FileRateLimit;
+use crate::credentials::store::{Store, StoreError};
+use serde_json::Value;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Locating the credentials file: from the config, or given directly.
+#[derive(Debug, clap::Args)]
+pub struct StoreArgs {
+    /// gatehouse.yaml, for its `credentials`, `master_key` and default `rate_limit`.
+    #[arg(long, global = true, env = "GATEHOUSE_CONFIG", default_value = "config/gatehouse.yaml")]
+    config: PathBuf,
+    /// The credentials file itself (then the master key is `master.key` beside it unless --master-key).
+    #[arg(long, global = true)]
+    credentials: Option<PathBuf>,
+    /// The master key file, with --credentials.
+    #[arg(long, global = true, requires = "credentials")]
+    master_key: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+impl StoreArgs {
+    /// The store these arguments name.
+    pub fn store(&self) -> Result<Store, String> {
+        if let Some(path) = &self.credentials {
+            let master = self.master_key.clone().unwrap_or_else(|| path.with_file_name("master.key"));
+            return Ok(Store::new(path.clone(), master, RateLimitConfig { per_second: 50, burst: 100 }));
+        }
+        let config = Config::load(&self.config).map_err(|e| e.to_string())?;
+        let path = config
+            .credentials
+            .ok_or_else(|| format!("{} names no credentials file; pass --credentials PATH", self.config.display()))?;
+        Ok(Store::new(path, config.master_key, config.rate_limit))
+    }
+}
+
+/// Prints `value` as JSON, or `text` otherwise; exit 0. A closed stdout (`| head`) is
+/// not an error worth a panic.
+pub fn print(json: bool, value: &Value, text: impl FnOnce() -> String) -> ExitCode {
+    use std::io::Write;
+    let out = if json { serde_json::to_string_pretty(value).unwrap_or_default() } else { text() };
+    let _ = writeln!(std::io::stdout(), "{out}");
+    ExitCode::SUCCESS
+}
+
+/// One clear line on stderr, exit 1.
+pub fn fail(command: &str, e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("gatehouse {command}: {e}");
+    ExitCode::FAILURE
+}
+
+/// Runs a change and reports a store failure as one line.
+pub fn run_update<T>(
+    command: &str,
+    store: &Store,
+    change: impl FnOnce(&mut crate::credentials::file::FileCredentials) -> Result<T, StoreError>,
+) -> Result<T, ExitCode> {
+    store.update(change).map_err(|e| fail(command, e))
+}
+
+/// `20/40` → per_second 20, burst 40.
+pub fn parse_rate(s: &str) -> Result<FileRateLimit, String> {
+    let (p, b) = s.split_once('/').ok_or_else(|| format!("rate limit {s:?} must be PER_SECOND/BURST, e.g. 20/40"))?;
+    let n = |v: &str| {
+        v.trim()
+            .parse::<u32>()
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| format!("rate limit {s:?}: {v:?} is not a positive integer"))
+    };
+    Ok(FileRateLimit { per_second: n(p)?, burst: n(b)? })
+}
+
+/// `90d` → a point that far from now.
+pub fn parse_in(s: &str) -> Result<time::OffsetDateTime, String> {
+    let d = units::parse_duration(s)?;
+    Ok(crate::credentials::ops::now() + d)
+}

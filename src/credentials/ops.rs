@@ -1,0 +1,320 @@
+//! The changes an administrator makes to the credentials, as functions on the file
+//! model. The CLI and the admin API both run these inside `Store::update`, so both
+//! enforce the same rules (retired is terminal, a role in use cannot be deleted, …).
+
+use super::file::{AuthMethod, FileCredentials, FileKey, FileRateLimit, FileRole, FileUser, Status};
+use super::secrets::{MasterKey, Secret};
+use super::snapshot::is_valid_id;
+use super::store::StoreError;
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+fn spanned<T>(v: T) -> serde_saphyr::Spanned<T> {
+    serde_saphyr::Spanned::new(v, serde_saphyr::Location::UNKNOWN, serde_saphyr::Location::UNKNOWN)
+}
+
+fn refused(msg: impl Into<String>) -> StoreError {
+    StoreError::Refused(msg.into())
+}
+
+/// Now, to the second (the file keeps whole seconds).
+pub fn now() -> OffsetDateTime {
+    OffsetDateTime::now_utc().replace_nanosecond(0).unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
+/// The editable fields of a user; `None` leaves a field as it is.
+#[derive(Debug, Default, Clone)]
+pub struct UserFields {
+    pub display_name: Option<String>,
+    pub description: Option<String>,
+    pub organization: Option<String>,
+    pub teams: Option<Vec<String>>,
+    pub default_team: Option<Option<String>>,
+    pub roles: Option<Vec<String>>,
+    pub allowed_endpoints: Option<Vec<String>>,
+    pub allow_proxied_users: Option<bool>,
+    pub allowed_proxied_users: Option<Vec<String>>,
+    pub rate_limit: Option<Option<FileRateLimit>>,
+}
+
+impl UserFields {
+    /// The names of the fields this change sets (for the audit record).
+    pub fn names(&self) -> Vec<&'static str> {
+        let mut n = Vec::new();
+        let mut add = |set: bool, name| {
+            if set {
+                n.push(name)
+            }
+        };
+        add(self.display_name.is_some(), "display_name");
+        add(self.description.is_some(), "description");
+        add(self.organization.is_some(), "organization");
+        add(self.teams.is_some(), "teams");
+        add(self.default_team.is_some(), "default_team");
+        add(self.roles.is_some(), "roles");
+        add(self.allowed_endpoints.is_some(), "allowed_endpoints");
+        add(self.allow_proxied_users.is_some(), "allow_proxied_users");
+        add(self.allowed_proxied_users.is_some(), "allowed_proxied_users");
+        add(self.rate_limit.is_some(), "rate_limit");
+        n
+    }
+
+    fn apply(self, u: &mut FileUser) {
+        if let Some(v) = self.display_name {
+            u.display_name = v;
+        }
+        if let Some(v) = self.description {
+            u.description = v;
+        }
+        if let Some(v) = self.organization {
+            u.organization = v;
+        }
+        if let Some(v) = self.teams {
+            u.teams = v;
+        }
+        if let Some(v) = self.default_team {
+            u.default_team = v;
+        }
+        if let Some(v) = self.roles {
+            u.roles = v.into_iter().map(spanned).collect();
+        }
+        if let Some(v) = self.allowed_endpoints {
+            u.allowed_endpoints = v.into_iter().map(spanned).collect();
+        }
+        if let Some(v) = self.allow_proxied_users {
+            u.allow_proxied_users = v;
+        }
+        if let Some(v) = self.allowed_proxied_users {
+            u.allowed_proxied_users = v;
+        }
+        if let Some(v) = self.rate_limit {
+            u.rate_limit = v.map(spanned);
+        }
+    }
+}
+
+fn user_mut<'a>(c: &'a mut FileCredentials, id: &str) -> Result<&'a mut FileUser, StoreError> {
+    c.users.iter_mut().find(|u| u.id.value == id).ok_or_else(|| refused(format!("no user {id:?}")))
+}
+
+/// The user `id`.
+pub fn user<'a>(c: &'a FileCredentials, id: &str) -> Result<&'a FileUser, StoreError> {
+    c.users.iter().find(|u| u.id.value == id).ok_or_else(|| refused(format!("no user {id:?}")))
+}
+
+/// Creates a user (status `active`, no keys).
+pub fn create_user(
+    c: &mut FileCredentials,
+    id: &str,
+    method: AuthMethod,
+    fields: UserFields,
+) -> Result<(), StoreError> {
+    if !is_valid_id(id) {
+        return Err(refused(format!("user id {id:?} must match [a-z0-9][a-z0-9_.-]{{0,63}}")));
+    }
+    if c.users.iter().any(|u| u.id.value == id) {
+        return Err(refused(format!("user {id:?} already exists")));
+    }
+    let now = now();
+    let mut u = FileUser {
+        id: spanned(id.to_string()),
+        display_name: String::new(),
+        description: String::new(),
+        organization: String::new(),
+        teams: vec![],
+        default_team: None,
+        roles: vec![],
+        status: Status::Active,
+        auth_method: method,
+        allowed_endpoints: vec![],
+        allow_proxied_users: false,
+        allowed_proxied_users: vec![],
+        rate_limit: None,
+        keys: vec![],
+        created_at: now,
+        updated_at: now,
+    };
+    fields.apply(&mut u);
+    c.users.push(u);
+    Ok(())
+}
+
+/// Changes the given fields of a user.
+pub fn update_user(c: &mut FileCredentials, id: &str, fields: UserFields) -> Result<(), StoreError> {
+    let u = user_mut(c, id)?;
+    fields.apply(u);
+    u.updated_at = now();
+    Ok(())
+}
+
+/// Sets a user's status. `retired` is terminal: nothing leaves it.
+pub fn set_status(c: &mut FileCredentials, id: &str, status: Status) -> Result<(), StoreError> {
+    let u = user_mut(c, id)?;
+    if u.status == Status::Retired && status != Status::Retired {
+        return Err(refused(format!("user {id:?} is retired; a retired user cannot be re-activated")));
+    }
+    u.status = status;
+    u.updated_at = now();
+    Ok(())
+}
+
+/// Removes a user and its keys.
+pub fn delete_user(c: &mut FileCredentials, id: &str) -> Result<(), StoreError> {
+    let before = c.users.len();
+    c.users.retain(|u| u.id.value != id);
+    if c.users.len() == before {
+        return Err(refused(format!("no user {id:?}")));
+    }
+    Ok(())
+}
+
+/// Adds a key to a user; returns its view and the token or secret (shown once).
+pub fn add_key(
+    c: &mut FileCredentials,
+    user_id: &str,
+    label: &str,
+    expires_at: Option<OffsetDateTime>,
+    master: impl FnOnce() -> Result<MasterKey, StoreError>,
+) -> Result<(Value, Secret), StoreError> {
+    let u = user_mut(c, user_id)?;
+    if u.status == Status::Retired {
+        return Err(refused(format!("user {user_id:?} is retired; its keys are never accepted again")));
+    }
+    let rng = |e: getrandom::Error| refused(format!("no OS randomness: {e}"));
+    let (mut key, secret) = match u.auth_method {
+        AuthMethod::ApiKey => super::mint_api_key(label).map_err(rng)?,
+        AuthMethod::Hmac => super::mint_hmac_key(&master()?, label).map_err(rng)?,
+    };
+    key.expires_at = expires_at;
+    let view = key_view(&key);
+    u.keys.push(key);
+    u.updated_at = now();
+    Ok((view, secret))
+}
+
+/// Revokes a key at `at` (now, or later for a rotation's grace period).
+pub fn revoke_key(c: &mut FileCredentials, user_id: &str, key_id: &str, at: OffsetDateTime) -> Result<(), StoreError> {
+    let u = user_mut(c, user_id)?;
+    let k = u
+        .keys
+        .iter_mut()
+        .find(|k| k.id.value == key_id)
+        .ok_or_else(|| refused(format!("user {user_id:?} has no key {key_id:?}")))?;
+    if k.revoked_at.is_some_and(|t| t <= now()) {
+        return Err(refused(format!("key {key_id:?} is already revoked")));
+    }
+    k.revoked_at = Some(at);
+    u.updated_at = now();
+    Ok(())
+}
+
+/// Creates or replaces a role.
+pub fn set_role(
+    c: &mut FileCredentials,
+    name: &str,
+    description: String,
+    rules: Vec<String>,
+) -> Result<(), StoreError> {
+    if name.is_empty() || name.chars().any(|ch| ch.is_whitespace() || ch == ',') {
+        return Err(refused(format!("role name {name:?} must be non-empty, without spaces or commas")));
+    }
+    c.roles.insert(name.to_string(), FileRole { description, rules: rules.into_iter().map(spanned).collect() });
+    Ok(())
+}
+
+/// Deletes a role no user has.
+pub fn delete_role(c: &mut FileCredentials, name: &str) -> Result<(), StoreError> {
+    let users: Vec<&str> =
+        c.users.iter().filter(|u| u.roles.iter().any(|r| r.value == name)).map(|u| u.id.value.as_str()).collect();
+    if !users.is_empty() {
+        return Err(refused(format!("role {name:?} is still held by: {}", users.join(", "))));
+    }
+    c.roles.remove(name).map(|_| ()).ok_or_else(|| refused(format!("no role {name:?}")))
+}
+
+fn ts(t: &OffsetDateTime) -> Value {
+    t.format(&Rfc3339).map_or(Value::Null, Value::String)
+}
+
+/// A key as listings show it: never a digest or a sealed secret.
+pub fn key_view(k: &FileKey) -> Value {
+    json!({
+        "id": k.id.value,
+        "label": k.label,
+        "hint": k.hint,
+        "created_at": ts(&k.created_at),
+        "expires_at": k.expires_at.as_ref().map(ts),
+        "revoked_at": k.revoked_at.as_ref().map(ts),
+        "rate_limit": k.rate_limit.map(|r| json!({"per_second": r.per_second, "burst": r.burst})),
+    })
+}
+
+/// A user as listings show it.
+pub fn user_view(u: &FileUser) -> Value {
+    json!({
+        "id": u.id.value,
+        "display_name": u.display_name,
+        "description": u.description,
+        "organization": u.organization,
+        "teams": u.teams,
+        "default_team": u.default_team,
+        "roles": u.roles.iter().map(|r| r.value.clone()).collect::<Vec<_>>(),
+        "status": u.status,
+        "auth_method": u.auth_method,
+        "allowed_endpoints": u.allowed_endpoints.iter().map(|r| r.value.clone()).collect::<Vec<_>>(),
+        "allow_proxied_users": u.allow_proxied_users,
+        "allowed_proxied_users": u.allowed_proxied_users,
+        "rate_limit": u.rate_limit.as_ref().map(|r| json!({"per_second": r.value.per_second, "burst": r.value.burst})),
+        "keys": u.keys.iter().map(key_view).collect::<Vec<_>>(),
+        "created_at": ts(&u.created_at),
+        "updated_at": ts(&u.updated_at),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// retired is terminal; enabling it again is refused
+    #[test]
+    fn retired_is_terminal() {
+        let mut c = FileCredentials::default();
+        create_user(&mut c, "u", AuthMethod::ApiKey, UserFields::default()).unwrap();
+        set_status(&mut c, "u", Status::Inactive).unwrap();
+        set_status(&mut c, "u", Status::Active).unwrap();
+        set_status(&mut c, "u", Status::Retired).unwrap();
+        let e = set_status(&mut c, "u", Status::Active).unwrap_err().to_string();
+        assert!(e.contains("cannot be re-activated"), "{e}");
+        assert!(add_key(&mut c, "u", "x", None, || unreachable!()).is_err());
+    }
+
+    /// a role held by a user cannot be deleted
+    #[test]
+    fn role_in_use_is_kept() {
+        let mut c = FileCredentials::default();
+        set_role(&mut c, "r", String::new(), vec!["GET /**".into()]).unwrap();
+        create_user(
+            &mut c,
+            "u",
+            AuthMethod::ApiKey,
+            UserFields { roles: Some(vec!["r".into()]), ..Default::default() },
+        )
+        .unwrap();
+        assert!(delete_role(&mut c, "r").unwrap_err().to_string().contains("still held by: u"));
+        delete_user(&mut c, "u").unwrap();
+        delete_role(&mut c, "r").unwrap();
+    }
+
+    /// a key view never contains the digest or the sealed secret
+    #[test]
+    fn key_view_has_no_secret_material() {
+        let mut c = FileCredentials::default();
+        create_user(&mut c, "u", AuthMethod::ApiKey, UserFields::default()).unwrap();
+        let (view, token) = add_key(&mut c, "u", "main", None, || unreachable!()).unwrap();
+        let text = view.to_string();
+        let digest = c.users[0].keys[0].token_sha256.clone().unwrap();
+        assert!(!text.contains(token.expose()) && !text.contains(&digest), "{text}");
+        assert!(text.contains("ghk_…"), "{text}");
+    }
+}

@@ -1,0 +1,190 @@
+//! Writing `credentials.yaml`: every change is one read-modify-write under an advisory
+//! lock, validated as the gateway would load it, then written atomically.
+//!
+//! The lock is on a sidecar file (`<name>.lock`), not on the credentials file itself:
+//! the file is replaced by rename, so a lock on it would not serialise writers that
+//! opened different generations. Holding the lock from the read to the rename is what
+//! keeps the CLI and a running gateway's admin API (or two CLIs) from losing each
+//! other's updates.
+//!
+//! Comments in a hand-edited file are not preserved by a write (the file is re-emitted
+//! from its parsed form).
+
+use super::file::FileCredentials;
+use super::secrets::MasterKey;
+use super::snapshot::Snapshot;
+use crate::config::{ConfigErrors, RateLimitConfig, yaml_problem};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Why a change could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error(
+        "{path} is read-only here ({source}); change the source file and redeploy it (see README \"Managing users\")"
+    )]
+    ReadOnly { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Invalid(ConfigErrors),
+    /// The change itself was refused (unknown user, duplicate id, …).
+    #[error("{0}")]
+    Refused(String),
+    #[error("cannot serialise credentials: {0}")]
+    Serialise(String),
+}
+
+/// The credentials file and what validating it needs.
+#[derive(Debug, Clone)]
+pub struct Store {
+    path: PathBuf,
+    master_key: PathBuf,
+    default_rate: RateLimitConfig,
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
+    move |source| match source.kind() {
+        std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem => {
+            StoreError::ReadOnly { path: path.to_path_buf(), source }
+        }
+        _ => StoreError::Io { path: path.to_path_buf(), source },
+    }
+}
+
+impl Store {
+    pub fn new(path: PathBuf, master_key: PathBuf, default_rate: RateLimitConfig) -> Store {
+        Store { path, master_key, default_rate }
+    }
+
+    /// The credentials file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The master key, created on first use (sealing a new HMAC secret).
+    pub fn master_key(&self) -> Result<MasterKey, StoreError> {
+        super::load_or_create_master_key(&self.master_key).map_err(StoreError::Invalid)
+    }
+
+    /// Reads the file as it is now (no lock: a rename is atomic, so this sees one
+    /// generation or the next). A missing file reads as empty.
+    pub fn read(&self) -> Result<FileCredentials, StoreError> {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(FileCredentials::default()),
+            Err(e) => return Err(io(&self.path)(e)),
+        };
+        if text.trim().is_empty() {
+            return Ok(FileCredentials::default());
+        }
+        serde_saphyr::from_str(&text).map_err(|e| {
+            StoreError::Invalid(ConfigErrors { file: self.path.clone(), problems: vec![yaml_problem(&e)] })
+        })
+    }
+
+    /// Applies `change` under the lock; writes the result only if `change` succeeds and
+    /// the new file validates exactly as the gateway would load it.
+    pub fn update<T>(
+        &self,
+        change: impl FnOnce(&mut FileCredentials) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let _lock = self.lock()?;
+        let mut creds = self.read()?;
+        let out = change(&mut creds)?;
+        let text = serde_saphyr::to_string(&creds).map_err(|e| StoreError::Serialise(e.to_string()))?;
+        let master = super::reload::read_master_key(&self.master_key).map_err(StoreError::Invalid)?;
+        Snapshot::parse(&self.path, &text, master.as_ref(), self.default_rate).map_err(StoreError::Invalid)?;
+        self.write_atomically(text.as_bytes())?;
+        Ok(out)
+    }
+
+    fn lock(&self) -> Result<File, StoreError> {
+        let mut name = self.path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+        name.push(".lock");
+        let lock_path = self.path.with_file_name(name);
+        let f = OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(io(&lock_path))?;
+        f.lock().map_err(io(&lock_path))?;
+        Ok(f)
+    }
+
+    /// Temp file in the same directory, fsync, rename over the file, fsync the directory.
+    fn write_atomically(&self, bytes: &[u8]) -> Result<(), StoreError> {
+        let dir = match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let mut tmp = tempfile::Builder::new().prefix(".credentials-").tempfile_in(dir).map_err(io(dir))?;
+        tmp.write_all(bytes).and_then(|_| tmp.as_file().sync_all()).map_err(io(tmp.path()))?;
+        // Keep the file readable by the gateway's group as before (tempfile creates 0600).
+        if let Ok(meta) = std::fs::metadata(&self.path) {
+            let _ = std::fs::set_permissions(tmp.path(), meta.permissions());
+        }
+        tmp.persist(&self.path).map_err(|e| io(&self.path)(e.error))?;
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::credentials::file::FileRole;
+
+    fn store(dir: &Path) -> Store {
+        Store::new(dir.join("credentials.yaml"), dir.join("master.key"), RateLimitConfig { per_second: 1, burst: 1 })
+    }
+
+    /// a change is written and read back; an invalid result is refused and nothing changes
+    #[test]
+    fn update_validates_before_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        s.update(|c| {
+            c.roles.insert("r".into(), FileRole { description: String::new(), rules: vec![] });
+            Ok(())
+        })
+        .unwrap();
+        assert!(s.read().unwrap().roles.contains_key("r"));
+        let before = std::fs::read_to_string(s.path()).unwrap();
+        let bad = s.update(|c| {
+            c.roles.insert(
+                "bad".into(),
+                FileRole {
+                    description: String::new(),
+                    rules: vec![serde_saphyr::Spanned::new(
+                        "NOT A RULE".into(),
+                        serde_saphyr::Location::UNKNOWN,
+                        serde_saphyr::Location::UNKNOWN,
+                    )],
+                },
+            );
+            Ok(())
+        });
+        assert!(matches!(bad, Err(StoreError::Invalid(_))), "{bad:?}");
+        assert_eq!(std::fs::read_to_string(s.path()).unwrap(), before);
+    }
+
+    /// concurrent writers never lose each other's updates (the lock spans read to rename)
+    #[test]
+    fn concurrent_updates_are_not_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        std::thread::scope(|scope| {
+            for t in 0..4 {
+                let s = s.clone();
+                scope.spawn(move || {
+                    for i in 0..10 {
+                        s.update(|c| {
+                            c.roles.insert(format!("r{t}-{i}"), FileRole::default());
+                            Ok(())
+                        })
+                        .unwrap();
+                    }
+                });
+            }
+        });
+        assert_eq!(s.read().unwrap().roles.len(), 40);
+    }
+}
