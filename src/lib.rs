@@ -39,5 +39,6 @@ pub mod record;
 pub mod pipeline;
 
 // Around the pipeline.
+pub mod admin;
 pub mod cli;
 pub mod echo;

@@ -5,6 +5,7 @@
 //! told to finish its in-flight requests and close, and the process waits at most
 //! `limits.shutdown_grace` for them.
 
+use crate::admin::Admin;
 use crate::config::{Config, Limits};
 use crate::credentials::reload::Credentials;
 use crate::parse_errors::JsonParseErrors;
@@ -34,6 +35,8 @@ pub enum StartError {
     Tls(#[from] TlsError),
     #[error("{0}")]
     Credentials(#[from] crate::config::ConfigErrors),
+    #[error("{0}")]
+    Admin(String),
 }
 
 /// A bound listener, not yet accepting.
@@ -44,10 +47,11 @@ struct Bound {
     tls: Option<(TlsAcceptor, Arc<CertResolver>)>,
 }
 
-/// The proxy listeners of one gateway, bound and ready to run.
+/// The proxy listeners (and the admin listener) of one gateway, bound and ready to run.
 pub struct Server {
     gw: Arc<Gateway>,
     listeners: Vec<Bound>,
+    admin: Option<(TcpListener, Arc<Admin>)>,
     limits: Limits,
 }
 
@@ -71,7 +75,17 @@ impl Server {
             listeners.push(Bound { tcp, name: Arc::from(l.name.as_str()), addr, tls });
         }
         let credentials = Arc::new(Credentials::load(config)?);
-        Ok(Server { gw: Arc::new(Gateway::new(config, credentials)), listeners, limits: config.limits.clone() })
+        let admin = match &config.admin {
+            None => None,
+            Some(a) => {
+                let service = Admin::new(config, a, credentials.clone()).map_err(StartError::Admin)?;
+                let tcp = TcpListener::bind(a.address)
+                    .await
+                    .map_err(|source| StartError::Bind { addr: a.address, source })?;
+                Some((tcp, Arc::new(service)))
+            }
+        };
+        Ok(Server { gw: Arc::new(Gateway::new(config, credentials)), listeners, admin, limits: config.limits.clone() })
     }
 
     /// The bound listeners (with the real port where the config said `:0`).
@@ -82,9 +96,14 @@ impl Server {
             .collect()
     }
 
+    /// The admin listener's bound address, when there is one.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|(l, _)| l.local_addr().ok())
+    }
+
     /// Serves until `shutdown` completes, then drains.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let Server { gw, listeners, limits } = self;
+        let Server { gw, listeners, admin, limits } = self;
         let max = u32::try_from(limits.max_connections).unwrap_or(u32::MAX).min(Semaphore::MAX_PERMITS as u32);
         let conns = Arc::new(Semaphore::new(max as usize));
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -97,6 +116,12 @@ impl Server {
             }
             tracing::info!(listener = %b.name, address = %b.addr, tls = b.tls.is_some(), "listening");
             accepting.spawn(accept_loop(b, shared.clone(), conns.clone(), stop_rx.clone()));
+        }
+        if let Some((tcp, service)) = admin {
+            if let Ok(addr) = tcp.local_addr() {
+                tracing::info!(address = %addr, "admin listening");
+            }
+            tokio::spawn(crate::admin::serve(tcp, service, shared.limits.header_read_timeout, stop_rx.clone()));
         }
         shutdown.await;
         tracing::info!("shutting down: refusing new connections, draining in-flight requests");

@@ -27,7 +27,9 @@ pub fn run(config_path: &Path) -> ExitCode {
                 // credentials file is a configuration error, like the config file itself.
                 return match e {
                     StartError::Bind { .. } => ExitCode::FAILURE,
-                    StartError::Tls(_) | StartError::Credentials(_) => ExitCode::from(EXIT_CONFIG),
+                    StartError::Tls(_) | StartError::Credentials(_) | StartError::Admin(_) => {
+                        ExitCode::from(EXIT_CONFIG)
+                    }
                 };
             }
         };

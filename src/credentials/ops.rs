@@ -14,8 +14,16 @@ fn spanned<T>(v: T) -> serde_saphyr::Spanned<T> {
     serde_saphyr::Spanned::new(v, serde_saphyr::Location::UNKNOWN, serde_saphyr::Location::UNKNOWN)
 }
 
-fn refused(msg: impl Into<String>) -> StoreError {
-    StoreError::Refused(msg.into())
+fn not_found(msg: impl Into<String>) -> StoreError {
+    StoreError::NotFound(msg.into())
+}
+
+fn conflict(msg: impl Into<String>) -> StoreError {
+    StoreError::Conflict(msg.into())
+}
+
+fn bad_input(msg: impl Into<String>) -> StoreError {
+    StoreError::BadInput(msg.into())
 }
 
 /// Now, to the second (the file keeps whole seconds).
@@ -95,12 +103,12 @@ impl UserFields {
 }
 
 fn user_mut<'a>(c: &'a mut FileCredentials, id: &str) -> Result<&'a mut FileUser, StoreError> {
-    c.users.iter_mut().find(|u| u.id.value == id).ok_or_else(|| refused(format!("no user {id:?}")))
+    c.users.iter_mut().find(|u| u.id.value == id).ok_or_else(|| not_found(format!("no user {id:?}")))
 }
 
 /// The user `id`.
 pub fn user<'a>(c: &'a FileCredentials, id: &str) -> Result<&'a FileUser, StoreError> {
-    c.users.iter().find(|u| u.id.value == id).ok_or_else(|| refused(format!("no user {id:?}")))
+    c.users.iter().find(|u| u.id.value == id).ok_or_else(|| not_found(format!("no user {id:?}")))
 }
 
 /// Creates a user (status `active`, no keys).
@@ -111,10 +119,10 @@ pub fn create_user(
     fields: UserFields,
 ) -> Result<(), StoreError> {
     if !is_valid_id(id) {
-        return Err(refused(format!("user id {id:?} must match [a-z0-9][a-z0-9_.-]{{0,63}}")));
+        return Err(bad_input(format!("user id {id:?} must match [a-z0-9][a-z0-9_.-]{{0,63}}")));
     }
     if c.users.iter().any(|u| u.id.value == id) {
-        return Err(refused(format!("user {id:?} already exists")));
+        return Err(conflict(format!("user {id:?} already exists")));
     }
     let now = now();
     let mut u = FileUser {
@@ -152,7 +160,7 @@ pub fn update_user(c: &mut FileCredentials, id: &str, fields: UserFields) -> Res
 pub fn set_status(c: &mut FileCredentials, id: &str, status: Status) -> Result<(), StoreError> {
     let u = user_mut(c, id)?;
     if u.status == Status::Retired && status != Status::Retired {
-        return Err(refused(format!("user {id:?} is retired; a retired user cannot be re-activated")));
+        return Err(conflict(format!("user {id:?} is retired; a retired user cannot be re-activated")));
     }
     u.status = status;
     u.updated_at = now();
@@ -164,7 +172,7 @@ pub fn delete_user(c: &mut FileCredentials, id: &str) -> Result<(), StoreError> 
     let before = c.users.len();
     c.users.retain(|u| u.id.value != id);
     if c.users.len() == before {
-        return Err(refused(format!("no user {id:?}")));
+        return Err(not_found(format!("no user {id:?}")));
     }
     Ok(())
 }
@@ -179,9 +187,9 @@ pub fn add_key(
 ) -> Result<(Value, Secret), StoreError> {
     let u = user_mut(c, user_id)?;
     if u.status == Status::Retired {
-        return Err(refused(format!("user {user_id:?} is retired; its keys are never accepted again")));
+        return Err(conflict(format!("user {user_id:?} is retired; its keys are never accepted again")));
     }
-    let rng = |e: getrandom::Error| refused(format!("no OS randomness: {e}"));
+    let rng = |e: getrandom::Error| conflict(format!("no OS randomness: {e}"));
     let (mut key, secret) = match u.auth_method {
         AuthMethod::ApiKey => super::mint_api_key(label).map_err(rng)?,
         AuthMethod::Hmac => super::mint_hmac_key(&master()?, label).map_err(rng)?,
@@ -200,9 +208,9 @@ pub fn revoke_key(c: &mut FileCredentials, user_id: &str, key_id: &str, at: Offs
         .keys
         .iter_mut()
         .find(|k| k.id.value == key_id)
-        .ok_or_else(|| refused(format!("user {user_id:?} has no key {key_id:?}")))?;
+        .ok_or_else(|| not_found(format!("user {user_id:?} has no key {key_id:?}")))?;
     if k.revoked_at.is_some_and(|t| t <= now()) {
-        return Err(refused(format!("key {key_id:?} is already revoked")));
+        return Err(conflict(format!("key {key_id:?} is already revoked")));
     }
     k.revoked_at = Some(at);
     u.updated_at = now();
@@ -217,7 +225,7 @@ pub fn set_role(
     rules: Vec<String>,
 ) -> Result<(), StoreError> {
     if name.is_empty() || name.chars().any(|ch| ch.is_whitespace() || ch == ',') {
-        return Err(refused(format!("role name {name:?} must be non-empty, without spaces or commas")));
+        return Err(bad_input(format!("role name {name:?} must be non-empty, without spaces or commas")));
     }
     c.roles.insert(name.to_string(), FileRole { description, rules: rules.into_iter().map(spanned).collect() });
     Ok(())
@@ -228,9 +236,9 @@ pub fn delete_role(c: &mut FileCredentials, name: &str) -> Result<(), StoreError
     let users: Vec<&str> =
         c.users.iter().filter(|u| u.roles.iter().any(|r| r.value == name)).map(|u| u.id.value.as_str()).collect();
     if !users.is_empty() {
-        return Err(refused(format!("role {name:?} is still held by: {}", users.join(", "))));
+        return Err(conflict(format!("role {name:?} is still held by: {}", users.join(", "))));
     }
-    c.roles.remove(name).map(|_| ()).ok_or_else(|| refused(format!("no role {name:?}")))
+    c.roles.remove(name).map(|_| ()).ok_or_else(|| not_found(format!("no role {name:?}")))
 }
 
 fn ts(t: &OffsetDateTime) -> Value {

@@ -29,9 +29,15 @@ pub enum StoreError {
     ReadOnly { path: PathBuf, source: std::io::Error },
     #[error("{0}")]
     Invalid(ConfigErrors),
-    /// The change itself was refused (unknown user, duplicate id, …).
+    /// The user, key or role named does not exist.
     #[error("{0}")]
-    Refused(String),
+    NotFound(String),
+    /// The change contradicts the current state (duplicate id, retired user, role in use).
+    #[error("{0}")]
+    Conflict(String),
+    /// The change itself is malformed (bad id, bad name).
+    #[error("{0}")]
+    BadInput(String),
     #[error("cannot serialise credentials: {0}")]
     Serialise(String),
 }

@@ -1,0 +1,251 @@
+//! `/admin/v1/…` handlers: JSON in, JSON out, SPEC §5 error shape. Every change goes
+//! through `Store::update` (lock, validate, atomic write) and is then loaded into the
+//! live snapshot before the response, so it is in force on the next request.
+
+use super::{Admin, json};
+use crate::body::Body;
+use crate::credentials::file::{AuthMethod, FileRateLimit, Status};
+use crate::credentials::ops::{self, UserFields};
+use crate::credentials::store::{Store, StoreError};
+use crate::error::error_response;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use serde_json::{Value, json as j};
+use time::OffsetDateTime;
+
+const MAX_BODY: usize = 1 << 20;
+
+/// An admin call that failed, with its status.
+struct ApiError(StatusCode, &'static str, String);
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        let (status, code) = match &e {
+            StoreError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            StoreError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            StoreError::BadInput(_) | StoreError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            // A read-only mount (Kubernetes Secret): nothing here can change it.
+            StoreError::ReadOnly { .. } => (StatusCode::CONFLICT, "read_only"),
+            StoreError::Io { .. } | StoreError::Serialise(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        };
+        ApiError(status, code, e.to_string())
+    }
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, "invalid_request", msg.into())
+}
+
+/// The body of `POST /users` and `PATCH /users/{id}`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserBody {
+    id: Option<String>,
+    auth_method: Option<AuthMethod>,
+    status: Option<Status>,
+    display_name: Option<String>,
+    description: Option<String>,
+    organization: Option<String>,
+    teams: Option<Vec<String>>,
+    #[serde(default, with = "serde_with_null")]
+    default_team: Option<Option<String>>,
+    roles: Option<Vec<String>>,
+    allowed_endpoints: Option<Vec<String>>,
+    allow_proxied_users: Option<bool>,
+    allowed_proxied_users: Option<Vec<String>>,
+    #[serde(default, with = "serde_with_null")]
+    rate_limit: Option<Option<FileRateLimit>>,
+}
+
+/// `absent` → None, `null` → Some(None), value → Some(Some(v)): PATCH semantics.
+mod serde_with_null {
+    use serde::{Deserialize, Deserializer};
+    pub fn deserialize<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
+        Option::<T>::deserialize(d).map(Some)
+    }
+}
+
+impl UserBody {
+    fn fields(&mut self) -> UserFields {
+        UserFields {
+            display_name: self.display_name.take(),
+            description: self.description.take(),
+            organization: self.organization.take(),
+            teams: self.teams.take(),
+            default_team: self.default_team.take(),
+            roles: self.roles.take(),
+            allowed_endpoints: self.allowed_endpoints.take(),
+            allow_proxied_users: self.allow_proxied_users.take(),
+            allowed_proxied_users: self.allowed_proxied_users.take(),
+            rate_limit: self.rate_limit.take(),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyBody {
+    #[serde(default)]
+    label: String,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    expires_at: Option<OffsetDateTime>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RoleBody {
+    #[serde(default)]
+    description: String,
+    rules: Vec<String>,
+}
+
+async fn body<T: for<'de> Deserialize<'de> + Default>(req: Request<Incoming>) -> Result<T, ApiError> {
+    let bytes = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|_| ApiError(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "Request body is too large".into()))?
+        .to_bytes();
+    if bytes.is_empty() {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(&bytes).map_err(|e| bad(format!("invalid JSON body: {e}")))
+}
+
+/// Routes and runs one authorised `/admin/v1` call.
+pub(super) async fn handle(admin: &Admin, req: Request<Incoming>, id: &HeaderValue) -> Response<Body> {
+    match route(admin, req).await {
+        Ok((status, v)) => json(status, &v),
+        Err(ApiError(status, code, msg)) => error_response(status, code, &msg, id),
+    }
+}
+
+async fn route(admin: &Admin, req: Request<Incoming>) -> Result<(StatusCode, Value), ApiError> {
+    let path = req.uri().path().trim_end_matches('/').to_string();
+    let segs: Vec<&str> = path.trim_start_matches("/admin/v1").split('/').filter(|s| !s.is_empty()).collect();
+    let method = req.method().clone();
+    if (method.clone(), segs.as_slice()) == (Method::POST, &["reload"][..]) {
+        return match admin.credentials.reload() {
+            Ok(()) => {
+                let s = admin.credentials.snapshot();
+                Ok((StatusCode::OK, j!({"reloaded": true, "users": s.user_count(), "keys": s.key_count()})))
+            }
+            Err(e) => Err(bad(e.to_string())),
+        };
+    }
+    let store = admin
+        .store
+        .as_ref()
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, "not_found", "no credentials file is configured".into()))?;
+    let query = req.uri().query().unwrap_or("").to_string();
+    let out = match (method, segs.as_slice()) {
+        (Method::GET, ["users"]) => {
+            let c = store.read()?;
+            let filter = |k: &str| {
+                query.split('&').find_map(|kv| kv.strip_prefix(k).and_then(|v| v.strip_prefix('='))).map(str::to_string)
+            };
+            let (status, role, org) = (filter("status"), filter("role"), filter("organization"));
+            let users: Vec<Value> = c
+                .users
+                .iter()
+                .filter(|u| role.as_ref().is_none_or(|r| u.roles.iter().any(|x| &x.value == r)))
+                .filter(|u| org.as_ref().is_none_or(|o| &u.organization == o))
+                .map(ops::user_view)
+                .filter(|v| status.as_ref().is_none_or(|s| v["status"] == s.as_str()))
+                .collect();
+            (StatusCode::OK, Value::from(users))
+        }
+        (Method::POST, ["users"]) => {
+            let mut b: UserBody = body(req).await?;
+            let id = b.id.take().ok_or_else(|| bad("field `id` is required"))?;
+            let method =
+                b.auth_method.take().ok_or_else(|| bad("field `auth_method` is required (api_key or hmac)"))?;
+            if b.status.is_some() {
+                return Err(bad("a new user is always active; set `status` with PATCH"));
+            }
+            let v = change(admin, store, |c| {
+                ops::create_user(c, &id, method, b.fields())?;
+                Ok(ops::user_view(ops::user(c, &id)?))
+            })?;
+            (StatusCode::CREATED, v)
+        }
+        (Method::GET, ["users", id]) => (StatusCode::OK, ops::user_view(ops::user(&store.read()?, id)?)),
+        (Method::PATCH, ["users", id]) => {
+            let mut b: UserBody = body(req).await?;
+            if b.id.is_some() || b.auth_method.is_some() {
+                return Err(bad("`id` and `auth_method` cannot be changed"));
+            }
+            let status = b.status.take();
+            let v = change(admin, store, |c| {
+                ops::update_user(c, id, b.fields())?;
+                if let Some(s) = status {
+                    ops::set_status(c, id, s)?;
+                }
+                Ok(ops::user_view(ops::user(c, id)?))
+            })?;
+            (StatusCode::OK, v)
+        }
+        (Method::DELETE, ["users", id]) => {
+            change(admin, store, |c| ops::delete_user(c, id))?;
+            (StatusCode::OK, j!({"deleted": id}))
+        }
+        (Method::POST, ["users", id, "keys"]) => {
+            let b: KeyBody = body(req).await?;
+            let v = change(admin, store, |c| {
+                let hmac = ops::user(c, id)?.auth_method == AuthMethod::Hmac;
+                let (view, secret) = ops::add_key(c, id, &b.label, b.expires_at, || store.master_key())?;
+                // The only response that ever contains a token or secret (SPEC §7).
+                Ok(if hmac {
+                    j!({"key": view, "secret": secret.expose()})
+                } else {
+                    j!({"key": view, "token": secret.expose()})
+                })
+            })?;
+            (StatusCode::CREATED, v)
+        }
+        (Method::DELETE, ["users", id, "keys", key_id]) => {
+            change(admin, store, |c| ops::revoke_key(c, id, key_id, ops::now()))?;
+            (StatusCode::OK, j!({"revoked": key_id}))
+        }
+        (Method::GET, ["roles"]) => (StatusCode::OK, roles_view(&store.read()?)),
+        (Method::PUT, ["roles"]) => {
+            let b: std::collections::BTreeMap<String, RoleBody> = body(req).await?;
+            let v = change(admin, store, |c| {
+                let gone: Vec<String> = c.roles.keys().filter(|k| !b.contains_key(*k)).cloned().collect();
+                for name in gone {
+                    ops::delete_role(c, &name)?;
+                }
+                for (name, r) in b {
+                    ops::set_role(c, &name, r.description, r.rules)?;
+                }
+                Ok(roles_view(c))
+            })?;
+            (StatusCode::OK, v)
+        }
+        _ => return Err(ApiError(StatusCode::NOT_FOUND, "not_found", "No such admin endpoint".into())),
+    };
+    Ok(out)
+}
+
+fn roles_view(c: &crate::credentials::file::FileCredentials) -> Value {
+    c.roles
+        .iter()
+        .map(|(n, r)| (n.clone(), j!({"description": r.description, "rules": r.rules.iter().map(|x| x.value.clone()).collect::<Vec<_>>()})))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+/// Writes a change and puts it in force before answering.
+fn change<T>(
+    admin: &Admin,
+    store: &Store,
+    f: impl FnOnce(&mut crate::credentials::file::FileCredentials) -> Result<T, StoreError>,
+) -> Result<T, ApiError> {
+    // A locked read-modify-write of one small file: rare and short enough to run inline.
+    let out = store.update(f)?;
+    if let Err(e) = admin.credentials.reload() {
+        tracing::error!(error = %e, "admin change written but not loaded");
+    }
+    Ok(out)
+}

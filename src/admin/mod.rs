@@ -1,0 +1,170 @@
+//! The admin listener (SPEC §7): `/healthz`, `/readyz`, and `/admin/v1/…` behind a
+//! bearer token, on its own address (127.0.0.1 in the examples). Admin paths are never
+//! served on a proxy listener: this is a different service on a different socket.
+//!
+//! Without a token configured, `/admin/v1` is disabled (every call is 404 and a log line
+//! says why) — never open.
+
+mod api;
+
+use crate::body::Body;
+use crate::config::{AdminConfig, Config};
+use crate::credentials::reload::Credentials;
+use crate::credentials::store::Store;
+use crate::error::error_response;
+use crate::request;
+use http::{HeaderValue, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use sha2::{Digest, Sha256};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// What the admin handlers work on.
+pub struct Admin {
+    credentials: Arc<Credentials>,
+    store: Option<Store>,
+    /// SHA-256 of the admin token: compared in constant time, never kept in clear.
+    token_digest: Option<[u8; 32]>,
+}
+
+impl std::fmt::Debug for Admin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admin").field("enabled", &self.token_digest.is_some()).finish_non_exhaustive()
+    }
+}
+
+/// Reads the admin token from the environment variable or file the config names.
+fn read_token(a: &AdminConfig) -> Result<Option<String>, String> {
+    if let Some(var) = &a.token_env
+        && let Ok(v) = std::env::var(var)
+        && !v.trim().is_empty()
+    {
+        return Ok(Some(v.trim().to_string()));
+    }
+    if let Some(path) = &a.token_file {
+        let t = std::fs::read_to_string(path).map_err(|e| format!("admin token file {}: {e}", path.display()))?;
+        if !t.trim().is_empty() {
+            return Ok(Some(t.trim().to_string()));
+        }
+    }
+    Ok(None)
+}
+
+impl Admin {
+    /// Builds the admin service for `config`.
+    pub fn new(config: &Config, admin: &AdminConfig, credentials: Arc<Credentials>) -> Result<Admin, String> {
+        let token = read_token(admin)?;
+        if token.is_none() {
+            tracing::warn!("admin API disabled: no admin token configured (admin.token_env or admin.token_file)");
+        }
+        let store = config.credentials.clone().map(|p| Store::new(p, config.master_key.clone(), config.rate_limit));
+        Ok(Admin { credentials, store, token_digest: token.map(|t| Sha256::digest(t.as_bytes()).into()) })
+    }
+
+    fn authorised(&self, req: &Request<Incoming>) -> bool {
+        let Some(want) = &self.token_digest else { return false };
+        let Some(got) = req
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, t)| t.trim())
+        else {
+            return false;
+        };
+        let got: [u8; 32] = Sha256::digest(got.as_bytes()).into();
+        got.ct_eq(want).into()
+    }
+
+    /// Serves one admin request.
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        let id = request::request_id(req.headers());
+        let path = req.uri().path().to_string();
+        let res = match (req.method().as_str(), path.as_str()) {
+            ("GET", "/healthz") => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+            ("GET", "/readyz") => {
+                let snap = self.credentials.snapshot();
+                json(
+                    StatusCode::OK,
+                    &serde_json::json!({"status": "ready", "users": snap.user_count(), "keys": snap.key_count()}),
+                )
+            }
+            (_, p) if p.starts_with("/admin/v1/") || p == "/admin/v1" => {
+                if self.token_digest.is_none() {
+                    error_response(
+                        StatusCode::NOT_FOUND,
+                        "not_found",
+                        "Admin API is disabled: no admin token configured",
+                        &id,
+                    )
+                } else if !self.authorised(&req) {
+                    let mut r =
+                        error_response(StatusCode::UNAUTHORIZED, "authentication_error", "Invalid admin token", &id);
+                    r.headers_mut().insert(
+                        http::header::WWW_AUTHENTICATE,
+                        HeaderValue::from_static("Bearer realm=\"gatehouse-admin\""),
+                    );
+                    r
+                } else {
+                    api::handle(self, req, &id).await
+                }
+            }
+            _ => error_response(StatusCode::NOT_FOUND, "not_found", "No such admin endpoint", &id),
+        };
+        let mut res = res;
+        res.headers_mut().insert(crate::headers::X_REQUEST_ID, id);
+        res
+    }
+}
+
+fn json(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
+    let mut res = Response::new(Body::full(v.to_string()));
+    *res.status_mut() = status;
+    res.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    res.headers_mut().insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    res
+}
+
+/// Serves the admin listener until `stop` turns true. HTTP/1 only, with the same
+/// header timeout as the proxy listeners.
+pub async fn serve(
+    listener: TcpListener,
+    admin: Arc<Admin>,
+    header_timeout: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = stop.wait_for(|&s| s) => return,
+        };
+        let (stream, peer): (_, SocketAddr) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed; backing off");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let admin = admin.clone();
+                async move { Ok::<_, std::convert::Infallible>(admin.handle(req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .serve_connection(TokioIo::new(stream), svc);
+            if let Err(e) = conn.await {
+                tracing::debug!(peer = %peer, error = %e, "admin connection ended with an error");
+            }
+        });
+    }
+}
