@@ -36,6 +36,7 @@ pub mod authz;
 pub mod rewrite;
 pub mod forward;
 pub mod record;
+pub mod usage;
 pub mod pipeline;
 
 // Around the pipeline.

@@ -13,6 +13,7 @@ use crate::pipeline;
 use crate::request::ConnInfo;
 use crate::state::Gateway;
 use crate::tls::{self, CertResolver, TlsError};
+use crate::usage::Usage;
 use hyper::rt::{Read, Write};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -75,17 +76,23 @@ impl Server {
             listeners.push(Bound { tcp, name: Arc::from(l.name.as_str()), addr, tls });
         }
         let credentials = Arc::new(Credentials::load(config)?);
+        let usage = Arc::new(Usage::load(config.credentials.as_deref().map(crate::usage::state_path)));
         let admin = match &config.admin {
             None => None,
             Some(a) => {
-                let service = Admin::new(config, a, credentials.clone()).map_err(StartError::Admin)?;
+                let service = Admin::new(config, a, credentials.clone(), usage.clone()).map_err(StartError::Admin)?;
                 let tcp = TcpListener::bind(a.address)
                     .await
                     .map_err(|source| StartError::Bind { addr: a.address, source })?;
                 Some((tcp, Arc::new(service)))
             }
         };
-        Ok(Server { gw: Arc::new(Gateway::new(config, credentials)), listeners, admin, limits: config.limits.clone() })
+        Ok(Server {
+            gw: Arc::new(Gateway::new(config, credentials, usage)),
+            listeners,
+            admin,
+            limits: config.limits.clone(),
+        })
     }
 
     /// The bound listeners (with the real port where the config said `:0`).
@@ -108,6 +115,7 @@ impl Server {
         let conns = Arc::new(Semaphore::new(max as usize));
         let (stop_tx, stop_rx) = watch::channel(false);
         gw.credentials.clone().spawn_reloader();
+        gw.usage.clone().spawn_flusher(Duration::from_secs(5));
         let shared = Arc::new(Shared { gw, http: http_builder(&limits), limits });
         let mut accepting = JoinSet::new();
         for b in listeners {
@@ -134,6 +142,10 @@ impl Server {
                 still_open = max as usize - conns.available_permits(),
                 "shutdown grace period over; closing remaining connections"
             ),
+        }
+        // Counts of the requests just drained must survive the restart.
+        if let Err(e) = shared.gw.usage.flush() {
+            tracing::error!(error = %e, "cannot write the usage state file at shutdown");
         }
     }
 }

@@ -26,7 +26,7 @@ pub async fn handle(gw: &Gateway, conn: &ConnInfo, req: Request<Incoming>) -> Re
             e.into_response(&request_id)
         }
     };
-    record::finish(&out, res.status());
+    record::finish(gw, &out, res.status());
     res
 }
 

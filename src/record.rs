@@ -3,6 +3,7 @@
 
 use crate::authz::Grant;
 use crate::error::GateError;
+use crate::state::Gateway;
 use http::{HeaderValue, Method, StatusCode};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -41,8 +42,12 @@ impl Outcome {
     }
 }
 
-/// Reports a finished request.
-pub fn finish(out: &Outcome, status: StatusCode) {
+/// Reports a finished request: usage, then the log line.
+pub fn finish(gw: &Gateway, out: &Outcome, status: StatusCode) {
+    if let (Some(user), Some(key)) = (&out.user, &out.key) {
+        let rate_limited = status == StatusCode::TOO_MANY_REQUESTS;
+        gw.usage.record(user, key, status.as_u16() >= 400, rate_limited, gw.unix_now());
+    }
     let elapsed_ms = out.started.elapsed().as_secs_f64() * 1e3;
     let route = out.route.as_deref().unwrap_or("");
     let id = out.request_id.to_str().unwrap_or_default();

@@ -5,6 +5,7 @@ use crate::body::Body;
 use crate::config::{AuthConfig, Config, IdentityHeaders, Limits};
 use crate::credentials::reload::Credentials;
 use crate::route::RouteTable;
+use crate::usage::Usage;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -27,11 +28,12 @@ pub struct Gateway {
     pub auth: AuthConfig,
     pub replay: ReplayCache,
     pub identity_headers: IdentityHeaders,
+    pub usage: Arc<Usage>,
 }
 
 impl Gateway {
     /// Builds the gateway from a validated config and its loaded credentials.
-    pub fn new(config: &Config, credentials: Arc<Credentials>) -> Gateway {
+    pub fn new(config: &Config, credentials: Arc<Credentials>, usage: Arc<Usage>) -> Gateway {
         Gateway {
             routes: RouteTable::new(&config.routes),
             limits: config.limits.clone(),
@@ -41,6 +43,7 @@ impl Gateway {
             auth: config.auth.clone(),
             replay: ReplayCache::new(config.auth.replay_cache_entries),
             identity_headers: config.identity_headers.clone(),
+            usage,
         }
     }
 

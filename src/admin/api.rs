@@ -170,7 +170,15 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Result<(StatusCode, Val
             })?;
             (StatusCode::CREATED, v)
         }
-        (Method::GET, ["users", id]) => (StatusCode::OK, ops::user_view(ops::user(&store.read()?, id)?)),
+        (Method::GET, ["users", id]) => {
+            let mut v = ops::user_view(ops::user(&store.read()?, id)?);
+            ops::add_usage(&mut v, &admin.usage.snapshot());
+            (StatusCode::OK, v)
+        }
+        (Method::GET, ["users", id, "usage"]) => {
+            let c = store.read()?;
+            (StatusCode::OK, ops::usage_view(ops::user(&c, id)?, &admin.usage.snapshot()))
+        }
         (Method::PATCH, ["users", id]) => {
             let mut b: UserBody = body(req).await?;
             if b.id.is_some() || b.auth_method.is_some() {

@@ -13,6 +13,7 @@ use crate::credentials::reload::Credentials;
 use crate::credentials::store::Store;
 use crate::error::error_response;
 use crate::request;
+use crate::usage::Usage;
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -27,6 +28,7 @@ use tokio::sync::watch;
 /// What the admin handlers work on.
 pub struct Admin {
     credentials: Arc<Credentials>,
+    usage: Arc<Usage>,
     store: Option<Store>,
     /// SHA-256 of the admin token: compared in constant time, never kept in clear.
     token_digest: Option<[u8; 32]>,
@@ -57,13 +59,18 @@ fn read_token(a: &AdminConfig) -> Result<Option<String>, String> {
 
 impl Admin {
     /// Builds the admin service for `config`.
-    pub fn new(config: &Config, admin: &AdminConfig, credentials: Arc<Credentials>) -> Result<Admin, String> {
+    pub fn new(
+        config: &Config,
+        admin: &AdminConfig,
+        credentials: Arc<Credentials>,
+        usage: Arc<Usage>,
+    ) -> Result<Admin, String> {
         let token = read_token(admin)?;
         if token.is_none() {
             tracing::warn!("admin API disabled: no admin token configured (admin.token_env or admin.token_file)");
         }
         let store = config.credentials.clone().map(|p| Store::new(p, config.master_key.clone(), config.rate_limit));
-        Ok(Admin { credentials, store, token_digest: token.map(|t| Sha256::digest(t.as_bytes()).into()) })
+        Ok(Admin { credentials, usage, store, token_digest: token.map(|t| Sha256::digest(t.as_bytes()).into()) })
     }
 
     fn authorised(&self, req: &Request<Incoming>) -> bool {

@@ -73,27 +73,31 @@ pub fn run(a: KeysArgs) -> ExitCode {
                 })
             })
         }
-        KeysCommand::List { user } => match store
-            .read()
-            .and_then(|c| ops::user(&c, &user).map(|u| u.keys.iter().map(ops::key_view).collect::<Vec<_>>()))
-        {
-            Ok(keys) => Ok(print(json, &Value::from(keys.clone()), || {
-                let mut out =
-                    format!("{:<30} {:<12} {:<14} {:<21} {:<21} REVOKED", "ID", "LABEL", "HINT", "CREATED", "EXPIRES");
-                for k in &keys {
-                    let s = |f: &str| k[f].as_str().unwrap_or("-").to_string();
-                    out.push_str(&format!(
-                        "\n{:<30} {:<12} {:<14} {:<21} {:<21} {}",
-                        s("id"),
-                        s("label"),
-                        s("hint"),
-                        s("created_at"),
-                        s("expires_at"),
-                        s("revoked_at")
-                    ));
-                }
-                out
-            })),
+        KeysCommand::List { user } => match store.read().and_then(|c| ops::user(&c, &user).map(ops::user_view)) {
+            Ok(mut v) => {
+                ops::add_usage(&mut v, &crate::usage::read_state(&crate::usage::state_path(store.path())));
+                let keys = v["keys"].take();
+                Ok(print(json, &keys, || {
+                    let mut out = format!(
+                        "{:<30} {:<12} {:<14} {:<21} {:<21} {:<21} LAST USED",
+                        "ID", "LABEL", "HINT", "CREATED", "EXPIRES", "REVOKED"
+                    );
+                    for k in keys.as_array().into_iter().flatten() {
+                        let s = |f: &str| k[f].as_str().unwrap_or("-").to_string();
+                        out.push_str(&format!(
+                            "\n{:<30} {:<12} {:<14} {:<21} {:<21} {:<21} {}",
+                            s("id"),
+                            s("label"),
+                            s("hint"),
+                            s("created_at"),
+                            s("expires_at"),
+                            s("revoked_at"),
+                            s("last_used_at")
+                        ));
+                    }
+                    out
+                }))
+            }
             Err(e) => Err(fail("keys list", e)),
         },
         KeysCommand::Revoke { user, key_id } => {

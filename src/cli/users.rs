@@ -152,7 +152,10 @@ pub fn run(a: UsersArgs) -> ExitCode {
         UsersCommand::Delete { id } => run_update("users delete", &store, |c| ops::delete_user(c, &id))
             .map(|()| print(json, &serde_json::json!({"deleted": id}), changed("deleted", &id))),
         UsersCommand::Show { id } => match store.read().and_then(|c| ops::user(&c, &id).map(ops::user_view)) {
-            Ok(v) => Ok(print(json, &v, || serde_json::to_string_pretty(&v).unwrap_or_default())),
+            Ok(mut v) => {
+                ops::add_usage(&mut v, &crate::usage::read_state(&crate::usage::state_path(store.path())));
+                Ok(print(json, &v, || serde_json::to_string_pretty(&v).unwrap_or_default()))
+            }
             Err(e) => Err(fail("users show", e)),
         },
         UsersCommand::List { status, role, organization } => match store.read() {

@@ -1,0 +1,184 @@
+//! Per-key usage: requests, errors, rate-limited requests and `last_used_at` (SPEC §8).
+//!
+//! Counted in memory with atomics (one map lookup per authenticated request; entries
+//! exist only for keys that authenticated, so attacker input cannot grow the map) and
+//! written to a small JSON state file beside the credentials file at most every few
+//! seconds and at shutdown — never into `credentials.yaml`, so counting needs no lock
+//! and no write per request. Loaded back at start, so it survives restarts.
+
+use dashmap::DashMap;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+
+/// Counters of one key.
+#[derive(Debug, Default)]
+pub struct KeyUsage {
+    user: std::sync::OnceLock<Arc<str>>,
+    requests: AtomicU64,
+    errors: AtomicU64,
+    rate_limited: AtomicU64,
+    /// Unix seconds; 0: never.
+    last_used: AtomicI64,
+}
+
+/// What the state file holds for one key.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyUsageRecord {
+    pub user: String,
+    pub requests: u64,
+    pub errors: u64,
+    pub rate_limited: u64,
+    /// Unix seconds of the last authenticated request, if any.
+    pub last_used_at: Option<i64>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct StateFile {
+    keys: BTreeMap<String, KeyUsageRecord>,
+}
+
+/// All keys' usage.
+#[derive(Debug, Default)]
+pub struct Usage {
+    keys: DashMap<Arc<str>, Arc<KeyUsage>>,
+    path: Option<PathBuf>,
+    dirty: AtomicBool,
+}
+
+/// Where the usage state of a credentials file lives: `<name>.usage.json` beside it.
+pub fn state_path(credentials: &Path) -> PathBuf {
+    let mut name = credentials.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".usage.json");
+    credentials.with_file_name(name)
+}
+
+/// Reads a state file; missing or unreadable reads as empty.
+pub fn read_state(path: &Path) -> BTreeMap<String, KeyUsageRecord> {
+    std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<StateFile>(&b).ok())
+        .map(|s| s.keys)
+        .unwrap_or_default()
+}
+
+impl Usage {
+    /// Usage persisted at `path` (loaded now), or in memory only.
+    pub fn load(path: Option<PathBuf>) -> Usage {
+        let u = Usage { keys: DashMap::new(), path, dirty: AtomicBool::new(false) };
+        if let Some(p) = &u.path {
+            for (key, r) in read_state(p) {
+                let k = KeyUsage::default();
+                let _ = k.user.set(Arc::from(r.user.as_str()));
+                k.requests.store(r.requests, Ordering::Relaxed);
+                k.errors.store(r.errors, Ordering::Relaxed);
+                k.rate_limited.store(r.rate_limited, Ordering::Relaxed);
+                k.last_used.store(r.last_used_at.unwrap_or(0), Ordering::Relaxed);
+                u.keys.insert(Arc::from(key.as_str()), Arc::new(k));
+            }
+        }
+        u
+    }
+
+    /// Counts one request made with `key` of `user`.
+    pub fn record(&self, user: &Arc<str>, key: &Arc<str>, error: bool, rate_limited: bool, now: i64) {
+        let entry = match self.keys.get(key) {
+            Some(e) => e.clone(),
+            None => self.keys.entry(key.clone()).or_default().clone(),
+        };
+        let _ = entry.user.set(user.clone());
+        entry.requests.fetch_add(1, Ordering::Relaxed);
+        if error {
+            entry.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        if rate_limited {
+            entry.rate_limited.fetch_add(1, Ordering::Relaxed);
+        }
+        entry.last_used.fetch_max(now, Ordering::Relaxed);
+        self.dirty.store(true, Ordering::Relaxed);
+    }
+
+    /// A copy of every key's counters.
+    pub fn snapshot(&self) -> BTreeMap<String, KeyUsageRecord> {
+        self.keys
+            .iter()
+            .map(|e| {
+                let k = e.value();
+                let last = k.last_used.load(Ordering::Relaxed);
+                (
+                    e.key().to_string(),
+                    KeyUsageRecord {
+                        user: k.user.get().map(|u| u.to_string()).unwrap_or_default(),
+                        requests: k.requests.load(Ordering::Relaxed),
+                        errors: k.errors.load(Ordering::Relaxed),
+                        rate_limited: k.rate_limited.load(Ordering::Relaxed),
+                        last_used_at: (last > 0).then_some(last),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Writes the state file if anything changed (temp file + rename).
+    pub fn flush(&self) -> std::io::Result<()> {
+        let Some(path) = &self.path else { return Ok(()) };
+        if !self.dirty.swap(false, Ordering::Relaxed) {
+            return Ok(());
+        }
+        let body = serde_json::to_vec_pretty(&StateFile { keys: self.snapshot() }).unwrap_or_default();
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let write = || -> std::io::Result<()> {
+            let mut tmp = tempfile::Builder::new().prefix(".usage-").tempfile_in(dir)?;
+            std::io::Write::write_all(&mut tmp, &body)?;
+            tmp.persist(path).map_err(|e| e.error)?;
+            Ok(())
+        };
+        write().inspect_err(|_| self.dirty.store(true, Ordering::Relaxed))
+    }
+
+    /// Flushes every `every` until the process ends; logs a failing write once per streak.
+    pub fn spawn_flusher(self: Arc<Self>, every: std::time::Duration) {
+        if self.path.is_none() {
+            return;
+        }
+        tokio::spawn(async move {
+            let mut failing = false;
+            loop {
+                tokio::time::sleep(every).await;
+                let this = self.clone();
+                match tokio::task::spawn_blocking(move || this.flush()).await {
+                    Ok(Ok(())) => failing = false,
+                    Ok(Err(e)) if !failing => {
+                        failing = true;
+                        tracing::error!(error = %e, "cannot write the usage state file; counts stay in memory");
+                    }
+                    _ => {}
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// counts survive a flush and a reload from the state file
+    #[test]
+    fn usage_round_trips_through_the_state_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("credentials.yaml.usage.json");
+        let u = Usage::load(Some(path.clone()));
+        let (user, key) = (Arc::from("erp"), Arc::from("ak_1"));
+        u.record(&user, &key, false, false, 100);
+        u.record(&user, &key, true, false, 90);
+        u.record(&user, &key, true, true, 120);
+        u.flush().unwrap();
+        let back = Usage::load(Some(path)).snapshot();
+        let r = &back["ak_1"];
+        assert_eq!((r.requests, r.errors, r.rate_limited, r.last_used_at), (3, 2, 1, Some(120)));
+        assert_eq!(r.user, "erp");
+    }
+}
