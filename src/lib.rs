@@ -37,6 +37,7 @@ pub mod rewrite;
 pub mod forward;
 pub mod record;
 pub mod usage;
+pub mod audit;
 pub mod pipeline;
 
 // Around the pipeline.
