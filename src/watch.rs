@@ -6,7 +6,8 @@
 //! content hash decides whether anything really changed (so our own atomic writes and
 //! unrelated files are no-ops). A slow poll is the backstop for missed events.
 
-use notify::{RecursiveMode, Watcher};
+use notify::event::{AccessKind, AccessMode};
+use notify::{EventKind, RecursiveMode, Watcher};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -23,13 +24,33 @@ pub fn fingerprint(paths: &[PathBuf]) -> u64 {
     h.finish()
 }
 
+/// False for events that only say a file was opened, read or closed unwritten: our own
+/// re-read after an event is one of those, and reacting to it would re-read for ever.
+fn may_change(kind: &EventKind) -> bool {
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
+    }
+}
+
 /// Sends `()` on the returned channel each time the contents of `paths` change. The
 /// watcher lives as long as the receiver.
 pub fn watch(paths: Vec<PathBuf>, poll: Duration) -> mpsc::Receiver<()> {
+    watch_inner(paths, poll, None)
+}
+
+/// Like [`watch`], for files that were read when their [`fingerprint`] was `baseline`:
+/// a change made since then, even before the watcher started, is reported at once.
+pub fn watch_since(paths: Vec<PathBuf>, poll: Duration, baseline: u64) -> mpsc::Receiver<()> {
+    watch_inner(paths, poll, Some(baseline))
+}
+
+fn watch_inner(paths: Vec<PathBuf>, poll: Duration, baseline: Option<u64>) -> mpsc::Receiver<()> {
     let (tx, rx) = mpsc::channel(1);
     let (ev_tx, mut ev_rx) = mpsc::channel::<()>(1);
     let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if res.is_ok() {
+        if res.is_ok_and(|ev| may_change(&ev.kind)) {
             // Full channel: a re-read is already due, which covers this event too.
             let _ = ev_tx.try_send(());
         }
@@ -54,6 +75,11 @@ pub fn watch(paths: Vec<PathBuf>, poll: Duration) -> mpsc::Receiver<()> {
     tokio::spawn(async move {
         let _watcher = watcher; // dropped (and unregistered) when this task ends
         let mut last = fingerprint(&paths);
+        // Changed between the caller's read and the watch being set up: no event will
+        // ever come for that change.
+        if baseline.is_some_and(|b| b != last) && tx.send(()).await.is_err() {
+            return;
+        }
         let mut tick = tokio::time::interval(poll);
         tick.tick().await;
         loop {

@@ -33,6 +33,9 @@ struct Source {
     path: PathBuf,
     master_key: PathBuf,
     default_rate: RateLimitConfig,
+    /// The files' fingerprint taken just before the first snapshot was read, so that the
+    /// watcher (started later) also sees a change made in between.
+    baseline: u64,
 }
 
 /// Reads the master key when its file exists. It is created only by the commands that
@@ -63,8 +66,13 @@ impl Credentials {
             tracing::warn!("no credentials file configured: only routes with allow_anonymous serve requests");
             return Ok(Credentials::fixed(Snapshot::empty()));
         };
-        let source =
-            Source { path: path.clone(), master_key: config.master_key.clone(), default_rate: config.rate_limit };
+        let baseline = crate::watch::fingerprint(&[path.clone(), config.master_key.clone()]);
+        let source = Source {
+            path: path.clone(),
+            master_key: config.master_key.clone(),
+            default_rate: config.rate_limit,
+            baseline,
+        };
         let snap = source.build()?;
         tracing::info!(path = %path.display(), users = snap.user_count(), keys = snap.key_count(), "credentials loaded");
         let c = Credentials::fixed(snap);
@@ -109,7 +117,8 @@ impl Credentials {
     /// Reloads on file changes and SIGHUP for as long as the process runs.
     pub fn spawn_reloader(self: Arc<Self>) {
         let Some(source) = &self.source else { return };
-        let mut changes = crate::watch::watch(vec![source.path.clone(), source.master_key.clone()], POLL);
+        let mut changes =
+            crate::watch::watch_since(vec![source.path.clone(), source.master_key.clone()], POLL, source.baseline);
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .map_err(|e| tracing::warn!(error = %e, "cannot listen for SIGHUP"))
             .ok();

@@ -7,10 +7,14 @@
 
 mod support;
 
+mod auth_api_key;
+mod auth_hmac;
 mod config;
 mod demo;
 mod errors;
 mod limits;
 mod proxy;
+mod reload;
+mod secrets;
 mod shutdown;
 mod smuggling;

@@ -65,6 +65,26 @@ impl H1 {
     pub async fn get(&self, url: &str) -> Reply {
         self.send(Request::get(url).body(empty()).unwrap()).await
     }
+
+    /// `method url` with `headers` (appended in order, so a name may repeat) and `body`.
+    pub async fn request<K: AsRef<str>, V: AsRef<str>>(
+        &self,
+        method: &str,
+        url: &str,
+        headers: &[(K, V)],
+        body: impl Into<Bytes>,
+    ) -> Reply {
+        let mut req = Request::builder().method(method).uri(url);
+        for (k, v) in headers {
+            req = req.header(k.as_ref(), v.as_ref());
+        }
+        self.send(req.body(full(body)).unwrap()).await
+    }
+
+    /// GET `url` with `headers`.
+    pub async fn get_with<K: AsRef<str>, V: AsRef<str>>(&self, url: &str, headers: &[(K, V)]) -> Reply {
+        self.request("GET", url, headers, Bytes::new()).await
+    }
 }
 
 /// A TLS connection to the gateway that trusts only `cert_pem` and offers `alpn`.

@@ -1,7 +1,8 @@
-//! `GatewayConfig` writes a real `gatehouse.yaml` (plus a generated TLS certificate) into
-//! a temporary directory; `TestGateway` runs it in process, `GatewayProcess` (process.rs)
-//! runs the real binary on it.
+//! `GatewayConfig` writes a real `gatehouse.yaml` (plus a generated TLS certificate, and a
+//! credentials file with its master key) into a temporary directory; `TestGateway` runs
+//! it in process, `GatewayProcess` (process.rs) runs the real binary on it.
 
+use super::creds::{Creds, write_atomic, write_master_key};
 use super::upstream::TestUpstream;
 use gatehouse::config::Config;
 use gatehouse::listen::Server;
@@ -16,8 +17,8 @@ fn q(s: &str) -> String {
     serde_json::Value::from(s).to_string()
 }
 
-/// One route of the test config. Every route allows anonymous callers (authentication
-/// is a later issue; until then only anonymous routes forward).
+/// One route of the test config. A route allows anonymous callers unless
+/// [`RouteSpec::authenticated`] says otherwise.
 #[derive(Debug, Clone)]
 pub struct RouteSpec {
     name: String,
@@ -26,6 +27,8 @@ pub struct RouteSpec {
     upstreams: Vec<String>,
     timeout: Option<String>,
     set_headers: Vec<(String, String)>,
+    allow_anonymous: bool,
+    forward_credentials: bool,
 }
 
 impl RouteSpec {
@@ -38,7 +41,21 @@ impl RouteSpec {
             upstreams: Vec::new(),
             timeout: None,
             set_headers: Vec::new(),
+            allow_anonymous: true,
+            forward_credentials: false,
         }
+    }
+
+    /// Requests need credentials (`allow_anonymous: false`).
+    pub fn authenticated(mut self) -> Self {
+        self.allow_anonymous = false;
+        self
+    }
+
+    /// Keep the client's credential headers upstream (`forward_credentials: true`).
+    pub fn forward_credentials(mut self) -> Self {
+        self.forward_credentials = true;
+        self
     }
 
     /// Adds `up` as a target.
@@ -71,7 +88,10 @@ impl RouteSpec {
             out.push_str(&format!("    host: {}\n", q(h)));
         }
         let ups: Vec<String> = self.upstreams.iter().map(|u| q(u)).collect();
-        out.push_str(&format!("    upstream: [{}]\n    allow_anonymous: true\n", ups.join(", ")));
+        out.push_str(&format!("    upstream: [{}]\n    allow_anonymous: {}\n", ups.join(", "), self.allow_anonymous));
+        if self.forward_credentials {
+            out.push_str("    forward_credentials: true\n");
+        }
         if let Some(t) = &self.timeout {
             out.push_str(&format!("    timeout: {t}\n"));
         }
@@ -104,6 +124,22 @@ pub struct GatewayConfig {
     limits: Vec<(String, String)>,
     trusted_proxies: Vec<String>,
     env: HashMap<String, String>,
+    auth_hmac: Vec<(String, String)>,
+    credentials: Option<CredsText>,
+    credentials_at: Option<PathBuf>,
+}
+
+/// The texts of a credentials file and its master key.
+#[derive(Clone)]
+struct CredsText {
+    yaml: String,
+    master_key: String,
+}
+
+impl std::fmt::Debug for CredsText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CredsText(..)")
+    }
 }
 
 /// The config file and everything it points to, in a directory removed on drop.
@@ -111,6 +147,20 @@ pub struct WrittenConfig {
     pub dir: TempDir,
     pub path: PathBuf,
     pub cert: Option<TestCert>,
+    /// The credentials file the config names, if any.
+    pub credentials: Option<PathBuf>,
+}
+
+impl WrittenConfig {
+    /// The configured credentials file.
+    pub fn credentials_path(&self) -> &Path {
+        self.credentials.as_deref().expect("no credentials configured: call .credentials() on the builder")
+    }
+
+    /// Replaces the credentials file atomically (temp file + rename in the same directory).
+    pub fn write_credentials(&self, creds: &Creds) {
+        write_atomic(self.credentials_path(), &creds.yaml());
+    }
 }
 
 impl GatewayConfig {
@@ -147,6 +197,32 @@ impl GatewayConfig {
         self
     }
 
+    /// An `auth.hmac` entry, e.g. `("max_skew", "30s")`.
+    pub fn auth_hmac(mut self, name: &str, value: &str) -> Self {
+        self.auth_hmac.push((name.into(), value.into()));
+        self
+    }
+
+    /// A credentials file (`credentials.yaml`) and master key (`master.key`, 0600) with
+    /// the current content of `creds`, written next to the config.
+    pub fn credentials(mut self, creds: &Creds) -> Self {
+        self.credentials = Some(CredsText { yaml: creds.yaml(), master_key: creds.master_key_text() });
+        self
+    }
+
+    /// Names `path` as the credentials file instead of writing one: the test lays it
+    /// out itself (e.g. a kubelet symlink layout). The master key of `.credentials()` is
+    /// still written next to the config.
+    pub fn credentials_at(mut self, path: &Path) -> Self {
+        self.credentials_at = Some(path.to_path_buf());
+        self
+    }
+
+    fn credentials_path(&self, dir: &Path) -> Option<PathBuf> {
+        self.credentials.as_ref()?;
+        Some(self.credentials_at.clone().unwrap_or_else(|| dir.join("credentials.yaml")))
+    }
+
     /// The YAML text, with TLS files in `dir`.
     pub fn yaml(&self, dir: &Path) -> String {
         let mut y = String::from("listeners:\n  - address: 127.0.0.1:0\n    name: plain\n");
@@ -167,6 +243,19 @@ impl GatewayConfig {
             let t: Vec<String> = self.trusted_proxies.iter().map(|s| q(s)).collect();
             y.push_str(&format!("trusted_proxies: [{}]\n", t.join(", ")));
         }
+        if let Some(path) = self.credentials_path(dir) {
+            y.push_str(&format!(
+                "credentials: {}\nmaster_key: {}\n",
+                q(&path.display().to_string()),
+                q(&dir.join("master.key").display().to_string())
+            ));
+        }
+        if !self.auth_hmac.is_empty() {
+            y.push_str("auth:\n  hmac:\n");
+            for (k, v) in &self.auth_hmac {
+                y.push_str(&format!("    {k}: {v}\n"));
+            }
+        }
         y.push_str("routes:\n");
         for r in &self.routes {
             r.yaml(&mut y);
@@ -182,9 +271,16 @@ impl GatewayConfig {
             std::fs::write(dir.path().join("cert.pem"), &c.cert_pem).unwrap();
             std::fs::write(dir.path().join("key.pem"), &c.key_pem).unwrap();
         }
+        let credentials = self.credentials_path(dir.path());
+        if let Some(c) = &self.credentials {
+            write_master_key(&dir.path().join("master.key"), &c.master_key);
+            if self.credentials_at.is_none() {
+                std::fs::write(dir.path().join("credentials.yaml"), &c.yaml).unwrap();
+            }
+        }
         let path = dir.path().join("gatehouse.yaml");
         std::fs::write(&path, self.yaml(dir.path())).unwrap();
-        WrittenConfig { dir, path, cert }
+        WrittenConfig { dir, path, cert, credentials }
     }
 
     /// Loads the written config and runs the gateway in this process.
@@ -237,6 +333,11 @@ impl TestGateway {
     /// The TLS listener's certificate, PEM.
     pub fn cert_pem(&self) -> &str {
         &self.written.cert.as_ref().expect("gateway has no TLS listener").cert_pem
+    }
+
+    /// Replaces the running gateway's credentials file atomically with `creds`.
+    pub fn write_credentials(&self, creds: &Creds) {
+        self.written.write_credentials(creds);
     }
 }
 

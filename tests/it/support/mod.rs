@@ -2,6 +2,7 @@
 //! (pooled h1, TLS h1/h2, raw TCP for bytes no well-behaved client would send).
 
 pub mod client;
+pub mod creds;
 pub mod gateway;
 pub mod process;
 pub mod raw;
@@ -97,6 +98,14 @@ pub fn assert_error(reply: &Reply, status: u16, code: &str, message: &str) -> St
         serde_json::Value::from(id.as_str()),
     );
     assert_eq!(reply.text(), expected);
+    id
+}
+
+/// Asserts a SPEC §5 401 exactly (see [`assert_error`]) with the `WWW-Authenticate`
+/// challenge README documents. Returns the request id.
+pub fn assert_unauthorized(reply: &Reply, message: &str) -> String {
+    let id = assert_error(reply, 401, "authentication_error", message);
+    assert_eq!(reply.header("www-authenticate"), "Bearer realm=\"gatehouse\"");
     id
 }
 

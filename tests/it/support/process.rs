@@ -1,9 +1,11 @@
 //! `GatewayProcess`: the real `gatehouse` binary as a child process, for what only a
 //! process shows (memory, signals, exit codes, the command line).
 
+use super::creds::Creds;
 use super::gateway::{GatewayConfig, WrittenConfig};
 use super::{STEP, within};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::{ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -46,7 +48,7 @@ pub struct GatewayProcess {
     stderr: Arc<Mutex<String>>,
     stdout: Arc<Mutex<String>>,
     collectors: Vec<JoinHandle<()>>,
-    _config: Option<WrittenConfig>,
+    config: Option<WrittenConfig>,
 }
 
 /// Copies a child's output into `sink` line by line (so the pipe never fills up), until
@@ -66,21 +68,37 @@ impl GatewayProcess {
     /// `gatehouse --log-format json serve --config <written config>`, once every listener
     /// has logged `listening`.
     pub async fn serve(config: &GatewayConfig) -> GatewayProcess {
+        Self::serve_with_env(config, &[]).await
+    }
+
+    /// Like [`GatewayProcess::serve`], with extra environment variables (e.g.
+    /// `GATEHOUSE_LOG=debug`).
+    pub async fn serve_with_env(config: &GatewayConfig, env: &[(&str, &str)]) -> GatewayProcess {
         let written = config.write();
         let listeners = if config.yaml(written.dir.path()).contains("tls:") { 2 } else { 1 };
         let path = written.path.display().to_string();
-        let mut p = Self::spawn(&["--log-format", "json", "serve", "--config", &path], listeners).await;
-        p._config = Some(written);
+        let mut p = Self::spawn(&["--log-format", "json", "serve", "--config", &path], listeners, env).await;
+        p.config = Some(written);
         p
     }
 
     /// `gatehouse --log-format json demo --port <port>`, once it is listening.
     pub async fn demo(port: u16) -> GatewayProcess {
-        Self::spawn(&["--log-format", "json", "demo", "--port", &port.to_string()], 1).await
+        Self::demo_with_env(port, &[]).await
     }
 
-    async fn spawn(args: &[&str], listeners: usize) -> GatewayProcess {
-        let mut child = gatehouse().args(args).spawn().unwrap();
+    /// Like [`GatewayProcess::demo`], with extra environment variables.
+    pub async fn demo_with_env(port: u16, env: &[(&str, &str)]) -> GatewayProcess {
+        Self::spawn(&["--log-format", "json", "demo", "--port", &port.to_string()], 1, env).await
+    }
+
+    async fn spawn(args: &[&str], listeners: usize, env: &[(&str, &str)]) -> GatewayProcess {
+        let mut cmd = gatehouse();
+        cmd.args(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
         let pid = child.id().unwrap();
         let stderr = Arc::new(Mutex::new(String::new()));
         let stdout = Arc::new(Mutex::new(String::new()));
@@ -88,7 +106,7 @@ impl GatewayProcess {
             collect(child.stdout.take().unwrap(), stdout.clone()),
             collect(child.stderr.take().unwrap(), stderr.clone()),
         ];
-        let mut p = GatewayProcess { child, pid, addrs: Vec::new(), stderr, stdout, collectors, _config: None };
+        let mut p = GatewayProcess { child, pid, addrs: Vec::new(), stderr, stdout, collectors, config: None };
         let addrs = within(STEP, "gatehouse to log `listening`", async {
             loop {
                 let addrs = listening(&p.stderr());
@@ -104,6 +122,11 @@ impl GatewayProcess {
         .await;
         p.addrs = addrs;
         p
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
     }
 
     /// The first listener's address (the plain one in `GatewayConfig` order).
@@ -133,8 +156,52 @@ impl GatewayProcess {
 
     /// Sends SIGTERM.
     pub fn sigterm(&self) {
-        let ok = std::process::Command::new("kill").args(["-TERM", &self.pid.to_string()]).status().unwrap();
-        assert!(ok.success(), "kill -TERM {} failed", self.pid);
+        self.signal("TERM");
+    }
+
+    /// Sends SIGHUP (reload the credentials).
+    pub fn sighup(&self) {
+        self.signal("HUP");
+    }
+
+    fn signal(&self, name: &str) {
+        let ok =
+            std::process::Command::new("kill").args([&format!("-{name}"), &self.pid.to_string()]).status().unwrap();
+        assert!(ok.success(), "kill -{name} {} failed", self.pid);
+    }
+
+    /// The stderr log lines, parsed as JSON (lines that are not JSON are skipped).
+    pub fn log(&self) -> Vec<serde_json::Value> {
+        self.stderr().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    }
+
+    /// The log lines whose `message` starts with `msg`.
+    pub fn logged_lines(&self, msg: &str) -> Vec<serde_json::Value> {
+        self.log().into_iter().filter(|v| v["message"].as_str().is_some_and(|m| m.starts_with(msg))).collect()
+    }
+
+    /// How many log lines have a `message` starting with `msg`.
+    pub fn count_logged(&self, msg: &str) -> usize {
+        self.logged_lines(msg).len()
+    }
+
+    /// Waits until at least `n` log lines have a `message` starting with `msg`.
+    pub async fn logged(&self, msg: &str, n: usize) {
+        super::eventually(STEP, &format!("{n} log line(s) {msg:?}"), || self.count_logged(msg) >= n).await;
+    }
+
+    fn written(&self) -> &WrittenConfig {
+        self.config.as_ref().expect("not started with serve()")
+    }
+
+    /// The configured credentials file.
+    pub fn credentials_path(&self) -> &Path {
+        self.written().credentials_path()
+    }
+
+    /// Replaces the credentials file atomically with `creds`.
+    pub fn write_credentials(&self, creds: &Creds) {
+        self.written().write_credentials(creds);
     }
 
     /// Waits for the process to exit and for its last output lines to be collected.
