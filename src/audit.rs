@@ -146,7 +146,9 @@ async fn writer(sink: AuditSink, mut rx: mpsc::Receiver<String>, lost: std::sync
             open = None;
         }
         if open.is_none() {
-            match open_append(&path).and_then(|f| Ok(Open { ino: f.metadata()?.ino(), file: std::io::BufWriter::new(f) })) {
+            match open_append(&path)
+                .and_then(|f| Ok(Open { ino: f.metadata()?.ino(), file: std::io::BufWriter::new(f) }))
+            {
                 Ok(o) => {
                     if failing {
                         tracing::info!(path = %path.display(), "audit log writable again");

@@ -77,10 +77,12 @@ impl Server {
         }
         let credentials = Arc::new(Credentials::load(config)?);
         let usage = Arc::new(Usage::load(config.credentials.as_deref().map(crate::usage::state_path)));
+        let audit = Arc::new(crate::audit::Audit::start(&config.audit_log));
         let admin = match &config.admin {
             None => None,
             Some(a) => {
-                let service = Admin::new(config, a, credentials.clone(), usage.clone()).map_err(StartError::Admin)?;
+                let service = Admin::new(config, a, credentials.clone(), usage.clone(), audit.clone())
+                    .map_err(StartError::Admin)?;
                 let tcp = TcpListener::bind(a.address)
                     .await
                     .map_err(|source| StartError::Bind { addr: a.address, source })?;
@@ -88,7 +90,7 @@ impl Server {
             }
         };
         Ok(Server {
-            gw: Arc::new(Gateway::new(config, credentials, usage)),
+            gw: Arc::new(Gateway::new(config, credentials, usage, audit)),
             listeners,
             admin,
             limits: config.limits.clone(),

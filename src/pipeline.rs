@@ -18,7 +18,7 @@ use hyper::body::Incoming;
 /// Serves one request on a proxy listener. Never fails: every error becomes a §5 response.
 pub async fn handle(gw: &Gateway, conn: &ConnInfo, req: Request<Incoming>) -> Response<Body> {
     let request_id = request::request_id(req.headers());
-    let mut out = Outcome::start(request_id.clone(), req.method().clone());
+    let mut out = Outcome::start(request_id.clone(), req.method().clone(), conn.peer.ip());
     let res = match handle_inner(gw, conn, req, &mut out).await {
         Ok(res) => res,
         Err(e) => {
@@ -40,6 +40,7 @@ async fn handle_inner(
     let snap = gw.credentials.snapshot();
     let mut parsed = request::parse(&gw.routes, &gw.limits, req, out.request_id.clone())?;
     out.route = Some(parsed.route.name.clone());
+    out.path = Some(parsed.path().to_string());
     let caller = authn::authenticate(&snap, &mut parsed, &gw.auth, &gw.replay, gw.unix_now()).await?;
     if let authn::Caller::User(id) = &caller {
         out.user = Some(id.key.user.id.clone());

@@ -1,6 +1,7 @@
 //! [record] The one place that reports on a finished request. Metrics and the audit log
 //! are written from here, from the [`Outcome`] the pipeline filled in.
 
+use crate::audit::RequestRecord;
 use crate::authz::Grant;
 use crate::error::GateError;
 use crate::state::Gateway;
@@ -12,6 +13,9 @@ use std::time::{Duration, Instant};
 #[derive(Debug)]
 pub struct Outcome {
     started: Instant,
+    pub client: std::net::IpAddr,
+    /// The normalised path (never the query: clients may put anything there).
+    pub path: Option<String>,
     pub request_id: HeaderValue,
     pub method: Method,
     pub route: Option<Arc<str>>,
@@ -26,9 +30,11 @@ pub struct Outcome {
 
 impl Outcome {
     /// Starts the clock for a request.
-    pub fn start(request_id: HeaderValue, method: Method) -> Outcome {
+    pub fn start(request_id: HeaderValue, method: Method, client: std::net::IpAddr) -> Outcome {
         Outcome {
             started: Instant::now(),
+            client,
+            path: None,
             request_id,
             method,
             route: None,
@@ -42,12 +48,33 @@ impl Outcome {
     }
 }
 
-/// Reports a finished request: usage, then the log line.
+/// Reports a finished request: usage, the audit record, then the log line.
 pub fn finish(gw: &Gateway, out: &Outcome, status: StatusCode) {
     if let (Some(user), Some(key)) = (&out.user, &out.key) {
         let rate_limited = status == StatusCode::TOO_MANY_REQUESTS;
         gw.usage.record(user, key, status.as_u16() >= 400, rate_limited, gw.unix_now());
     }
+    let outcome = match out.error {
+        None => "forwarded",
+        Some(e) if e.status().is_server_error() => "failed",
+        Some(_) => "rejected",
+    };
+    gw.audit.send(&RequestRecord {
+        kind: "request",
+        time: crate::audit::now_rfc3339(),
+        request_id: out.request_id.to_str().unwrap_or_default(),
+        client: out.client.to_string(),
+        user: out.user.as_deref(),
+        key_id: out.key.as_deref(),
+        proxied_user: out.proxied_user.as_ref().and_then(|v| v.to_str().ok()),
+        route: out.route.as_deref(),
+        method: out.method.as_str(),
+        path: out.path.as_deref(),
+        status: status.as_u16(),
+        duration_ms: (out.started.elapsed().as_secs_f64() * 1e6).round() / 1e3,
+        outcome,
+        reason: out.error.map(|e| e.reason()),
+    });
     let elapsed_ms = out.started.elapsed().as_secs_f64() * 1e3;
     let route = out.route.as_deref().unwrap_or("");
     let id = out.request_id.to_str().unwrap_or_default();

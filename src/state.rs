@@ -1,5 +1,6 @@
 //! The long-lived handles every request shares.
 
+use crate::audit::Audit;
 use crate::authn::replay::ReplayCache;
 use crate::body::Body;
 use crate::config::{AuthConfig, Config, IdentityHeaders, Limits};
@@ -29,11 +30,12 @@ pub struct Gateway {
     pub replay: ReplayCache,
     pub identity_headers: IdentityHeaders,
     pub usage: Arc<Usage>,
+    pub audit: Arc<Audit>,
 }
 
 impl Gateway {
     /// Builds the gateway from a validated config and its loaded credentials.
-    pub fn new(config: &Config, credentials: Arc<Credentials>, usage: Arc<Usage>) -> Gateway {
+    pub fn new(config: &Config, credentials: Arc<Credentials>, usage: Arc<Usage>, audit: Arc<Audit>) -> Gateway {
         Gateway {
             routes: RouteTable::new(&config.routes),
             limits: config.limits.clone(),
@@ -44,6 +46,7 @@ impl Gateway {
             replay: ReplayCache::new(config.auth.replay_cache_entries),
             identity_headers: config.identity_headers.clone(),
             usage,
+            audit,
         }
     }
 

@@ -3,6 +3,7 @@
 //! live snapshot before the response, so it is in force on the next request.
 
 use super::{Admin, json};
+use crate::audit::AdminRecord;
 use crate::body::Body;
 use crate::credentials::file::{AuthMethod, FileRateLimit, Status};
 use crate::credentials::ops::{self, UserFields};
@@ -22,10 +23,15 @@ struct ApiError(StatusCode, &'static str, String);
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
+        // The validator speaks of lines of a file the caller never saw: give the reasons.
+        if let StoreError::Invalid(errors) = &e {
+            let reasons: Vec<&str> = errors.problems.iter().map(|p| p.message.as_str()).collect();
+            return ApiError(StatusCode::UNPROCESSABLE_ENTITY, "validation_error", reasons.join("; "));
+        }
         let (status, code) = match &e {
             StoreError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             StoreError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
-            StoreError::BadInput(_) | StoreError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            StoreError::BadInput(_) | StoreError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "validation_error"),
             // A read-only mount (Kubernetes Secret): nothing here can change it.
             StoreError::ReadOnly { .. } => (StatusCode::CONFLICT, "read_only"),
             StoreError::Io { .. } | StoreError::Serialise(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
@@ -68,6 +74,22 @@ mod serde_with_null {
 }
 
 impl UserBody {
+    /// The fields this body sets (all non-secret), for the audit record.
+    fn echo(&self) -> Value {
+        let mut v = j!({
+            "display_name": self.display_name, "description": self.description, "organization": self.organization,
+            "teams": self.teams, "default_team": self.default_team, "roles": self.roles,
+            "allowed_endpoints": self.allowed_endpoints, "allow_proxied_users": self.allow_proxied_users,
+            "allowed_proxied_users": self.allowed_proxied_users,
+            "rate_limit": self.rate_limit.map(|r| r.map(|r| j!({"per_second": r.per_second, "burst": r.burst}))),
+            "auth_method": self.auth_method,
+        });
+        if let Value::Object(m) = &mut v {
+            m.retain(|_, x| !x.is_null());
+        }
+        v
+    }
+
     fn fields(&mut self) -> UserFields {
         UserFields {
             display_name: self.display_name.take(),
@@ -110,7 +132,13 @@ async fn body<T: for<'de> Deserialize<'de> + Default>(req: Request<Incoming>) ->
     if bytes.is_empty() {
         return Ok(T::default());
     }
-    serde_json::from_slice(&bytes).map_err(|e| bad(format!("invalid JSON body: {e}")))
+    // Not JSON at all: 400. JSON of the wrong shape (unknown or mistyped field): 422,
+    // with serde's message, which names the field.
+    let value: Value = serde_json::from_slice(&bytes).map_err(|e| bad(format!("body is not JSON: {e}")))?;
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let field = e.path().to_string();
+        ApiError(StatusCode::UNPROCESSABLE_ENTITY, "validation_error", format!("field `{field}`: {}", e.into_inner()))
+    })
 }
 
 /// Routes and runs one authorised `/admin/v1` call.
@@ -164,7 +192,10 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Result<(StatusCode, Val
             if b.status.is_some() {
                 return Err(bad("a new user is always active; set `status` with PATCH"));
             }
-            let v = change(admin, store, |c| {
+            let mut body_json = b.echo();
+            body_json["auth_method"] = serde_json::to_value(method).unwrap_or_default();
+            let what = Change { action: "user.create", target: &id, changes: body_json };
+            let v = change(admin, store, what, |c| {
                 ops::create_user(c, &id, method, b.fields())?;
                 Ok(ops::user_view(ops::user(c, &id)?))
             })?;
@@ -185,7 +216,11 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Result<(StatusCode, Val
                 return Err(bad("`id` and `auth_method` cannot be changed"));
             }
             let status = b.status.take();
-            let v = change(admin, store, |c| {
+            let mut changes = b.echo();
+            if let Some(s) = status {
+                changes["status"] = serde_json::to_value(s).unwrap_or_default();
+            }
+            let v = change(admin, store, Change { action: "user.update", target: id, changes }, |c| {
                 ops::update_user(c, id, b.fields())?;
                 if let Some(s) = status {
                     ops::set_status(c, id, s)?;
@@ -195,12 +230,15 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Result<(StatusCode, Val
             (StatusCode::OK, v)
         }
         (Method::DELETE, ["users", id]) => {
-            change(admin, store, |c| ops::delete_user(c, id))?;
+            change(admin, store, Change { action: "user.delete", target: id, changes: Value::Null }, |c| {
+                ops::delete_user(c, id)
+            })?;
             (StatusCode::OK, j!({"deleted": id}))
         }
         (Method::POST, ["users", id, "keys"]) => {
             let b: KeyBody = body(req).await?;
-            let v = change(admin, store, |c| {
+            let changes = j!({"label": b.label, "expires_at": b.expires_at.map(|t| t.unix_timestamp())});
+            let v = change(admin, store, Change { action: "key.add", target: id, changes }, |c| {
                 let hmac = ops::user(c, id)?.auth_method == AuthMethod::Hmac;
                 let (view, secret) = ops::add_key(c, id, &b.label, b.expires_at, || store.master_key())?;
                 // The only response that ever contains a token or secret (SPEC §7).
@@ -213,13 +251,16 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Result<(StatusCode, Val
             (StatusCode::CREATED, v)
         }
         (Method::DELETE, ["users", id, "keys", key_id]) => {
-            change(admin, store, |c| ops::revoke_key(c, id, key_id, ops::now()))?;
+            let what = Change { action: "key.revoke", target: id, changes: j!({"key_id": key_id}) };
+            change(admin, store, what, |c| ops::revoke_key(c, id, key_id, ops::now()))?;
             (StatusCode::OK, j!({"revoked": key_id}))
         }
         (Method::GET, ["roles"]) => (StatusCode::OK, roles_view(&store.read()?)),
+        (Method::GET, ["audit"]) => (StatusCode::OK, audit_tail(admin, &query)?),
         (Method::PUT, ["roles"]) => {
             let b: std::collections::BTreeMap<String, RoleBody> = body(req).await?;
-            let v = change(admin, store, |c| {
+            let changes = j!(b.iter().map(|(n, r)| (n.clone(), j!(r.rules))).collect::<serde_json::Map<_, _>>());
+            let v = change(admin, store, Change { action: "roles.set", target: "roles", changes }, |c| {
                 let gone: Vec<String> = c.roles.keys().filter(|k| !b.contains_key(*k)).cloned().collect();
                 for name in gone {
                     ops::delete_role(c, &name)?;
@@ -244,16 +285,61 @@ fn roles_view(c: &crate::credentials::file::FileCredentials) -> Value {
         .into()
 }
 
-/// Writes a change and puts it in force before answering.
+/// What an admin change was, for its audit record.
+struct Change<'a> {
+    action: &'a str,
+    target: &'a str,
+    /// Changed fields and their new values; never a secret.
+    changes: Value,
+}
+
+/// Writes a change, records it in the audit log, and puts it in force before answering.
 fn change<T>(
     admin: &Admin,
     store: &Store,
+    what: Change<'_>,
     f: impl FnOnce(&mut crate::credentials::file::FileCredentials) -> Result<T, StoreError>,
 ) -> Result<T, ApiError> {
     // A locked read-modify-write of one small file: rare and short enough to run inline.
     let out = store.update(f)?;
+    admin.audit.send(&AdminRecord {
+        kind: "admin",
+        time: crate::audit::now_rfc3339(),
+        actor: "admin-api",
+        action: what.action,
+        target: what.target,
+        changes: what.changes,
+    });
     if let Err(e) = admin.credentials.reload() {
         tracing::error!(error = %e, "admin change written but not loaded");
     }
     Ok(out)
+}
+
+/// The last records of the audit file (newest last), optionally only one user's:
+/// `?user=ID&limit=N` (default 100, at most 1000). Reads at most the last 8 MiB.
+fn audit_tail(admin: &Admin, query: &str) -> Result<Value, ApiError> {
+    use std::io::{Read, Seek, SeekFrom};
+    let crate::config::AuditSink::File(path) = admin.audit.sink() else {
+        return Err(ApiError(StatusCode::NOT_FOUND, "not_found", "the audit log goes to stdout; read it there".into()));
+    };
+    let param = |k: &str| query.split('&').find_map(|kv| kv.strip_prefix(k).and_then(|v| v.strip_prefix('=')));
+    let user = param("user");
+    let limit = param("limit").and_then(|l| l.parse::<usize>().ok()).unwrap_or(100).min(1000);
+    let unavailable =
+        |e: std::io::Error| ApiError(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("audit log: {e}"));
+    let mut f = std::fs::File::open(path).map_err(unavailable)?;
+    let len = f.metadata().map_err(unavailable)?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(8 << 20))).map_err(unavailable)?;
+    let mut text = String::new();
+    f.read_to_string(&mut text).map_err(unavailable)?;
+    let mut out: Vec<Value> = text
+        .lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| user.is_none_or(|u| v["user"] == u || v["proxied_user"] == u || v["target"] == u))
+        .take(limit)
+        .collect();
+    out.reverse();
+    Ok(Value::from(out))
 }

@@ -7,6 +7,7 @@
 
 mod api;
 
+use crate::audit::Audit;
 use crate::body::Body;
 use crate::config::{AdminConfig, Config};
 use crate::credentials::reload::Credentials;
@@ -29,6 +30,7 @@ use tokio::sync::watch;
 pub struct Admin {
     credentials: Arc<Credentials>,
     usage: Arc<Usage>,
+    audit: Arc<Audit>,
     store: Option<Store>,
     /// SHA-256 of the admin token: compared in constant time, never kept in clear.
     token_digest: Option<[u8; 32]>,
@@ -64,13 +66,14 @@ impl Admin {
         admin: &AdminConfig,
         credentials: Arc<Credentials>,
         usage: Arc<Usage>,
+        audit: Arc<Audit>,
     ) -> Result<Admin, String> {
         let token = read_token(admin)?;
         if token.is_none() {
             tracing::warn!("admin API disabled: no admin token configured (admin.token_env or admin.token_file)");
         }
         let store = config.credentials.clone().map(|p| Store::new(p, config.master_key.clone(), config.rate_limit));
-        Ok(Admin { credentials, usage, store, token_digest: token.map(|t| Sha256::digest(t.as_bytes()).into()) })
+        Ok(Admin { credentials, usage, audit, store, token_digest: token.map(|t| Sha256::digest(t.as_bytes()).into()) })
     }
 
     fn authorised(&self, req: &Request<Incoming>) -> bool {

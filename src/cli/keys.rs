@@ -45,19 +45,19 @@ fn secret_json(view: Value, secret: &str, hmac: bool) -> Value {
 }
 
 pub fn run(a: KeysArgs) -> ExitCode {
-    let store = match a.store.store() {
+    let ctx = match a.store.open() {
         Ok(s) => s,
         Err(e) => return fail("keys", e),
     };
     let json = a.store.json;
-    let master = || store.master_key();
+    let master = || ctx.store.master_key();
     let result = match a.command {
         KeysCommand::Add { user, label, expires_in } => {
             let expires = match expires_in.as_deref().map(parse_in).transpose() {
                 Ok(e) => e,
                 Err(e) => return fail("keys add", e),
             };
-            run_update("keys add", &store, |c| {
+            run_update("keys add", &user, &ctx, |c| {
                 let hmac = ops::user(c, &user)?.auth_method == crate::credentials::file::AuthMethod::Hmac;
                 let (view, secret) = ops::add_key(c, &user, &label, expires, master)?;
                 Ok((secret_json(view, secret.expose(), hmac), hmac))
@@ -73,9 +73,9 @@ pub fn run(a: KeysArgs) -> ExitCode {
                 })
             })
         }
-        KeysCommand::List { user } => match store.read().and_then(|c| ops::user(&c, &user).map(ops::user_view)) {
+        KeysCommand::List { user } => match ctx.store.read().and_then(|c| ops::user(&c, &user).map(ops::user_view)) {
             Ok(mut v) => {
-                ops::add_usage(&mut v, &crate::usage::read_state(&crate::usage::state_path(store.path())));
+                ops::add_usage(&mut v, &crate::usage::read_state(&crate::usage::state_path(ctx.store.path())));
                 let keys = v["keys"].take();
                 Ok(print(json, &keys, || {
                     let mut out = format!(
@@ -101,7 +101,7 @@ pub fn run(a: KeysArgs) -> ExitCode {
             Err(e) => Err(fail("keys list", e)),
         },
         KeysCommand::Revoke { user, key_id } => {
-            run_update("keys revoke", &store, |c| ops::revoke_key(c, &user, &key_id, ops::now()))
+            run_update("keys revoke", &user, &ctx, |c| ops::revoke_key(c, &user, &key_id, ops::now()))
                 .map(|()| print(json, &json!({"revoked": key_id}), || format!("key {key_id} of {user} revoked")))
         }
         KeysCommand::Rotate { user, key_id, label, grace } => {
@@ -109,7 +109,7 @@ pub fn run(a: KeysArgs) -> ExitCode {
                 Ok(t) => t,
                 Err(e) => return fail("keys rotate", e),
             };
-            run_update("keys rotate", &store, |c| {
+            run_update("keys rotate", &user, &ctx, |c| {
                 let hmac = ops::user(c, &user)?.auth_method == crate::credentials::file::AuthMethod::Hmac;
                 ops::revoke_key(c, &user, &key_id, at)?;
                 let (view, secret) = ops::add_key(c, &user, &label, None, master)?;

@@ -31,13 +31,13 @@ enum RolesCommand {
 }
 
 pub fn run(a: RolesArgs) -> ExitCode {
-    let store = match a.store.store() {
+    let ctx = match a.store.open() {
         Ok(s) => s,
         Err(e) => return fail("roles", e),
     };
     let json = a.store.json;
     let result = match a.command {
-        RolesCommand::List => match store.read() {
+        RolesCommand::List => match ctx.store.read() {
             Ok(c) => {
                 let roles: serde_json::Map<String, Value> = c
                     .roles
@@ -61,10 +61,10 @@ pub fn run(a: RolesArgs) -> ExitCode {
             Err(e) => Err(fail("roles list", e)),
         },
         RolesCommand::Set { name, rules, description } => {
-            run_update("roles set", &store, |c| ops::set_role(c, &name, description, rules))
+            run_update("roles set", &name, &ctx, |c| ops::set_role(c, &name, description, rules))
                 .map(|()| print(json, &json!({"role": name}), || format!("role {name} set")))
         }
-        RolesCommand::Delete { name } => run_update("roles delete", &store, |c| ops::delete_role(c, &name))
+        RolesCommand::Delete { name } => run_update("roles delete", &name, &ctx, |c| ops::delete_role(c, &name))
             .map(|()| print(json, &json!({"deleted": name}), || format!("role {name} deleted"))),
     };
     result.unwrap_or_else(|code| code)

@@ -1,7 +1,8 @@
 //! What the `users`, `keys` and `roles` commands share: where the credentials file is,
 //! and how results and failures are printed.
 
-use crate::config::{Config, RateLimitConfig, units};
+use crate::audit::AdminRecord;
+use crate::config::{AuditSink, Config, RateLimitConfig, units};
 use crate::credentials::file::FileRateLimit;
 use crate::credentials::store::{Store, StoreError};
 use serde_json::Value;
@@ -25,18 +26,25 @@ pub struct StoreArgs {
     pub json: bool,
 }
 
+/// The store, and the audit file its changes are recorded in (when the config names one).
+pub struct Ctx {
+    pub store: Store,
+    audit: Option<AuditSink>,
+}
+
 impl StoreArgs {
     /// The store these arguments name.
-    pub fn store(&self) -> Result<Store, String> {
+    pub fn open(&self) -> Result<Ctx, String> {
         if let Some(path) = &self.credentials {
             let master = self.master_key.clone().unwrap_or_else(|| path.with_file_name("master.key"));
-            return Ok(Store::new(path.clone(), master, RateLimitConfig { per_second: 50, burst: 100 }));
+            let store = Store::new(path.clone(), master, RateLimitConfig { per_second: 50, burst: 100 });
+            return Ok(Ctx { store, audit: None });
         }
         let config = Config::load(&self.config).map_err(|e| e.to_string())?;
         let path = config
             .credentials
             .ok_or_else(|| format!("{} names no credentials file; pass --credentials PATH", self.config.display()))?;
-        Ok(Store::new(path, config.master_key, config.rate_limit))
+        Ok(Ctx { store: Store::new(path, config.master_key, config.rate_limit), audit: Some(config.audit_log) })
     }
 }
 
@@ -55,13 +63,30 @@ pub fn fail(command: &str, e: impl std::fmt::Display) -> ExitCode {
     ExitCode::FAILURE
 }
 
-/// Runs a change and reports a store failure as one line.
+/// Runs a change, records it in the audit file (actor `cli:<os user>`), and reports a
+/// failure as one line.
 pub fn run_update<T>(
     command: &str,
-    store: &Store,
+    target: &str,
+    ctx: &Ctx,
     change: impl FnOnce(&mut crate::credentials::file::FileCredentials) -> Result<T, StoreError>,
 ) -> Result<T, ExitCode> {
-    store.update(change).map_err(|e| fail(command, e))
+    let out = ctx.store.update(change).map_err(|e| fail(command, e))?;
+    if let Some(sink) = &ctx.audit {
+        let actor = format!("cli:{}", std::env::var("USER").unwrap_or_else(|_| "unknown".into()));
+        let record = AdminRecord {
+            kind: "admin",
+            time: crate::audit::now_rfc3339(),
+            actor: &actor,
+            action: command,
+            target,
+            changes: Value::Null,
+        };
+        if let Err(e) = crate::audit::append_now(sink, &record) {
+            eprintln!("gatehouse {command}: warning: change made, but not recorded in the audit log: {e}");
+        }
+    }
+    Ok(out)
 }
 
 /// `20/40` → per_second 20, burst 40.

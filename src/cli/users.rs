@@ -119,7 +119,7 @@ fn status_of(v: &Value) -> &str {
 }
 
 pub fn run(a: UsersArgs) -> ExitCode {
-    let store = match a.store.store() {
+    let ctx = match a.store.open() {
         Ok(s) => s,
         Err(e) => return fail("users", e),
     };
@@ -135,30 +135,30 @@ pub fn run(a: UsersArgs) -> ExitCode {
                 Method::ApiKey => AuthMethod::ApiKey,
                 Method::Hmac => AuthMethod::Hmac,
             };
-            run_update("users create", &store, |c| {
+            run_update("users create", &id, &ctx, |c| {
                 ops::create_user(c, &id, method, fields.into_change())?;
                 Ok(ops::user_view(ops::user(c, &id)?))
             })
             .map(|v| print(json, &v, changed("created", &id)))
         }
-        UsersCommand::Update { id, fields } => run_update("users update", &store, |c| {
+        UsersCommand::Update { id, fields } => run_update("users update", &id, &ctx, |c| {
             ops::update_user(c, &id, fields.into_change())?;
             Ok(ops::user_view(ops::user(c, &id)?))
         })
         .map(|v| print(json, &v, changed("updated", &id))),
-        UsersCommand::Disable { id } => set(&store, json, &id, Status::Inactive, ("disable", "disabled")),
-        UsersCommand::Enable { id } => set(&store, json, &id, Status::Active, ("enable", "enabled")),
-        UsersCommand::Retire { id } => set(&store, json, &id, Status::Retired, ("retire", "retired")),
-        UsersCommand::Delete { id } => run_update("users delete", &store, |c| ops::delete_user(c, &id))
+        UsersCommand::Disable { id } => set(&ctx, json, &id, Status::Inactive, ("disable", "disabled")),
+        UsersCommand::Enable { id } => set(&ctx, json, &id, Status::Active, ("enable", "enabled")),
+        UsersCommand::Retire { id } => set(&ctx, json, &id, Status::Retired, ("retire", "retired")),
+        UsersCommand::Delete { id } => run_update("users delete", &id, &ctx, |c| ops::delete_user(c, &id))
             .map(|()| print(json, &serde_json::json!({"deleted": id}), changed("deleted", &id))),
-        UsersCommand::Show { id } => match store.read().and_then(|c| ops::user(&c, &id).map(ops::user_view)) {
+        UsersCommand::Show { id } => match ctx.store.read().and_then(|c| ops::user(&c, &id).map(ops::user_view)) {
             Ok(mut v) => {
-                ops::add_usage(&mut v, &crate::usage::read_state(&crate::usage::state_path(store.path())));
+                ops::add_usage(&mut v, &crate::usage::read_state(&crate::usage::state_path(ctx.store.path())));
                 Ok(print(json, &v, || serde_json::to_string_pretty(&v).unwrap_or_default()))
             }
             Err(e) => Err(fail("users show", e)),
         },
-        UsersCommand::List { status, role, organization } => match store.read() {
+        UsersCommand::List { status, role, organization } => match ctx.store.read() {
             Ok(c) => {
                 let want = status.map(|s| match s {
                     StatusArg::Active => "active",
@@ -203,13 +203,13 @@ pub fn run(a: UsersArgs) -> ExitCode {
 }
 
 fn set(
-    store: &crate::credentials::store::Store,
+    ctx: &super::store_args::Ctx,
     json: bool,
     id: &str,
     status: Status,
     (verb, what): (&str, &str),
 ) -> Result<ExitCode, ExitCode> {
-    run_update(&format!("users {verb}"), store, |c| {
+    run_update(&format!("users {verb}"), id, ctx, |c| {
         ops::set_status(c, id, status)?;
         Ok(ops::user_view(ops::user(c, id)?))
     })

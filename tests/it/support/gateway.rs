@@ -233,6 +233,9 @@ impl GatewayConfig {
                 q(&dir.join("key.pem").display().to_string()),
             ));
         }
+        // The audit log goes to a file in the test's directory (stdout would interleave
+        // with the test runner's output); tests read it from `dir/audit.log`.
+        y.push_str(&format!("audit_log: {}\n", q(&dir.join("audit.log").display().to_string())));
         if !self.limits.is_empty() {
             y.push_str("limits:\n");
             for (k, v) in &self.limits {
