@@ -18,6 +18,12 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::path::Path;
 use std::sync::Arc;
 
+/// A team or role name can be joined with `,` into `X-Gatehouse-Teams` / `-Roles` (SPEC §4)
+/// without one name reading as several: non-empty, no comma, no space at either end.
+fn is_joinable_name(s: &str) -> bool {
+    !s.is_empty() && !s.contains(',') && s.trim() == s
+}
+
 /// A user id, key id or proxied-user id: `[a-z0-9][a-z0-9_.-]{0,63}` (SPEC §1).
 pub fn is_valid_id(s: &str) -> bool {
     let b = s.as_bytes();
@@ -197,6 +203,10 @@ impl Builder<'_> {
     fn build(&mut self, file: FileCredentials) -> Snapshot {
         let mut roles = HashMap::new();
         for (name, role) in file.roles {
+            if !is_joinable_name(&name) {
+                let loc = role.rules.first().map_or(Location::UNKNOWN, |r| r.referenced);
+                self.at(&loc, format!("role name {name:?} must be non-empty, without commas or spaces at either end"));
+            }
             let rules = role
                 .rules
                 .iter()
@@ -231,6 +241,12 @@ impl Builder<'_> {
             .iter()
             .filter_map(|r| r.value.parse::<Rule>().map_err(|e| self.at(&r.referenced, e)).ok())
             .collect();
+        for t in u.teams.iter().filter(|t| !is_joinable_name(t)) {
+            self.at(
+                &u.id.referenced,
+                format!("user {:?}: team {t:?} must be non-empty, without commas or spaces at either end", u.id.value),
+            );
+        }
         if let Some(t) = &u.default_team
             && !u.teams.contains(t)
         {

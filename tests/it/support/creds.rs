@@ -180,6 +180,49 @@ impl Creds {
         self.user(user).status = status;
     }
 
+    /// Defines (or replaces) the role `name` with exactly these rules, e.g.
+    /// `&["GET /api/v1/orders/**"]`.
+    pub fn role(&mut self, name: &str, rules: &[&str]) -> &mut Self {
+        let rules = rules.iter().map(|r| spanned(r.to_string())).collect();
+        self.file.roles.insert(name.into(), FileRole { description: format!("test role {name}"), rules });
+        self
+    }
+
+    /// Gives `user` exactly these roles, in this order (none: the user is permitted nothing).
+    pub fn set_roles(&mut self, user: &str, roles: &[&str]) -> &mut Self {
+        self.user(user).roles = roles.iter().map(|r| spanned(r.to_string())).collect();
+        self
+    }
+
+    /// Sets `user`'s `allowed_endpoints` (empty: no narrowing).
+    pub fn allowed_endpoints(&mut self, user: &str, rules: &[&str]) -> &mut Self {
+        self.user(user).allowed_endpoints = rules.iter().map(|r| spanned(r.to_string())).collect();
+        self
+    }
+
+    /// Lets `user` act for others: `allow_proxied_users: true` and
+    /// `allowed_proxied_users: ids` (empty: any id).
+    pub fn allow_proxied_users(&mut self, user: &str, ids: &[&str]) -> &mut Self {
+        let u = self.user(user);
+        u.allow_proxied_users = true;
+        u.allowed_proxied_users = ids.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
+    /// Sets `user`'s organization.
+    pub fn set_organization(&mut self, user: &str, org: &str) -> &mut Self {
+        self.user(user).organization = org.into();
+        self
+    }
+
+    /// Sets `user`'s teams, in this order; the first becomes the default team.
+    pub fn set_teams(&mut self, user: &str, teams: &[&str]) -> &mut Self {
+        let u = self.user(user);
+        u.teams = teams.iter().map(|t| t.to_string()).collect();
+        u.default_team = teams.first().map(|t| t.to_string());
+        self
+    }
+
     /// The file's text.
     pub fn yaml(&self) -> String {
         serde_saphyr::to_string(&self.file).unwrap()
