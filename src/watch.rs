@@ -2,11 +2,13 @@
 //!
 //! Watches the *directories* holding the files, not the files: Kubernetes updates a
 //! mounted Secret by swapping a `..data` symlink, which a watch on the file never sees
-//! again after the first swap. Any event triggers a re-read after a short debounce; a
-//! content hash decides whether anything really changed (so our own atomic writes and
-//! unrelated files are no-ops). A slow poll is the backstop for missed events.
+//! again after the first swap. A file renamed or created onto a watched path (an atomic
+//! write: the CLI's, the admin API's, most deploy tools') is complete, so it is re-read at
+//! once; any other event (an editor writing in place, a symlink swap) after a short
+//! debounce. A content hash decides whether anything really changed (so unrelated files
+//! are no-ops). A slow poll is the backstop for missed events.
 
-use notify::event::{AccessKind, AccessMode};
+use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
 use notify::{EventKind, RecursiveMode, Watcher};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
@@ -34,6 +36,16 @@ fn may_change(kind: &EventKind) -> bool {
     }
 }
 
+/// True for an event that puts a complete file at one of `paths` (rename onto it, or
+/// create it): nothing more is coming for it, so the debounce would only add latency.
+fn lands_complete(ev: &notify::Event, paths: &[PathBuf]) -> bool {
+    let lands = matches!(
+        ev.kind,
+        EventKind::Create(_) | EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both | RenameMode::Any))
+    );
+    lands && ev.paths.iter().any(|p| paths.contains(p))
+}
+
 /// Sends `()` on the returned channel each time the contents of `paths` change. The
 /// watcher lives as long as the receiver.
 pub fn watch(paths: Vec<PathBuf>, poll: Duration) -> mpsc::Receiver<()> {
@@ -48,11 +60,15 @@ pub fn watch_since(paths: Vec<PathBuf>, poll: Duration, baseline: u64) -> mpsc::
 
 fn watch_inner(paths: Vec<PathBuf>, poll: Duration, baseline: Option<u64>) -> mpsc::Receiver<()> {
     let (tx, rx) = mpsc::channel(1);
-    let (ev_tx, mut ev_rx) = mpsc::channel::<()>(1);
+    // `true`: re-read now; `false`: re-read after the debounce.
+    let (ev_tx, mut ev_rx) = mpsc::channel::<bool>(8);
+    let watched = paths.clone();
     let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if res.is_ok_and(|ev| may_change(&ev.kind)) {
+        if let Ok(ev) = res
+            && may_change(&ev.kind)
+        {
             // Full channel: a re-read is already due, which covers this event too.
-            let _ = ev_tx.try_send(());
+            let _ = ev_tx.try_send(lands_complete(&ev, &watched));
         }
     });
     let mut watcher = match watcher {
@@ -85,8 +101,23 @@ fn watch_inner(paths: Vec<PathBuf>, poll: Duration, baseline: Option<u64>) -> mp
         loop {
             tokio::select! {
                 ev = ev_rx.recv() => {
-                    if ev.is_none() { return; }
-                    tokio::time::sleep(DEBOUNCE).await;
+                    let Some(complete) = ev else { return };
+                    if !complete {
+                        // Debounce, cut short by a complete file landing (an atomic write
+                        // starts with events for its temp file).
+                        let deadline = tokio::time::sleep(DEBOUNCE);
+                        tokio::pin!(deadline);
+                        loop {
+                            tokio::select! {
+                                _ = &mut deadline => break,
+                                e = ev_rx.recv() => match e {
+                                    Some(true) => break,
+                                    Some(false) => {}
+                                    None => return,
+                                },
+                            }
+                        }
+                    }
                     while ev_rx.try_recv().is_ok() {}
                 }
                 _ = tick.tick() => {}
@@ -103,4 +134,32 @@ fn watch_inner(paths: Vec<PathBuf>, poll: Duration, baseline: Option<u64>) -> mp
         }
     });
     rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notify::event::CreateKind;
+
+    fn event(kind: EventKind, paths: &[&str]) -> notify::Event {
+        let mut ev = notify::Event::new(kind);
+        ev.paths = paths.iter().map(PathBuf::from).collect();
+        ev
+    }
+
+    #[test]
+    fn only_a_complete_file_landing_on_a_watched_path_skips_the_debounce() {
+        let watched = vec![PathBuf::from("/etc/gh/credentials.yaml")];
+        let renamed = EventKind::Modify(ModifyKind::Name(RenameMode::To));
+        assert!(lands_complete(&event(renamed, &["/etc/gh/credentials.yaml"]), &watched));
+        let both = EventKind::Modify(ModifyKind::Name(RenameMode::Both));
+        assert!(lands_complete(&event(both, &["/etc/gh/.tmp1", "/etc/gh/credentials.yaml"]), &watched));
+        assert!(lands_complete(&event(EventKind::Create(CreateKind::File), &["/etc/gh/credentials.yaml"]), &watched));
+        // The temp file of an atomic write, a rename away, an in-place write: debounced.
+        assert!(!lands_complete(&event(renamed, &["/etc/gh/.tmp1"]), &watched));
+        let away = EventKind::Modify(ModifyKind::Name(RenameMode::From));
+        assert!(!lands_complete(&event(away, &["/etc/gh/credentials.yaml"]), &watched));
+        let data = EventKind::Modify(ModifyKind::Data(notify::event::DataChange::Any));
+        assert!(!lands_complete(&event(data, &["/etc/gh/credentials.yaml"]), &watched));
+    }
 }
