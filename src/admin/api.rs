@@ -141,8 +141,17 @@ async fn body<T: for<'de> Deserialize<'de> + Default>(req: Request<Incoming>) ->
     })
 }
 
+/// The OpenAPI 3.1 document of this API, as written in `docs/` (a test checks that every
+/// route below is in it).
+const OPENAPI: &str = include_str!("../../docs/admin-api.yaml");
+
 /// Routes and runs one authorised `/admin/v1` call.
 pub(super) async fn handle(admin: &Admin, req: Request<Incoming>, id: &HeaderValue) -> Response<Body> {
+    if (req.method(), req.uri().path().trim_end_matches('/')) == (&Method::GET, "/admin/v1/openapi.yaml") {
+        let mut res = Response::new(Body::full(OPENAPI));
+        res.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/yaml"));
+        return res;
+    }
     match route(admin, req).await {
         Ok((status, v)) => json(status, &v),
         Err(ApiError(status, code, msg)) => error_response(status, code, &msg, id),

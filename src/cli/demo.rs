@@ -109,7 +109,11 @@ async fn demo(port: u16) -> Result<(), String> {
          \n  curl -s {base}/public/status                                # anonymous route\
          \n  curl -s -i {base}/api/v1/hello                              # 401: API key is missing\
          \n  curl -s -H 'X-API-Key: {token}' -H 'X-Gatehouse-User: admin' {base}/whoami   # spoofed identity: replaced\
-         \n\nPress Ctrl-C to stop.\n"
+         \n\nManage its API users from another terminal (README \"Managing API users\"):\
+         \n  export GATEHOUSE_CREDENTIALS={creds}\
+         \n  {exe} users list\
+         \n\nPress Ctrl-C to stop.\n",
+        creds = dir.path().join("credentials.yaml").display()
     );
     server.run(shutdown_signal()).await;
     Ok(())

@@ -66,7 +66,9 @@ enum Command {
 /// Parses the command line, runs the command and returns the process exit code.
 pub fn run() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // The file-editing commands print their own results; only warnings belong on stderr.
+    let quiet = matches!(cli.command, Command::Users(_) | Command::Keys(_) | Command::Roles(_) | Command::Sign(_));
+    init_logging(cli.log_format, if quiet { "warn" } else { "info,notify=warn" });
     match cli.command {
         Command::Serve { config } => serve::run(&config),
         Command::CheckConfig { config } => check_config::run(&config),
@@ -78,10 +80,10 @@ pub fn run() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat, default_filter: &str) {
     use tracing_subscriber::EnvFilter;
     // notify logs harmless watch-descriptor noise at INFO when watched files go away.
-    let filter = EnvFilter::try_from_env("GATEHOUSE_LOG").unwrap_or_else(|_| EnvFilter::new("info,notify=warn"));
+    let filter = EnvFilter::try_from_env("GATEHOUSE_LOG").unwrap_or_else(|_| EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
     match format {
         LogFormat::Text => builder.init(),

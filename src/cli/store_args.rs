@@ -16,7 +16,7 @@ pub struct StoreArgs {
     #[arg(long, global = true, env = "GATEHOUSE_CONFIG", default_value = "config/gatehouse.yaml")]
     config: PathBuf,
     /// The credentials file itself (then the master key is `master.key` beside it unless --master-key).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = "GATEHOUSE_CREDENTIALS")]
     credentials: Option<PathBuf>,
     /// The master key file, with --credentials.
     #[arg(long, global = true, requires = "credentials")]

@@ -24,7 +24,7 @@ pub enum StoreError {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error(
-        "{path} is read-only here ({source}); change the source file and redeploy it (see README \"Managing users\")"
+        "{path} is read-only here ({source}); change the source file and redeploy it (see README \"Managing API users\")"
     )]
     ReadOnly { path: PathBuf, source: std::io::Error },
     #[error("{0}")]

@@ -7,11 +7,16 @@
 
 mod support;
 
+mod admin_api;
 mod auth_api_key;
 mod auth_hmac;
+mod authz;
+mod cli;
 mod config;
 mod demo;
 mod errors;
+mod identity_headers;
+mod lifecycle;
 mod limits;
 mod proxy;
 mod reload;

@@ -1,7 +1,10 @@
-//! `GatewayConfig` writes a real `gatehouse.yaml` (plus a generated TLS certificate, and a
-//! credentials file with its master key) into a temporary directory; `TestGateway` runs
-//! it in process, `GatewayProcess` (process.rs) runs the real binary on it.
+//! `GatewayConfig` writes a real `gatehouse.yaml` (plus a generated TLS certificate, a
+//! credentials file with its master key, and an admin token file) into a temporary
+//! directory; `TestGateway` runs it in process, `GatewayProcess` (process.rs) runs the
+//! real binary on it. `AdminClient` talks to the admin listener with the bearer token.
 
+use super::Reply;
+use super::client::H1;
 use super::creds::{Creds, write_atomic, write_master_key};
 use super::upstream::TestUpstream;
 use gatehouse::config::Config;
@@ -127,6 +130,21 @@ pub struct GatewayConfig {
     auth_hmac: Vec<(String, String)>,
     credentials: Option<CredsText>,
     credentials_at: Option<PathBuf>,
+    admin: Option<AdminSpec>,
+}
+
+/// The admin listener of the test config: always `127.0.0.1:0`; the token, when there is
+/// one, is written to `admin.token` beside the config and named by `admin.token_file`
+/// (never `token_env`: tests do not touch the process environment).
+#[derive(Clone)]
+struct AdminSpec {
+    token: Option<String>,
+}
+
+impl std::fmt::Debug for AdminSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminSpec").field("token", &self.token.as_ref().map(|_| "..")).finish()
+    }
 }
 
 /// The texts of a credentials file and its master key.
@@ -149,6 +167,8 @@ pub struct WrittenConfig {
     pub cert: Option<TestCert>,
     /// The credentials file the config names, if any.
     pub credentials: Option<PathBuf>,
+    /// Whether the config has an admin listener, and its token if it has one.
+    pub admin: Option<Option<String>>,
 }
 
 impl WrittenConfig {
@@ -160,6 +180,16 @@ impl WrittenConfig {
     /// Replaces the credentials file atomically (temp file + rename in the same directory).
     pub fn write_credentials(&self, creds: &Creds) {
         write_atomic(self.credentials_path(), &creds.yaml());
+    }
+
+    /// The admin token the config names (panics without one).
+    pub fn admin_token(&self) -> &str {
+        self.admin.as_ref().and_then(|t| t.as_deref()).expect("no admin token: call .admin() on the builder")
+    }
+
+    /// The audit log every test config writes (`audit.log` beside the config).
+    pub fn audit_path(&self) -> PathBuf {
+        self.dir.path().join("audit.log")
     }
 }
 
@@ -218,6 +248,18 @@ impl GatewayConfig {
         self
     }
 
+    /// An admin listener on 127.0.0.1:0 with `token` (read from `admin.token_file`).
+    pub fn admin(mut self, token: &str) -> Self {
+        self.admin = Some(AdminSpec { token: Some(token.into()) });
+        self
+    }
+
+    /// An admin listener with no token configured: `/admin/v1` is disabled.
+    pub fn admin_without_token(mut self) -> Self {
+        self.admin = Some(AdminSpec { token: None });
+        self
+    }
+
     fn credentials_path(&self, dir: &Path) -> Option<PathBuf> {
         self.credentials.as_ref()?;
         Some(self.credentials_at.clone().unwrap_or_else(|| dir.join("credentials.yaml")))
@@ -236,6 +278,12 @@ impl GatewayConfig {
         // The audit log goes to a file in the test's directory (stdout would interleave
         // with the test runner's output); tests read it from `dir/audit.log`.
         y.push_str(&format!("audit_log: {}\n", q(&dir.join("audit.log").display().to_string())));
+        if let Some(a) = &self.admin {
+            y.push_str("admin:\n  address: 127.0.0.1:0\n");
+            if a.token.is_some() {
+                y.push_str(&format!("  token_file: {}\n", q(&dir.join("admin.token").display().to_string())));
+            }
+        }
         if !self.limits.is_empty() {
             y.push_str("limits:\n");
             for (k, v) in &self.limits {
@@ -259,7 +307,7 @@ impl GatewayConfig {
                 y.push_str(&format!("    {k}: {v}\n"));
             }
         }
-        y.push_str("routes:\n");
+        y.push_str(if self.routes.is_empty() { "routes: []\n" } else { "routes:\n" });
         for r in &self.routes {
             r.yaml(&mut y);
         }
@@ -281,9 +329,13 @@ impl GatewayConfig {
                 std::fs::write(dir.path().join("credentials.yaml"), &c.yaml).unwrap();
             }
         }
+        if let Some(token) = self.admin.as_ref().and_then(|a| a.token.as_ref()) {
+            write_master_key(&dir.path().join("admin.token"), &format!("{token}\n"));
+        }
         let path = dir.path().join("gatehouse.yaml");
         std::fs::write(&path, self.yaml(dir.path())).unwrap();
-        WrittenConfig { dir, path, cert, credentials }
+        let admin = self.admin.as_ref().map(|a| a.token.clone());
+        WrittenConfig { dir, path, cert, credentials, admin }
     }
 
     /// Loads the written config and runs the gateway in this process.
@@ -292,6 +344,8 @@ impl GatewayConfig {
         let config = Config::load_with_env(&written.path, &self.env)
             .unwrap_or_else(|e| panic!("test config is invalid: {e}\n{}", self.yaml(written.dir.path())));
         let server = Server::bind(&config).await.unwrap();
+        let admin = server.admin_addr();
+        assert_eq!(admin.is_some(), self.admin.is_some(), "admin listener");
         let listeners = server.listeners();
         let plain = listeners.iter().find(|l| !l.tls).map(|l| l.addr).unwrap();
         let tls = listeners.iter().find(|l| l.tls).map(|l| l.addr);
@@ -299,7 +353,7 @@ impl GatewayConfig {
         tokio::spawn(server.run(async {
             let _ = stopped.await;
         }));
-        TestGateway { plain, tls, written, stop: Some(stop) }
+        TestGateway { plain, tls, admin, written, stop: Some(stop) }
     }
 }
 
@@ -308,6 +362,7 @@ impl GatewayConfig {
 pub struct TestGateway {
     plain: SocketAddr,
     tls: Option<SocketAddr>,
+    admin: Option<SocketAddr>,
     written: WrittenConfig,
     stop: Option<oneshot::Sender<()>>,
 }
@@ -341,6 +396,103 @@ impl TestGateway {
     /// Replaces the running gateway's credentials file atomically with `creds`.
     pub fn write_credentials(&self, creds: &Creds) {
         self.written.write_credentials(creds);
+    }
+
+    /// The config file and everything it points to.
+    pub fn written(&self) -> &WrittenConfig {
+        &self.written
+    }
+
+    /// The admin listener's address (`Server::admin_addr()`).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.expect("gateway has no admin listener: call .admin() on the builder")
+    }
+
+    /// A client for the admin listener with the configured token.
+    pub fn admin(&self) -> AdminClient {
+        AdminClient::new(self.admin_addr(), Some(self.written.admin_token()))
+    }
+}
+
+/// A client for the admin listener: JSON in and out, `Authorization: Bearer <token>`
+/// when it has one.
+pub struct AdminClient {
+    base: String,
+    token: Option<String>,
+    client: H1,
+}
+
+impl AdminClient {
+    /// A client for the admin listener at `addr`, sending `token` (or no token).
+    pub fn new(addr: SocketAddr, token: Option<&str>) -> AdminClient {
+        AdminClient { base: format!("http://{addr}"), token: token.map(str::to_string), client: H1::new() }
+    }
+
+    /// The same listener with another token (or none).
+    pub fn with_token(&self, token: Option<&str>) -> AdminClient {
+        AdminClient { base: self.base.clone(), token: token.map(str::to_string), client: H1::new() }
+    }
+
+    /// `http://<admin listener><path>`.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// `method path` with extra headers and a raw body.
+    pub async fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<bytes::Bytes>,
+    ) -> Reply {
+        let mut h: Vec<(String, String)> = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        if let Some(t) = &self.token {
+            h.push(("authorization".into(), format!("Bearer {t}")));
+        }
+        self.client.request(method, &self.url(path), &h, body).await
+    }
+
+    /// `method path`, with `body` as JSON when given.
+    pub async fn call(&self, method: &str, path: &str, body: Option<&serde_json::Value>) -> Reply {
+        match body {
+            Some(b) => self.raw(method, path, &[("content-type", "application/json")], b.to_string()).await,
+            None => self.raw(method, path, &[], bytes::Bytes::new()).await,
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        self.call("GET", path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: &serde_json::Value) -> Reply {
+        self.call("POST", path, Some(body)).await
+    }
+
+    pub async fn patch(&self, path: &str, body: &serde_json::Value) -> Reply {
+        self.call("PATCH", path, Some(body)).await
+    }
+
+    pub async fn put(&self, path: &str, body: &serde_json::Value) -> Reply {
+        self.call("PUT", path, Some(body)).await
+    }
+
+    pub async fn delete(&self, path: &str) -> Reply {
+        self.call("DELETE", path, None).await
+    }
+
+    /// `method path` that must answer `status`; returns the JSON body.
+    pub async fn expect(
+        &self,
+        status: u16,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> serde_json::Value {
+        let r = self.call(method, path, body).await;
+        assert_eq!(r.status.as_u16(), status, "{method} {path}: {}", r.text());
+        assert_eq!(r.header("content-type"), "application/json", "{method} {path}");
+        r.json()
     }
 }
 

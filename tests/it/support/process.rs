@@ -2,7 +2,7 @@
 //! process shows (memory, signals, exit codes, the command line).
 
 use super::creds::Creds;
-use super::gateway::{GatewayConfig, WrittenConfig};
+use super::gateway::{AdminClient, GatewayConfig, WrittenConfig};
 use super::{STEP, within};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -13,9 +13,25 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_gatehouse");
+
 /// The binary under test, with a hermetic environment.
 fn gatehouse() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_gatehouse"));
+    gatehouse_wrapped(&[])
+}
+
+/// The binary under test run through `wrapper` (a command that ends by exec'ing its
+/// arguments, e.g. `unshare -m sh -c '…; exec "$@"' sh`), with a hermetic environment.
+fn gatehouse_wrapped(wrapper: &[&str]) -> Command {
+    let mut c = match wrapper.split_first() {
+        None => Command::new(BIN),
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(BIN);
+            c
+        }
+    };
     c.env_remove("GATEHOUSE_CONFIG")
         .env_remove("GATEHOUSE_LOG_FORMAT")
         .env("GATEHOUSE_LOG", "info")
@@ -28,7 +44,21 @@ fn gatehouse() -> Command {
 
 /// Runs `gatehouse <args>` to completion.
 pub async fn run_cli(args: &[&str]) -> Output {
-    within(STEP, &format!("gatehouse {args:?}"), gatehouse().args(args).output()).await.unwrap()
+    // The CLI's own default log level (warnings only) is part of what is tested.
+    let mut c = gatehouse();
+    c.env_remove("GATEHOUSE_LOG").args(args);
+    within(STEP, &format!("gatehouse {args:?}"), c.output()).await.unwrap()
+}
+
+/// Runs `gatehouse <args>` through `wrapper` (see [`gatehouse_wrapped`]) with extra
+/// environment variables, to completion.
+pub async fn run_cli_with(wrapper: &[&str], env: &[(&str, &str)], args: &[&str]) -> Output {
+    let mut c = gatehouse_wrapped(wrapper);
+    c.env_remove("GATEHOUSE_LOG").args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    within(STEP, &format!("gatehouse {args:?} via {wrapper:?}"), c.output()).await.unwrap()
 }
 
 /// Memory of a process, from `/proc/<pid>/status`, in KiB.
@@ -45,6 +75,7 @@ pub struct GatewayProcess {
     child: Child,
     pid: u32,
     addrs: Vec<SocketAddr>,
+    admin: Option<SocketAddr>,
     stderr: Arc<Mutex<String>>,
     stdout: Arc<Mutex<String>>,
     collectors: Vec<JoinHandle<()>>,
@@ -74,10 +105,33 @@ impl GatewayProcess {
     /// Like [`GatewayProcess::serve`], with extra environment variables (e.g.
     /// `GATEHOUSE_LOG=debug`).
     pub async fn serve_with_env(config: &GatewayConfig, env: &[(&str, &str)]) -> GatewayProcess {
-        let written = config.write();
-        let listeners = if config.yaml(written.dir.path()).contains("tls:") { 2 } else { 1 };
+        Self::serve_written(config.write(), &[], env).await
+    }
+
+    /// `serve` on an already written config (e.g. the one of a gateway that was stopped,
+    /// see [`GatewayProcess::into_written`]), through `wrapper` (see [`run_cli_with`]).
+    /// With an admin listener, also waits for its `admin listening` line.
+    pub async fn serve_written(written: WrittenConfig, wrapper: &[&str], env: &[(&str, &str)]) -> GatewayProcess {
+        let yaml = std::fs::read_to_string(&written.path).unwrap();
+        let listeners = if yaml.contains("tls:") { 2 } else { 1 };
         let path = written.path.display().to_string();
-        let mut p = Self::spawn(&["--log-format", "json", "serve", "--config", &path], listeners, env).await;
+        let args = ["--log-format", "json", "serve", "--config", &path];
+        let mut p = Self::spawn_wrapped(wrapper, &args, listeners, env).await;
+        if written.admin.is_some() {
+            let admin = within(STEP, "gatehouse to log `admin listening`", async {
+                loop {
+                    if let Some(a) = admin_listening(&p.stderr()) {
+                        return a;
+                    }
+                    if let Ok(Some(status)) = p.child.try_wait() {
+                        panic!("gatehouse exited with {status} before the admin listener:\n{}", p.stderr());
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await;
+            p.admin = Some(admin);
+        }
         p.config = Some(written);
         p
     }
@@ -93,7 +147,11 @@ impl GatewayProcess {
     }
 
     async fn spawn(args: &[&str], listeners: usize, env: &[(&str, &str)]) -> GatewayProcess {
-        let mut cmd = gatehouse();
+        Self::spawn_wrapped(&[], args, listeners, env).await
+    }
+
+    async fn spawn_wrapped(wrapper: &[&str], args: &[&str], listeners: usize, env: &[(&str, &str)]) -> GatewayProcess {
+        let mut cmd = gatehouse_wrapped(wrapper);
         cmd.args(args);
         for (k, v) in env {
             cmd.env(k, v);
@@ -106,7 +164,8 @@ impl GatewayProcess {
             collect(child.stdout.take().unwrap(), stdout.clone()),
             collect(child.stderr.take().unwrap(), stderr.clone()),
         ];
-        let mut p = GatewayProcess { child, pid, addrs: Vec::new(), stderr, stdout, collectors, config: None };
+        let mut p =
+            GatewayProcess { child, pid, addrs: Vec::new(), admin: None, stderr, stdout, collectors, config: None };
         let addrs = within(STEP, "gatehouse to log `listening`", async {
             loop {
                 let addrs = listening(&p.stderr());
@@ -132,6 +191,27 @@ impl GatewayProcess {
     /// The first listener's address (the plain one in `GatewayConfig` order).
     pub fn addr(&self) -> SocketAddr {
         self.addrs[0]
+    }
+
+    /// The admin listener's address, from its `admin listening` log line.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.expect("gateway has no admin listener: call .admin() on the builder")
+    }
+
+    /// A client for the admin listener with the configured token.
+    pub fn admin(&self) -> AdminClient {
+        AdminClient::new(self.admin_addr(), Some(self.written().admin_token()))
+    }
+
+    /// `http://<first listener><path>`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr())
+    }
+
+    /// The config this process was started with, kept after the process is gone (it is
+    /// killed now if it still runs): to start the gateway again on the same files.
+    pub fn into_written(mut self) -> WrittenConfig {
+        self.config.take().expect("not started with serve()")
     }
 
     /// Everything the process wrote to stderr so far.
@@ -190,7 +270,8 @@ impl GatewayProcess {
         super::eventually(STEP, &format!("{n} log line(s) {msg:?}"), || self.count_logged(msg) >= n).await;
     }
 
-    fn written(&self) -> &WrittenConfig {
+    /// The config file and everything it points to.
+    pub fn written(&self) -> &WrittenConfig {
         self.config.as_ref().expect("not started with serve()")
     }
 
@@ -214,6 +295,14 @@ impl GatewayProcess {
     }
 }
 
+/// The address of the `admin listening` line in a JSON log.
+fn admin_listening(log: &str) -> Option<SocketAddr> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["message"] == "admin listening")
+        .find_map(|v| v["address"].as_str().and_then(|a| a.parse().ok()))
+}
+
 /// The addresses of every `listening` line in a JSON log.
 fn listening(log: &str) -> Vec<SocketAddr> {
     log.lines()
@@ -222,3 +311,83 @@ fn listening(log: &str) -> Vec<SocketAddr> {
         .filter_map(|v| v["address"].as_str().and_then(|a| a.parse().ok()))
         .collect()
 }
+
+/// A directory made really unwritable for the `gatehouse` processes a test starts through
+/// [`ReadOnlyDir::wrapper`] — what a Kubernetes Secret mount is to the gateway.
+///
+/// Permission bits alone prove nothing when the tests run as root (root ignores them), so:
+/// - as root: the processes run in their own mount namespace (`unshare -m`) in which the
+///   directory is bind-mounted read-only over itself, so every write in it fails with
+///   EROFS exactly as on a read-only mount; the test itself, outside that namespace, can
+///   still read (and check) the files. Needs CAP_SYS_ADMIN, probed first.
+/// - as any other user: `chmod 0555` on the directory (EACCES), restored on drop.
+pub struct ReadOnlyDir {
+    dir: std::path::PathBuf,
+    wrapper: Vec<String>,
+    restore: Option<std::fs::Permissions>,
+    /// How the directory was made read-only, for failure messages.
+    pub how: &'static str,
+}
+
+/// This process's effective uid, from `/proc/self/status` (no libc: `unsafe` is forbidden).
+pub fn euid() -> u32 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    line.split_whitespace().nth(2).unwrap().parse().unwrap()
+}
+
+impl ReadOnlyDir {
+    /// Makes `dir` read-only for processes run through [`ReadOnlyDir::wrapper`]; `Err`
+    /// says why this machine cannot (root without mount namespaces).
+    pub fn new(dir: &Path) -> Result<ReadOnlyDir, String> {
+        use std::os::unix::fs::PermissionsExt;
+        let shown = dir.display().to_string();
+        assert!(!shown.contains('\''), "{shown}: a quote in a temporary path");
+        if euid() != 0 {
+            let restore = std::fs::metadata(dir).unwrap().permissions();
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o555)).unwrap();
+            return Ok(ReadOnlyDir { dir: dir.into(), wrapper: vec![], restore: Some(restore), how: "chmod 0555" });
+        }
+        let mount = format!("mount --bind -o ro '{shown}' '{shown}'");
+        // The probe: the mount works, and a write under it then fails.
+        let probe = format!("{mount} || exit 3; touch '{shown}/.probe' 2>/dev/null && exit 4; exit 0");
+        let out = std::process::Command::new("unshare")
+            .args(["-m", "sh", "-c", &probe])
+            .output()
+            .map_err(|e| format!("unshare: {e}"))?;
+        let _ = std::fs::remove_file(dir.join(".probe"));
+        if !out.status.success() {
+            return Err(format!(
+                "cannot bind-mount {shown} read-only in a mount namespace ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let wrapper = ["unshare", "-m", "sh", "-c", &format!("{mount} && exec \"$0\" \"$@\"")];
+        Ok(ReadOnlyDir {
+            dir: dir.into(),
+            wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
+            restore: None,
+            how: "read-only bind mount (unshare -m)",
+        })
+    }
+
+    /// The command prefix to run `gatehouse` through (see [`run_cli_with`]).
+    pub fn wrapper(&self) -> Vec<&str> {
+        self.wrapper.iter().map(String::as_str).collect()
+    }
+}
+
+impl Drop for ReadOnlyDir {
+    fn drop(&mut self) {
+        if let Some(p) = self.restore.take() {
+            let _ = std::fs::set_permissions(&self.dir, p);
+        }
+    }
+}
+
+/// A command prefix under which every write that would make a file larger than 0 bytes
+/// fails with EFBIG (`ulimit -f 0`; SIGXFSZ ignored so the write returns the error
+/// instead of killing the process) — a full disk, for root as for anyone: the kernel
+/// refuses the write itself.
+pub const DISK_FULL: &[&str] = &["sh", "-c", "trap '' XFSZ; ulimit -f 0 && exec \"$0\" \"$@\""];
