@@ -33,6 +33,7 @@ pub mod parse_errors;
 pub mod request;
 pub mod authn;
 pub mod authz;
+pub mod limit;
 pub mod rewrite;
 pub mod forward;
 pub mod record;

@@ -118,6 +118,14 @@ impl Server {
         let (stop_tx, stop_rx) = watch::channel(false);
         gw.credentials.clone().spawn_reloader();
         gw.usage.clone().spawn_flusher(Duration::from_secs(5));
+        // Drop limiter state of keys gone from the snapshot and of idle client IPs.
+        let pruned = gw.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                pruned.rate_limits.prune(&pruned.credentials.snapshot());
+            }
+        });
         let shared = Arc::new(Shared { gw, http: http_builder(&limits), limits });
         let mut accepting = JoinSet::new();
         for b in listeners {
