@@ -38,6 +38,7 @@ pub mod rewrite;
 pub mod forward;
 pub mod record;
 pub mod usage;
+pub mod metrics;
 pub mod audit;
 pub mod pipeline;
 

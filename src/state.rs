@@ -6,6 +6,7 @@ use crate::body::Body;
 use crate::config::{AuthConfig, Config, IdentityHeaders, Limits};
 use crate::credentials::reload::Credentials;
 use crate::limit::RateLimits;
+use crate::metrics::Metrics;
 use crate::route::RouteTable;
 use crate::usage::Usage;
 use hyper_util::client::legacy::Client;
@@ -33,11 +34,18 @@ pub struct Gateway {
     pub usage: Arc<Usage>,
     pub audit: Arc<Audit>,
     pub rate_limits: RateLimits,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Gateway {
     /// Builds the gateway from a validated config and its loaded credentials.
-    pub fn new(config: &Config, credentials: Arc<Credentials>, usage: Arc<Usage>, audit: Arc<Audit>) -> Gateway {
+    pub fn new(
+        config: &Config,
+        credentials: Arc<Credentials>,
+        usage: Arc<Usage>,
+        audit: Arc<Audit>,
+        metrics: Arc<Metrics>,
+    ) -> Gateway {
         Gateway {
             routes: RouteTable::new(&config.routes),
             limits: config.limits.clone(),
@@ -50,6 +58,7 @@ impl Gateway {
             usage,
             audit,
             rate_limits: RateLimits::new(config.auth.failed_per_ip_per_minute),
+            metrics,
         }
     }
 
