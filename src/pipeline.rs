@@ -1,7 +1,8 @@
 //! The straight line every proxied request follows:
 //!
 //! ```text
-//! parse → authenticate → authorize → rewrite → forward → (rewrite response) → record
+//! parse → limit (client IP) → authenticate → authorize → limit (key) → rewrite → forward
+//!       → (rewrite response) → record
 //! ```
 //!
 //! `handle` only maps errors and records; `handle_inner` calls the steps in order and
@@ -56,12 +57,12 @@ async fn handle_inner(
         out.key = Some(id.key.id.clone());
     }
     let permit = authz::authorize(caller, &parsed)?;
+    out.proxied_user = permit.proxied_user().cloned();
+    out.grant = permit.granted_by().cloned();
     let quota = match permit.caller() {
         authn::Caller::User(id) => Some(gw.rate_limits.check_key(&id.key)?),
         authn::Caller::Anonymous => None,
     };
-    out.proxied_user = permit.proxied_user().cloned();
-    out.grant = permit.granted_by().cloned();
     let outbound = rewrite::request(parsed, &permit, conn, gw.is_trusted_proxy(conn.peer.ip()), &gw.identity_headers);
     let fwd = forward::send(&gw.client, outbound).await?;
     out.upstream_latency = Some(fwd.upstream_latency);
