@@ -184,4 +184,36 @@ mod tests {
         assert_eq!(retry_after(Duration::from_millis(1000)), 1);
         assert_eq!(retry_after(Duration::from_millis(1001)), 2);
     }
+
+    /// limiters of keys that left the snapshot are dropped; a changed quota replaces
+    /// only that key's limiter
+    #[test]
+    fn prune_drops_limiters_of_removed_keys() {
+        let yaml = |keys: &[&str]| {
+            let mut y = String::from(
+                "roles: {}\nusers:\n  - id: u\n    status: active\n    auth_method: api_key\n    created_at: 2026-01-01T00:00:00Z\n    updated_at: 2026-01-01T00:00:00Z\n    keys:\n",
+            );
+            for (i, k) in keys.iter().enumerate() {
+                y.push_str(&format!(
+                    "      - id: {k}\n        created_at: 2026-01-01T00:00:00Z\n        token_sha256: {}\n",
+                    format!("{i:064}")
+                ));
+            }
+            y
+        };
+        let rate = crate::config::RateLimitConfig { per_second: 1, burst: 1 };
+        let both = Snapshot::parse(std::path::Path::new("t.yaml"), &yaml(&["a", "b"]), None, rate).unwrap();
+        let l = RateLimits::new(60);
+        assert!(l.check_key(both.by_id("a").unwrap()).is_ok());
+        assert!(l.check_key(both.by_id("b").unwrap()).is_ok());
+        assert!(l.check_key(both.by_id("a").unwrap()).is_err(), "burst 1 used up");
+        assert_eq!(l.tracked_keys(), 2);
+        let only_a = Snapshot::parse(std::path::Path::new("t.yaml"), &yaml(&["a"]), None, rate).unwrap();
+        l.prune(&only_a);
+        assert_eq!(l.tracked_keys(), 1);
+        assert!(l.check_key(only_a.by_id("a").unwrap()).is_err(), "a kept its state across the reload");
+        let faster = crate::config::RateLimitConfig { per_second: 100, burst: 100 };
+        let changed = Snapshot::parse(std::path::Path::new("t.yaml"), &yaml(&["a"]), None, faster).unwrap();
+        assert!(l.check_key(changed.by_id("a").unwrap()).is_ok(), "a new quota starts a new limiter");
+    }
 }

@@ -173,3 +173,39 @@ async fn an_audit_log_that_cannot_be_written_loses_records_but_never_requests() 
     })
     .await;
 }
+
+/// logrotate's two ways: rename (the writer reopens the path) and copytruncate (append
+/// mode writes at the new end: no hole of NULs, no lost line)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_log_survives_logrotate_rename_and_copytruncate() {
+    let up = TestUpstream::start().await;
+    let mut creds = Creds::new();
+    let key = creds.api_user("erp");
+    let gw = start(&creds, &up, "").await;
+    let client = H1::new();
+    let h = [("x-api-key", key.token.as_str())];
+    assert_eq!(client.get_with(&gw.url("/before"), &h).await.status, 200);
+    poll("the first record", async || (!gw.audit_records().is_empty()).then_some(())).await;
+
+    let rotated = gw.audit_path().with_extension("log.1");
+    std::fs::rename(gw.audit_path(), &rotated).unwrap();
+    poll("a new file after the rename", async || {
+        assert_eq!(client.get_with(&gw.url("/after-rename"), &h).await.status, 200);
+        gw.audit_records().iter().any(|r| r["path"] == "/after-rename").then_some(())
+    })
+    .await;
+    let old = std::fs::read_to_string(&rotated).unwrap();
+    assert!(old.contains("/before") && !old.contains("/after-rename"), "{old}");
+
+    // copytruncate: copy the file away, then truncate it in place.
+    std::fs::copy(gw.audit_path(), gw.audit_path().with_extension("log.2")).unwrap();
+    std::fs::OpenOptions::new().write(true).open(gw.audit_path()).unwrap().set_len(0).unwrap();
+    poll("writing after the truncation", async || {
+        assert_eq!(client.get_with(&gw.url("/after-truncate"), &h).await.status, 200);
+        gw.audit_records().iter().any(|r| r["path"] == "/after-truncate").then_some(())
+    })
+    .await;
+    let text = std::fs::read_to_string(gw.audit_path()).unwrap();
+    assert!(!text.contains('\0'), "append mode leaves no hole after a truncation");
+    assert!(!text.contains("/after-rename\""), "the truncated records are gone from the live file");
+}
