@@ -180,6 +180,7 @@ fn bench_authn(c: &mut Criterion) {
         replay_protection: false,
         hmac_max_body: 10 << 20,
         replay_cache_entries: 1 << 20,
+        failed_per_ip_per_minute: 60,
     };
     let replay = ReplayCache::new(auth.replay_cache_entries);
     let now = 1_800_000_000;

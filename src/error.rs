@@ -21,7 +21,7 @@ pub enum GateError {
     /// 413: the body is over a configured limit.
     PayloadTooLarge,
     /// 429: too many requests; retry after this many seconds.
-    TooManyRequests { retry_after_secs: u32 },
+    TooManyRequests { retry_after_secs: u32, scope: LimitScope },
     /// 502: the upstream could not be reached or answered garbage.
     Upstream(UpstreamFailure),
     /// 504: the upstream did not answer within the route's timeout.
@@ -41,6 +41,17 @@ pub enum BadRequest {
     Body,
     /// `X-Proxied-User` repeated, empty, too long or outside the id alphabet.
     ProxiedUser,
+}
+
+/// Which limit a 429 comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitScope {
+    /// The key's own rate limit.
+    Key,
+    /// The client IP's failed-authentication budget.
+    ClientIp,
+    /// The key's bound in the HMAC replay cache.
+    ReplayCache,
 }
 
 /// Why an authenticated caller was refused (403).
@@ -182,7 +193,9 @@ impl GateError {
             GateError::Unauthorized(f) => f.detail(),
             GateError::Forbidden(d) => d.detail(),
             GateError::BadRequest(BadRequest::ProxiedUser) => "bad_proxied_user",
-            GateError::TooManyRequests { .. } => "rate_limited",
+            GateError::TooManyRequests { scope: LimitScope::Key, .. } => "rate_limited",
+            GateError::TooManyRequests { scope: LimitScope::ClientIp, .. } => "client_ip_rate_limited",
+            GateError::TooManyRequests { scope: LimitScope::ReplayCache, .. } => "replay_cache_full",
             GateError::NoRoute => "no_route",
             GateError::PayloadTooLarge => "payload_too_large",
             GateError::Upstream(UpstreamFailure::Connect) => "upstream_connect",
@@ -242,7 +255,7 @@ impl GateError {
             GateError::Unauthorized(_) => {
                 res.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"gatehouse\""));
             }
-            GateError::TooManyRequests { retry_after_secs } => {
+            GateError::TooManyRequests { retry_after_secs, .. } => {
                 res.headers_mut().insert(RETRY_AFTER, HeaderValue::from(retry_after_secs));
             }
             _ => {}

@@ -3,14 +3,16 @@
 //! Every proxied request flows one way:
 //!
 //! ```text
-//!  accept ──► TLS ──► parse ──► authenticate ──► authorize ──► rewrite ──► forward ──► record
-//!  listen.rs  tls.rs  request.rs  authn/          authz.rs     rewrite.rs  forward.rs  record.rs
+//!  accept ──► TLS ──► parse ──► authenticate ──► authorize ──► limit ──► rewrite ──► forward ──► record
+//!  listen.rs  tls.rs  request.rs  authn/          authz.rs     limit.rs  rewrite.rs  forward.rs  record.rs
 //! ```
 //!
 //! `pipeline.rs` calls the steps in that order; each step returns `Result<_, GateError>`
-//! and `error.rs` is the only place a failure becomes a status and a JSON body. Steps
-//! depend on the shared modules (`config`, `route`, `headers`, `body`, `error`,
-//! `state`), never on each other.
+//! and `error.rs` is the only place a failure becomes a status and a JSON body. The one
+//! step visited twice is `limit`: a client IP's failed-authentication budget is checked
+//! before `authenticate` and charged when it fails; the key's quota after `authorize`.
+//! `record` writes usage, metrics and the audit record from the request's `Outcome`.
+//! The admin listener (`admin/`) is a separate service on its own socket.
 
 #![forbid(unsafe_code)]
 
@@ -33,10 +35,12 @@ pub mod parse_errors;
 pub mod request;
 pub mod authn;
 pub mod authz;
+pub mod limit;
 pub mod rewrite;
 pub mod forward;
 pub mod record;
 pub mod usage;
+pub mod metrics;
 pub mod audit;
 pub mod pipeline;
 

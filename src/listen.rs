@@ -8,6 +8,7 @@
 use crate::admin::Admin;
 use crate::config::{Config, Limits};
 use crate::credentials::reload::Credentials;
+use crate::metrics::Metrics;
 use crate::parse_errors::JsonParseErrors;
 use crate::pipeline;
 use crate::request::ConnInfo;
@@ -78,10 +79,13 @@ impl Server {
         let credentials = Arc::new(Credentials::load(config)?);
         let usage = Arc::new(Usage::load(config.credentials.as_deref().map(crate::usage::state_path)));
         let audit = Arc::new(crate::audit::Audit::start(&config.audit_log));
+        let route_names: Vec<Arc<str>> = config.routes.iter().map(|r| Arc::from(r.name.as_str())).collect();
+        let metrics =
+            Arc::new(Metrics::new(route_names.iter()).map_err(|e| StartError::Admin(format!("metrics: {e}")))?);
         let admin = match &config.admin {
             None => None,
             Some(a) => {
-                let service = Admin::new(config, a, credentials.clone(), usage.clone(), audit.clone())
+                let service = Admin::new(config, a, credentials.clone(), usage.clone(), audit.clone(), metrics.clone())
                     .map_err(StartError::Admin)?;
                 let tcp = TcpListener::bind(a.address)
                     .await
@@ -90,7 +94,7 @@ impl Server {
             }
         };
         Ok(Server {
-            gw: Arc::new(Gateway::new(config, credentials, usage, audit)),
+            gw: Arc::new(Gateway::new(config, credentials, usage, audit, metrics)),
             listeners,
             admin,
             limits: config.limits.clone(),
@@ -118,6 +122,14 @@ impl Server {
         let (stop_tx, stop_rx) = watch::channel(false);
         gw.credentials.clone().spawn_reloader();
         gw.usage.clone().spawn_flusher(Duration::from_secs(5));
+        // Drop limiter state of keys gone from the snapshot and of idle client IPs.
+        let pruned = gw.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                pruned.rate_limits.prune(&pruned.credentials.snapshot());
+            }
+        });
         let shared = Arc::new(Shared { gw, http: http_builder(&limits), limits });
         let mut accepting = JoinSet::new();
         for b in listeners {
@@ -182,6 +194,7 @@ fn http_builder(l: &Limits) -> auto::Builder<TokioExecutor> {
 }
 
 async fn accept_loop(b: Bound, shared: Arc<Shared>, conns: Arc<Semaphore>, mut stop: watch::Receiver<bool>) {
+    let open = shared.gw.metrics.connections(&b.name);
     loop {
         // Take a connection slot before accepting: at the cap, new connections wait in
         // the kernel backlog instead of being accepted and starved.
@@ -204,7 +217,7 @@ async fn accept_loop(b: Bound, shared: Arc<Shared>, conns: Arc<Semaphore>, mut s
         let _ = stream.set_nodelay(true);
         let info = ConnInfo { peer, listener: b.name.clone(), tls: b.tls.is_some() };
         let acceptor = b.tls.as_ref().map(|(a, _)| a.clone());
-        tokio::spawn(serve_conn(stream, info, acceptor, shared.clone(), stop.clone(), permit));
+        tokio::spawn(serve_conn(stream, info, acceptor, shared.clone(), stop.clone(), (permit, OpenGauge::new(&open))));
     }
 }
 
@@ -214,7 +227,7 @@ async fn serve_conn(
     acceptor: Option<TlsAcceptor>,
     shared: Arc<Shared>,
     stop: watch::Receiver<bool>,
-    _permit: OwnedSemaphorePermit,
+    _slot: (OwnedSemaphorePermit, OpenGauge),
 ) {
     let conn = Arc::new(Conn {
         info,
@@ -232,6 +245,22 @@ async fn serve_conn(
                 Err(_) => tracing::debug!(peer = %conn.info.peer, "TLS handshake timed out"),
             }
         }
+    }
+}
+
+/// Counts an open connection in `gatehouse_open_connections` until dropped.
+struct OpenGauge(prometheus::IntGauge);
+
+impl OpenGauge {
+    fn new(g: &prometheus::IntGauge) -> OpenGauge {
+        g.inc();
+        OpenGauge(g.clone())
+    }
+}
+
+impl Drop for OpenGauge {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

@@ -1,13 +1,15 @@
 //! The straight line every proxied request follows:
 //!
 //! ```text
-//! parse → authenticate → authorize → rewrite → forward → (rewrite response) → record
+//! parse → limit (client IP) → authenticate → authorize → limit (key) → rewrite → forward
+//!       → (rewrite response) → record
 //! ```
 //!
 //! `handle` only maps errors and records; `handle_inner` calls the steps in order and
 //! uses `?` on each. A step never calls another step.
 
 use crate::body::Body;
+use crate::error::GateError;
 use crate::record::{self, Outcome};
 use crate::request::{self, ConnInfo};
 use crate::state::Gateway;
@@ -35,13 +37,21 @@ async fn handle_inner(
     conn: &ConnInfo,
     req: Request<Incoming>,
     out: &mut Outcome,
-) -> Result<Response<Body>, crate::error::GateError> {
+) -> Result<Response<Body>, GateError> {
     // One consistent view of the credentials for the whole request.
     let snap = gw.credentials.snapshot();
     let mut parsed = request::parse(&gw.routes, &gw.limits, req, out.request_id.clone())?;
     out.route = Some(parsed.route.name.clone());
     out.path = Some(parsed.path().to_string());
-    let caller = authn::authenticate(&snap, &mut parsed, &gw.auth, &gw.replay, gw.unix_now()).await?;
+    // The per-IP failed-auth budget: checked before any key lookup, charged on failure.
+    let client = gw.client_ip(conn.peer.ip(), &parsed.parts.headers);
+    gw.rate_limits.check_ip(client)?;
+    let caller =
+        authn::authenticate(&snap, &mut parsed, &gw.auth, &gw.replay, gw.unix_now()).await.inspect_err(|e| {
+            if matches!(e, GateError::Unauthorized(_)) {
+                gw.rate_limits.charge_failure(client);
+            }
+        })?;
     if let authn::Caller::User(id) = &caller {
         out.user = Some(id.key.user.id.clone());
         out.key = Some(id.key.id.clone());
@@ -49,8 +59,12 @@ async fn handle_inner(
     let permit = authz::authorize(caller, &parsed)?;
     out.proxied_user = permit.proxied_user().cloned();
     out.grant = permit.granted_by().cloned();
+    let quota = match permit.caller() {
+        authn::Caller::User(id) => Some(gw.rate_limits.check_key(&id.key)?),
+        authn::Caller::Anonymous => None,
+    };
     let outbound = rewrite::request(parsed, &permit, conn, gw.is_trusted_proxy(conn.peer.ip()), &gw.identity_headers);
     let fwd = forward::send(&gw.client, outbound).await?;
     out.upstream_latency = Some(fwd.upstream_latency);
-    Ok(rewrite::response(fwd.response, &out.request_id))
+    Ok(rewrite::response(fwd.response, &out.request_id, quota))
 }

@@ -54,6 +54,15 @@ pub fn finish(gw: &Gateway, out: &Outcome, status: StatusCode) {
         let rate_limited = status == StatusCode::TOO_MANY_REQUESTS;
         gw.usage.record(user, key, status.as_u16() >= 400, rate_limited, gw.unix_now());
     }
+    let elapsed = out.started.elapsed().as_secs_f64();
+    gw.metrics.observe(
+        out.route.as_ref(),
+        out.user.as_deref(),
+        status.as_u16(),
+        out.error,
+        elapsed,
+        out.upstream_latency.map(|d| d.as_secs_f64()),
+    );
     let outcome = match out.error {
         None => "forwarded",
         Some(e) if e.status().is_server_error() => "failed",

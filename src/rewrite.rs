@@ -10,8 +10,10 @@ use crate::authz::Permit;
 use crate::body::Body;
 use crate::config::IdentityHeaders;
 use crate::headers::{
-    self, HOP_BY_HOP, HOST, Protected, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID,
+    self, HOP_BY_HOP, HOST, Protected, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_RATELIMIT_LIMIT,
+    X_RATELIMIT_REMAINING, X_REQUEST_ID,
 };
+use crate::limit::Quota;
 use crate::request::{ConnInfo, Parsed};
 use crate::route::Route;
 use http::header::{CONNECTION, UPGRADE};
@@ -73,8 +75,8 @@ pub fn request(p: Parsed, permit: &Permit, conn: &ConnInfo, trusted_peer: bool, 
     Outbound { request: Request::from_parts(parts, body), route, client_upgrade }
 }
 
-/// Cleans an upstream response for the client.
-pub fn response(mut res: Response<Body>, request_id: &HeaderValue) -> Response<Body> {
+/// Cleans an upstream response for the client and adds the key's quota.
+pub fn response(mut res: Response<Body>, request_id: &HeaderValue, quota: Option<Quota>) -> Response<Body> {
     // A 101 keeps `Connection`/`Upgrade`: they are what switches the protocol.
     let switching = res.status() == StatusCode::SWITCHING_PROTOCOLS;
     let h = res.headers_mut();
@@ -85,6 +87,10 @@ pub fn response(mut res: Response<Body>, request_id: &HeaderValue) -> Response<B
         }
     }
     h.insert(X_REQUEST_ID, request_id.clone());
+    if let Some(q) = quota {
+        h.insert(X_RATELIMIT_LIMIT, HeaderValue::from(q.limit));
+        h.insert(X_RATELIMIT_REMAINING, HeaderValue::from(q.remaining));
+    }
     res
 }
 

@@ -5,6 +5,8 @@ use crate::authn::replay::ReplayCache;
 use crate::body::Body;
 use crate::config::{AuthConfig, Config, IdentityHeaders, Limits};
 use crate::credentials::reload::Credentials;
+use crate::limit::RateLimits;
+use crate::metrics::Metrics;
 use crate::route::RouteTable;
 use crate::usage::Usage;
 use hyper_util::client::legacy::Client;
@@ -31,11 +33,19 @@ pub struct Gateway {
     pub identity_headers: IdentityHeaders,
     pub usage: Arc<Usage>,
     pub audit: Arc<Audit>,
+    pub rate_limits: RateLimits,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Gateway {
     /// Builds the gateway from a validated config and its loaded credentials.
-    pub fn new(config: &Config, credentials: Arc<Credentials>, usage: Arc<Usage>, audit: Arc<Audit>) -> Gateway {
+    pub fn new(
+        config: &Config,
+        credentials: Arc<Credentials>,
+        usage: Arc<Usage>,
+        audit: Arc<Audit>,
+        metrics: Arc<Metrics>,
+    ) -> Gateway {
         Gateway {
             routes: RouteTable::new(&config.routes),
             limits: config.limits.clone(),
@@ -47,12 +57,30 @@ impl Gateway {
             identity_headers: config.identity_headers.clone(),
             usage,
             audit,
+            rate_limits: RateLimits::new(config.auth.failed_per_ip_per_minute),
+            metrics,
         }
     }
 
     /// Wall-clock unix seconds, the clock HMAC timestamps are checked against.
     pub fn unix_now(&self) -> i64 {
         SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+    }
+
+    /// The client's address: the peer, or — when the peer is a trusted proxy — the
+    /// rightmost `X-Forwarded-For` entry that is not itself a trusted proxy.
+    pub fn client_ip(&self, peer: IpAddr, headers: &http::HeaderMap) -> IpAddr {
+        if !self.is_trusted_proxy(peer) {
+            return peer;
+        }
+        let hops: Vec<IpAddr> = headers
+            .get_all(crate::headers::X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|s| s.trim().parse().ok())
+            .collect();
+        hops.into_iter().rev().find(|ip| !self.is_trusted_proxy(*ip)).unwrap_or(peer)
     }
 
     /// True when `ip` is a configured trusted proxy whose forwarding headers we extend.

@@ -40,6 +40,9 @@ pub struct TlsError {
 pub struct CertResolver {
     files: TlsFiles,
     current: ArcSwap<CertifiedKey>,
+    /// The files' fingerprint just before the first load: a change made before the
+    /// watcher starts is still seen.
+    baseline: u64,
 }
 
 impl ResolvesServerCert for CertResolver {
@@ -63,8 +66,8 @@ impl CertResolver {
 
     /// Reloads whenever the files change, until the process ends.
     pub fn spawn_reloader(self: Arc<Self>) {
-        let mut changes =
-            crate::watch::watch(vec![self.files.cert.clone(), self.files.key.clone()], Duration::from_secs(60));
+        let paths = vec![self.files.cert.clone(), self.files.key.clone()];
+        let mut changes = crate::watch::watch_since(paths, Duration::from_secs(60), self.baseline);
         tokio::spawn(async move {
             while changes.recv().await.is_some() {
                 match self.reload() {
@@ -93,7 +96,9 @@ fn load(files: &TlsFiles) -> Result<CertifiedKey, TlsError> {
 
 /// Builds the acceptor (TLS 1.2 and 1.3, ALPN h2 then http/1.1) and its resolver.
 pub fn acceptor(files: &TlsFiles) -> Result<(TlsAcceptor, Arc<CertResolver>), TlsError> {
-    let resolver = Arc::new(CertResolver { current: ArcSwap::from_pointee(load(files)?), files: files.clone() });
+    let baseline = crate::watch::fingerprint(&[files.cert.clone(), files.key.clone()]);
+    let resolver =
+        Arc::new(CertResolver { current: ArcSwap::from_pointee(load(files)?), files: files.clone(), baseline });
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsError { path: files.cert.display().to_string(), reason: e.to_string() })?

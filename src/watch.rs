@@ -47,18 +47,10 @@ fn lands_complete(ev: &notify::Event, paths: &[PathBuf]) -> bool {
 }
 
 /// Sends `()` on the returned channel each time the contents of `paths` change. The
-/// watcher lives as long as the receiver.
-pub fn watch(paths: Vec<PathBuf>, poll: Duration) -> mpsc::Receiver<()> {
-    watch_inner(paths, poll, None)
-}
-
-/// Like [`watch`], for files that were read when their [`fingerprint`] was `baseline`:
-/// a change made since then, even before the watcher started, is reported at once.
+/// caller read the files when their [`fingerprint`] was `baseline`: a change made since
+/// then, even before the watcher started, is reported at once. The watcher lives as
+/// long as the receiver.
 pub fn watch_since(paths: Vec<PathBuf>, poll: Duration, baseline: u64) -> mpsc::Receiver<()> {
-    watch_inner(paths, poll, Some(baseline))
-}
-
-fn watch_inner(paths: Vec<PathBuf>, poll: Duration, baseline: Option<u64>) -> mpsc::Receiver<()> {
     let (tx, rx) = mpsc::channel(1);
     // `true`: re-read now; `false`: re-read after the debounce.
     let (ev_tx, mut ev_rx) = mpsc::channel::<bool>(8);
@@ -93,7 +85,7 @@ fn watch_inner(paths: Vec<PathBuf>, poll: Duration, baseline: Option<u64>) -> mp
         let mut last = fingerprint(&paths);
         // Changed between the caller's read and the watch being set up: no event will
         // ever come for that change.
-        if baseline.is_some_and(|b| b != last) && tx.send(()).await.is_err() {
+        if baseline != last && tx.send(()).await.is_err() {
             return;
         }
         let mut tick = tokio::time::interval(poll);

@@ -183,15 +183,7 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Result<(StatusCode, Val
                 query.split('&').find_map(|kv| kv.strip_prefix(k).and_then(|v| v.strip_prefix('='))).map(str::to_string)
             };
             let (status, role, org) = (filter("status"), filter("role"), filter("organization"));
-            let users: Vec<Value> = c
-                .users
-                .iter()
-                .filter(|u| role.as_ref().is_none_or(|r| u.roles.iter().any(|x| &x.value == r)))
-                .filter(|u| org.as_ref().is_none_or(|o| &u.organization == o))
-                .map(ops::user_view)
-                .filter(|v| status.as_ref().is_none_or(|s| v["status"] == s.as_str()))
-                .collect();
-            (StatusCode::OK, Value::from(users))
+            (StatusCode::OK, Value::from(ops::list_users(&c, status.as_deref(), role.as_deref(), org.as_deref())))
         }
         (Method::POST, ["users"]) => {
             let mut b: UserBody = body(req).await?;

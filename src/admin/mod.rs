@@ -13,6 +13,7 @@ use crate::config::{AdminConfig, Config};
 use crate::credentials::reload::Credentials;
 use crate::credentials::store::Store;
 use crate::error::error_response;
+use crate::metrics::{Metrics, ScrapeState};
 use crate::request;
 use crate::usage::Usage;
 use http::{HeaderValue, Request, Response, StatusCode};
@@ -31,6 +32,7 @@ pub struct Admin {
     credentials: Arc<Credentials>,
     usage: Arc<Usage>,
     audit: Arc<Audit>,
+    metrics: Arc<Metrics>,
     store: Option<Store>,
     /// SHA-256 of the admin token: compared in constant time, never kept in clear.
     token_digest: Option<[u8; 32]>,
@@ -67,13 +69,21 @@ impl Admin {
         credentials: Arc<Credentials>,
         usage: Arc<Usage>,
         audit: Arc<Audit>,
+        metrics: Arc<Metrics>,
     ) -> Result<Admin, String> {
         let token = read_token(admin)?;
         if token.is_none() {
             tracing::warn!("admin API disabled: no admin token configured (admin.token_env or admin.token_file)");
         }
         let store = config.credentials.clone().map(|p| Store::new(p, config.master_key.clone(), config.rate_limit));
-        Ok(Admin { credentials, usage, audit, store, token_digest: token.map(|t| Sha256::digest(t.as_bytes()).into()) })
+        Ok(Admin {
+            credentials,
+            usage,
+            audit,
+            metrics,
+            store,
+            token_digest: token.map(|t| Sha256::digest(t.as_bytes()).into()),
+        })
     }
 
     fn authorised(&self, req: &Request<Incoming>) -> bool {
@@ -104,6 +114,23 @@ impl Admin {
                     StatusCode::OK,
                     &serde_json::json!({"status": "ready", "users": snap.user_count(), "keys": snap.key_count()}),
                 )
+            }
+            ("GET", "/metrics") => {
+                use std::sync::atomic::Ordering::Relaxed;
+                let snap = self.credentials.snapshot();
+                let c = &self.credentials;
+                let text = self.metrics.render(ScrapeState {
+                    reloads_ok: c.reloads_ok.load(Relaxed),
+                    reloads_failed: c.reloads_failed.load(Relaxed),
+                    last_good_unix: c.last_good_unix.load(Relaxed),
+                    users: snap.user_count(),
+                    keys: snap.key_count(),
+                    audit_lost: self.audit.lost.load(Relaxed),
+                });
+                let mut r = Response::new(Body::full(text));
+                r.headers_mut()
+                    .insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+                r
             }
             (_, p) if p.starts_with("/admin/v1/") || p == "/admin/v1" => {
                 if self.token_digest.is_none() {

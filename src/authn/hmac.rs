@@ -82,7 +82,12 @@ pub(super) async fn verify(
         match replay.record(&key.id, &sig, ts + skew + 1, cap, now) {
             Seen::Fresh => {}
             Seen::Replay => return Err(fail(AuthFailure::Replay)),
-            Seen::Full => return Err(GateError::TooManyRequests { retry_after_secs: 1 }),
+            Seen::Full => {
+                return Err(GateError::TooManyRequests {
+                    retry_after_secs: 1,
+                    scope: crate::error::LimitScope::ReplayCache,
+                });
+            }
         }
     }
     Ok(())

@@ -4,11 +4,11 @@
 
 use super::{runtime, shutdown_signal};
 use crate::config::Config;
-use crate::credentials::file::{AuthMethod, FileCredentials, FileRole, FileUser, Status};
+use crate::credentials::file::{AuthMethod, FileCredentials};
+use crate::credentials::ops::{self, UserFields};
 use crate::credentials::{load_or_create_master_key, mint_api_key, mint_hmac_key};
 use crate::echo;
 use crate::listen::Server;
-use serde_saphyr::{Location, Spanned};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::process::ExitCode;
@@ -29,32 +29,6 @@ pub fn run(port: u16) -> ExitCode {
     })
 }
 
-fn spanned<T>(v: T) -> Spanned<T> {
-    Spanned::new(v, Location::UNKNOWN, Location::UNKNOWN)
-}
-
-fn demo_user(id: &str, method: AuthMethod, org: &str) -> FileUser {
-    let now = time::OffsetDateTime::now_utc().replace_nanosecond(0).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    FileUser {
-        id: spanned(id.to_string()),
-        display_name: format!("Demo {id}"),
-        description: "created by gatehouse demo".into(),
-        organization: org.into(),
-        teams: vec!["demo".into()],
-        default_team: Some("demo".into()),
-        roles: vec![spanned("demo".to_string())],
-        status: Status::Active,
-        auth_method: method,
-        allowed_endpoints: vec![],
-        allow_proxied_users: false,
-        allowed_proxied_users: vec![],
-        rate_limit: None,
-        keys: vec![],
-        created_at: now,
-        updated_at: now,
-    }
-}
-
 /// Writes the demo's credentials; returns (token, hmac key id, hmac secret) to show once.
 fn write_credentials(dir: &Path) -> Result<(String, String, String), String> {
     let master = load_or_create_master_key(&dir.join("master.key")).map_err(|e| e.to_string())?;
@@ -62,15 +36,22 @@ fn write_credentials(dir: &Path) -> Result<(String, String, String), String> {
     let (api_key, token) = mint_api_key("demo").map_err(rng)?;
     let (hmac_key, secret) = mint_hmac_key(&master, "demo").map_err(rng)?;
     let hmac_id = hmac_key.id.value.clone();
-    let mut api_user = demo_user("demo-api", AuthMethod::ApiKey, "acme");
-    api_user.keys.push(api_key);
-    let mut hmac_user = demo_user("demo-hmac", AuthMethod::Hmac, "acme");
-    hmac_user.keys.push(hmac_key);
     let mut creds = FileCredentials::default();
-    creds
-        .roles
-        .insert("demo".into(), FileRole { description: "everything".into(), rules: vec![spanned("* /**".into())] });
-    creds.users = vec![api_user, hmac_user];
+    let fields = |id: &str| UserFields {
+        display_name: Some(format!("Demo {id}")),
+        description: Some("created by gatehouse demo".into()),
+        organization: Some("acme".into()),
+        teams: Some(vec!["demo".into()]),
+        default_team: Some(Some("demo".into())),
+        roles: Some(vec!["demo".into()]),
+        ..UserFields::default()
+    };
+    let fail = |e: crate::credentials::store::StoreError| e.to_string();
+    ops::set_role(&mut creds, "demo", "everything".into(), vec!["* /**".into()]).map_err(fail)?;
+    ops::create_user(&mut creds, "demo-api", AuthMethod::ApiKey, fields("demo-api")).map_err(fail)?;
+    ops::create_user(&mut creds, "demo-hmac", AuthMethod::Hmac, fields("demo-hmac")).map_err(fail)?;
+    creds.users[0].keys.push(api_key);
+    creds.users[1].keys.push(hmac_key);
     let yaml = serde_saphyr::to_string(&creds).map_err(|e| format!("cannot write credentials: {e}"))?;
     std::fs::write(dir.join("credentials.yaml"), yaml).map_err(|e| format!("cannot write credentials: {e}"))?;
     Ok((token.expose().to_string(), hmac_id, secret.expose().to_string()))

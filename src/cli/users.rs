@@ -165,14 +165,7 @@ pub fn run(a: UsersArgs) -> ExitCode {
                     StatusArg::Inactive => "inactive",
                     StatusArg::Retired => "retired",
                 });
-                let users: Vec<Value> = c
-                    .users
-                    .iter()
-                    .filter(|u| role.as_ref().is_none_or(|r| u.roles.iter().any(|x| &x.value == r)))
-                    .filter(|u| organization.as_ref().is_none_or(|o| &u.organization == o))
-                    .map(ops::user_view)
-                    .filter(|v| want.is_none_or(|w| status_of(v) == w))
-                    .collect();
+                let users = ops::list_users(&c, want, role.as_deref(), organization.as_deref());
                 let text = || {
                     let mut out = format!(
                         "{:<24} {:<9} {:<8} {:<16} {:>4}  ROLES",

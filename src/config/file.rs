@@ -69,6 +69,9 @@ pub struct FileAdmin {
 pub struct FileAuth {
     #[serde(default)]
     pub hmac: FileHmac,
+    /// Failed authentications allowed per client IP per minute.
+    #[serde(default)]
+    pub failed_per_ip_per_minute: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -104,6 +104,8 @@ pub struct AuthConfig {
     pub hmac_max_body: u64,
     /// Signatures the replay cache holds at most (all keys together).
     pub replay_cache_entries: usize,
+    /// Failed authentications allowed per client IP per minute.
+    pub failed_per_ip_per_minute: u32,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -293,6 +295,7 @@ impl Validator {
             replay_protection: f.auth.hmac.replay_protection.unwrap_or(true),
             hmac_max_body: f.auth.hmac.max_body.map_or(10 << 20, |s| s.0),
             replay_cache_entries: f.auth.hmac.replay_cache_entries.unwrap_or(1_000_000),
+            failed_per_ip_per_minute: f.auth.failed_per_ip_per_minute.unwrap_or(60).max(1),
         };
         let rate_limit = match f.rate_limit {
             None => RateLimitConfig { per_second: 50, burst: 100 },

@@ -301,6 +301,22 @@ pub fn usage_view(u: &FileUser, usage: &std::collections::BTreeMap<String, crate
     })
 }
 
+/// Views of the users matching every filter given (`status` as written in the file).
+pub fn list_users(
+    c: &FileCredentials,
+    status: Option<&str>,
+    role: Option<&str>,
+    organization: Option<&str>,
+) -> Vec<Value> {
+    c.users
+        .iter()
+        .filter(|u| role.is_none_or(|r| u.roles.iter().any(|x| x.value == r)))
+        .filter(|u| organization.is_none_or(|o| u.organization == o))
+        .map(user_view)
+        .filter(|v| status.is_none_or(|s| v["status"] == s))
+        .collect()
+}
+
 /// A user as listings show it.
 pub fn user_view(u: &FileUser) -> Value {
     json!({

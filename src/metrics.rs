@@ -1,0 +1,219 @@
+//! Every `gatehouse_*` metric family, declared once, in a registry this gateway owns
+//! (no global statics). Label values come only from configured names (routes, user ids,
+//! listener names) and closed sets (reasons, status classes, outcomes): never from raw
+//! request data, so an attacker cannot grow the label space.
+//!
+//! Per-route histograms and per-listener gauges are resolved once at start; a request
+//! updates them without looking up a label set.
+
+use crate::error::{GateError, LimitScope, UpstreamFailure};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+const LATENCY_BUCKETS: &[f64] =
+    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+/// The histograms of one route, resolved at start.
+#[derive(Debug, Clone)]
+struct RouteMetrics {
+    duration: prometheus::Histogram,
+    upstream: prometheus::Histogram,
+}
+
+/// The gateway's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    auth_failures: IntCounterVec,
+    rate_limited: IntCounterVec,
+    upstream_errors: IntCounterVec,
+    routes: HashMap<Arc<str>, RouteMetrics>,
+    open_connections: IntGaugeVec,
+    reloads: IntCounterVec,
+    last_reload: IntGauge,
+    users: IntGauge,
+    keys: IntGauge,
+    audit_lost: IntCounter,
+}
+
+/// What a scrape reads from the rest of the gateway.
+#[derive(Debug, Clone, Copy)]
+pub struct ScrapeState {
+    pub reloads_ok: u64,
+    pub reloads_failed: u64,
+    pub last_good_unix: u64,
+    pub users: usize,
+    pub keys: usize,
+    pub audit_lost: u64,
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec, prometheus::Error> {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> Result<IntGauge, prometheus::Error> {
+    let g = IntGauge::new(name, help)?;
+    r.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+fn histogram(r: &Registry, name: &str, help: &str) -> Result<HistogramVec, prometheus::Error> {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()), &["route"])?;
+    r.register(Box::new(h.clone()))?;
+    Ok(h)
+}
+
+impl Metrics {
+    /// Registers every family; `routes` and `listeners` are the configured names.
+    pub fn new<'a>(routes: impl Iterator<Item = &'a Arc<str>>) -> Result<Metrics, prometheus::Error> {
+        let r = Registry::new();
+        let request_duration =
+            histogram(&r, "gatehouse_request_duration_seconds", "Time from request head to response head, by route.")?;
+        let upstream_duration =
+            histogram(&r, "gatehouse_upstream_duration_seconds", "Time the upstream took to answer, by route.")?;
+        let routes = routes
+            .map(|name| {
+                let m = RouteMetrics {
+                    duration: request_duration.with_label_values(&[name]),
+                    upstream: upstream_duration.with_label_values(&[name]),
+                };
+                (name.clone(), m)
+            })
+            .collect();
+        let audit_lost = IntCounter::new(
+            "gatehouse_audit_records_lost_total",
+            "Audit records dropped because the writer fell behind or could not write.",
+        )?;
+        r.register(Box::new(audit_lost.clone()))?;
+        let open_connections = IntGaugeVec::new(
+            Opts::new("gatehouse_open_connections", "Open client connections, by listener."),
+            &["listener"],
+        )?;
+        r.register(Box::new(open_connections.clone()))?;
+        #[cfg(target_os = "linux")]
+        r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        Ok(Metrics {
+            requests: counter(
+                &r,
+                "gatehouse_requests_total",
+                "Requests, by route, API user, status class and outcome.",
+                &["route", "user", "status_class", "outcome"],
+            )?,
+            auth_failures: counter(
+                &r,
+                "gatehouse_auth_failures_total",
+                "Refused authentications and authorisations, by reason.",
+                &["reason"],
+            )?,
+            rate_limited: counter(
+                &r,
+                "gatehouse_rate_limited_total",
+                "Requests refused by a key's rate limit, by API user.",
+                &["user"],
+            )?,
+            upstream_errors: counter(
+                &r,
+                "gatehouse_upstream_errors_total",
+                "Upstream failures, by route and kind.",
+                &["route", "kind"],
+            )?,
+            reloads: counter(&r, "gatehouse_credentials_reloads_total", "Credential reloads, by result.", &["result"])?,
+            last_reload: gauge(
+                &r,
+                "gatehouse_credentials_last_reload_timestamp_seconds",
+                "Unix time of the last good credentials load.",
+            )?,
+            users: gauge(&r, "gatehouse_credentials_users", "API users in the credential snapshot.")?,
+            keys: gauge(&r, "gatehouse_credentials_keys", "Keys in the credential snapshot.")?,
+            routes,
+            open_connections,
+            audit_lost,
+            registry: r,
+        })
+    }
+
+    /// The open-connections gauge of one listener (resolved once per listener).
+    pub fn connections(&self, listener: &str) -> IntGauge {
+        self.open_connections.with_label_values(&[listener])
+    }
+
+    /// Counts one finished request.
+    pub fn observe(
+        &self,
+        route: Option<&Arc<str>>,
+        user: Option<&str>,
+        status: u16,
+        error: Option<GateError>,
+        elapsed: f64,
+        upstream: Option<f64>,
+    ) {
+        let class = match status {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        let outcome = match error {
+            None => "forwarded",
+            Some(e) if e.status().is_server_error() => "failed",
+            Some(_) => "rejected",
+        };
+        let route_name = route.map_or("", |r| r);
+        self.requests.with_label_values(&[route_name, user.unwrap_or(""), class, outcome]).inc();
+        if let Some(m) = route.and_then(|r| self.routes.get(r)) {
+            m.duration.observe(elapsed);
+            if let Some(u) = upstream {
+                m.upstream.observe(u);
+            }
+        }
+        let Some(e) = error else { return };
+        let reason = match e {
+            GateError::Unauthorized(f) => Some(f.reason()),
+            GateError::Forbidden(d) => Some(d.reason()),
+            GateError::TooManyRequests { scope: LimitScope::ClientIp | LimitScope::ReplayCache, .. } => {
+                Some("rate_limited")
+            }
+            GateError::TooManyRequests { scope: LimitScope::Key, .. } => {
+                self.rate_limited.with_label_values(&[user.unwrap_or("")]).inc();
+                None
+            }
+            GateError::Upstream(UpstreamFailure::Connect) => {
+                self.upstream_errors.with_label_values(&[route_name, "connect"]).inc();
+                None
+            }
+            GateError::Upstream(UpstreamFailure::Protocol) => {
+                self.upstream_errors.with_label_values(&[route_name, "protocol"]).inc();
+                None
+            }
+            GateError::UpstreamTimeout => {
+                self.upstream_errors.with_label_values(&[route_name, "timeout"]).inc();
+                None
+            }
+            GateError::BadRequest(_) | GateError::NoRoute | GateError::PayloadTooLarge => None,
+        };
+        if let Some(reason) = reason {
+            self.auth_failures.with_label_values(&[reason]).inc();
+        }
+    }
+
+    /// The Prometheus text exposition, with the scrape-time gauges refreshed.
+    pub fn render(&self, s: ScrapeState) -> String {
+        let catch_up = |c: &IntCounter, total: u64| c.inc_by(total.saturating_sub(c.get()));
+        catch_up(&self.reloads.with_label_values(&["success"]), s.reloads_ok);
+        catch_up(&self.reloads.with_label_values(&["failure"]), s.reloads_failed);
+        catch_up(&self.audit_lost, s.audit_lost);
+        self.last_reload.set(i64::try_from(s.last_good_unix).unwrap_or(i64::MAX));
+        self.users.set(i64::try_from(s.users).unwrap_or(i64::MAX));
+        self.keys.set(i64::try_from(s.keys).unwrap_or(i64::MAX));
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}

@@ -1,0 +1,211 @@
+//! Metrics exposition and the audit log (SPEC §8).
+
+use crate::observability_support::{ADMIN_TOKEN, start, value};
+use crate::support::client::H1;
+use crate::support::creds::Creds;
+use crate::support::upstream::TestUpstream;
+use std::time::{Duration, Instant};
+
+const FAMILIES: &[&str] = &[
+    "gatehouse_requests_total",
+    "gatehouse_auth_failures_total",
+    "gatehouse_request_duration_seconds",
+    "gatehouse_upstream_duration_seconds",
+    "gatehouse_rate_limited_total",
+    "gatehouse_credentials_reloads_total",
+    "gatehouse_credentials_last_reload_timestamp_seconds",
+    "gatehouse_credentials_users",
+    "gatehouse_credentials_keys",
+    "gatehouse_open_connections",
+    "gatehouse_upstream_errors_total",
+    "gatehouse_audit_records_lost_total",
+];
+
+async fn poll<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_expose_every_family_with_configured_labels_and_pass_promtool() {
+    let up = TestUpstream::start().await;
+    let mut creds = Creds::new();
+    let key = creds.api_user("erp");
+    let other = creds.api_user("other");
+    creds.user("erp").rate_limit = Some(serde_saphyr::Spanned::new(
+        gatehouse::credentials::file::FileRateLimit { per_second: 1, burst: 1 },
+        serde_saphyr::Location::UNKNOWN,
+        serde_saphyr::Location::UNKNOWN,
+    ));
+    let gw = start(&creds, &up, "").await;
+    let client = H1::new();
+    let h = [("x-api-key", key.token.as_str())];
+    assert_eq!(client.get_with(&gw.url("/a"), &h).await.status, 200);
+    assert_eq!(client.get_with(&gw.url("/a"), &h).await.status, 429);
+    assert_eq!(client.get(&gw.url("/a")).await.status, 401);
+    // The upstream goes away: one 502 fills gatehouse_upstream_errors_total.
+    drop(up);
+    assert_eq!(client.get_with(&gw.url("/a"), &[("x-api-key", other.token.as_str())]).await.status, 502);
+
+    let text = client.get(&gw.admin_url("/metrics")).await.text();
+    for f in FAMILIES {
+        assert!(text.contains(&format!("# TYPE {f} ")), "{f} missing from:\n{text}");
+    }
+    let v = |s: &str| value(&text, s).unwrap_or_else(|| panic!("{s} missing from:\n{text}"));
+    assert_eq!(v(r#"gatehouse_requests_total{outcome="forwarded",route="api",status_class="2xx",user="erp"}"#), 1.0);
+    assert_eq!(v(r#"gatehouse_requests_total{outcome="rejected",route="api",status_class="4xx",user="erp"}"#), 1.0);
+    assert_eq!(v(r#"gatehouse_rate_limited_total{user="erp"}"#), 1.0);
+    assert_eq!(v(r#"gatehouse_auth_failures_total{reason="missing"}"#), 1.0);
+    assert_eq!(v("gatehouse_credentials_users"), 2.0);
+    assert_eq!(v(r#"gatehouse_request_duration_seconds_count{route="api"}"#), 4.0);
+    assert_eq!(v(r#"gatehouse_upstream_errors_total{kind="connect",route="api"}"#), 1.0);
+    assert_eq!(v(r#"gatehouse_upstream_duration_seconds_count{route="api"}"#), 1.0);
+
+    // CI installs Debian's prometheus package for promtool (.ci/run).
+    if let Ok(out) = std::process::Command::new("promtool").arg("--version").output()
+        && out.status.success()
+    {
+        let mut child = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), text.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "promtool check metrics failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    } else {
+        eprintln!("promtool not installed: exposition not linted");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_and_admin_change_gets_one_audit_record_without_secrets() {
+    let up = TestUpstream::start().await;
+    let mut creds = Creds::new();
+    let key = creds.api_user("erp");
+    let gw = start(&creds, &up, "").await;
+    let client = H1::new();
+    assert_eq!(
+        client.get_with(&gw.url("/api/v1/x?token=leak"), &[("x-api-key", key.token.as_str())]).await.status,
+        200
+    );
+    assert_eq!(client.get_with(&gw.url("/api/v1/x"), &[("x-api-key", "ghk_nope")]).await.status, 401);
+    let created = client
+        .request(
+            "POST",
+            &gw.admin_url("/admin/v1/users"),
+            &[("authorization", format!("Bearer {ADMIN_TOKEN}"))],
+            r#"{"id":"new-user","auth_method":"api_key","organization":"acme"}"#,
+        )
+        .await;
+    assert_eq!(created.status, 201, "{}", created.text());
+
+    let records = poll("three audit records", async || {
+        let r = gw.audit_records();
+        (r.len() >= 3).then_some(r)
+    })
+    .await;
+    let ok = &records[0];
+    assert_eq!(ok["kind"], "request");
+    assert_eq!(ok["user"], "erp");
+    assert_eq!(ok["key_id"], key.key_id.as_str());
+    assert_eq!(ok["route"], "api");
+    assert_eq!(ok["method"], "GET");
+    assert_eq!(ok["path"], "/api/v1/x", "the query string is never recorded");
+    assert_eq!(ok["status"], 200);
+    assert_eq!(ok["outcome"], "forwarded");
+    assert_eq!(ok["client"], "127.0.0.1");
+    assert!(ok["request_id"].as_str().is_some_and(|s| !s.is_empty()) && ok["duration_ms"].is_number());
+    let bad = &records[1];
+    assert_eq!(
+        (bad["status"].as_u64(), bad["outcome"].as_str(), bad["reason"].as_str()),
+        (Some(401), Some("rejected"), Some("malformed_token"))
+    );
+    let admin = &records[2];
+    assert_eq!(
+        (admin["kind"].as_str(), admin["actor"].as_str(), admin["action"].as_str()),
+        (Some("admin"), Some("admin-api"), Some("user.create"))
+    );
+    assert_eq!(admin["target"], "new-user");
+    assert_eq!(admin["changes"]["organization"], "acme");
+    let file = std::fs::read_to_string(gw.audit_path()).unwrap();
+    assert!(!file.contains(&key.token) && !file.contains("leak") && !file.contains(ADMIN_TOKEN), "{file}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audit_log_that_cannot_be_written_loses_records_but_never_requests() {
+    let up = TestUpstream::start().await;
+    let mut creds = Creds::new();
+    let key = creds.api_user("erp");
+    let gw = start(&creds, &up, "").await;
+    let client = H1::new();
+    let h = [("x-api-key", key.token.as_str())];
+    assert_eq!(client.get_with(&gw.url("/first"), &h).await.status, 200);
+    poll("the first record", async || (!gw.audit_records().is_empty()).then_some(())).await;
+
+    // The whole directory goes away: the file cannot even be reopened.
+    std::fs::remove_dir_all(gw.audit_path().parent().unwrap()).unwrap();
+    let lost = poll("records counted as lost", async || {
+        assert_eq!(client.get_with(&gw.url("/while-gone"), &h).await.status, 200, "requests are still served");
+        let text = client.get(&gw.admin_url("/metrics")).await.text();
+        value(&text, "gatehouse_audit_records_lost_total").filter(|&v| v > 0.0)
+    })
+    .await;
+    assert!(lost >= 1.0);
+
+    std::fs::create_dir(gw.audit_path().parent().unwrap()).unwrap();
+    poll("writing to resume", async || {
+        assert_eq!(client.get_with(&gw.url("/after"), &h).await.status, 200);
+        gw.audit_records().iter().any(|r| r["path"] == "/after").then_some(())
+    })
+    .await;
+}
+
+/// logrotate's two ways: rename (the writer reopens the path) and copytruncate (append
+/// mode writes at the new end: no hole of NULs, no lost line)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_log_survives_logrotate_rename_and_copytruncate() {
+    let up = TestUpstream::start().await;
+    let mut creds = Creds::new();
+    let key = creds.api_user("erp");
+    let gw = start(&creds, &up, "").await;
+    let client = H1::new();
+    let h = [("x-api-key", key.token.as_str())];
+    assert_eq!(client.get_with(&gw.url("/before"), &h).await.status, 200);
+    poll("the first record", async || (!gw.audit_records().is_empty()).then_some(())).await;
+
+    let rotated = gw.audit_path().with_extension("log.1");
+    std::fs::rename(gw.audit_path(), &rotated).unwrap();
+    poll("a new file after the rename", async || {
+        assert_eq!(client.get_with(&gw.url("/after-rename"), &h).await.status, 200);
+        gw.audit_records().iter().any(|r| r["path"] == "/after-rename").then_some(())
+    })
+    .await;
+    let old = std::fs::read_to_string(&rotated).unwrap();
+    assert!(old.contains("/before") && !old.contains("/after-rename"), "{old}");
+
+    // copytruncate: copy the file away, then truncate it in place.
+    std::fs::copy(gw.audit_path(), gw.audit_path().with_extension("log.2")).unwrap();
+    std::fs::OpenOptions::new().write(true).open(gw.audit_path()).unwrap().set_len(0).unwrap();
+    poll("writing after the truncation", async || {
+        assert_eq!(client.get_with(&gw.url("/after-truncate"), &h).await.status, 200);
+        gw.audit_records().iter().any(|r| r["path"] == "/after-truncate").then_some(())
+    })
+    .await;
+    let text = std::fs::read_to_string(gw.audit_path()).unwrap();
+    assert!(!text.contains('\0'), "append mode leaves no hole after a truncation");
+    assert!(!text.contains("/after-rename\""), "the truncated records are gone from the live file");
+}

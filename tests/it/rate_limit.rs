@@ -1,0 +1,109 @@
+//! Per-key rate limits and the per-IP failed-authentication budget (SPEC §6).
+
+use crate::observability_support::{series, start};
+use crate::support::client::H1;
+use crate::support::creds::Creds;
+use crate::support::upstream::TestUpstream;
+use gatehouse::credentials::file::FileRateLimit;
+use serde_saphyr::{Location, Spanned};
+use std::time::{Duration, Instant};
+
+fn rate(per_second: u32, burst: u32) -> Option<Spanned<FileRateLimit>> {
+    Some(Spanned::new(FileRateLimit { per_second, burst }, Location::UNKNOWN, Location::UNKNOWN))
+}
+
+fn assert_429(res: &crate::support::Reply) {
+    assert_eq!(res.status, 429, "{}", res.text());
+    assert_eq!(res.headers["content-type"], "application/json");
+    let id = res.headers["x-request-id"].to_str().unwrap();
+    assert_eq!(
+        res.text(),
+        format!(r#"{{"success":false,"message":"Rate limit exceeded","code":"rate_limit_error","request_id":"{id}"}}"#)
+    );
+    let retry: u64 = res.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(retry >= 1, "Retry-After is whole seconds, at least 1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_over_its_limit_gets_429_with_retry_after_and_passes_again_after_waiting() {
+    let up = TestUpstream::start().await;
+    let mut creds = Creds::new();
+    let key = creds.api_user("slow");
+    creds.user("slow").rate_limit = rate(1, 1);
+    let gw = start(&creds, &up, "").await;
+    let h = [("x-api-key", key.token.as_str())];
+    let client = H1::new();
+
+    let first = client.get_with(&gw.url("/a"), &h).await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    assert_eq!(first.headers["x-ratelimit-limit"], "1");
+    assert_eq!(first.headers["x-ratelimit-remaining"], "0");
+
+    let second = client.get_with(&gw.url("/a"), &h).await;
+    assert_429(&second);
+    assert_eq!(up.count(), 1, "the limited request never reached the upstream");
+
+    let wait: u64 = second.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    tokio::time::sleep(Duration::from_secs(wait)).await;
+    let third = client.get_with(&gw.url("/a"), &h).await;
+    assert_eq!(third.status, 200, "after Retry-After the key passes again: {}", third.text());
+    assert_eq!(up.count(), 2);
+}
+
+/// per_second 10, burst 10: from a cold start, 3 s of requests let 10 + 10 × 3 = 40 through
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limit_accuracy_at_10_per_second_with_burst_10_over_3_seconds() {
+    let up = TestUpstream::start().await;
+    let mut creds = Creds::new();
+    let key = creds.api_user("busy");
+    creds.user("busy").rate_limit = rate(10, 10);
+    let gw = start(&creds, &up, "").await;
+    let h = [("x-api-key", key.token.as_str())];
+    let client = H1::new();
+    let started = Instant::now();
+    let (mut passed, mut limited) = (0, 0);
+    while started.elapsed() < Duration::from_secs(3) {
+        match client.get_with(&gw.url("/a"), &h).await.status.as_u16() {
+            200 => passed += 1,
+            429 => limited += 1,
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert!((35..=45).contains(&passed), "{passed} passed, {limited} limited");
+    assert!(limited > 0);
+    assert_eq!(up.count(), passed);
+}
+
+/// after the per-IP budget of failed authentications, the IP is refused before any key
+/// lookup — even with a valid key — and 10 000 random keys add no metric series
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_authentications_are_limited_per_client_ip_before_any_key_lookup() {
+    let up = TestUpstream::start().await;
+    let mut creds = Creds::new();
+    let good = creds.api_user("good");
+    let gw = start(&creds, &up, "auth:\n  failed_per_ip_per_minute: 5\n").await;
+    let client = H1::new();
+    let unknown = |i: usize| format!("ghk_unknown{i:040}");
+
+    for i in 0..5 {
+        let r = client.get_with(&gw.url("/a"), &[("x-api-key", unknown(i))]).await;
+        assert_eq!(r.status, 401, "within the budget: {}", r.text());
+    }
+    // The sixth failure empties the budget; from then on the IP is refused up front.
+    client.get_with(&gw.url("/a"), &[("x-api-key", unknown(5))]).await;
+    let refused = client.get_with(&gw.url("/a"), &[("x-api-key", good.token.as_str())]).await;
+    assert_429(&refused);
+    assert_eq!(up.count(), 0, "nothing reached the upstream");
+
+    let before = series(&client.get(&gw.admin_url("/metrics")).await.text());
+    for i in 0..10_000 {
+        let r = client.get_with(&gw.url(&format!("/random/{i}")), &[("x-api-key", unknown(i + 100))]).await;
+        assert_eq!(r.status, 429, "request {i}: {}", r.text());
+    }
+    let after = series(&client.get(&gw.admin_url("/metrics")).await.text());
+    let gatehouse = |s: &std::collections::BTreeSet<String>| -> Vec<String> {
+        s.iter().filter(|x| x.starts_with("gatehouse_")).cloned().collect()
+    };
+    assert_eq!(gatehouse(&before), gatehouse(&after), "random keys and paths must not create metric series");
+    assert_eq!(up.count(), 0);
+}
