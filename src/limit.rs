@@ -195,8 +195,7 @@ mod tests {
             );
             for (i, k) in keys.iter().enumerate() {
                 y.push_str(&format!(
-                    "      - id: {k}\n        created_at: 2026-01-01T00:00:00Z\n        token_sha256: {}\n",
-                    format!("{i:064}")
+                    "      - id: {k}\n        created_at: 2026-01-01T00:00:00Z\n        token_sha256: {i:064}\n"
                 ));
             }
             y
