@@ -108,9 +108,11 @@ impl RateLimits {
     /// Takes one request from `key`'s quota.
     pub fn check_key(&self, key: &Key) -> Result<Quota, GateError> {
         let rate = key.rate_limit;
-        let limiter = match self.keys.get(&key.id) {
-            Some(e) if e.0 == rate => e.1.clone(),
-            _ => {
+        // The map guard must be gone before `insert` (same shard: a deadlock otherwise).
+        let current = self.keys.get(&key.id).filter(|e| e.0 == rate).map(|e| e.1.clone());
+        let limiter = match current {
+            Some(l) => l,
+            None => {
                 let q = GovQuota::per_second(nonzero(rate.per_second)).allow_burst(nonzero(rate.burst));
                 let l = Arc::new(RateLimiter::direct(q).with_middleware::<StateInformationMiddleware>());
                 self.keys.insert(key.id.clone(), (rate, l.clone()));
