@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# peers.sh - Gatehouse side by side with nginx doing its job (../shared/bench/peers.sh), in one run.
+#
+# What it does
+#   1. builds the release binary (SKIP_BUILD=1 to reuse it);
+#   2. writes, into a temp dir, a credentials file with USERS API users (one api_key user whose
+#      token the run uses, one hmac user, the rest api_key users with a key each) through the
+#      real CLI for the two used users and a generated YAML block for the others, and a
+#      gatehouse.yaml with one route /  -> the peers script's upstream, metrics (admin listener)
+#      and the audit log (a file) on, and a rate limit that never triggers (nginx-key's
+#      limit_req is set the same way, so both pay for the check);
+#   3. runs ../shared/bench/peers.sh with GATEWAY_CMD / GATEWAY_URL / GATEWAY_KEY /
+#      GATEWAY_HMAC_*, which starts everything, checks it, load-tests each target with wrk and
+#      prints the table (ratios to direct, CPU µs per request per process, p50/p99, PSS).
+#
+# Usage
+#   bash benches/peers.sh                      # ROUNDS=3 by default, as issue 8 asks
+#   ROUNDS=1 DURATION=5s bash benches/peers.sh # a quick look
+#   USERS=100000 bash benches/peers.sh         # the large-snapshot figure
+#
+# Settings: USERS=1000, SKIP_BUILD=0, GATEWAY_PORT=18090, BASE_PORT=18080 (the upstream), plus
+# every setting of ../shared/bench/peers.sh (DURATION, ROUNDS, CONNS, …), passed through.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PEERS=${PEERS:-$ROOT/../shared/bench/peers.sh}
+USERS=${USERS:-1000}
+SKIP_BUILD=${SKIP_BUILD:-0}
+BASE_PORT=${BASE_PORT:-18080}
+GATEWAY_PORT=${GATEWAY_PORT:-18090}
+export ROUNDS=${ROUNDS:-3} BASE_PORT
+BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/gatehouse
+
+log() { printf '[peers] %s\n' "$*" >&2; }
+[ -e "$PEERS" ] || { log "no $PEERS"; exit 1; }
+command -v python3 >/dev/null || { log "python3 is needed"; exit 1; }
+[[ "$USERS" =~ ^[0-9]+$ && "$USERS" -ge 2 ]] || { log "USERS must be at least 2"; exit 1; }
+
+if [ "$SKIP_BUILD" != 1 ]; then
+  log "cargo build --release"
+  (cd "$ROOT" && cargo build --release --locked --quiet)
+fi
+
+WORK=$(mktemp -d /tmp/gatehouse-peers.XXXXXX)
+[ "${KEEP_WORK:-0}" = 1 ] || trap 'rm -rf "$WORK"' EXIT
+CREDS=$WORK/credentials.yaml
+gh() { "$BIN" "$@" --credentials "$CREDS" --json; }
+
+log "writing $USERS users to $CREDS"
+gh roles set bench --rule '* /**' >/dev/null
+gh users create bench-key --auth-method api-key --role bench >/dev/null
+KEY=$(gh keys add bench-key --label bench | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
+gh users create bench-hmac --auth-method hmac --role bench >/dev/null
+read -r HMAC_ID HMAC_SECRET < <(gh keys add bench-hmac --label bench |
+  python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["key"]["id"], d["secret"])')
+# The other users: same shape as the CLI writes, each with one key whose token nobody holds.
+python3 - "$CREDS" "$((USERS - 2))" <<'EOF'
+import hashlib, os, sys
+path, n = sys.argv[1], int(sys.argv[2])
+with open(path) as f:
+    text = f.read()
+rows = []
+for i in range(n):
+    digest = hashlib.sha256(os.urandom(32)).hexdigest()
+    rows.append(
+        f"- id: filler-{i:06d}\n  status: active\n  auth_method: api_key\n  roles: [bench]\n"
+        f"  created_at: 2026-01-01T00:00:00Z\n  updated_at: 2026-01-01T00:00:00Z\n"
+        f"  keys:\n  - id: ak_filler{i:06d}\n    created_at: 2026-01-01T00:00:00Z\n"
+        f"    token_sha256: {digest}\n    hint: ghk_…{i:04d}\n"
+    )
+marker = "users:\n"
+assert marker in text, "unexpected credentials layout"
+text = text.replace(marker, marker + "".join(rows), 1)
+with open(path + ".tmp", "w") as f:
+    f.write(text)
+os.replace(path + ".tmp", path)
+EOF
+
+cat >"$WORK/gatehouse.yaml" <<EOF
+listeners:
+  - name: bench
+    address: 127.0.0.1:$GATEWAY_PORT
+admin:
+  address: 127.0.0.1:0
+credentials: $CREDS
+master_key: $WORK/master.key
+audit_log: $WORK/audit.log
+rate_limit: { per_second: 1000000, burst: 1000000 }
+# Every accepted signature is remembered for its window (max_skew after its timestamp); a
+# 3-round run signs about a million requests with one key inside one window.
+auth:
+  hmac:
+    replay_cache_entries: 3000000
+routes:
+  - name: bench
+    path_prefix: /
+    upstream: http://127.0.0.1:$BASE_PORT
+EOF
+"$BIN" check-config --config "$WORK/gatehouse.yaml" >/dev/null
+
+log "running $PEERS (ROUNDS=$ROUNDS)"
+GATEWAY_URL=http://127.0.0.1:$GATEWAY_PORT GATEWAY_KEY=$KEY \
+  GATEWAY_HMAC_KEY_ID=$HMAC_ID GATEWAY_HMAC_SECRET=$HMAC_SECRET \
+  GATEWAY_CMD="$BIN --log-format json serve --config $WORK/gatehouse.yaml" \
+  bash "$PEERS"
+log "audit log: $(wc -l <"$WORK/audit.log") records"
