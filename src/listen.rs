@@ -1,6 +1,13 @@
 //! [accept] Listeners, connection limits, TLS handshakes, per-connection protocol limits
 //! and graceful drain.
 //!
+//! Threads: the accept loops, the admin listener and background tasks run on the main
+//! runtime; every accepted connection is handed to one of N connection workers (one OS
+//! thread with a single-threaded runtime per core, round-robin), which drives it and its
+//! upstream requests to the end. A request then never moves between threads, and each
+//! worker's upstream pool is its own: no cross-core wake-ups or pool lock on the hot path
+//! (issue 8 measured this against tokio's work-stealing scheduler).
+//!
 //! Shutdown: listeners close first (new connections are refused), every connection is
 //! told to finish its in-flight requests and close, and the process waits at most
 //! `limits.shutdown_grace` for them.
@@ -12,7 +19,7 @@ use crate::metrics::Metrics;
 use crate::parse_errors::JsonParseErrors;
 use crate::pipeline;
 use crate::request::ConnInfo;
-use crate::state::Gateway;
+use crate::state::{Gateway, HttpClient, http_client};
 use crate::tls::{self, CertResolver, TlsError};
 use crate::usage::Usage;
 use hyper::rt::{Read, Write};
@@ -131,13 +138,15 @@ impl Server {
             }
         });
         let shared = Arc::new(Shared { gw, http: http_builder(&limits), limits });
+        let (hard_stop_tx, hard_stop_rx) = watch::channel(false);
+        let workers = Workers::start(&shared, hard_stop_rx);
         let mut accepting = JoinSet::new();
         for b in listeners {
             if let Some((_, resolver)) = &b.tls {
                 resolver.clone().spawn_reloader();
             }
             tracing::info!(listener = %b.name, address = %b.addr, tls = b.tls.is_some(), "listening");
-            accepting.spawn(accept_loop(b, shared.clone(), conns.clone(), stop_rx.clone()));
+            accepting.spawn(accept_loop(b, shared.clone(), workers.clone(), conns.clone(), stop_rx.clone()));
         }
         if let Some((tcp, service)) = admin {
             if let Ok(addr) = tcp.local_addr() {
@@ -157,6 +166,7 @@ impl Server {
                 "shutdown grace period over; closing remaining connections"
             ),
         }
+        let _ = hard_stop_tx.send(true);
         // Counts of the requests just drained must survive the restart.
         if let Err(e) = shared.gw.usage.flush() {
             tracing::error!(error = %e, "cannot write the usage state file at shutdown");
@@ -193,7 +203,100 @@ fn http_builder(l: &Limits) -> auto::Builder<TokioExecutor> {
     b
 }
 
-async fn accept_loop(b: Bound, shared: Arc<Shared>, conns: Arc<Semaphore>, mut stop: watch::Receiver<bool>) {
+/// A connection handed from an accept loop to a worker.
+struct Accepted {
+    stream: std::net::TcpStream,
+    info: ConnInfo,
+    acceptor: Option<TlsAcceptor>,
+    stop: watch::Receiver<bool>,
+    slot: (OwnedSemaphorePermit, OpenGauge),
+}
+
+/// The connection workers: one thread each, with a single-threaded runtime and its own
+/// upstream client.
+#[derive(Clone)]
+struct Workers {
+    queues: Arc<[tokio::sync::mpsc::UnboundedSender<Accepted>]>,
+    next: Arc<AtomicUsize>,
+}
+
+impl Workers {
+    /// One worker per available core. A worker ends when every sender is gone and its
+    /// connections have finished, or at once when `hard_stop` is set (grace period over).
+    fn start(shared: &Arc<Shared>, hard_stop: watch::Receiver<bool>) -> Workers {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut queues = Vec::with_capacity(n);
+        for i in 0..n {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Accepted>();
+            let shared = shared.clone();
+            let hard_stop = hard_stop.clone();
+            let spawned = std::thread::Builder::new().name(format!("gatehouse-conn-{i}")).spawn(move || {
+                match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(rt) => rt.block_on(worker(rx, shared, hard_stop)),
+                    Err(e) => tracing::error!(error = %e, "cannot start a connection worker runtime"),
+                }
+            });
+            match spawned {
+                Ok(_) => queues.push(tx),
+                Err(e) => tracing::error!(error = %e, "cannot start a connection worker thread"),
+            }
+        }
+        Workers { queues: queues.into(), next: Arc::new(AtomicUsize::new(0)) }
+    }
+
+    /// Hands a connection to the next worker; `None` when no worker is left (then the
+    /// connection is closed by being dropped).
+    fn dispatch(&self, conn: Accepted) -> Option<()> {
+        let n = self.queues.len();
+        let first = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut conn = conn;
+        for k in 0..n {
+            match self.queues[(first + k) % n].send(conn) {
+                Ok(()) => return Some(()),
+                Err(tokio::sync::mpsc::error::SendError(back)) => conn = back,
+            }
+        }
+        None
+    }
+}
+
+async fn worker(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Accepted>,
+    shared: Arc<Shared>,
+    mut hard_stop: watch::Receiver<bool>,
+) {
+    let upstream = http_client(&shared.limits);
+    let mut running = JoinSet::new();
+    let serve_all = async {
+        loop {
+            tokio::select! {
+                next = rx.recv() => match next {
+                    Some(a) => match TcpStream::from_std(a.stream) {
+                        Ok(stream) => {
+                            running.spawn(serve_conn(stream, a.info, a.acceptor, shared.clone(), upstream.clone(), a.stop, a.slot));
+                        }
+                        Err(e) => tracing::warn!(error = %e, "cannot register an accepted connection"),
+                    },
+                    None => break,
+                },
+                Some(_) = running.join_next(), if !running.is_empty() => {}
+            }
+        }
+        while running.join_next().await.is_some() {}
+    };
+    tokio::select! {
+        () = serve_all => {}
+        () = stopped(&mut hard_stop) => {}
+    }
+}
+
+async fn accept_loop(
+    b: Bound,
+    shared: Arc<Shared>,
+    workers: Workers,
+    conns: Arc<Semaphore>,
+    mut stop: watch::Receiver<bool>,
+) {
     let open = shared.gw.metrics.connections(&b.name);
     loop {
         // Take a connection slot before accepting: at the cap, new connections wait in
@@ -215,9 +318,20 @@ async fn accept_loop(b: Bound, shared: Arc<Shared>, conns: Arc<Semaphore>, mut s
             _ = stopped(&mut stop) => return,
         };
         let _ = stream.set_nodelay(true);
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(listener = %b.name, error = %e, "cannot hand over an accepted connection");
+                continue;
+            }
+        };
         let info = ConnInfo { peer, listener: b.name.clone(), tls: b.tls.is_some() };
         let acceptor = b.tls.as_ref().map(|(a, _)| a.clone());
-        tokio::spawn(serve_conn(stream, info, acceptor, shared.clone(), stop.clone(), (permit, OpenGauge::new(&open))));
+        let slot = (permit, OpenGauge::new(&open));
+        if workers.dispatch(Accepted { stream, info, acceptor, stop: stop.clone(), slot }).is_none() {
+            tracing::error!(listener = %b.name, "no connection worker is running; stopping this listener");
+            return;
+        }
     }
 }
 
@@ -226,6 +340,7 @@ async fn serve_conn(
     info: ConnInfo,
     acceptor: Option<TlsAcceptor>,
     shared: Arc<Shared>,
+    upstream: HttpClient,
     stop: watch::Receiver<bool>,
     _slot: (OwnedSemaphorePermit, OpenGauge),
 ) {
@@ -237,10 +352,10 @@ async fn serve_conn(
         started: AtomicBool::new(false),
     });
     match acceptor {
-        None => drive(TokioIo::new(JsonParseErrors::new(stream)), conn, shared, stop).await,
+        None => drive(TokioIo::new(JsonParseErrors::new(stream)), conn, shared, upstream, stop).await,
         Some(acceptor) => {
             match tokio::time::timeout(shared.limits.tls_handshake_timeout, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => drive(TokioIo::new(JsonParseErrors::new(tls)), conn, shared, stop).await,
+                Ok(Ok(tls)) => drive(TokioIo::new(JsonParseErrors::new(tls)), conn, shared, upstream, stop).await,
                 Ok(Err(e)) => tracing::debug!(peer = %conn.info.peer, error = %e, "TLS handshake failed"),
                 Err(_) => tracing::debug!(peer = %conn.info.peer, "TLS handshake timed out"),
             }
@@ -303,7 +418,7 @@ impl Drop for InFlight {
     }
 }
 
-async fn drive<I>(io: I, conn: Arc<Conn>, shared: Arc<Shared>, mut stop: watch::Receiver<bool>)
+async fn drive<I>(io: I, conn: Arc<Conn>, shared: Arc<Shared>, upstream: HttpClient, mut stop: watch::Receiver<bool>)
 where
     I: Read + Write + Unpin + Send + 'static,
 {
@@ -311,9 +426,10 @@ where
     let svc_conn = conn.clone();
     let svc = hyper::service::service_fn(move |req| {
         let gw = gw.clone();
+        let upstream = upstream.clone();
         let guard = InFlight::new(svc_conn.clone());
         async move {
-            let res = pipeline::handle(&gw, &guard.0.info, req).await;
+            let res = pipeline::handle(&gw, &upstream, &guard.0.info, req).await;
             drop(guard);
             Ok::<_, Infallible>(res)
         }

@@ -12,16 +12,16 @@ use crate::body::Body;
 use crate::error::GateError;
 use crate::record::{self, Outcome};
 use crate::request::{self, ConnInfo};
-use crate::state::Gateway;
+use crate::state::{Gateway, HttpClient};
 use crate::{authn, authz, forward, rewrite};
 use http::{Request, Response};
 use hyper::body::Incoming;
 
 /// Serves one request on a proxy listener. Never fails: every error becomes a §5 response.
-pub async fn handle(gw: &Gateway, conn: &ConnInfo, req: Request<Incoming>) -> Response<Body> {
+pub async fn handle(gw: &Gateway, upstream: &HttpClient, conn: &ConnInfo, req: Request<Incoming>) -> Response<Body> {
     let request_id = request::request_id(req.headers());
     let mut out = Outcome::start(request_id.clone(), req.method().clone(), conn.peer.ip());
-    let res = match handle_inner(gw, conn, req, &mut out).await {
+    let res = match handle_inner(gw, upstream, conn, req, &mut out).await {
         Ok(res) => res,
         Err(e) => {
             out.error = Some(e);
@@ -34,6 +34,7 @@ pub async fn handle(gw: &Gateway, conn: &ConnInfo, req: Request<Incoming>) -> Re
 
 async fn handle_inner(
     gw: &Gateway,
+    upstream: &HttpClient,
     conn: &ConnInfo,
     req: Request<Incoming>,
     out: &mut Outcome,
@@ -64,7 +65,7 @@ async fn handle_inner(
         authn::Caller::Anonymous => None,
     };
     let outbound = rewrite::request(parsed, &permit, conn, gw.is_trusted_proxy(conn.peer.ip()), &gw.identity_headers);
-    let fwd = forward::send(&gw.client, outbound).await?;
+    let fwd = forward::send(upstream, outbound).await?;
     out.upstream_latency = Some(fwd.upstream_latency);
     Ok(rewrite::response(fwd.response, &out.request_id, quota))
 }

@@ -26,7 +26,6 @@ pub struct Gateway {
     pub routes: RouteTable,
     pub limits: Limits,
     trusted_proxies: Vec<IpNet>,
-    pub client: HttpClient,
     pub credentials: Arc<Credentials>,
     pub auth: AuthConfig,
     pub replay: ReplayCache,
@@ -50,7 +49,6 @@ impl Gateway {
             routes: RouteTable::new(&config.routes),
             limits: config.limits.clone(),
             trusted_proxies: config.trusted_proxies.clone(),
-            client: http_client(&config.limits),
             credentials,
             auth: config.auth.clone(),
             replay: ReplayCache::new(config.auth.replay_cache_entries),
@@ -89,7 +87,9 @@ impl Gateway {
     }
 }
 
-fn http_client(limits: &Limits) -> HttpClient {
+/// A pooled upstream client. Each connection worker has its own (see `listen.rs`): its
+/// pooled connections then live on the worker's runtime, next to the requests using them.
+pub fn http_client(limits: &Limits) -> HttpClient {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(limits.upstream_connect_timeout));
