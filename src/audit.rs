@@ -23,8 +23,8 @@ use time::format_description::well_known::Rfc3339;
 use tokio::sync::mpsc;
 
 const QUEUE: usize = 16_384;
-/// How long the writer lets records gather once the queue is empty (the queue holds
-/// well over BATCH worth of records at any rate the gateway reaches).
+/// How often the writer takes what the queue holds (the queue holds QUEUE / BATCH =
+/// 1.6 M records a second: well over any rate one gateway reaches).
 const BATCH: Duration = Duration::from_millis(10);
 
 /// One proxied request.
@@ -117,84 +117,120 @@ struct Open {
 }
 
 async fn writer(sink: AuditSink, mut rx: mpsc::Receiver<String>, lost: std::sync::Arc<AtomicU64>) {
-    let path = match sink {
-        AuditSink::Stdout => {
-            let mut out = std::io::BufWriter::new(std::io::stdout());
-            while let Some(line) = rx.recv().await {
-                if writeln!(out, "{line}").is_err() {
-                    lost.fetch_add(1, Ordering::Relaxed);
-                }
-                if rx.is_empty() {
-                    let _ = out.flush();
-                    tokio::time::sleep(BATCH).await;
-                }
-            }
-            let _ = out.flush();
-            return;
-        }
-        AuditSink::File(p) => p,
+    let mut out = Output {
+        path: match sink {
+            AuditSink::Stdout => None,
+            AuditSink::File(p) => Some(p),
+        },
+        open: None,
+        failing: false,
     };
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-    let mut check = tokio::time::interval(Duration::from_secs(1));
-    let mut open: Option<Open> = None;
-    let mut failing = false;
+    // The writer polls the queue on a timer instead of waiting on it: a sender then never
+    // has to wake it, which would be a cross-thread wake-up per request.
+    let mut tick = tokio::time::interval(BATCH);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut checked = std::time::Instant::now();
     loop {
-        let line = tokio::select! {
-            l = rx.recv() => match l { Some(l) => Some(l), None => return },
-            _ = check.tick() => None,
+        tokio::select! {
+            _ = tick.tick() => {}
             Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
-                open = None; // SIGHUP: reopen
-                None
+                out.open = None; // SIGHUP: reopen
             }
-        };
-        // Reopen when logrotate renamed or removed the file under us. Checked on the
-        // 1 s tick, not per record: a stat per request was a tenth of the syscalls under
-        // load, and records written meanwhile land in the renamed file, as logrotate expects.
-        if line.is_none()
-            && let Some(o) = &open
-            && std::fs::metadata(&path).map(|m| m.ino()).ok() != Some(o.ino)
-        {
-            open = None;
         }
-        if open.is_none() {
-            match open_append(&path).and_then(|f| {
+        // Reopen when logrotate renamed or removed the file under us: checked once a
+        // second, not per record; records written meanwhile land in the renamed file.
+        if checked.elapsed() >= Duration::from_secs(1) {
+            checked = std::time::Instant::now();
+            out.reopen_if_moved();
+        }
+        loop {
+            match rx.try_recv() {
+                Ok(line) => {
+                    if !out.write(&line) {
+                        lost.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    out.flush();
+                    return;
+                }
+            }
+        }
+        out.flush();
+    }
+}
+
+/// Where records go: stdout, or a file (re)opened as needed.
+struct Output {
+    path: Option<PathBuf>,
+    open: Option<Open>,
+    /// In a failing streak: its error was logged already.
+    failing: bool,
+}
+
+impl Output {
+    fn reopen_if_moved(&mut self) {
+        if let (Some(path), Some(o)) = (&self.path, &self.open)
+            && std::fs::metadata(path).map(|m| m.ino()).ok() != Some(o.ino)
+        {
+            self.open = None;
+        }
+    }
+
+    /// Writes one record; false when it was lost.
+    fn write(&mut self, line: &str) -> bool {
+        let Some(path) = &self.path else {
+            let mut stdout = std::io::stdout().lock();
+            return stdout.write_all(line.as_bytes()).and_then(|_| stdout.write_all(b"\n")).is_ok();
+        };
+        if self.open.is_none() {
+            match open_append(path).and_then(|f| {
                 Ok(Open { ino: f.metadata()?.ino(), file: std::io::BufWriter::with_capacity(64 << 10, f) })
             }) {
                 Ok(o) => {
-                    if failing {
+                    if self.failing {
                         tracing::info!(path = %path.display(), "audit log writable again");
                     }
-                    failing = false;
-                    open = Some(o);
+                    self.failing = false;
+                    self.open = Some(o);
                 }
                 Err(e) => {
-                    if !failing {
+                    if !self.failing {
                         tracing::error!(path = %path.display(), error = %e, "cannot open the audit log; records are counted as lost until it can be");
                     }
-                    failing = true;
+                    self.failing = true;
+                    return false;
                 }
             }
         }
-        let Some(line) = line else {
-            if let Some(o) = open.as_mut() {
-                let _ = o.file.flush();
-            }
-            continue;
-        };
-        let written = open.as_mut().is_some_and(|o| {
-            o.file.write_all(line.as_bytes()).and_then(|_| o.file.write_all(b"\n")).is_ok()
-                && (!rx.is_empty() || o.file.flush().is_ok())
-        });
-        if rx.is_empty() {
-            // Let records gather instead of being woken (a cross-thread wake-up) for
-            // each one: at most BATCH later on disk, a write per batch.
-            tokio::time::sleep(BATCH).await;
+        let written = self
+            .open
+            .as_mut()
+            .is_some_and(|o| o.file.write_all(line.as_bytes()).and_then(|_| o.file.write_all(b"\n")).is_ok());
+        if !written && self.open.take().is_some() && !self.failing {
+            self.failing = true;
+            tracing::error!(path = %path.display(), "cannot write the audit log; records are counted as lost until it can be");
         }
-        if !written {
-            lost.fetch_add(1, Ordering::Relaxed);
-            if open.take().is_some() && !failing {
-                failing = true;
-                tracing::error!(path = %path.display(), "cannot write the audit log; records are counted as lost until it can be");
+        written
+    }
+
+    fn flush(&mut self) {
+        match &self.path {
+            None => {
+                let _ = std::io::stdout().flush();
+            }
+            Some(path) => {
+                if let Some(o) = self.open.as_mut()
+                    && o.file.flush().is_err()
+                {
+                    self.open = None;
+                    if !self.failing {
+                        self.failing = true;
+                        tracing::error!(path = %path.display(), "cannot write the audit log; records are counted as lost until it can be");
+                    }
+                }
             }
         }
     }

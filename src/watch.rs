@@ -36,6 +36,18 @@ fn may_change(kind: &EventKind) -> bool {
     }
 }
 
+/// False for events about other files of the directory (the usage state written beside
+/// the credentials every few seconds, editors' swap files, the lock file): reacting would
+/// re-read and hash the whole watched file each time. Kubernetes' `..data` swap and
+/// events without a path still count.
+fn concerns(ev: &notify::Event, paths: &[PathBuf]) -> bool {
+    ev.paths.is_empty()
+        || ev
+            .paths
+            .iter()
+            .any(|p| paths.contains(p) || p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("..")))
+}
+
 /// True for an event that puts a complete file at one of `paths` (rename onto it, or
 /// create it): nothing more is coming for it, so the debounce would only add latency.
 fn lands_complete(ev: &notify::Event, paths: &[PathBuf]) -> bool {
@@ -58,6 +70,7 @@ pub fn watch_since(paths: Vec<PathBuf>, poll: Duration, baseline: u64) -> mpsc::
     let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         if let Ok(ev) = res
             && may_change(&ev.kind)
+            && concerns(&ev, &watched)
         {
             // Full channel: a re-read is already due, which covers this event too.
             let _ = ev_tx.try_send(lands_complete(&ev, &watched));
@@ -153,5 +166,16 @@ mod tests {
         assert!(!lands_complete(&event(away, &["/etc/gh/credentials.yaml"]), &watched));
         let data = EventKind::Modify(ModifyKind::Data(notify::event::DataChange::Any));
         assert!(!lands_complete(&event(data, &["/etc/gh/credentials.yaml"]), &watched));
+    }
+
+    #[test]
+    fn events_about_other_files_of_the_directory_are_ignored() {
+        let watched = vec![PathBuf::from("/etc/gh/credentials.yaml")];
+        let data = EventKind::Modify(ModifyKind::Data(notify::event::DataChange::Any));
+        assert!(concerns(&event(data, &["/etc/gh/credentials.yaml"]), &watched));
+        assert!(concerns(&event(EventKind::Create(CreateKind::Any), &["/etc/gh/..data_tmp"]), &watched));
+        assert!(concerns(&event(data, &[]), &watched));
+        assert!(!concerns(&event(data, &["/etc/gh/credentials.yaml.usage.json"]), &watched));
+        assert!(!concerns(&event(data, &["/etc/gh/.credentials.yaml.swp"]), &watched));
     }
 }

@@ -73,7 +73,7 @@ async fn a_key_rotated_under_live_traffic_fails_no_request_and_the_old_key_is_40
     stop_b.store(true, Ordering::SeqCst);
     let b_seen = within(STEP, "key B's loop to stop", loop_b).await.unwrap();
 
-    assert!(a_seen.len() >= 20 && b_seen.len() >= 80, "loops too short: A {} B {}", a_seen.len(), b_seen.len());
+    assert!(a_seen.len() >= 20 && b_seen.len() >= 40, "loops too short: A {} B {}", a_seen.len(), b_seen.len());
     assert!(a_seen.iter().all(|s| *s == 200), "key A failed before its revocation: {a_seen:?}");
     assert!(b_seen.iter().all(|s| *s == 200), "key B failed during the rotation: {b_seen:?}");
     // The upstream saw every loop request and not the refused one.
