@@ -17,6 +17,7 @@ mod demo;
 mod errors;
 mod identity_headers;
 mod lifecycle;
+mod master_key;
 mod limits;
 mod observability;
 mod observability_support;
