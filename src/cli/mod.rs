@@ -2,6 +2,7 @@
 
 mod check_config;
 mod demo;
+mod healthcheck;
 mod keys;
 mod master_key;
 mod roles;
@@ -56,6 +57,8 @@ enum Command {
     Keys(keys::KeysArgs),
     /// Manage roles (named sets of rules).
     Roles(roles::RolesArgs),
+    /// Exit 0 when the admin /healthz answers 200 (container health checks without curl).
+    Healthcheck(healthcheck::HealthcheckArgs),
     /// Rotate the master key that encrypts HMAC signing secrets at rest.
     MasterKey(master_key::MasterKeyArgs),
     /// Start a throw-away gateway on 127.0.0.1 with a built-in echo upstream.
@@ -72,7 +75,12 @@ pub fn run() -> ExitCode {
     // The file-editing commands print their own results; only warnings belong on stderr.
     let quiet = matches!(
         cli.command,
-        Command::Users(_) | Command::Keys(_) | Command::Roles(_) | Command::Sign(_) | Command::MasterKey(_)
+        Command::Users(_)
+            | Command::Keys(_)
+            | Command::Roles(_)
+            | Command::Sign(_)
+            | Command::MasterKey(_)
+            | Command::Healthcheck(_)
     );
     init_logging(cli.log_format, if quiet { "warn" } else { "info,notify=warn" });
     match cli.command {
@@ -84,6 +92,7 @@ pub fn run() -> ExitCode {
         Command::Keys(args) => keys::run(args),
         Command::Roles(args) => roles::run(args),
         Command::MasterKey(args) => master_key::run(args),
+        Command::Healthcheck(args) => healthcheck::run(args),
     }
 }
 
