@@ -14,6 +14,7 @@ mod authz;
 mod cli;
 mod config;
 mod demo;
+mod deploy;
 mod errors;
 mod identity_headers;
 mod lifecycle;
