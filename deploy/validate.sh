@@ -24,7 +24,7 @@ for step in "${steps[@]}"; do
       ;;
     docker)
       echo "== hadolint deploy/Dockerfile"
-      "$scripts/hadolint" deploy/Dockerfile
+      "$scripts/hadolint" --no-color deploy/Dockerfile
       ;;
     systemd)
       echo "== systemd-analyze verify deploy/systemd/gatehouse.service"
