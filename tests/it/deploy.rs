@@ -5,12 +5,11 @@
 //! binary really has. CI additionally runs promtool, kubernetes-validate, hadolint and
 //! systemd-analyze on them (.ci/run).
 
-use crate::observability_support::start;
 use crate::support::client::H1;
 use crate::support::creds::Creds;
-use crate::support::gateway::TestGateway;
+use crate::support::gateway::{RouteSpec, TestGateway};
 use crate::support::process::{GatewayProcess, run_cli};
-use crate::support::upstream::TestUpstream;
+use crate::support::upstream::{Mode, TestUpstream};
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -60,24 +59,30 @@ fn metric_names(v: &Value) -> BTreeSet<String> {
 /// The names a real scrape exposes (histograms also as `_bucket`, `_sum`, `_count`).
 async fn exposed() -> BTreeSet<String> {
     let up = TestUpstream::start().await;
+    let down = TestUpstream::with(Mode::Refused).await;
     let mut creds = Creds::new();
     let key = creds.api_user("erp");
-    let other = creds.api_user("other");
     creds.user("erp").rate_limit = Some(serde_saphyr::Spanned::new(
         gatehouse::credentials::file::FileRateLimit { per_second: 1, burst: 1 },
         serde_saphyr::Location::UNKNOWN,
         serde_saphyr::Location::UNKNOWN,
     ));
-    let gw = start(&creds, &up, "").await;
+    let other = creds.api_user("other");
+    let gw = TestGateway::builder()
+        .credentials(&creds)
+        .admin("admin-test-token-0123456789abcdef")
+        .route(RouteSpec::new("api", "/api/").to(&up).authenticated())
+        .route(RouteSpec::new("down", "/down/").to(&down).authenticated())
+        .start()
+        .await;
     let client = H1::new();
     // A family shows in a scrape once it has a series: one request of each kind.
     let h = [("x-api-key", key.token.as_str())];
-    assert_eq!(client.get_with(&gw.url("/a"), &h).await.status, 200);
-    assert_eq!(client.get_with(&gw.url("/a"), &h).await.status, 429);
-    assert_eq!(client.get(&gw.url("/a")).await.status, 401);
-    drop(up);
-    assert_eq!(client.get_with(&gw.url("/a"), &[("x-api-key", other.token.as_str())]).await.status, 502);
-    let text = client.get(&gw.admin_url("/metrics")).await.text();
+    assert_eq!(client.get_with(&gw.url("/api/a"), &h).await.status, 200);
+    assert_eq!(client.get_with(&gw.url("/api/a"), &h).await.status, 429);
+    assert_eq!(client.get(&gw.url("/api/a")).await.status, 401);
+    assert_eq!(client.get_with(&gw.url("/down/a"), &[("x-api-key", other.token.as_str())]).await.status, 502);
+    let text = client.get(&format!("http://{}/metrics", gw.admin_addr())).await.text();
     let mut names = BTreeSet::new();
     for line in text.lines() {
         let Some(decl) = line.strip_prefix("# TYPE ") else { continue };
