@@ -84,7 +84,7 @@ impl Server {
             listeners.push(Bound { tcp, name: Arc::from(l.name.as_str()), addr, tls });
         }
         let credentials = Arc::new(Credentials::load(config)?);
-        let usage = Arc::new(Usage::load(config.credentials.as_deref().map(crate::usage::state_path)));
+        let usage = Arc::new(Usage::load(config.usage_state.clone()));
         let audit = Arc::new(crate::audit::Audit::start(&config.audit_log));
         let route_names: Vec<Arc<str>> = config.routes.iter().map(|r| Arc::from(r.name.as_str())).collect();
         let metrics =

@@ -34,7 +34,9 @@ impl From<StoreError> for ApiError {
             StoreError::BadInput(_) | StoreError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "validation_error"),
             // A read-only mount (Kubernetes Secret): nothing here can change it.
             StoreError::ReadOnly { .. } => (StatusCode::CONFLICT, "read_only"),
-            StoreError::Io { .. } | StoreError::Serialise(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            StoreError::Io { .. } | StoreError::Serialise(_) | StoreError::RotationIncomplete { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+            }
         };
         ApiError(status, code, e.to_string())
     }

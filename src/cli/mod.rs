@@ -2,7 +2,9 @@
 
 mod check_config;
 mod demo;
+mod healthcheck;
 mod keys;
+mod master_key;
 mod roles;
 mod serve;
 mod sign;
@@ -55,6 +57,10 @@ enum Command {
     Keys(keys::KeysArgs),
     /// Manage roles (named sets of rules).
     Roles(roles::RolesArgs),
+    /// Exit 0 when the admin /healthz answers 200 (container health checks without curl).
+    Healthcheck(healthcheck::HealthcheckArgs),
+    /// Rotate the master key that encrypts HMAC signing secrets at rest.
+    MasterKey(master_key::MasterKeyArgs),
     /// Start a throw-away gateway on 127.0.0.1 with a built-in echo upstream.
     Demo {
         /// Port of the demo's proxy listener.
@@ -67,7 +73,15 @@ enum Command {
 pub fn run() -> ExitCode {
     let cli = Cli::parse();
     // The file-editing commands print their own results; only warnings belong on stderr.
-    let quiet = matches!(cli.command, Command::Users(_) | Command::Keys(_) | Command::Roles(_) | Command::Sign(_));
+    let quiet = matches!(
+        cli.command,
+        Command::Users(_)
+            | Command::Keys(_)
+            | Command::Roles(_)
+            | Command::Sign(_)
+            | Command::MasterKey(_)
+            | Command::Healthcheck(_)
+    );
     init_logging(cli.log_format, if quiet { "warn" } else { "info,notify=warn" });
     match cli.command {
         Command::Serve { config } => serve::run(&config),
@@ -77,6 +91,8 @@ pub fn run() -> ExitCode {
         Command::Users(args) => users::run(args),
         Command::Keys(args) => keys::run(args),
         Command::Roles(args) => roles::run(args),
+        Command::MasterKey(args) => master_key::run(args),
+        Command::Healthcheck(args) => healthcheck::run(args),
     }
 }
 

@@ -29,7 +29,29 @@ pub struct StoreArgs {
 /// The store, and the audit file its changes are recorded in (when the config names one).
 pub struct Ctx {
     pub store: Store,
+    /// The usage state file (`usage_state` of the config, else beside the credentials).
+    pub usage: PathBuf,
     audit: Option<AuditSink>,
+}
+
+impl Ctx {
+    /// Appends an admin record (actor `cli:<os user>`) to the audit file, when the config
+    /// names one; a failure is a warning: the change is made.
+    pub fn record(&self, command: &str, target: &str, changes: Value) {
+        let Some(sink) = &self.audit else { return };
+        let actor = format!("cli:{}", std::env::var("USER").unwrap_or_else(|_| "unknown".into()));
+        let record = AdminRecord {
+            kind: "admin",
+            time: crate::audit::now_rfc3339(),
+            actor: &actor,
+            action: command,
+            target,
+            changes,
+        };
+        if let Err(e) = crate::audit::append_now(sink, &record) {
+            eprintln!("gatehouse {command}: warning: change made, but not recorded in the audit log: {e}");
+        }
+    }
 }
 
 impl StoreArgs {
@@ -38,13 +60,14 @@ impl StoreArgs {
         if let Some(path) = &self.credentials {
             let master = self.master_key.clone().unwrap_or_else(|| path.with_file_name("master.key"));
             let store = Store::new(path.clone(), master, RateLimitConfig { per_second: 50, burst: 100 });
-            return Ok(Ctx { store, audit: None });
+            return Ok(Ctx { store, usage: crate::usage::state_path(path), audit: None });
         }
         let config = Config::load(&self.config).map_err(|e| e.to_string())?;
         let path = config
             .credentials
             .ok_or_else(|| format!("{} names no credentials file; pass --credentials PATH", self.config.display()))?;
-        Ok(Ctx { store: Store::new(path, config.master_key, config.rate_limit), audit: Some(config.audit_log) })
+        let usage = config.usage_state.unwrap_or_else(|| crate::usage::state_path(&path));
+        Ok(Ctx { store: Store::new(path, config.master_key, config.rate_limit), usage, audit: Some(config.audit_log) })
     }
 }
 
@@ -72,20 +95,7 @@ pub fn run_update<T>(
     change: impl FnOnce(&mut crate::credentials::file::FileCredentials) -> Result<T, StoreError>,
 ) -> Result<T, ExitCode> {
     let out = ctx.store.update(change).map_err(|e| fail(command, e))?;
-    if let Some(sink) = &ctx.audit {
-        let actor = format!("cli:{}", std::env::var("USER").unwrap_or_else(|_| "unknown".into()));
-        let record = AdminRecord {
-            kind: "admin",
-            time: crate::audit::now_rfc3339(),
-            actor: &actor,
-            action: command,
-            target,
-            changes: Value::Null,
-        };
-        if let Err(e) = crate::audit::append_now(sink, &record) {
-            eprintln!("gatehouse {command}: warning: change made, but not recorded in the audit log: {e}");
-        }
-    }
+    ctx.record(command, target, Value::Null);
     Ok(out)
 }
 

@@ -21,6 +21,9 @@ pub struct FileConfig {
     pub credentials: Option<Spanned<PathBuf>>,
     #[serde(default)]
     pub master_key: Option<PathBuf>,
+    /// Where per-key usage is persisted (default: beside the credentials file).
+    #[serde(default)]
+    pub usage_state: Option<PathBuf>,
     #[serde(default)]
     pub audit_log: Option<String>,
     #[serde(default)]

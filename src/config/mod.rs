@@ -29,6 +29,9 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     pub credentials: Option<PathBuf>,
     pub master_key: PathBuf,
+    /// Where per-key usage is persisted: `usage_state`, else `<credentials>.usage.json`;
+    /// none without a credentials file.
+    pub usage_state: Option<PathBuf>,
     pub audit_log: AuditSink,
     pub auth: AuthConfig,
     pub rate_limit: RateLimitConfig,
@@ -286,6 +289,9 @@ impl Validator {
             f.admin.map(|a| AdminConfig { address: a.address, token_env: a.token_env, token_file: a.token_file });
 
         let credentials = f.credentials.map(|c| c.value);
+        // A read-only credentials mount (Kubernetes Secret) needs the state elsewhere.
+        let usage_state =
+            credentials.as_ref().map(|c| f.usage_state.clone().unwrap_or_else(|| crate::usage::state_path(c)));
         let audit_log = match f.audit_log.as_deref() {
             None | Some("stdout") | Some("-") => AuditSink::Stdout,
             Some(p) => AuditSink::File(PathBuf::from(p)),
@@ -333,6 +339,7 @@ impl Validator {
             admin,
             credentials,
             master_key: f.master_key.unwrap_or_else(|| PathBuf::from("config/master.key")),
+            usage_state,
             audit_log,
             auth,
             rate_limit,

@@ -60,13 +60,21 @@ fn problem(path: &Path, message: String) -> ConfigErrors {
     ConfigErrors { file: path.to_path_buf(), problems: vec![Problem { line: 0, column: 0, message }] }
 }
 
+/// Whether a key file's mode is strict enough: no access for others, and none for the
+/// group unless the file is root's and the group may only read it. That exception (as
+/// PostgreSQL allows for its TLS key) is what a Kubernetes Secret mount looks like to a
+/// non-root gateway: kubelet makes the files `root:<fsGroup>`, mode 0440.
+fn key_file_mode_ok(mode: u32, owner: u32) -> bool {
+    mode & 0o007 == 0 && (mode & 0o070 == 0 || (owner == 0 && mode & 0o030 == 0))
+}
+
 /// Loads the master key, creating it (mode 0600) on first use. A key file that group or
 /// others can read is refused: it guards every HMAC secret.
 pub fn load_or_create_master_key(path: &Path) -> Result<MasterKey, ConfigErrors> {
     match std::fs::metadata(path) {
         Ok(meta) => {
             let mode = meta.permissions().mode() & 0o777;
-            if mode & 0o077 != 0 {
+            if !key_file_mode_ok(mode, std::os::unix::fs::MetadataExt::uid(&meta)) {
                 return Err(problem(
                     path,
                     format!(
@@ -103,6 +111,24 @@ pub fn load_or_create_master_key(path: &Path) -> Result<MasterKey, ConfigErrors>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// group access only for a root-owned, group-read-only file; never for others
+    #[test]
+    fn key_file_modes() {
+        for (mode, owner, ok) in [
+            (0o600, 1000, true),
+            (0o400, 1000, true),
+            (0o640, 1000, false),
+            (0o640, 0, true),
+            (0o440, 0, true),
+            (0o660, 0, false),
+            (0o650, 0, false),
+            (0o604, 0, false),
+            (0o644, 0, false),
+        ] {
+            assert_eq!(key_file_mode_ok(mode, owner), ok, "mode {mode:o} owner {owner}");
+        }
+    }
 
     /// a missing master key is created 0600 and then read back; a 0644 one is refused
     #[test]

@@ -132,13 +132,18 @@ pub fn token_hint(token: &str) -> String {
     format!("{TOKEN_PREFIX}…{tail}")
 }
 
-/// The gateway's master key, for sealing HMAC secrets at rest.
+/// The gateway's master key ring, for sealing HMAC secrets at rest.
+///
+/// The key file holds one base64 key per line: the first seals, every one is tried to
+/// open (AES-GCM's tag tells which key fits). More than one line exists only during a
+/// master-key rotation, so that secrets sealed under the old key keep opening while the
+/// file is re-sealed under the new one.
 #[derive(Clone)]
-pub struct MasterKey(Key<Aes256Gcm>);
+pub struct MasterKey(Vec<Key<Aes256Gcm>>);
 
 impl fmt::Debug for MasterKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("MasterKey(<redacted>)")
+        write!(f, "MasterKey(<{} redacted>)", self.0.len())
     }
 }
 
@@ -148,36 +153,72 @@ impl fmt::Debug for MasterKey {
 pub struct OpenError;
 
 impl MasterKey {
-    /// A new random master key.
+    /// A new random master key (one key).
     pub fn generate() -> Result<MasterKey, getrandom::Error> {
-        Ok(MasterKey(Key::<Aes256Gcm>::from(random_bytes::<32>()?)))
+        Ok(MasterKey(vec![Key::<Aes256Gcm>::from(random_bytes::<32>()?)]))
     }
 
-    /// Parses the key file's text: base64 of 32 bytes.
+    /// Parses the key file's text: one base64 key of 32 bytes per line (blank lines and
+    /// `#` comments ignored), at least one.
     pub fn from_text(text: &str) -> Result<MasterKey, String> {
-        let raw = B64.decode(text.trim()).map_err(|_| "master key is not valid base64".to_string())?;
-        let bytes: [u8; 32] = raw.try_into().map_err(|_| "master key must be 32 bytes (base64)".to_string())?;
-        Ok(MasterKey(Key::<Aes256Gcm>::from(bytes)))
+        let mut keys = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let at = |what: &str| format!("line {}: {what}", n + 1);
+            let raw = B64.decode(line).map_err(|_| at("master key is not valid base64"))?;
+            let bytes: [u8; 32] = raw.try_into().map_err(|_| at("master key must be 32 bytes (base64)"))?;
+            keys.push(Key::<Aes256Gcm>::from(bytes));
+        }
+        if keys.is_empty() {
+            return Err("master key file holds no key".into());
+        }
+        Ok(MasterKey(keys))
     }
 
-    /// The key file's text.
+    /// The key file's text: one base64 key per line, the sealing key first.
     pub fn to_text(&self) -> String {
-        format!("{}\n", B64.encode(self.0.as_slice()))
+        self.0.iter().map(|k| format!("{}\n", B64.encode(k.as_slice()))).collect()
     }
 
-    /// Seals `secret` for key `key_id`: base64(nonce ‖ ciphertext ‖ tag).
+    /// How many keys the ring holds.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Never true: a ring holds at least one key.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The ring `[new, self…]`: `new` seals, every key of `self` still opens.
+    pub fn rotated_to(&self, new: &MasterKey) -> MasterKey {
+        MasterKey(new.0.iter().take(1).chain(self.0.iter()).cloned().collect())
+    }
+
+    /// The sealing key alone (what is left once nothing is sealed under the others).
+    pub fn primary(&self) -> MasterKey {
+        MasterKey(self.0.iter().take(1).cloned().collect())
+    }
+
+    /// Seals `secret` for key `key_id` under the first key: base64(nonce ‖ ciphertext ‖ tag).
     pub fn seal(&self, key_id: &str, secret: &Secret) -> Result<String, getrandom::Error> {
         let nonce = Nonce::from(random_bytes::<12>()?);
-        let cipher = Aes256Gcm::new(&self.0);
-        let ct = cipher
-            .encrypt(&nonce, Payload { msg: secret.expose().as_bytes(), aad: key_id.as_bytes() })
-            .unwrap_or_default();
+        let ct = match self.0.first() {
+            Some(k) => Aes256Gcm::new(k)
+                .encrypt(&nonce, Payload { msg: secret.expose().as_bytes(), aad: key_id.as_bytes() })
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
         let mut out = nonce.to_vec();
         out.extend_from_slice(&ct);
         Ok(B64.encode(out))
     }
 
-    /// Opens a value made by [`MasterKey::seal`] for the same key id.
+    /// Opens a value made by [`MasterKey::seal`] for the same key id, with whichever key
+    /// of the ring sealed it.
     pub fn open(&self, key_id: &str, sealed: &str) -> Result<Secret, OpenError> {
         let raw = B64.decode(sealed.trim()).map_err(|_| OpenError)?;
         if raw.len() < 12 + 16 {
@@ -185,9 +226,13 @@ impl MasterKey {
         }
         let (nonce, ct) = raw.split_at(12);
         let nonce: [u8; 12] = nonce.try_into().map_err(|_| OpenError)?;
-        let plain = Aes256Gcm::new(&self.0)
-            .decrypt(&Nonce::from(nonce), Payload { msg: ct, aad: key_id.as_bytes() })
-            .map_err(|_| OpenError)?;
+        let plain = self
+            .0
+            .iter()
+            .find_map(|k| {
+                Aes256Gcm::new(k).decrypt(&Nonce::from(nonce), Payload { msg: ct, aad: key_id.as_bytes() }).ok()
+            })
+            .ok_or(OpenError)?;
         String::from_utf8(plain).map(Secret).map_err(|_| OpenError)
     }
 }
@@ -251,5 +296,29 @@ mod tests {
         let s = new_token().unwrap();
         assert_eq!(format!("{s:?}"), "Secret(<redacted>)");
         assert!(!format!("{:?}", MasterKey::generate().unwrap()).contains('='));
+    }
+
+    /// a ring seals with its first key and opens with any; its text round-trips
+    #[test]
+    fn a_ring_seals_with_the_first_key_and_opens_with_any() {
+        let old = MasterKey::generate().unwrap();
+        let new = MasterKey::generate().unwrap();
+        let s = new_hmac_secret().unwrap();
+        let under_old = old.seal("hk_1", &s).unwrap();
+        let ring = old.rotated_to(&new);
+        assert_eq!(ring.len(), 2);
+        assert_eq!(ring.open("hk_1", &under_old).unwrap(), s);
+        let under_ring = ring.seal("hk_1", &s).unwrap();
+        assert_eq!(new.open("hk_1", &under_ring).unwrap(), s);
+        assert!(old.open("hk_1", &under_ring).is_err());
+        assert!(ring.primary().open("hk_1", &under_old).is_err());
+        let text = ring.to_text();
+        assert_eq!(text.lines().count(), 2);
+        assert_eq!(
+            MasterKey::from_text(&format!("# rotating\n{text}\n")).unwrap().open("hk_1", &under_old).unwrap(),
+            s
+        );
+        assert!(MasterKey::from_text("\n# nothing\n").is_err());
+        assert!(MasterKey::from_text(&format!("{text}bm90IGEga2V5\n")).unwrap_err().starts_with("line 3:"));
     }
 }

@@ -11,7 +11,7 @@
 //! from its parsed form).
 
 use super::file::FileCredentials;
-use super::secrets::MasterKey;
+use super::secrets::{MasterKey, OpenError};
 use super::snapshot::Snapshot;
 use crate::config::{ConfigErrors, RateLimitConfig, yaml_problem};
 use std::fs::{File, OpenOptions};
@@ -40,6 +40,21 @@ pub enum StoreError {
     BadInput(String),
     #[error("cannot serialise credentials: {0}")]
     Serialise(String),
+    /// A master-key rotation that stopped after its first write: the key file holds the
+    /// new and the old keys, a working state that a new rotation completes.
+    #[error(
+        "{source}; {master} now holds the new and the old master key (a working state): run `gatehouse master-key rotate` again to finish"
+    )]
+    RotationIncomplete { master: PathBuf, source: Box<StoreError> },
+}
+
+/// What a master-key rotation did.
+#[derive(Debug, Clone, Copy)]
+pub struct Rotation {
+    /// HMAC secrets re-sealed under the new key.
+    pub resealed: usize,
+    /// Keys the ring held before (more than one: an earlier rotation had not finished).
+    pub retired_keys: usize,
 }
 
 /// The credentials file and what validating it needs.
@@ -67,6 +82,11 @@ impl Store {
     /// The credentials file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The master key file.
+    pub fn master_key_path(&self) -> &Path {
+        &self.master_key
     }
 
     /// The master key, created on first use (sealing a new HMAC secret).
@@ -97,6 +117,7 @@ impl Store {
         change: impl FnOnce(&mut FileCredentials) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let _lock = self.lock()?;
+        refuse_read_only(&self.path)?;
         let mut creds = self.read()?;
         let out = change(&mut creds)?;
         let text = serde_saphyr::to_string(&creds).map_err(|e| StoreError::Serialise(e.to_string()))?;
@@ -117,20 +138,100 @@ impl Store {
 
     /// Temp file in the same directory, fsync, rename over the file, fsync the directory.
     fn write_atomically(&self, bytes: &[u8]) -> Result<(), StoreError> {
-        let dir = match self.path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        let mut tmp = tempfile::Builder::new().prefix(".credentials-").tempfile_in(dir).map_err(io(dir))?;
-        tmp.write_all(bytes).and_then(|_| tmp.as_file().sync_all()).map_err(io(tmp.path()))?;
         // Keep the file readable by the gateway's group as before (tempfile creates 0600).
-        if let Ok(meta) = std::fs::metadata(&self.path) {
-            let _ = std::fs::set_permissions(tmp.path(), meta.permissions());
-        }
-        tmp.persist(&self.path).map_err(|e| io(&self.path)(e.error))?;
-        File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
-        Ok(())
+        let keep = std::fs::metadata(&self.path).ok().map(|m| m.permissions());
+        write_atomically(&self.path, bytes, keep)
     }
+
+    /// Replaces the master key with a new one and re-seals every HMAC secret under it, in
+    /// three atomic steps under the lock, each a state a running gateway loads:
+    ///
+    /// 1. key file = `[new, old…]` (new seals, old still opens the current file);
+    /// 2. credentials file with every secret sealed under `new`;
+    /// 3. key file = `[new]`, checked first to open the file just written.
+    ///
+    /// The secrets themselves do not change, so a gateway that keeps its previous snapshot
+    /// at any point (a reload that raced two steps) still verifies every request. Nothing
+    /// is written unless both files can be, and every current secret opens.
+    pub fn rotate_master_key(&self) -> Result<Rotation, StoreError> {
+        let _lock = self.lock()?;
+        refuse_read_only(&self.path)?;
+        refuse_read_only(&self.master_key)?;
+        probe_dir(&self.path)?;
+        probe_dir(&self.master_key)?;
+        let current = super::reload::read_master_key(&self.master_key)
+            .map_err(StoreError::Invalid)?
+            .ok_or_else(|| StoreError::NotFound(format!("{}: no master key to rotate", self.master_key.display())))?;
+        let mut creds = self.read()?;
+        let new = MasterKey::generate().map_err(|e| StoreError::Serialise(format!("no OS randomness: {e}")))?;
+        let mut resealed = 0;
+        for key in creds.users.iter_mut().flat_map(|u| u.keys.iter_mut()) {
+            let Some(sealed) = &key.secret_sealed else { continue };
+            let secret = current.open(&key.id.value, sealed).map_err(|OpenError| {
+                StoreError::Conflict(format!(
+                    "{}: the secret of key {} does not open with {}; nothing changed",
+                    self.path.display(),
+                    key.id.value,
+                    self.master_key.display()
+                ))
+            })?;
+            let sealed = new
+                .seal(&key.id.value, &secret)
+                .map_err(|e| StoreError::Serialise(format!("no OS randomness: {e}")))?;
+            key.secret_sealed = Some(sealed);
+            resealed += 1;
+        }
+        let text = serde_saphyr::to_string(&creds).map_err(|e| StoreError::Serialise(e.to_string()))?;
+        // The result must load with the new key alone before anything is written.
+        Snapshot::parse(&self.path, &text, Some(&new), self.default_rate).map_err(StoreError::Invalid)?;
+        let key_mode = Some(std::os::unix::fs::PermissionsExt::from_mode(0o600));
+        write_atomically(&self.master_key, current.rotated_to(&new).to_text().as_bytes(), key_mode.clone())?;
+        let incomplete = |e| StoreError::RotationIncomplete { master: self.master_key.clone(), source: Box::new(e) };
+        self.write_atomically(text.as_bytes()).map_err(incomplete)?;
+        write_atomically(&self.master_key, new.to_text().as_bytes(), key_mode).map_err(incomplete)?;
+        Ok(Rotation { resealed, retired_keys: current.len() })
+    }
+}
+
+/// A file whose mode grants no write permission to anyone was made read-only on purpose
+/// (e.g. `chmod 0444`): refuse, rather than replace it by rename (which only needs a
+/// writable directory, and which root would be allowed anyway).
+fn refuse_read_only(path: &Path) -> Result<(), StoreError> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.permissions().readonly() => Err(StoreError::ReadOnly {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::PermissionDenied, "its mode grants no write permission"),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Creates and removes a temporary file beside `path`: proves the directory can take the
+/// atomic write before a change that spans two files starts.
+fn probe_dir(path: &Path) -> Result<(), StoreError> {
+    let dir = parent_dir(path);
+    tempfile::Builder::new().prefix(".gatehouse-probe-").tempfile_in(dir).map(drop).map_err(io(dir))
+}
+
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
+}
+
+/// Temp file beside `path` (mode `mode`, else tempfile's 0600), fsync, rename over
+/// `path`, fsync the directory.
+fn write_atomically(path: &Path, bytes: &[u8], mode: Option<std::fs::Permissions>) -> Result<(), StoreError> {
+    let dir = parent_dir(path);
+    let mut tmp = tempfile::Builder::new().prefix(".credentials-").tempfile_in(dir).map_err(io(dir))?;
+    tmp.write_all(bytes).and_then(|_| tmp.as_file().sync_all()).map_err(io(tmp.path()))?;
+    if let Some(mode) = mode {
+        let _ = std::fs::set_permissions(tmp.path(), mode);
+    }
+    tmp.persist(path).map_err(|e| io(path)(e.error))?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 //! a read-only directory and a full disk refusing the change with the old file intact.
 
 use crate::support::client::H1;
-use crate::support::creds::{Creds, HmacKey};
+use crate::support::creds::{Creds, HmacKey, KubeletDir};
 use crate::support::gateway::{RouteSpec, TestGateway, WrittenConfig};
 use crate::support::process::{DISK_FULL, ReadOnlyDir, run_cli, run_cli_with};
 use crate::support::upstream::TestUpstream;
@@ -697,6 +697,71 @@ async fn a_read_only_directory_refuses_every_change_with_a_clear_error_and_keeps
         .start()
         .await;
     assert_eq!(H1::new().get_with(&gw.url("/api/x"), &[("x-api-key", &svc.token)]).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_file_in_a_writable_directory_refuses_every_change_and_the_admin_api_says_read_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let up = TestUpstream::start().await;
+    let mut creds = Creds::new();
+    let svc = creds.api_user("svc");
+    let w = write(&creds, Some(&up));
+    let f = Files::of(&w);
+    std::fs::set_permissions(&f.creds, std::fs::Permissions::from_mode(0o444)).unwrap();
+    let before = f.text();
+    // chmod 0444 says "do not change this file" even to root, whom the kernel would let
+    // replace it by rename: the mode is checked, not just the write.
+    let lines = refused_under(&[], &f, &svc.key_id, "is read-only here").await;
+    for line in &lines {
+        assert!(line.contains(&f.creds) && line.contains("its mode grants no write permission"), "{line}");
+    }
+    assert_eq!(f.text(), before, "the file changed");
+    assert_eq!(std::fs::metadata(&f.creds).unwrap().permissions().mode() & 0o777, 0o444);
+    let out = run_cli(&f.c(&["users", "show", "svc", "--json"])).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // The admin API of a gateway on the same file: 409 read_only, and the key still works.
+    let gw = TestGateway::builder()
+        .credentials(&creds)
+        .credentials_at(Path::new(&f.creds))
+        .admin("admin-test-token-0123456789abcdef")
+        .route(RouteSpec::new("api", "/api/").to(&up).authenticated())
+        .start()
+        .await;
+    let r = gw.admin().call("POST", "/admin/v1/users/svc/keys", Some(&json!({"label": "x"}))).await;
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert_eq!(r.json()["code"], "read_only", "{}", r.text());
+    assert_eq!(f.text(), before, "the admin API changed the file");
+    assert_eq!(H1::new().get_with(&gw.url("/api/x"), &[("x-api-key", &svc.token)]).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kubernetes_secret_layout_in_a_read_only_directory_refuses_every_change_and_keeps_the_symlinks() {
+    let mut creds = Creds::new();
+    let svc = creds.api_user("svc");
+    let parent = tempfile::tempdir().unwrap();
+    let kube = KubeletDir::create(parent.path(), "..2026_11_23_a", &creds.yaml());
+    let w = TestGateway::builder().credentials(&creds).credentials_at(&kube.path()).write();
+    let mut f = Files::of(&w);
+    f.dir = kube.path().parent().unwrap().to_path_buf();
+    let names_before = f.strays(&[]);
+    let before = f.text();
+    let ro = match ReadOnlyDir::new(&f.dir) {
+        Ok(ro) => ro,
+        Err(why) => {
+            eprintln!("SKIPPED a_kubernetes_secret_layout…: {why}");
+            return;
+        }
+    };
+    let lines = refused_under(&ro.wrapper(), &f, &svc.key_id, "is read-only here").await;
+    for line in &lines {
+        assert!(line.contains(&f.dir.display().to_string()), "{}: {line}", ro.how);
+    }
+    drop(ro);
+    assert_eq!(f.text(), before, "the file changed");
+    assert_eq!(f.strays(&[]), names_before, "a file was left behind");
+    // credentials.yaml is still kubelet's symlink into ..data.
+    assert!(std::fs::symlink_metadata(&f.creds).unwrap().file_type().is_symlink(), "the symlink was replaced");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -112,3 +112,38 @@ async fn last_used_at_and_request_counts_survive_a_restart() {
     let text = std::fs::read_to_string(gw.credentials_path()).unwrap();
     assert!(!text.contains("last_used"), "usage leaked into credentials.yaml:\n{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_state_puts_the_usage_file_where_the_config_says_and_the_cli_reads_it_there() {
+    let up = TestUpstream::start().await;
+    let mut creds = Creds::new();
+    let key = creds.api_user("erp-sync");
+    let written = TestGateway::builder()
+        .credentials(&creds)
+        .route(RouteSpec::new("api", "/api/").to(&up).authenticated())
+        .write();
+    // A state directory apart from the credentials (which may be a read-only mount).
+    let state = written.dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    let usage_file = state.join("usage.json");
+    let mut yaml = std::fs::read_to_string(&written.path).unwrap();
+    yaml.push_str(&format!("usage_state: '{}'\n", usage_file.display()));
+    std::fs::write(&written.path, yaml).unwrap();
+
+    let mut gw = GatewayProcess::serve_written(written, &[], &[]).await;
+    for _ in 0..3 {
+        assert_eq!(H1::new().get_with(&gw.url("/api/x"), &[("x-api-key", key.token.as_str())]).await.status, 200);
+    }
+    gw.sigterm();
+    assert!(gw.wait(Duration::from_secs(15)).await.success(), "{}", gw.stderr());
+    let state_json: serde_json::Value = serde_json::from_slice(&std::fs::read(&usage_file).unwrap()).unwrap();
+    assert_eq!(state_json["keys"][key.key_id.as_str()]["requests"], 3, "{state_json}");
+    let beside = gw.written().credentials_path().with_extension("yaml.usage.json");
+    assert!(!beside.exists(), "usage written beside the credentials too: {}", beside.display());
+
+    let config = gw.written().path.display().to_string();
+    let out = crate::support::process::run_cli(&["users", "show", "erp-sync", "--config", &config, "--json"]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(shown.to_string().contains("\"requests\":3"), "users show did not read {}: {shown}", usage_file.display());
+}
