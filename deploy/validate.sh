@@ -30,7 +30,7 @@ for step in "${steps[@]}"; do
       echo "== systemd-analyze verify deploy/systemd/gatehouse.service"
       # verify insists that ExecStart's binary exists, and /usr/local/bin/gatehouse is not
       # installed here: check a copy whose paths point at the binary cargo just built.
-      bin="$PWD/target/debug/gatehouse"
+      bin="${CARGO_TARGET_DIR:-$PWD/target}/debug/gatehouse"
       [ -x "$bin" ] || { echo "$bin missing: build first (cargo build)"; exit 1; }
       tmp=$(mktemp -d)
       trap 'rm -rf "$tmp"' EXIT
