@@ -107,3 +107,42 @@ async fn failed_authentications_are_limited_per_client_ip_before_any_key_lookup(
     assert_eq!(gatehouse(&before), gatehouse(&after), "random keys and paths must not create metric series");
     assert_eq!(up.count(), 0);
 }
+
+/// 10 000 distinct unknown keys from one IP against the real binary: after the default
+/// budget (60 a minute) every one is 429 before any lookup, the upstream sees nothing, and
+/// the process grows by less than 10 MiB
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_unknown_keys_from_one_ip_cost_less_than_10_mib() {
+    use crate::support::gateway::{RouteSpec, TestGateway};
+    use crate::support::process::GatewayProcess;
+    let up = TestUpstream::start().await;
+    let mut creds = Creds::new();
+    creds.api_user("good");
+    let config = TestGateway::builder().credentials(&creds).route(RouteSpec::new("api", "/").to(&up).authenticated());
+    let gw = GatewayProcess::serve(&config).await;
+    let client = H1::new();
+    let unknown = |i: usize| format!("ghk_unknown{i:040}");
+    let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+    let started = Instant::now();
+    // Warm up (connection pool, allocator arenas) before the baseline.
+    for i in 0..100 {
+        let r = client.get_with(&gw.url(&format!("/warm/{i}")), &[("x-api-key", unknown(i))]).await;
+        *statuses.entry(r.status.as_u16()).or_default() += 1;
+    }
+    let before = gw.memory().rss_kib;
+    for i in 100..10_100 {
+        let r = client.get_with(&gw.url(&format!("/random/{i}")), &[("x-api-key", unknown(i))]).await;
+        *statuses.entry(r.status.as_u16()).or_default() += 1;
+    }
+    let after = gw.memory().rss_kib;
+    // The budget is 60 at once, then about one more a second (GCRA; a block lasts until
+    // the next cell, which can be under a second).
+    let refilled = 2 * (started.elapsed().as_secs() as usize + 1);
+    let failed = statuses.get(&401).copied().unwrap_or(0);
+    assert!((60..=61 + refilled).contains(&failed), "the per-IP budget: {statuses:?}");
+    assert_eq!(statuses.get(&429).copied().unwrap_or(0), 10_100 - failed, "{statuses:?}");
+    assert_eq!(up.count(), 0, "nothing reached the upstream");
+    let growth = after.saturating_sub(before);
+    assert!(growth < 10 * 1024, "RSS grew by {growth} KiB (from {before} KiB)");
+    eprintln!("RSS {before} KiB -> {after} KiB (+{growth} KiB) over 10 000 unknown keys");
+}
