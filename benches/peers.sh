@@ -53,28 +53,7 @@ KEY=$(gh keys add bench-key --label bench | python3 -c 'import json,sys; print(j
 gh users create bench-hmac --auth-method hmac --role bench >/dev/null
 read -r HMAC_ID HMAC_SECRET < <(gh keys add bench-hmac --label bench |
   python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["key"]["id"], d["secret"])')
-# The other users: same shape as the CLI writes, each with one key whose token nobody holds.
-python3 - "$CREDS" "$((USERS - 2))" <<'EOF'
-import hashlib, os, sys
-path, n = sys.argv[1], int(sys.argv[2])
-with open(path) as f:
-    text = f.read()
-rows = []
-for i in range(n):
-    digest = hashlib.sha256(os.urandom(32)).hexdigest()
-    rows.append(
-        f"- id: filler-{i:06d}\n  status: active\n  auth_method: api_key\n  roles: [bench]\n"
-        f"  created_at: 2026-01-01T00:00:00Z\n  updated_at: 2026-01-01T00:00:00Z\n"
-        f"  keys:\n  - id: ak_filler{i:06d}\n    created_at: 2026-01-01T00:00:00Z\n"
-        f"    token_sha256: {digest}\n    hint: ghk_…{i:04d}\n"
-    )
-marker = "users:\n"
-assert marker in text, "unexpected credentials layout"
-text = text.replace(marker, marker + "".join(rows), 1)
-with open(path + ".tmp", "w") as f:
-    f.write(text)
-os.replace(path + ".tmp", path)
-EOF
+python3 "$ROOT/benches/fill_users.py" "$CREDS" "$((USERS - 2))"
 
 cat >"$WORK/gatehouse.yaml" <<EOF
 listeners:

@@ -65,25 +65,7 @@ gh() { "$BIN" "$@" --credentials "$CREDS" --json; }
 gh roles set bench --rule '* /**' >/dev/null
 gh users create bench-key --auth-method api-key --role bench >/dev/null
 KEY=$(gh keys add bench-key --label bench | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
-python3 - "$CREDS" "$WORK/keys.map" "$KEY" <<'EOF'
-import hashlib, os, sys
-path, keymap, token = sys.argv[1], sys.argv[2], sys.argv[3]
-text = open(path).read()
-rows, keys = [], [f'"{token}" "bench-key";\n']
-for i in range(999):
-    tok = "ghk_" + os.urandom(24).hex()
-    keys.append(f'"{tok}" "filler-{i:06d}";\n')
-    rows.append(
-        f"- id: filler-{i:06d}\n  status: active\n  auth_method: api_key\n  roles: [bench]\n"
-        f"  created_at: 2026-01-01T00:00:00Z\n  updated_at: 2026-01-01T00:00:00Z\n"
-        f"  keys:\n  - id: ak_filler{i:06d}\n    created_at: 2026-01-01T00:00:00Z\n"
-        f"    token_sha256: {hashlib.sha256(tok.encode()).hexdigest()}\n"
-    )
-text = text.replace("users:\n", "users:\n" + "".join(rows), 1)
-open(path + ".tmp", "w").write(text)
-os.replace(path + ".tmp", path)
-open(keymap, "w").write("".join(keys))
-EOF
+python3 "$ROOT/benches/fill_users.py" "$CREDS" 999 "$WORK/keys.map" "$KEY" bench-key
 
 mkdir -p "$WORK/up/logs" "$WORK/ngx/logs"
 cat >"$WORK/up/nginx.conf" <<EOF

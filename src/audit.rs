@@ -58,6 +58,13 @@ pub struct AdminRecord<'a> {
     pub changes: serde_json::Value,
 }
 
+impl<'a> AdminRecord<'a> {
+    /// The record of one admin change, made now.
+    pub fn new(actor: &'a str, action: &'a str, target: &'a str, changes: serde_json::Value) -> AdminRecord<'a> {
+        AdminRecord { kind: "admin", time: now_rfc3339(), actor, action, target, changes }
+    }
+}
+
 /// Now, RFC 3339 with milliseconds.
 pub fn now_rfc3339() -> String {
     let t = OffsetDateTime::now_utc();

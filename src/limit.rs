@@ -40,7 +40,7 @@ pub struct Quota {
 /// All rate-limiting state.
 #[derive(Debug)]
 pub struct RateLimits {
-    keys: DashMap<Arc<str>, (RateLimit, Arc<KeyLimiter>)>,
+    keys: DashMap<Arc<str>, (RateLimit, KeyLimiter)>,
     failed: DefaultKeyedRateLimiter<u128>,
     blocked: DashMap<u128, Instant>,
     clock: DefaultClock,
@@ -108,17 +108,20 @@ impl RateLimits {
     /// Takes one request from `key`'s quota.
     pub fn check_key(&self, key: &Key) -> Result<Quota, GateError> {
         let rate = key.rate_limit;
-        // The map guard must be gone before `insert` (same shard: a deadlock otherwise).
-        let current = self.keys.get(&key.id).filter(|e| e.0 == rate).map(|e| e.1.clone());
-        let limiter = match current {
-            Some(l) => l,
-            None => {
-                let q = GovQuota::per_second(nonzero(rate.per_second)).allow_burst(nonzero(rate.burst));
-                let l = Arc::new(RateLimiter::direct(q).with_middleware::<StateInformationMiddleware>());
-                self.keys.insert(key.id.clone(), (rate, l.clone()));
-                l
-            }
-        };
+        // Checked under the map's read guard; that guard is gone before `entry`, which
+        // would deadlock on the same shard.
+        if let Some(e) = self.keys.get(&key.id)
+            && e.0 == rate
+        {
+            return self.take(&e.1, rate);
+        }
+        let q = GovQuota::per_second(nonzero(rate.per_second)).allow_burst(nonzero(rate.burst));
+        let limiter = RateLimiter::direct(q).with_middleware::<StateInformationMiddleware>();
+        let entry = self.keys.entry(key.id.clone()).insert((rate, limiter));
+        self.take(&entry.1, rate)
+    }
+
+    fn take(&self, limiter: &KeyLimiter, rate: RateLimit) -> Result<Quota, GateError> {
         match limiter.check() {
             Ok(state) => Ok(Quota { limit: rate.per_second, remaining: state.remaining_burst_capacity() }),
             Err(not_until) => Err(GateError::TooManyRequests {

@@ -246,10 +246,9 @@ impl Workers {
 
     /// Hands a connection to the next worker; `None` when no worker is left (then the
     /// connection is closed by being dropped).
-    fn dispatch(&self, conn: Accepted) -> Option<()> {
+    fn dispatch(&self, mut conn: Accepted) -> Option<()> {
         let n = self.queues.len();
         let first = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut conn = conn;
         for k in 0..n {
             match self.queues[(first + k) % n].send(conn) {
                 Ok(()) => return Some(()),

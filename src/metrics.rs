@@ -7,6 +7,7 @@
 //! updates them without looking up a label set.
 
 use crate::error::{GateError, LimitScope, UpstreamFailure};
+use crate::record::Outcome;
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
@@ -143,16 +144,9 @@ impl Metrics {
         self.open_connections.with_label_values(&[listener])
     }
 
-    /// Counts one finished request.
-    pub fn observe(
-        &self,
-        route: Option<&Arc<str>>,
-        user: Option<&str>,
-        status: u16,
-        error: Option<GateError>,
-        elapsed: f64,
-        upstream: Option<f64>,
-    ) {
+    /// Counts one finished request; `outcome` is the one its audit record carries.
+    pub fn observe(&self, out: &Outcome, status: u16, outcome: &'static str, elapsed: f64) {
+        let (route, user, error) = (out.route.as_ref(), out.user.as_deref(), out.error);
         let class = match status {
             100..=199 => "1xx",
             200..=299 => "2xx",
@@ -160,17 +154,12 @@ impl Metrics {
             400..=499 => "4xx",
             _ => "5xx",
         };
-        let outcome = match error {
-            None => "forwarded",
-            Some(e) if e.status().is_server_error() => "failed",
-            Some(_) => "rejected",
-        };
         let route_name = route.map_or("", |r| r);
         self.requests.with_label_values(&[route_name, user.unwrap_or(""), class, outcome]).inc();
         if let Some(m) = route.and_then(|r| self.routes.get(r)) {
             m.duration.observe(elapsed);
-            if let Some(u) = upstream {
-                m.upstream.observe(u);
+            if let Some(u) = out.upstream_latency {
+                m.upstream.observe(u.as_secs_f64());
             }
         }
         let Some(e) = error else { return };

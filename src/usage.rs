@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 /// Counters of one key.
 #[derive(Debug, Default)]
@@ -45,7 +45,10 @@ struct StateFile {
 pub struct Usage {
     keys: DashMap<Arc<str>, Arc<KeyUsage>>,
     path: Option<PathBuf>,
-    dirty: AtomicBool,
+    /// The total request count the state file holds: every recorded request adds one, so
+    /// an unchanged total means nothing to write. Derived at flush time rather than
+    /// flagged per request (a flag every request writes is a cache line all cores share).
+    written: AtomicU64,
 }
 
 /// Where the usage state of a credentials file lives: `<name>.usage.json` beside it.
@@ -67,28 +70,29 @@ pub fn read_state(path: &Path) -> BTreeMap<String, KeyUsageRecord> {
 impl Usage {
     /// Usage persisted at `path` (loaded now), or in memory only.
     pub fn load(path: Option<PathBuf>) -> Usage {
-        let u = Usage { keys: DashMap::new(), path, dirty: AtomicBool::new(false) };
-        if let Some(p) = &u.path {
-            for (key, r) in read_state(p) {
-                let k = KeyUsage::default();
-                let _ = k.user.set(Arc::from(r.user.as_str()));
-                k.requests.store(r.requests, Ordering::Relaxed);
-                k.errors.store(r.errors, Ordering::Relaxed);
-                k.rate_limited.store(r.rate_limited, Ordering::Relaxed);
-                k.last_used.store(r.last_used_at.unwrap_or(0), Ordering::Relaxed);
-                u.keys.insert(Arc::from(key.as_str()), Arc::new(k));
-            }
+        let on_disk = path.as_deref().map(read_state).unwrap_or_default();
+        let keys = DashMap::new();
+        for (key, r) in &on_disk {
+            let k = KeyUsage::default();
+            let _ = k.user.set(Arc::from(r.user.as_str()));
+            k.requests.store(r.requests, Ordering::Relaxed);
+            k.errors.store(r.errors, Ordering::Relaxed);
+            k.rate_limited.store(r.rate_limited, Ordering::Relaxed);
+            k.last_used.store(r.last_used_at.unwrap_or(0), Ordering::Relaxed);
+            keys.insert(Arc::from(key.as_str()), Arc::new(k));
         }
-        u
+        let written = AtomicU64::new(on_disk.values().map(|r| r.requests).sum());
+        Usage { keys, path, written }
     }
 
     /// Counts one request made with `key` of `user`.
     pub fn record(&self, user: &Arc<str>, key: &Arc<str>, error: bool, rate_limited: bool, now: i64) {
+        // Through the map's guard: no Arc clone (two shared atomic writes) per request.
         let entry = match self.keys.get(key) {
-            Some(e) => e.clone(),
-            None => self.keys.entry(key.clone()).or_default().clone(),
+            Some(e) => e,
+            None => self.keys.entry(key.clone()).or_default().downgrade(),
         };
-        let _ = entry.user.set(user.clone());
+        entry.user.get_or_init(|| user.clone());
         entry.requests.fetch_add(1, Ordering::Relaxed);
         if error {
             entry.errors.fetch_add(1, Ordering::Relaxed);
@@ -97,7 +101,6 @@ impl Usage {
             entry.rate_limited.fetch_add(1, Ordering::Relaxed);
         }
         entry.last_used.fetch_max(now, Ordering::Relaxed);
-        self.dirty.store(true, Ordering::Relaxed);
     }
 
     /// A copy of every key's counters.
@@ -124,10 +127,12 @@ impl Usage {
     /// Writes the state file if anything changed (temp file + rename).
     pub fn flush(&self) -> std::io::Result<()> {
         let Some(path) = &self.path else { return Ok(()) };
-        if !self.dirty.swap(false, Ordering::Relaxed) {
+        let keys = self.snapshot();
+        let total = keys.values().map(|r| r.requests).sum();
+        if self.written.load(Ordering::Relaxed) == total {
             return Ok(());
         }
-        let body = serde_json::to_vec_pretty(&StateFile { keys: self.snapshot() }).unwrap_or_default();
+        let body = serde_json::to_vec_pretty(&StateFile { keys }).unwrap_or_default();
         let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
         let write = || -> std::io::Result<()> {
             let mut tmp = tempfile::Builder::new().prefix(".usage-").tempfile_in(dir)?;
@@ -135,7 +140,9 @@ impl Usage {
             tmp.persist(path).map_err(|e| e.error)?;
             Ok(())
         };
-        write().inspect_err(|_| self.dirty.store(true, Ordering::Relaxed))
+        write()?;
+        self.written.store(total, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Flushes every `every` until the process ends; logs a failing write once per streak.

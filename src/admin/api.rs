@@ -181,11 +181,8 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Result<(StatusCode, Val
     let out = match (method, segs.as_slice()) {
         (Method::GET, ["users"]) => {
             let c = store.read()?;
-            let filter = |k: &str| {
-                query.split('&').find_map(|kv| kv.strip_prefix(k).and_then(|v| v.strip_prefix('='))).map(str::to_string)
-            };
-            let (status, role, org) = (filter("status"), filter("role"), filter("organization"));
-            (StatusCode::OK, Value::from(ops::list_users(&c, status.as_deref(), role.as_deref(), org.as_deref())))
+            let param = |k| query_param(&query, k);
+            (StatusCode::OK, Value::from(ops::list_users(&c, param("status"), param("role"), param("organization"))))
         }
         (Method::POST, ["users"]) => {
             let mut b: UserBody = body(req).await?;
@@ -258,7 +255,7 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Result<(StatusCode, Val
             change(admin, store, what, |c| ops::revoke_key(c, id, key_id, ops::now()))?;
             (StatusCode::OK, j!({"revoked": key_id}))
         }
-        (Method::GET, ["roles"]) => (StatusCode::OK, roles_view(&store.read()?)),
+        (Method::GET, ["roles"]) => (StatusCode::OK, ops::roles_view(&store.read()?)),
         (Method::GET, ["audit"]) => (StatusCode::OK, audit_tail(admin, &query)?),
         (Method::PUT, ["roles"]) => {
             let b: std::collections::BTreeMap<String, RoleBody> = body(req).await?;
@@ -271,7 +268,7 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Result<(StatusCode, Val
                 for (name, r) in b {
                     ops::set_role(c, &name, r.description, r.rules)?;
                 }
-                Ok(roles_view(c))
+                Ok(ops::roles_view(c))
             })?;
             (StatusCode::OK, v)
         }
@@ -280,12 +277,9 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Result<(StatusCode, Val
     Ok(out)
 }
 
-fn roles_view(c: &crate::credentials::file::FileCredentials) -> Value {
-    c.roles
-        .iter()
-        .map(|(n, r)| (n.clone(), j!({"description": r.description, "rules": r.rules.iter().map(|x| x.value.clone()).collect::<Vec<_>>()})))
-        .collect::<serde_json::Map<_, _>>()
-        .into()
+/// The value of `key` in a query string (`a=1&b=2`), as sent.
+fn query_param<'q>(query: &'q str, key: &str) -> Option<&'q str> {
+    query.split('&').find_map(|kv| kv.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
 }
 
 /// What an admin change was, for its audit record.
@@ -305,14 +299,7 @@ fn change<T>(
 ) -> Result<T, ApiError> {
     // A locked read-modify-write of one small file: rare and short enough to run inline.
     let out = store.update(f)?;
-    admin.audit.send(&AdminRecord {
-        kind: "admin",
-        time: crate::audit::now_rfc3339(),
-        actor: "admin-api",
-        action: what.action,
-        target: what.target,
-        changes: what.changes,
-    });
+    admin.audit.send(&AdminRecord::new("admin-api", what.action, what.target, what.changes));
     if let Err(e) = admin.credentials.reload() {
         tracing::error!(error = %e, "admin change written but not loaded");
     }
@@ -326,9 +313,8 @@ fn audit_tail(admin: &Admin, query: &str) -> Result<Value, ApiError> {
     let crate::config::AuditSink::File(path) = admin.audit.sink() else {
         return Err(ApiError(StatusCode::NOT_FOUND, "not_found", "the audit log goes to stdout; read it there".into()));
     };
-    let param = |k: &str| query.split('&').find_map(|kv| kv.strip_prefix(k).and_then(|v| v.strip_prefix('=')));
-    let user = param("user");
-    let limit = param("limit").and_then(|l| l.parse::<usize>().ok()).unwrap_or(100).min(1000);
+    let user = query_param(query, "user");
+    let limit = query_param(query, "limit").and_then(|l| l.parse::<usize>().ok()).unwrap_or(100).min(1000);
     let unavailable =
         |e: std::io::Error| ApiError(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("audit log: {e}"));
     let mut f = std::fs::File::open(path).map_err(unavailable)?;

@@ -2,7 +2,7 @@
 
 use super::store_args::{StoreArgs, fail, print, run_update};
 use crate::credentials::ops;
-use serde_json::{Value, json};
+use serde_json::json;
 use std::process::ExitCode;
 
 #[derive(Debug, clap::Args)]
@@ -39,11 +39,7 @@ pub fn run(a: RolesArgs) -> ExitCode {
     let result = match a.command {
         RolesCommand::List => match ctx.store.read() {
             Ok(c) => {
-                let roles: serde_json::Map<String, Value> = c
-                    .roles
-                    .iter()
-                    .map(|(n, r)| (n.clone(), json!({"description": r.description, "rules": r.rules.iter().map(|x| x.value.clone()).collect::<Vec<_>>()})))
-                    .collect();
+                let roles = ops::roles_view(&c);
                 let text = || {
                     c.roles
                         .iter()
@@ -56,7 +52,7 @@ pub fn run(a: RolesArgs) -> ExitCode {
                         .collect::<Vec<_>>()
                         .join("\n")
                 };
-                Ok(print(json, &Value::Object(roles.clone()), text))
+                Ok(print(json, &roles, text))
             }
             Err(e) => Err(fail("roles list", e)),
         },

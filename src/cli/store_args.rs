@@ -40,14 +40,7 @@ impl Ctx {
     pub fn record(&self, command: &str, target: &str, changes: Value) {
         let Some(sink) = &self.audit else { return };
         let actor = format!("cli:{}", std::env::var("USER").unwrap_or_else(|_| "unknown".into()));
-        let record = AdminRecord {
-            kind: "admin",
-            time: crate::audit::now_rfc3339(),
-            actor: &actor,
-            action: command,
-            target,
-            changes,
-        };
+        let record = AdminRecord::new(&actor, command, target, changes);
         if let Err(e) = crate::audit::append_now(sink, &record) {
             eprintln!("gatehouse {command}: warning: change made, but not recorded in the audit log: {e}");
         }

@@ -82,6 +82,35 @@ pub struct FileUser {
     pub updated_at: OffsetDateTime,
 }
 
+impl FileUser {
+    /// A new active user with nothing but its id and auth method, created and updated `now`.
+    pub fn new(id: &str, auth_method: AuthMethod, now: OffsetDateTime) -> FileUser {
+        FileUser {
+            id: spanned(id.to_string()),
+            display_name: String::new(),
+            description: String::new(),
+            organization: String::new(),
+            teams: vec![],
+            default_team: None,
+            roles: vec![],
+            status: Status::Active,
+            auth_method,
+            allowed_endpoints: vec![],
+            allow_proxied_users: false,
+            allowed_proxied_users: vec![],
+            rate_limit: None,
+            keys: vec![],
+            created_at: now,
+            updated_at: now,
+        }
+    }
+}
+
+/// A value made in code rather than read from a file (it has no location).
+pub fn spanned<T>(v: T) -> Spanned<T> {
+    Spanned::new(v, serde_saphyr::Location::UNKNOWN, serde_saphyr::Location::UNKNOWN)
+}
+
 /// One key. Exactly one of `token_sha256` (api_key users) and `secret_sealed` (hmac
 /// users) is set; validation checks it matches the user's `auth_method`.
 #[derive(Debug, Deserialize, Serialize)]

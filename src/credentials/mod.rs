@@ -44,9 +44,9 @@ pub fn mint_hmac_key(master: &MasterKey, label: &str) -> Result<(FileKey, Secret
 
 fn blank_key(id: String, label: &str) -> FileKey {
     FileKey {
-        id: serde_saphyr::Spanned::new(id, serde_saphyr::Location::UNKNOWN, serde_saphyr::Location::UNKNOWN),
+        id: file::spanned(id),
         label: label.to_string(),
-        created_at: time::OffsetDateTime::now_utc().replace_nanosecond(0).unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
+        created_at: ops::now(),
         expires_at: None,
         revoked_at: None,
         token_sha256: None,

@@ -2,17 +2,13 @@
 //! model. The CLI and the admin API both run these inside `Store::update`, so both
 //! enforce the same rules (retired is terminal, a role in use cannot be deleted, …).
 
-use super::file::{AuthMethod, FileCredentials, FileKey, FileRateLimit, FileRole, FileUser, Status};
+use super::file::{AuthMethod, FileCredentials, FileKey, FileRateLimit, FileRole, FileUser, Status, spanned};
 use super::secrets::{MasterKey, Secret};
 use super::snapshot::is_valid_id;
 use super::store::StoreError;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
-
-fn spanned<T>(v: T) -> serde_saphyr::Spanned<T> {
-    serde_saphyr::Spanned::new(v, serde_saphyr::Location::UNKNOWN, serde_saphyr::Location::UNKNOWN)
-}
 
 fn not_found(msg: impl Into<String>) -> StoreError {
     StoreError::NotFound(msg.into())
@@ -47,27 +43,6 @@ pub struct UserFields {
 }
 
 impl UserFields {
-    /// The names of the fields this change sets (for the audit record).
-    pub fn names(&self) -> Vec<&'static str> {
-        let mut n = Vec::new();
-        let mut add = |set: bool, name| {
-            if set {
-                n.push(name)
-            }
-        };
-        add(self.display_name.is_some(), "display_name");
-        add(self.description.is_some(), "description");
-        add(self.organization.is_some(), "organization");
-        add(self.teams.is_some(), "teams");
-        add(self.default_team.is_some(), "default_team");
-        add(self.roles.is_some(), "roles");
-        add(self.allowed_endpoints.is_some(), "allowed_endpoints");
-        add(self.allow_proxied_users.is_some(), "allow_proxied_users");
-        add(self.allowed_proxied_users.is_some(), "allowed_proxied_users");
-        add(self.rate_limit.is_some(), "rate_limit");
-        n
-    }
-
     fn apply(self, u: &mut FileUser) {
         if let Some(v) = self.display_name {
             u.display_name = v;
@@ -124,25 +99,7 @@ pub fn create_user(
     if c.users.iter().any(|u| u.id.value == id) {
         return Err(conflict(format!("user {id:?} already exists")));
     }
-    let now = now();
-    let mut u = FileUser {
-        id: spanned(id.to_string()),
-        display_name: String::new(),
-        description: String::new(),
-        organization: String::new(),
-        teams: vec![],
-        default_team: None,
-        roles: vec![],
-        status: Status::Active,
-        auth_method: method,
-        allowed_endpoints: vec![],
-        allow_proxied_users: false,
-        allowed_proxied_users: vec![],
-        rate_limit: None,
-        keys: vec![],
-        created_at: now,
-        updated_at: now,
-    };
+    let mut u = FileUser::new(id, method, now());
     fields.apply(&mut u);
     c.users.push(u);
     Ok(())
@@ -337,6 +294,15 @@ pub fn user_view(u: &FileUser) -> Value {
         "created_at": ts(&u.created_at),
         "updated_at": ts(&u.updated_at),
     })
+}
+
+/// Every role as `{name: {description, rules}}`: the admin API's and the CLI's view.
+pub fn roles_view(c: &FileCredentials) -> Value {
+    c.roles
+        .iter()
+        .map(|(n, r)| (n.clone(), json!({"description": r.description, "rules": r.rules.iter().map(|x| x.value.clone()).collect::<Vec<_>>()})))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
 }
 
 #[cfg(test)]

@@ -40,11 +40,6 @@ impl fmt::Debug for Secret {
 }
 
 impl Secret {
-    /// Wraps a secret string (e.g. one given on the command line).
-    pub fn new(s: String) -> Secret {
-        Secret(s)
-    }
-
     /// The secret itself, for the one place that must show or use it.
     pub fn expose(&self) -> &str {
         &self.0

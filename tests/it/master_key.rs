@@ -10,9 +10,8 @@ use crate::support::process::{GatewayProcess, ReadOnlyDir, run_cli, run_cli_with
 use crate::support::upstream::TestUpstream;
 use crate::support::{STEP, eventually, within};
 use gatehouse::config::RateLimitConfig;
-use gatehouse::credentials::file::FileRateLimit;
+use gatehouse::credentials::file::{FileRateLimit, spanned};
 use gatehouse::credentials::secrets::MasterKey;
-use serde_saphyr::{Location, Spanned};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -68,7 +67,7 @@ fn three_users() -> (Creds, HmacKey, HmacKey) {
     creds.api_user("batch");
     for id in ["erp-sync", "mobile"] {
         let fast = FileRateLimit { per_second: 100_000, burst: 100_000 };
-        creds.user(id).rate_limit = Some(Spanned::new(fast, Location::UNKNOWN, Location::UNKNOWN));
+        creds.user(id).rate_limit = Some(spanned(fast));
     }
     (creds, a, b)
 }

@@ -4,12 +4,12 @@ use crate::observability_support::{series, start};
 use crate::support::client::H1;
 use crate::support::creds::Creds;
 use crate::support::upstream::TestUpstream;
-use gatehouse::credentials::file::FileRateLimit;
-use serde_saphyr::{Location, Spanned};
+use gatehouse::credentials::file::{FileRateLimit, spanned};
+use serde_saphyr::Spanned;
 use std::time::{Duration, Instant};
 
 fn rate(per_second: u32, burst: u32) -> Option<Spanned<FileRateLimit>> {
-    Some(Spanned::new(FileRateLimit { per_second, burst }, Location::UNKNOWN, Location::UNKNOWN))
+    Some(spanned(FileRateLimit { per_second, burst }))
 }
 
 fn assert_429(res: &crate::support::Reply) {

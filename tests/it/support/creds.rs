@@ -3,10 +3,9 @@
 //! `serde_saphyr::to_string`), which hands the plaintext tokens and secrets to the test.
 //! Also: atomic rewrites of a live file, and a kubelet-style `..data` symlink layout.
 
-use gatehouse::credentials::file::{AuthMethod, FileCredentials, FileRole, FileUser, Status};
+use gatehouse::credentials::file::{AuthMethod, FileCredentials, FileRole, FileUser, Status, spanned};
 use gatehouse::credentials::secrets::MasterKey;
 use gatehouse::credentials::{mint_api_key, mint_hmac_key};
-use serde_saphyr::{Location, Spanned};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -15,10 +14,6 @@ use time::OffsetDateTime;
 
 /// The role every test user gets: everything is permitted.
 pub const ROLE: &str = "all";
-
-fn spanned<T>(v: T) -> Spanned<T> {
-    Spanned::new(v, Location::UNKNOWN, Location::UNKNOWN)
-}
 
 fn now() -> OffsetDateTime {
     OffsetDateTime::now_utc().replace_nanosecond(0).unwrap()
@@ -87,24 +82,13 @@ impl Creds {
     }
 
     fn push_user(&mut self, id: &str, method: AuthMethod) {
-        let now = now();
         self.file.users.push(FileUser {
-            id: spanned(id.to_string()),
             display_name: format!("Test {id}"),
-            description: String::new(),
             organization: "acme".into(),
             teams: vec!["team-a".into(), "team-b".into()],
             default_team: Some("team-a".into()),
             roles: vec![spanned(ROLE.to_string())],
-            status: Status::Active,
-            auth_method: method,
-            allowed_endpoints: vec![],
-            allow_proxied_users: false,
-            allowed_proxied_users: vec![],
-            rate_limit: None,
-            keys: vec![],
-            created_at: now,
-            updated_at: now,
+            ..FileUser::new(id, method, now())
         });
     }
 
