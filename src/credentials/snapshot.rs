@@ -164,8 +164,7 @@ impl Snapshot {
         master: Option<&MasterKey>,
         default_rate: RateLimitConfig,
     ) -> Result<Snapshot, ConfigErrors> {
-        let file: FileCredentials = serde_saphyr::from_str_with_options(text, yaml_options())
-            .map_err(|e| ConfigErrors { file: path.to_path_buf(), problems: vec![yaml_problem(&e)] })?;
+        let file = parse_file(path, text)?;
         let mut b = Builder { problems: Vec::new(), master, default_rate };
         let snap = b.build(file);
         if b.problems.is_empty() {
@@ -178,6 +177,13 @@ impl Snapshot {
 
 /// The parser's budget, sized for large files: about 25 nodes a user, so 20 M nodes is
 /// ~800 k users. Alias and anchor limits (the YAML-bomb defences) keep their defaults.
+/// The file model of a credentials file, with the budget a large file needs: the one
+/// parse the gateway, the admin API and the CLI share.
+pub(super) fn parse_file(path: &Path, text: &str) -> Result<FileCredentials, ConfigErrors> {
+    serde_saphyr::from_str_with_options(text, yaml_options())
+        .map_err(|e| ConfigErrors { file: path.to_path_buf(), problems: vec![yaml_problem(&e)] })
+}
+
 fn yaml_options() -> serde_saphyr::Options {
     let mut budget = serde_saphyr::Budget::default();
     budget.max_nodes = 20_000_000;

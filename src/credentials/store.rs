@@ -13,7 +13,7 @@
 use super::file::FileCredentials;
 use super::secrets::{MasterKey, OpenError};
 use super::snapshot::Snapshot;
-use crate::config::{ConfigErrors, RateLimitConfig, yaml_problem};
+use crate::config::{ConfigErrors, RateLimitConfig};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -105,9 +105,7 @@ impl Store {
         if text.trim().is_empty() {
             return Ok(FileCredentials::default());
         }
-        serde_saphyr::from_str(&text).map_err(|e| {
-            StoreError::Invalid(ConfigErrors { file: self.path.clone(), problems: vec![yaml_problem(&e)] })
-        })
+        super::snapshot::parse_file(&self.path, &text).map_err(StoreError::Invalid)
     }
 
     /// Applies `change` under the lock; writes the result only if `change` succeeds and
@@ -241,6 +239,28 @@ mod tests {
 
     fn store(dir: &Path) -> Store {
         Store::new(dir.join("credentials.yaml"), dir.join("master.key"), RateLimitConfig { per_second: 1, burst: 1 })
+    }
+
+    /// the CLI and admin API read a file as large as the gateway loads (the YAML budget is
+    /// the snapshot's, not the parser's default of about 10 000 users)
+    #[test]
+    fn a_file_of_15_000_users_can_be_edited() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let mut y = String::from("roles: {}\nusers:\n");
+        for i in 0..15_000 {
+            y.push_str(&format!(
+                "- id: u{i}\n  status: active\n  auth_method: api_key\n  created_at: 2026-01-01T00:00:00Z\n  updated_at: 2026-01-01T00:00:00Z\n  keys:\n  - id: k{i}\n    created_at: 2026-01-01T00:00:00Z\n    token_sha256: {i:064}\n"
+            ));
+        }
+        std::fs::write(s.path(), y).unwrap();
+        s.update(|c| {
+            c.roles.insert("r".into(), FileRole { description: String::new(), rules: vec![] });
+            Ok(())
+        })
+        .unwrap();
+        let back = s.read().unwrap();
+        assert_eq!((back.users.len(), back.roles.contains_key("r")), (15_000, true));
     }
 
     /// a change is written and read back; an invalid result is refused and nothing changes
