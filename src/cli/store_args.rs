@@ -52,7 +52,7 @@ impl StoreArgs {
     pub fn open(&self) -> Result<Ctx, String> {
         if let Some(path) = &self.credentials {
             let master = self.master_key.clone().unwrap_or_else(|| path.with_file_name("master.key"));
-            let store = Store::new(path.clone(), master, RateLimitConfig { per_second: 50, burst: 100 });
+            let store = Store::new(path.clone(), master, RateLimitConfig::DEFAULT);
             return Ok(Ctx { store, usage: crate::usage::state_path(path), audit: None });
         }
         let config = Config::load(&self.config).map_err(|e| e.to_string())?;

@@ -117,6 +117,11 @@ pub struct RateLimitConfig {
     pub burst: u32,
 }
 
+impl RateLimitConfig {
+    /// The per-key rate when the config names none (README "Configuration").
+    pub const DEFAULT: RateLimitConfig = RateLimitConfig { per_second: 50, burst: 100 };
+}
+
 /// Client-side abuse limits (README "Limits").
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -304,7 +309,7 @@ impl Validator {
             failed_per_ip_per_minute: f.auth.failed_per_ip_per_minute.unwrap_or(60).max(1),
         };
         let rate_limit = match f.rate_limit {
-            None => RateLimitConfig { per_second: 50, burst: 100 },
+            None => RateLimitConfig::DEFAULT,
             Some(r) => {
                 if r.per_second.value == 0 {
                     self.at(&r.per_second.referenced, "rate_limit.per_second must be at least 1");
