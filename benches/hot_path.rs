@@ -172,7 +172,7 @@ fn bench_authn(c: &mut Criterion) {
     let rate = RateLimitConfig { per_second: 50, burst: 100 };
     let snap = Snapshot::parse(Path::new("bench.yaml"), &yaml, Some(&master), rate).unwrap();
     assert_eq!(snap.user_count(), USERS);
-    let route = Arc::new(Route::new(&twenty_routes()[0]));
+    let route = Arc::new(Route::new(&twenty_routes()[0], &mut 0));
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let _guard = rt.enter();
     let auth = AuthConfig {

@@ -33,7 +33,7 @@ pub struct RequestRecord<'a> {
     pub kind: &'static str,
     pub time: String,
     pub request_id: &'a str,
-    pub client: String,
+    pub client: std::net::IpAddr,
     pub user: Option<&'a str>,
     pub key_id: Option<&'a str>,
     pub proxied_user: Option<&'a str>,
@@ -44,6 +44,111 @@ pub struct RequestRecord<'a> {
     pub duration_ms: f64,
     pub outcome: &'static str,
     pub reason: Option<&'static str>,
+}
+
+impl RequestRecord<'_> {
+    /// The record as one JSON line, written by hand: the derived `Serialize` through
+    /// serde_json cost about 6,000 instructions a record (every key escaped as a string),
+    /// a tenth of the gateway's own work per request. The JSON is the same (a unit test
+    /// compares the two).
+    pub fn to_json(&self) -> String {
+        use std::fmt::Write as _;
+        let mut o = String::with_capacity(320);
+        o.push_str("{\"kind\":");
+        json_str(&mut o, self.kind);
+        o.push_str(",\"time\":");
+        json_str(&mut o, &self.time);
+        o.push_str(",\"request_id\":");
+        json_str(&mut o, self.request_id);
+        let _ = write!(o, ",\"client\":\"{}\"", self.client);
+        for (key, value) in
+            [("user", self.user), ("key_id", self.key_id), ("proxied_user", self.proxied_user), ("route", self.route)]
+        {
+            json_field(&mut o, key, value);
+        }
+        o.push_str(",\"method\":");
+        json_str(&mut o, self.method);
+        json_field(&mut o, "path", self.path);
+        o.push_str(",\"status\":");
+        push_u16(&mut o, self.status);
+        if self.duration_ms.is_finite() {
+            // `{:?}` is the shortest round-trip form and keeps the `.0` of whole numbers.
+            let _ = write!(o, ",\"duration_ms\":{:?}", self.duration_ms);
+        } else {
+            o.push_str(",\"duration_ms\":null");
+        }
+        o.push_str(",\"outcome\":");
+        json_str(&mut o, self.outcome);
+        json_field(&mut o, "reason", self.reason);
+        o.push('}');
+        o
+    }
+}
+
+/// A number's digits without the formatting machinery.
+fn push_u16(o: &mut String, n: u16) {
+    let mut digits = [0u8; 5];
+    let mut i = digits.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for &d in &digits[i..] {
+        o.push(char::from(d));
+    }
+}
+
+/// `,"key":value` with a JSON string or `null`.
+fn json_field(o: &mut String, key: &str, value: Option<&str>) {
+    o.push_str(",\"");
+    o.push_str(key);
+    o.push_str("\":");
+    match value {
+        Some(v) => json_str(o, v),
+        None => o.push_str("null"),
+    }
+}
+
+/// A JSON string, escaped as serde_json escapes it.
+fn json_str(o: &mut String, s: &str) {
+    o.push('"');
+    // Almost every value needs no escape: find out without branching per byte (this
+    // loop vectorises), then copy the whole string at once.
+    let plain = s.bytes().fold(true, |ok, b| ok & (b >= 0x20) & (b != b'"') & (b != b'\\'));
+    if plain {
+        o.push_str(s);
+        o.push('"');
+        return;
+    }
+    let mut clean = 0;
+    for (i, b) in s.bytes().enumerate() {
+        let escaped = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0x08 => "\\b",
+            0x0c => "\\f",
+            0..=0x1f => "",
+            _ => continue,
+        };
+        o.push_str(&s[clean..i]);
+        if escaped.is_empty() {
+            use std::fmt::Write as _;
+            let _ = write!(o, "\\u{:04x}", b);
+        } else {
+            o.push_str(escaped);
+        }
+        clean = i + 1;
+    }
+    o.push_str(&s[clean..]);
+    o.push('"');
 }
 
 /// One change made through the admin API or the CLI.
@@ -65,11 +170,30 @@ impl<'a> AdminRecord<'a> {
     }
 }
 
-/// Now, RFC 3339 with milliseconds.
+/// Now, RFC 3339 in UTC with milliseconds (`2026-11-23T13:40:05.120Z`). The part up to
+/// the second is formatted once a second per thread: this runs for every request.
 pub fn now_rfc3339() -> String {
+    thread_local! {
+        static SECOND: std::cell::RefCell<(i64, String)> = const { std::cell::RefCell::new((i64::MIN, String::new())) };
+    }
     let t = OffsetDateTime::now_utc();
-    let t = t.replace_millisecond(t.millisecond()).unwrap_or(t);
-    t.format(&Rfc3339).unwrap_or_default()
+    SECOND.with_borrow_mut(|(second, prefix)| {
+        if *second != t.unix_timestamp() {
+            *second = t.unix_timestamp();
+            // `…:05Z` without its `Z`: the milliseconds follow.
+            let whole = t.replace_nanosecond(0).unwrap_or(t).format(&Rfc3339).unwrap_or_default();
+            *prefix = whole.trim_end_matches('Z').to_string();
+        }
+        let ms = t.millisecond();
+        let mut now = String::with_capacity(prefix.len() + 5);
+        now.push_str(prefix);
+        now.push('.');
+        for d in [ms / 100, ms / 10 % 10, ms % 10] {
+            now.push(char::from(b'0' + d as u8));
+        }
+        now.push('Z');
+        now
+    })
 }
 
 /// The sending side of the audit log.
@@ -97,7 +221,13 @@ impl Audit {
 
     /// Queues a record; drops (and counts) it if the writer is behind.
     pub fn send<T: Serialize>(&self, record: &T) {
-        let Ok(line) = serde_json::to_string(record) else { return };
+        if let Ok(line) = serde_json::to_string(record) {
+            self.send_line(line);
+        }
+    }
+
+    /// Queues one JSON line (no newline); drops (and counts) it if the writer is behind.
+    pub fn send_line(&self, line: String) {
         if self.tx.try_send(line).is_err() {
             self.lost.fetch_add(1, Ordering::Relaxed);
         }
@@ -240,5 +370,54 @@ impl Output {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record<'a>(text: &'a str, time: String, duration_ms: f64) -> RequestRecord<'a> {
+        RequestRecord {
+            kind: "request",
+            time,
+            request_id: text,
+            client: "2001:db8::1".parse().unwrap(),
+            user: Some(text),
+            key_id: None,
+            proxied_user: Some("p"),
+            route: None,
+            method: "GET",
+            path: Some(text),
+            status: 503,
+            duration_ms,
+            outcome: "failed",
+            reason: None,
+        }
+    }
+
+    /// the hand-written line is the JSON serde_json writes, whatever the strings hold
+    #[test]
+    fn hand_written_json_matches_serde() {
+        let nasty = "q\"b\\s/n\nr\rt\tb\u{8}f\u{c}nul\u{0}esc\u{1b}del\u{7f}é😀";
+        let cases = [(nasty, 0.123, 200), ("", 1.0, 0), ("plain", 1234.5, 7), ("/a/b", 0.0, 65535), ("\"", 7.25, 503)];
+        for (text, ms, status) in cases {
+            let r = RequestRecord { status, ..record(text, now_rfc3339(), ms) };
+            let line = r.to_json();
+            assert_eq!(line, serde_json::to_string(&r).unwrap(), "{text:?}");
+            assert!(!line.contains('\n'));
+        }
+    }
+
+    /// the cached timestamp is RFC 3339 with milliseconds, and moves with the clock
+    #[test]
+    fn timestamps_are_rfc3339_with_milliseconds() {
+        let a = now_rfc3339();
+        let parsed = OffsetDateTime::parse(&a, &Rfc3339).unwrap();
+        assert!((OffsetDateTime::now_utc() - parsed).abs() < time::Duration::seconds(2), "{a}");
+        assert_eq!(a.len(), "2026-11-23T13:40:05.120Z".len(), "{a}");
+        assert!(a.ends_with('Z') && a.as_bytes()[19] == b'.', "{a}");
+        std::thread::sleep(Duration::from_millis(1100));
+        assert!(OffsetDateTime::parse(&now_rfc3339(), &Rfc3339).unwrap() > parsed);
     }
 }

@@ -4,6 +4,7 @@
 //! of body the gateway handles is visible here. Bodies stream; nothing is buffered
 //! except what a variant holds in full (`Full`).
 
+use crate::upstream::Release;
 use bytes::Bytes;
 use http_body::{Body as _, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -112,7 +113,8 @@ impl http_body::Body for Body {
     }
 }
 
-/// An upstream response body with an idle timeout between frames.
+/// An upstream response body with an idle timeout between frames. It gives its
+/// connection back to the pool when dropped after the last frame.
 #[derive(Debug)]
 pub struct UpstreamBody {
     inner: Incoming,
@@ -120,12 +122,15 @@ pub struct UpstreamBody {
     // Created only when the body first has to wait: most responses arrive whole in the
     // first poll and never pay for a timer.
     timer: Option<Pin<Box<Sleep>>>,
+    release: Option<Release>,
+    /// The last frame was read (a chunked body never reports `is_end_stream`).
+    finished: bool,
 }
 
 impl UpstreamBody {
-    /// Wraps `inner`, failing it after `idle` without a frame.
-    pub fn new(inner: Incoming, idle: Duration) -> Self {
-        UpstreamBody { inner, idle, timer: None }
+    /// Wraps `inner`, failing it after `idle` without a frame; `release` is its connection.
+    pub fn new(inner: Incoming, idle: Duration, release: Option<Release>) -> Self {
+        UpstreamBody { inner, idle, timer: None, release, finished: false }
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
@@ -134,14 +139,34 @@ impl UpstreamBody {
                 if let Some(t) = self.timer.as_mut() {
                     t.as_mut().reset(Instant::now() + self.idle);
                 }
+                match &frame {
+                    None => self.finished = true,
+                    // A failed body leaves the connection in an unknown state: never reuse it.
+                    Some(Err(_)) => self.release = None,
+                    Some(Ok(_)) => {}
+                }
                 Poll::Ready(frame.map(|r| r.map_err(BodyError::Hyper)))
             }
             Poll::Pending => {
                 let idle = self.idle;
                 let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
                 ready!(timer.as_mut().poll(cx));
+                self.release = None;
                 Poll::Ready(Some(Err(BodyError::UpstreamStalled)))
             }
+        }
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        // Read to the end (or empty from the start, e.g. HEAD, 204): the connection is
+        // reusable. Otherwise dropping `release` closes it: unread bytes would otherwise be
+        // read as the next response.
+        if let Some(r) = self.release.take()
+            && (self.finished || self.inner.is_end_stream())
+        {
+            r.finish();
         }
     }
 }

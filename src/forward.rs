@@ -1,13 +1,14 @@
-//! [forward] Sends the rewritten request to one of the route's upstreams with the pooled
-//! client, under the route's timeout, and maps what went wrong to 502/504/413.
+//! [forward] Sends the rewritten request to one of the route's upstreams on the worker's
+//! connection pool, under the route's timeout, and maps what went wrong to 502/504/413.
 
 use crate::body::{Body, BodyError, UpstreamBody};
 use crate::error::{GateError, UpstreamFailure};
+use crate::headers::HOST;
 use crate::rewrite::Outbound;
-use crate::route::Target;
-use crate::state::HttpClient;
-use http::{Request, Response, StatusCode, Uri};
+use crate::upstream::{SendError, Upstream, head_of};
+use http::{Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// An upstream response and how long the upstream took to start answering.
@@ -19,29 +20,28 @@ pub struct Forwarded {
 
 /// Forwards `out`. A connection refused by one target is retried once on another when
 /// the request has no body (nothing was sent, so the retry is safe whatever the method).
-pub async fn send(client: &HttpClient, out: Outbound) -> Result<Forwarded, GateError> {
+pub async fn send(upstream: &Arc<Upstream>, out: Outbound) -> Result<Forwarded, GateError> {
     let Outbound { mut request, route, client_upgrade } = out;
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + route.timeout;
-    let mut spare = (route.upstreams.len() > 1 && matches!(request.body(), Body::Empty)).then(|| copy_head(&request));
-    let response = loop {
+    let mut spare = (route.upstreams.len() > 1 && matches!(request.body(), Body::Empty)).then(|| head_of(&request));
+    let (response, release) = loop {
         let target = route.upstreams.pick().ok_or(GateError::Upstream(UpstreamFailure::Connect))?;
-        set_target(&mut request, target)?;
-        match tokio::time::timeout_at(deadline, client.request(request)).await {
+        request.headers_mut().insert(HOST, target.host.clone());
+        match tokio::time::timeout_at(deadline, upstream.send(target, request)).await {
             Err(_) => return Err(GateError::UpstreamTimeout),
-            Ok(Ok(res)) => break res,
+            Ok(Ok(sent)) => break sent,
             Ok(Err(e)) => {
-                let failure = classify(&e);
-                if failure == GateError::Upstream(UpstreamFailure::Connect) {
+                if let SendError::Connect { .. } = e {
                     route.upstreams.mark_down(target);
                     if let Some(head) = spare.take() {
-                        tracing::debug!(route = %route.name, upstream = %target.authority, "connection refused; retrying on the next target");
+                        tracing::debug!(route = %route.name, error = %e, "retrying on the next target");
                         request = head;
                         continue;
                     }
                 }
-                tracing::debug!(route = %route.name, upstream = %target.authority, error = %e, "upstream request failed");
-                return Err(failure);
+                tracing::debug!(route = %route.name, error = %e, "upstream request failed");
+                return Err(classify(&e));
             }
         }
     };
@@ -53,36 +53,15 @@ pub async fn send(client: &HttpClient, out: Outbound) -> Result<Forwarded, GateE
     {
         tokio::spawn(tunnel(client_side, upstream_side));
     }
-    let body = Body::Upstream(UpstreamBody::new(incoming, route.timeout));
+    let body = Body::Upstream(UpstreamBody::new(incoming, route.timeout, release));
     Ok(Forwarded { response: Response::from_parts(parts, body), upstream_latency })
 }
 
-/// Points the request at `target`, keeping the normalised path and query.
-fn set_target(req: &mut Request<Body>, target: &Target) -> Result<(), GateError> {
-    let pq = req.uri().path_and_query().cloned();
-    let mut b = Uri::builder().scheme(target.scheme.clone()).authority(target.authority.clone());
-    if let Some(pq) = pq {
-        b = b.path_and_query(pq);
-    }
-    *req.uri_mut() = b.build().map_err(|_| GateError::Upstream(UpstreamFailure::Connect))?;
-    Ok(())
-}
-
-/// A body-less copy of a request, for the one retry.
-fn copy_head(req: &Request<Body>) -> Request<Body> {
-    let mut copy = Request::new(Body::Empty);
-    *copy.method_mut() = req.method().clone();
-    *copy.uri_mut() = req.uri().clone();
-    *copy.version_mut() = req.version();
-    *copy.headers_mut() = req.headers().clone();
-    copy
-}
-
-/// What a client error means for the caller.
-fn classify(e: &hyper_util::client::legacy::Error) -> GateError {
-    if e.is_connect() {
+/// What a failed upstream request means for the caller.
+fn classify(e: &SendError) -> GateError {
+    let SendError::Http(e) = e else {
         return GateError::Upstream(UpstreamFailure::Connect);
-    }
+    };
     // The client's own body failing over its limit surfaces as a client error.
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
     while let Some(s) = source {

@@ -38,6 +38,7 @@ pub mod authz;
 pub mod limit;
 pub mod rewrite;
 pub mod forward;
+pub mod upstream;
 pub mod record;
 pub mod usage;
 pub mod metrics;

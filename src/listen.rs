@@ -19,8 +19,9 @@ use crate::metrics::Metrics;
 use crate::parse_errors::JsonParseErrors;
 use crate::pipeline;
 use crate::request::ConnInfo;
-use crate::state::{Gateway, HttpClient, http_client};
+use crate::state::Gateway;
 use crate::tls::{self, CertResolver, TlsError};
+use crate::upstream::Upstream;
 use crate::usage::Usage;
 use hyper::rt::{Read, Write};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -264,7 +265,8 @@ async fn worker(
     shared: Arc<Shared>,
     mut hard_stop: watch::Receiver<bool>,
 ) {
-    let upstream = http_client(&shared.limits);
+    let upstream = Upstream::new(&shared.limits);
+    upstream.spawn_evictor();
     let mut running = JoinSet::new();
     let serve_all = async {
         loop {
@@ -324,7 +326,7 @@ async fn accept_loop(
                 continue;
             }
         };
-        let info = ConnInfo { peer, listener: b.name.clone(), tls: b.tls.is_some() };
+        let info = ConnInfo::new(peer, b.name.clone(), b.tls.is_some());
         let acceptor = b.tls.as_ref().map(|(a, _)| a.clone());
         let slot = (permit, OpenGauge::new(&open));
         if workers.dispatch(Accepted { stream, info, acceptor, stop: stop.clone(), slot }).is_none() {
@@ -339,7 +341,7 @@ async fn serve_conn(
     info: ConnInfo,
     acceptor: Option<TlsAcceptor>,
     shared: Arc<Shared>,
-    upstream: HttpClient,
+    upstream: Arc<Upstream>,
     stop: watch::Receiver<bool>,
     _slot: (OwnedSemaphorePermit, OpenGauge),
 ) {
@@ -417,7 +419,7 @@ impl Drop for InFlight {
     }
 }
 
-async fn drive<I>(io: I, conn: Arc<Conn>, shared: Arc<Shared>, upstream: HttpClient, mut stop: watch::Receiver<bool>)
+async fn drive<I>(io: I, conn: Arc<Conn>, shared: Arc<Shared>, upstream: Arc<Upstream>, mut stop: watch::Receiver<bool>)
 where
     I: Read + Write + Unpin + Send + 'static,
 {

@@ -12,13 +12,15 @@ use crate::body::Body;
 use crate::error::GateError;
 use crate::record::{self, Outcome};
 use crate::request::{self, ConnInfo};
-use crate::state::{Gateway, HttpClient};
+use crate::state::Gateway;
+use crate::upstream::Upstream;
 use crate::{authn, authz, forward, rewrite};
 use http::{Request, Response};
 use hyper::body::Incoming;
+use std::sync::Arc;
 
 /// Serves one request on a proxy listener. Never fails: every error becomes a §5 response.
-pub async fn handle(gw: &Gateway, upstream: &HttpClient, conn: &ConnInfo, req: Request<Incoming>) -> Response<Body> {
+pub async fn handle(gw: &Gateway, upstream: &Arc<Upstream>, conn: &ConnInfo, req: Request<Incoming>) -> Response<Body> {
     let request_id = request::request_id(req.headers());
     let mut out = Outcome::start(request_id.clone(), req.method().clone(), conn.peer.ip());
     let res = match handle_inner(gw, upstream, conn, req, &mut out).await {
@@ -34,7 +36,7 @@ pub async fn handle(gw: &Gateway, upstream: &HttpClient, conn: &ConnInfo, req: R
 
 async fn handle_inner(
     gw: &Gateway,
-    upstream: &HttpClient,
+    upstream: &Arc<Upstream>,
     conn: &ConnInfo,
     req: Request<Incoming>,
     out: &mut Outcome,

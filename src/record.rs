@@ -62,11 +62,11 @@ pub fn finish(gw: &Gateway, out: &Outcome, status: StatusCode) {
         Some(_) => "rejected",
     };
     gw.metrics.observe(out, status.as_u16(), outcome, elapsed);
-    gw.audit.send(&RequestRecord {
+    let record = RequestRecord {
         kind: "request",
         time: crate::audit::now_rfc3339(),
         request_id: out.request_id.to_str().unwrap_or_default(),
-        client: out.client.to_string(),
+        client: out.client,
         user: out.user.as_deref(),
         key_id: out.key.as_deref(),
         proxied_user: out.proxied_user.as_ref().and_then(|v| v.to_str().ok()),
@@ -77,7 +77,8 @@ pub fn finish(gw: &Gateway, out: &Outcome, status: StatusCode) {
         duration_ms: (elapsed * 1e6).round() / 1e3,
         outcome,
         reason: out.error.map(|e| e.reason()),
-    });
+    };
+    gw.audit.send_line(record.to_json());
     let elapsed_ms = elapsed * 1e3;
     let route = out.route.as_deref().unwrap_or("");
     let id = out.request_id.to_str().unwrap_or_default();

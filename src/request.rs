@@ -19,8 +19,18 @@ use std::sync::Arc;
 #[derive(Debug)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
+    /// The peer's IP as a header value (`X-Forwarded-For`), formatted once per connection.
+    pub peer_ip: HeaderValue,
     pub listener: Arc<str>,
     pub tls: bool,
+}
+
+impl ConnInfo {
+    /// A connection from `peer` on listener `listener`.
+    pub fn new(peer: SocketAddr, listener: Arc<str>, tls: bool) -> ConnInfo {
+        let peer_ip = HeaderValue::from_str(&peer.ip().to_string()).unwrap_or_else(|_| HeaderValue::from_static(""));
+        ConnInfo { peer, peer_ip, listener, tls }
+    }
 }
 
 /// A request that has a route and a safe path.

@@ -37,14 +37,15 @@ pub fn request(p: Parsed, permit: &Permit, conn: &ConnInfo, trusted_peer: bool, 
 
     let upgrade = parts.version == Version::HTTP_11 && is_upgrade(h);
     let forwarding = Forwarding::capture(h, trusted_peer);
-    strip_connection_listed(h);
-    for name in &HOP_BY_HOP {
-        if !(upgrade && name == UPGRADE) {
-            h.remove(name);
-        }
-    }
-    h.remove(HOST); // the client sets it from the target's authority
-    strip_protected(h, route.forward_credentials, names);
+    // One pass over the names: hop-by-hop (`Upgrade` kept for an upgrade), whatever
+    // `Connection` lists, `Host` (forward sets the target's) and the protected headers.
+    let listed = connection_listed(h);
+    remove_where(h, |n| {
+        (is_hop_by_hop(n) && !(upgrade && n == UPGRADE))
+            || (n != UPGRADE && listed.contains(n))
+            || n == HOST
+            || is_protected(n, route.forward_credentials, names)
+    });
 
     forwarding.apply(h, conn, host);
     h.insert(X_REQUEST_ID, request_id);
@@ -81,10 +82,8 @@ pub fn response(mut res: Response<Body>, request_id: &HeaderValue, quota: Option
     let switching = res.status() == StatusCode::SWITCHING_PROTOCOLS;
     let h = res.headers_mut();
     if !switching {
-        strip_connection_listed(h);
-        for name in &HOP_BY_HOP {
-            h.remove(name);
-        }
+        let listed = connection_listed(h);
+        remove_where(h, |n| is_hop_by_hop(n) || (n != UPGRADE && listed.contains(n)));
     }
     h.insert(X_REQUEST_ID, request_id.clone());
     if let Some(q) = quota {
@@ -105,39 +104,39 @@ fn is_upgrade(h: &HeaderMap) -> bool {
     wants && h.get(UPGRADE).and_then(|v| v.to_str().ok()).is_some_and(|u| !u.to_ascii_lowercase().contains("h2c"))
 }
 
-/// Removes every header named in `Connection` (RFC 9110 §7.6.1).
-fn strip_connection_listed(h: &mut HeaderMap) {
-    if !h.contains_key(CONNECTION) {
-        return;
-    }
-    let named: Vec<HeaderName> = h
-        .get_all(CONNECTION)
+/// The headers named in `Connection` (RFC 9110 §7.6.1); empty, without allocating,
+/// when it only says `keep-alive` (what most peers send; hop-by-hop anyway).
+fn connection_listed(h: &HeaderMap) -> Vec<HeaderName> {
+    h.get_all(CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        if n != UPGRADE {
-            h.remove(n);
-        }
+        .map(str::trim)
+        .filter(|t| !t.eq_ignore_ascii_case("keep-alive"))
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .collect()
+}
+
+/// Removes every header whose name `doomed` picks, judging each name once (cheaper than
+/// one hashed `remove` per name that might be there).
+fn remove_where(h: &mut HeaderMap, doomed: impl Fn(&HeaderName) -> bool) {
+    let names: Vec<HeaderName> = h.keys().filter(|n| doomed(n)).cloned().collect();
+    for n in names {
+        h.remove(n);
     }
 }
 
-/// Removes identity and forwarding headers in every spelling (the SPEC's and the
-/// configured names), and credentials unless the route forwards them.
-fn strip_protected(h: &mut HeaderMap, forward_credentials: bool, names: &IdentityHeaders) {
-    let doomed: Vec<HeaderName> = h
-        .keys()
-        .filter(|n| match headers::classify(n.as_str()) {
-            Protected::No => names.all().iter().any(|p| headers::same_header(n.as_str(), p)),
-            Protected::Identity => true,
-            Protected::Credential => !forward_credentials,
-        })
-        .cloned()
-        .collect();
-    for n in doomed {
-        h.remove(n);
+fn is_hop_by_hop(n: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(n)
+}
+
+/// Identity and forwarding headers in every spelling (the SPEC's and the configured
+/// names), and credentials unless the route forwards them.
+fn is_protected(n: &HeaderName, forward_credentials: bool, names: &IdentityHeaders) -> bool {
+    match headers::classify(n.as_str()) {
+        Protected::No => names.all().iter().any(|p| headers::same_header(n.as_str(), p)),
+        Protected::Identity => true,
+        Protected::Credential => !forward_credentials,
     }
 }
 
@@ -163,12 +162,11 @@ impl Forwarding {
 
     /// Replaces (untrusted peer) or extends (trusted proxy) the forwarding headers.
     fn apply(self, h: &mut HeaderMap, conn: &ConnInfo, host: Option<HeaderValue>) {
-        let ip = conn.peer.ip().to_string();
         let xff = match self.prior_for {
-            Some(prior) => format!("{prior}, {ip}"),
-            None => ip,
+            Some(prior) => HeaderValue::from_str(&format!("{prior}, {}", conn.peer.ip())).ok(),
+            None => Some(conn.peer_ip.clone()),
         };
-        if let Ok(v) = HeaderValue::from_str(&xff) {
+        if let Some(v) = xff {
             h.insert(X_FORWARDED_FOR, v);
         }
         let proto =
@@ -191,7 +189,8 @@ mod tests {
         h.insert(CONNECTION, HeaderValue::from_static("X-Foo, keep-alive, x-gatehouse-user"));
         h.insert("x-foo", HeaderValue::from_static("1"));
         h.insert("x-bar", HeaderValue::from_static("2"));
-        strip_connection_listed(&mut h);
+        let listed = connection_listed(&h);
+        remove_where(&mut h, |n| listed.contains(n));
         assert!(h.get("x-foo").is_none());
         assert_eq!(h["x-bar"], "2");
     }
@@ -207,9 +206,9 @@ mod tests {
         h.insert("x_user_id", HeaderValue::from_static("spoof"));
         let mut keep = h.clone();
         let names = IdentityHeaders { user: HeaderName::from_static("x-user-id"), ..IdentityHeaders::default() };
-        strip_protected(&mut h, false, &names);
+        remove_where(&mut h, |n| is_protected(n, false, &names));
         assert_eq!(h.len(), 1);
-        strip_protected(&mut keep, true, &names);
+        remove_where(&mut keep, |n| is_protected(n, true, &names));
         assert_eq!(keep.len(), 2);
         assert_eq!(keep["x-api-key"], "k");
     }

@@ -4,7 +4,7 @@
 //! (round-robin position, "refused connections until") updated with atomics only.
 
 use crate::config::RouteConfig;
-use http::uri::{Authority, Scheme};
+use http::uri::Authority;
 use http::{HeaderName, HeaderValue};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -35,23 +35,30 @@ pub struct Upstreams {
     epoch: Instant,
 }
 
-/// One upstream `scheme://host:port`.
+/// One upstream `http://host:port` (the config refuses other schemes).
 #[derive(Debug)]
 pub struct Target {
-    pub scheme: Scheme,
     pub authority: Authority,
+    /// The `Host` header the upstream is sent: its own authority.
+    pub host: HeaderValue,
+    /// This target's index among all targets of its route table: where a connection
+    /// worker keeps its idle connections to it.
+    pub slot: usize,
     /// Milliseconds since `epoch` until which this target is skipped (0: healthy).
     down_until_ms: AtomicU64,
 }
 
 impl Upstreams {
-    fn new(uris: &[http::Uri]) -> Self {
+    fn new(uris: &[http::Uri], slots: &mut usize) -> Self {
         let targets = uris
             .iter()
             .filter_map(|u| {
+                let authority = u.authority()?.clone();
+                *slots += 1;
                 Some(Target {
-                    scheme: u.scheme()?.clone(),
-                    authority: u.authority()?.clone(),
+                    host: HeaderValue::from_str(authority.as_str()).ok()?,
+                    slot: *slots - 1,
+                    authority,
                     down_until_ms: AtomicU64::new(0),
                 })
             })
@@ -97,8 +104,8 @@ impl Upstreams {
 }
 
 impl Route {
-    /// Builds a route from its validated config.
-    pub fn new(c: &RouteConfig) -> Route {
+    /// Builds a route from its validated config; its targets take the next `slots`.
+    pub fn new(c: &RouteConfig, slots: &mut usize) -> Route {
         Route {
             name: Arc::from(c.name.as_str()),
             host: c.host.clone(),
@@ -107,7 +114,7 @@ impl Route {
             forward_credentials: c.forward_credentials,
             timeout: c.timeout,
             set_headers: c.set_headers.clone(),
-            upstreams: Upstreams::new(&c.upstreams),
+            upstreams: Upstreams::new(&c.upstreams, slots),
         }
     }
 
@@ -138,7 +145,8 @@ impl RouteTable {
     /// Orders routes so that the first match is the right one: longest prefix first,
     /// and at equal length a route with a host before one without.
     pub fn new(configs: &[RouteConfig]) -> RouteTable {
-        let mut routes: Vec<Arc<Route>> = configs.iter().map(|c| Arc::new(Route::new(c))).collect();
+        let mut slots = 0;
+        let mut routes: Vec<Arc<Route>> = configs.iter().map(|c| Arc::new(Route::new(c, &mut slots))).collect();
         routes.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()).then(b.host.is_some().cmp(&a.host.is_some())));
         RouteTable { routes }
     }
@@ -194,7 +202,7 @@ mod tests {
     /// round robin skips a target marked down, and falls back when all are down
     #[test]
     fn round_robin_skips_down_targets() {
-        let r = Route::new(&route("r", None, "/", &["http://a:1", "http://b:2"]));
+        let r = Route::new(&route("r", None, "/", &["http://a:1", "http://b:2"]), &mut 0);
         let u = &r.upstreams;
         let first = u.pick().unwrap().authority.clone();
         let second = u.pick().unwrap().authority.clone();

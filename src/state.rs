@@ -2,23 +2,16 @@
 
 use crate::audit::Audit;
 use crate::authn::replay::ReplayCache;
-use crate::body::Body;
 use crate::config::{AuthConfig, Config, IdentityHeaders, Limits};
 use crate::credentials::reload::Credentials;
 use crate::limit::RateLimits;
 use crate::metrics::Metrics;
 use crate::route::RouteTable;
 use crate::usage::Usage;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use ipnet::IpNet;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-/// The pooled upstream client.
-pub type HttpClient = Client<HttpConnector, Body>;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Everything a request needs, built once at start.
 #[derive(Debug)]
@@ -85,19 +78,4 @@ impl Gateway {
     pub fn is_trusted_proxy(&self, ip: IpAddr) -> bool {
         !self.trusted_proxies.is_empty() && self.trusted_proxies.iter().any(|n| n.contains(&ip))
     }
-}
-
-/// A pooled upstream client. Each connection worker has its own (see `listen.rs`): its
-/// pooled connections then live on the worker's runtime, next to the requests using them.
-pub fn http_client(limits: &Limits) -> HttpClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(limits.upstream_connect_timeout));
-    connector.set_keepalive(Some(Duration::from_secs(60)));
-    Client::builder(TokioExecutor::new())
-        // Without a timer the idle-eviction task never runs (hyper-util pool.rs).
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .pool_max_idle_per_host(1024)
-        .build(connector)
 }

@@ -28,3 +28,4 @@ mod reload;
 mod secrets;
 mod shutdown;
 mod smuggling;
+mod upstream_pool;

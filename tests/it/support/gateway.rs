@@ -67,6 +67,12 @@ impl RouteSpec {
         self
     }
 
+    /// Adds a target by URL (an upstream written in the test itself).
+    pub fn upstream_url(mut self, url: &str) -> Self {
+        self.upstreams.push(url.into());
+        self
+    }
+
     /// Only for requests to `host`.
     pub fn host(mut self, host: &str) -> Self {
         self.host = Some(host.into());
