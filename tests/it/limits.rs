@@ -1,6 +1,7 @@
-//! Limits against abusive clients: slowloris (header read timeout) and idle keep-alive
-//! connections.
+//! Limits against abusive clients: slowloris (header read timeout), idle keep-alive
+//! connections and the header count.
 
+use crate::support::assert_error;
 use crate::support::gateway::{RouteSpec, TestGateway};
 use crate::support::raw::RawConn;
 use crate::support::upstream::TestUpstream;
@@ -98,4 +99,36 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
     assert!(idle >= Duration::from_millis(500), "closed after {idle:?}, before the 1s idle timeout");
     assert!(idle < Duration::from_secs(5), "closed only after {idle:?} with a 1s idle timeout");
     assert_eq!(up.count(), 2);
+}
+
+/// A request with `n` extra headers, on a fresh connection.
+async fn with_headers(gw: &TestGateway, n: usize) -> crate::support::Reply {
+    let mut head = String::from("GET /many HTTP/1.1\r\nHost: gw.test\r\n");
+    for i in 0..n {
+        head.push_str(&format!("x-h{i}: {i}\r\n"));
+    }
+    head.push_str("\r\n");
+    let mut conn = RawConn::connect(gw.addr()).await;
+    conn.send(head.as_bytes()).await;
+    conn.read_response().await
+}
+
+/// `limits.max_headers`: at the default (100) and a configured 20, one header over the
+/// limit is the §5 431 and never reaches the upstream; at the limit the request passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_with_more_headers_than_max_headers_is_refused_with_431() {
+    for (configured, max) in [(None, 100), (Some("20"), 20)] {
+        let up = TestUpstream::start().await;
+        let mut b = TestGateway::builder().route(RouteSpec::new("all", "/").to(&up));
+        if let Some(v) = configured {
+            b = b.limit("max_headers", v);
+        }
+        let gw = b.start().await;
+
+        // `Host` counts: max - 1 extra headers is exactly the limit.
+        assert_eq!(with_headers(&gw, max - 1).await.status, 200, "max_headers {max}");
+        let res = with_headers(&gw, max).await;
+        assert_error(&res, 431, "invalid_request", "Request headers are too large");
+        assert_eq!(up.count(), 1, "max_headers {max}");
+    }
 }

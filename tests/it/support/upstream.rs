@@ -178,9 +178,11 @@ async fn accept_loop(listener: TcpListener, mode: Mode, id: Arc<str>, log: Arc<L
                         let (mode, id, log) = (mode.clone(), id.clone(), log.clone());
                         async move { Ok::<_, Infallible>(answer(req, mode, id, log).await) }
                     });
-                    let _ = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                        .await;
+                    let mut b = auto::Builder::new(TokioExecutor::new());
+                    // Room for every header a test sends plus the ones the gateway adds:
+                    // the gateway's limits are under test, not hyper's default of 100.
+                    b.http1().max_headers(1000);
+                    let _ = b.serve_connection_with_upgrades(TokioIo::new(stream), svc).await;
                 }
             }
         });
