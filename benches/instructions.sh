@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# instructions.sh - user-space instructions per proxied request, counted by callgrind: a
+# figure that does not move with the machine's load, for comparing two builds on a shared box
+# where wall-clock rounds vary by ±15 %.
+#
+# What it does: writes 1,000 API users (the CLI plus benches/fill_users.py), starts a local
+# nginx upstream and the gateway under `valgrind --tool=callgrind` with instrumentation off,
+# warms up, switches instrumentation on for a wrk run against the key-authenticated route
+# (metrics, audit log and rate limit on, as in load.sh), switches it off, and divides the
+# instructions by the requests the audit log recorded in that window. The kernel's share
+# (about half of the gateway's CPU) is not counted.
+#
+# Usage
+#   bash benches/instructions.sh [BIN]          # BIN defaults to target/release/gatehouse
+#   DURATION=10 CONNS=4 KEEP_WORK=1 bash benches/instructions.sh /tmp/old-gatehouse
+# Needs valgrind, nginx, wrk, curl, python3 (installs none of them).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BIN=${1:-${CARGO_TARGET_DIR:-$ROOT/target}/release/gatehouse}
+DURATION=${DURATION:-10}
+CONNS=${CONNS:-4}
+log() { printf '[instructions] %s\n' "$*" >&2; }
+for t in valgrind callgrind_control callgrind_annotate nginx wrk curl python3; do
+  command -v "$t" >/dev/null || { log "missing: $t"; exit 1; }
+done
+[ -x "$BIN" ] || { log "no binary at $BIN (cargo build --release)"; exit 1; }
+
+WORK=$(mktemp -d /tmp/gatehouse-instructions.XXXXXX)
+chmod 755 "$WORK"
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+  [ "${KEEP_WORK:-0}" = 1 ] && log "kept $WORK" || rm -rf "$WORK"
+}
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+UP_PORT=$(free_port)
+GW_PORT=$(free_port)
+
+mkdir -p "$WORK/up/logs"
+cat >"$WORK/up/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $WORK/up/nginx.pid;
+error_log $WORK/up/logs/error.log warn;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    keepalive_requests 10000000;
+    server { listen 127.0.0.1:$UP_PORT; location / { return 200 '{"ok":true}'; } }
+}
+EOF
+nginx -p "$WORK/up" -c "$WORK/up/nginx.conf" -e "$WORK/up/logs/error.log" &
+PIDS+=($!)
+
+CREDS=$WORK/credentials.yaml
+gh() { "$BIN" "$@" --credentials "$CREDS" --json; }
+gh roles set bench --rule '* /**' >/dev/null
+gh users create bench-key --auth-method api-key --role bench >/dev/null
+KEY=$(gh keys add bench-key --label bench | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
+python3 "$ROOT/benches/fill_users.py" "$CREDS" 999
+cat >"$WORK/gatehouse.yaml" <<EOF
+listeners:
+  - name: bench
+    address: 127.0.0.1:$GW_PORT
+admin:
+  address: 127.0.0.1:0
+credentials: $CREDS
+master_key: $WORK/master.key
+audit_log: $WORK/audit.log
+rate_limit: { per_second: 1000000, burst: 1000000 }
+routes:
+  - name: bench
+    path_prefix: /
+    upstream: http://127.0.0.1:$UP_PORT
+EOF
+
+valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$WORK/callgrind.out" \
+  "$BIN" serve --config "$WORK/gatehouse.yaml" 2>"$WORK/gateway.log" &
+GW=$!
+PIDS+=("$GW")
+URL=http://127.0.0.1:$GW_PORT/api/v1/bench
+for _ in $(seq 1 200); do
+  curl -sf -o /dev/null -H "X-API-Key: $KEY" "$URL" && break
+  kill -0 "$GW" 2>/dev/null || { tail "$WORK/gateway.log" >&2; exit 1; }
+  sleep 0.3
+done
+wrk -t1 -c"$CONNS" -d3s -H "X-API-Key: $KEY" "$URL" >/dev/null # warm-up: pools, caches
+sleep 0.5
+before=$(wc -l <"$WORK/audit.log")
+callgrind_control -i on "$GW" >/dev/null 2>&1
+wrk -t1 -c"$CONNS" -d"${DURATION}s" -H "X-API-Key: $KEY" "$URL" >"$WORK/wrk.txt"
+callgrind_control -i off "$GW" >/dev/null 2>&1
+sleep 0.5 # the audit writer flushes every 10 ms
+after=$(wc -l <"$WORK/audit.log")
+callgrind_control -d "$GW" >/dev/null 2>&1
+sleep 1
+ir=$(callgrind_annotate "$WORK/callgrind.out.1" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }')
+n=$((after - before))
+[ "$n" -gt 0 ] && [ -n "$ir" ] || { log "no requests or no count (see $WORK with KEEP_WORK=1)"; exit 1; }
+echo "requests=$n instructions=$ir per_request=$((ir / n)) binary=$BIN"
