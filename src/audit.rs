@@ -33,7 +33,7 @@ pub struct RequestRecord<'a> {
     pub kind: &'static str,
     pub time: String,
     pub request_id: &'a str,
-    pub client: std::net::IpAddr,
+    pub client: &'a str,
     pub user: Option<&'a str>,
     pub key_id: Option<&'a str>,
     pub proxied_user: Option<&'a str>,
@@ -60,7 +60,8 @@ impl RequestRecord<'_> {
         json_str(&mut o, &self.time);
         o.push_str(",\"request_id\":");
         json_str(&mut o, self.request_id);
-        let _ = write!(o, ",\"client\":\"{}\"", self.client);
+        o.push_str(",\"client\":");
+        json_str(&mut o, self.client);
         for (key, value) in
             [("user", self.user), ("key_id", self.key_id), ("proxied_user", self.proxied_user), ("route", self.route)]
         {
@@ -382,7 +383,7 @@ mod tests {
             kind: "request",
             time,
             request_id: text,
-            client: "2001:db8::1".parse().unwrap(),
+            client: "2001:db8::1",
             user: Some(text),
             key_id: None,
             proxied_user: Some("p"),

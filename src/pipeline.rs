@@ -22,7 +22,7 @@ use std::sync::Arc;
 /// Serves one request on a proxy listener. Never fails: every error becomes a §5 response.
 pub async fn handle(gw: &Gateway, upstream: &Arc<Upstream>, conn: &ConnInfo, req: Request<Incoming>) -> Response<Body> {
     let request_id = request::request_id(req.headers());
-    let mut out = Outcome::start(request_id.clone(), req.method().clone(), conn.peer.ip());
+    let mut out = Outcome::start(request_id.clone(), req.method().clone(), conn.peer_ip.clone());
     let res = match handle_inner(gw, upstream, conn, req, &mut out).await {
         Ok(res) => res,
         Err(e) => {

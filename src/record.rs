@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 #[derive(Debug)]
 pub struct Outcome {
     started: Instant,
-    pub client: std::net::IpAddr,
+    /// The peer address as text (formatted once per connection, see `ConnInfo`).
+    pub client: HeaderValue,
     /// The normalised path (never the query: clients may put anything there).
     pub path: Option<String>,
     pub request_id: HeaderValue,
@@ -30,7 +31,7 @@ pub struct Outcome {
 
 impl Outcome {
     /// Starts the clock for a request.
-    pub fn start(request_id: HeaderValue, method: Method, client: std::net::IpAddr) -> Outcome {
+    pub fn start(request_id: HeaderValue, method: Method, client: HeaderValue) -> Outcome {
         Outcome {
             started: Instant::now(),
             client,
@@ -66,7 +67,7 @@ pub fn finish(gw: &Gateway, out: &Outcome, status: StatusCode) {
         kind: "request",
         time: crate::audit::now_rfc3339(),
         request_id: out.request_id.to_str().unwrap_or_default(),
-        client: out.client,
+        client: out.client.to_str().unwrap_or_default(),
         user: out.user.as_deref(),
         key_id: out.key.as_deref(),
         proxied_user: out.proxied_user.as_ref().and_then(|v| v.to_str().ok()),
