@@ -82,10 +82,7 @@ pub async fn authenticate(
         // An api_key key's public id is not a credential.
         (KeyCredential::Token, false, _) => return Err(fail(AuthFailure::WrongMethod)),
         (KeyCredential::Hmac(_), _, false) => return Err(fail(AuthFailure::SignatureMissing)),
-        (KeyCredential::Hmac(mac), _, true) => {
-            let mac = mac.clone();
-            hmac::verify(&key, &mac, parsed, auth, replay, now).await?;
-        }
+        (KeyCredential::Hmac(mac), _, true) => hmac::verify(&key, mac, parsed, auth, replay, now).await?,
     }
     Ok(Caller::User(Identity { key }))
 }

@@ -8,6 +8,7 @@ pub mod reload;
 pub mod secrets;
 pub mod snapshot;
 pub mod store;
+mod subset;
 
 use crate::config::{ConfigErrors, Problem, RateLimitConfig, read_text};
 use file::FileKey;

@@ -5,7 +5,7 @@
 //! maps (no scan, no secret compared with `==`), HMAC secrets opened and keyed once,
 //! rules compiled, each key's effective rate limit resolved.
 
-use super::file::{AuthMethod, FileCredentials, FileKey, FileUser, Status};
+use super::file::{AuthMethod, FileCredentials, FileKey, FileRole, FileUser, Status};
 use super::secrets::{MasterKey, TokenDigest};
 use crate::config::{ConfigErrors, Problem, RateLimitConfig, yaml_problem};
 use crate::rules::Rule;
@@ -13,7 +13,8 @@ use hmac::{Hmac, KeyInit};
 use http::HeaderValue;
 use serde_saphyr::Location;
 use sha2::Sha256;
-use std::collections::{HashMap, HashSet};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::path::Path;
 use std::sync::Arc;
@@ -70,7 +71,8 @@ pub enum KeyCredential {
     /// An API token, found by its digest.
     Token,
     /// An HMAC key already keyed with its secret: cloning it is cheaper than keying.
-    Hmac(Hmac<Sha256>),
+    /// Boxed: its 144 bytes of state would otherwise be in every key, api_key ones too.
+    Hmac(Box<Hmac<Sha256>>),
 }
 
 impl std::fmt::Debug for KeyCredential {
@@ -127,7 +129,7 @@ type DigestMap<V> = HashMap<TokenDigest, V, BuildHasherDefault<DigestHasher>>;
 #[derive(Debug, Default)]
 pub struct Snapshot {
     tokens: DigestMap<Arc<Key>>,
-    key_ids: HashMap<Box<str>, Arc<Key>>,
+    key_ids: HashMap<Arc<str>, Arc<Key>>,
     users: usize,
 }
 
@@ -164,27 +166,42 @@ impl Snapshot {
         master: Option<&MasterKey>,
         default_rate: RateLimitConfig,
     ) -> Result<Snapshot, ConfigErrors> {
-        let file = parse_file(path, text)?;
-        let mut b = Builder { problems: Vec::new(), master, default_rate };
-        let snap = b.build(file);
-        if b.problems.is_empty() {
-            Ok(snap)
-        } else {
-            Err(ConfigErrors { file: path.to_path_buf(), problems: b.problems })
+        // The fast reader streams users into the builder. It keeps no locations: a file
+        // with a problem is parsed again below, so that every problem has its line.
+        {
+            let mut fast = Builder::new(master, default_rate);
+            if super::subset::read(text, &mut fast).is_some()
+                && let Ok(snap) = fast.finish()
+            {
+                return Ok(snap);
+            }
         }
+        let file = parse_yaml(path, text)?;
+        Builder::new(master, default_rate)
+            .build(file)
+            .map_err(|problems| ConfigErrors { file: path.to_path_buf(), problems })
     }
 }
 
-/// The parser's budget, sized for large files: about 25 nodes a user, so 20 M nodes is
-/// ~800 k users. Alias and anchor limits (the YAML-bomb defences) keep their defaults.
-/// The file model of a credentials file, with the budget a large file needs: the one
-/// parse the gateway, the admin API and the CLI share.
+/// The file model of a credentials file: the one parse the gateway, the admin API and
+/// the CLI share. The fast reader takes what Gatehouse itself writes; anything else goes
+/// to serde-saphyr.
 pub(super) fn parse_file(path: &Path, text: &str) -> Result<FileCredentials, ConfigErrors> {
+    match super::subset::parse(text) {
+        Some(file) => Ok(file),
+        None => parse_yaml(path, text),
+    }
+}
+
+/// serde-saphyr, with the budget a large file needs and every location kept.
+fn parse_yaml(path: &Path, text: &str) -> Result<FileCredentials, ConfigErrors> {
     serde_saphyr::from_str_with_options(text, yaml_options())
         .map_err(|e| ConfigErrors { file: path.to_path_buf(), problems: vec![yaml_problem(&e)] })
 }
 
-fn yaml_options() -> serde_saphyr::Options {
+/// The parser's budget, sized for large files: about 25 nodes a user, so 20 M nodes is
+/// ~800 k users. Alias and anchor limits (the YAML-bomb defences) keep their defaults.
+pub(super) fn yaml_options() -> serde_saphyr::Options {
     let mut budget = serde_saphyr::Budget::default();
     budget.max_nodes = 20_000_000;
     budget.max_events = 50_000_000;
@@ -199,16 +216,68 @@ struct Builder<'a> {
     problems: Vec<Problem>,
     master: Option<&'a MasterKey>,
     default_rate: RateLimitConfig,
+    roles: HashMap<String, Arc<Role>>,
+    snap: Snapshot,
+    user_ids: HashSet<Arc<str>>,
+    cache: HeaderCache,
 }
 
-impl Builder<'_> {
+/// Header values already built, by text: users mostly share their organization, teams
+/// and roles, and a clone of a shared value is a reference count, not an allocation.
+type HeaderCache = HashMap<String, HeaderValue>;
+
+impl super::subset::Sink for Builder<'_> {
+    fn roles(&mut self, roles: BTreeMap<String, FileRole>, users: usize) {
+        // Most users have one key.
+        self.reserve(users, users);
+        self.add_roles(roles);
+    }
+
+    fn user(&mut self, user: FileUser) {
+        self.add_user(user);
+    }
+}
+
+impl<'a> Builder<'a> {
+    fn new(master: Option<&'a MasterKey>, default_rate: RateLimitConfig) -> Builder<'a> {
+        Builder {
+            problems: Vec::new(),
+            master,
+            default_rate,
+            roles: HashMap::new(),
+            snap: Snapshot::default(),
+            user_ids: HashSet::new(),
+            cache: HeaderCache::new(),
+        }
+    }
+
     fn at(&mut self, loc: &Location, message: impl Into<String>) {
         self.problems.push(Problem { line: loc.line(), column: loc.column(), message: message.into() });
     }
 
-    fn build(&mut self, file: FileCredentials) -> Snapshot {
-        let mut roles = HashMap::new();
-        for (name, role) in file.roles {
+    /// Sized up front: growing maps of 100 000 entries rehashes them several times.
+    fn reserve(&mut self, users: usize, keys: usize) {
+        self.snap.tokens.reserve(keys);
+        self.snap.key_ids.reserve(keys);
+        self.user_ids.reserve(users);
+    }
+
+    fn build(mut self, file: FileCredentials) -> Result<Snapshot, Vec<Problem>> {
+        self.reserve(file.users.len(), file.users.iter().map(|u| u.keys.len()).sum());
+        self.add_roles(file.roles);
+        for u in file.users {
+            self.add_user(u);
+        }
+        self.finish()
+    }
+
+    fn finish(mut self) -> Result<Snapshot, Vec<Problem>> {
+        self.snap.users = self.user_ids.len();
+        if self.problems.is_empty() { Ok(self.snap) } else { Err(self.problems) }
+    }
+
+    fn add_roles(&mut self, roles: BTreeMap<String, FileRole>) {
+        for (name, role) in roles {
             if !is_joinable_name(&name) {
                 let loc = role.rules.first().map_or(Location::UNKNOWN, |r| r.referenced);
                 self.at(&loc, format!("role name {name:?} must be non-empty, without commas or spaces at either end"));
@@ -218,27 +287,25 @@ impl Builder<'_> {
                 .iter()
                 .filter_map(|r| r.value.parse::<Rule>().map_err(|e| self.at(&r.referenced, e)).ok())
                 .collect();
-            roles.insert(name.clone(), Arc::new(Role { name, rules }));
+            self.roles.insert(name.clone(), Arc::new(Role { name, rules }));
         }
-        let mut snap = Snapshot::default();
-        let mut user_ids = HashSet::new();
-        for u in file.users {
-            if !is_valid_id(&u.id.value) {
-                self.at(&u.id.referenced, format!("user id {:?} must match [a-z0-9][a-z0-9_.-]{{0,63}}", u.id.value));
-            } else if !user_ids.insert(u.id.value.clone()) {
-                self.at(&u.id.referenced, format!("duplicate user id {:?}", u.id.value));
-            }
-            self.user(&mut snap, u, &roles);
-        }
-        snap.users = user_ids.len();
-        snap
     }
 
-    fn user(&mut self, snap: &mut Snapshot, u: FileUser, roles: &HashMap<String, Arc<Role>>) {
-        let mut user_roles = Vec::new();
+    fn add_user(&mut self, u: FileUser) {
+        let id: Arc<str> = Arc::from(u.id.value.as_str());
+        if !is_valid_id(&id) {
+            self.at(&u.id.referenced, format!("user id {:?} must match [a-z0-9][a-z0-9_.-]{{0,63}}", u.id.value));
+        } else if !self.user_ids.insert(id.clone()) {
+            self.at(&u.id.referenced, format!("duplicate user id {:?}", u.id.value));
+        }
+        self.user(u, id);
+    }
+
+    fn user(&mut self, u: FileUser, id: Arc<str>) {
+        let mut user_roles = Vec::with_capacity(u.roles.len());
         for r in &u.roles {
-            match roles.get(&r.value) {
-                Some(role) => user_roles.push(role.clone()),
+            match self.roles.get(&r.value).cloned() {
+                Some(role) => user_roles.push(role),
                 None => self.at(&r.referenced, format!("user {:?}: unknown role {:?}", u.id.value, r.value)),
             }
         }
@@ -274,22 +341,42 @@ impl Builder<'_> {
             Some(r) => Some(RateLimit { per_second: r.value.per_second, burst: r.value.burst }),
             None => None,
         };
-        let role_names: Vec<&str> = u.roles.iter().map(|r| r.value.as_str()).collect();
-        let mut value = |what: &str, v: String| {
-            HeaderValue::from_bytes(v.as_bytes()).unwrap_or_else(|_| {
-                self.at(&u.id.referenced, format!("user {:?}: {what} contains control characters", u.id.value));
-                HeaderValue::from_static("")
-            })
+        let roles_joined = match u.roles.as_slice() {
+            [one] => Cow::Borrowed(one.value.as_str()),
+            all => Cow::Owned(all.iter().map(|r| r.value.as_str()).collect::<Vec<_>>().join(",")),
+        };
+        let teams_joined = match u.teams.as_slice() {
+            [one] => Cow::Borrowed(one.as_str()),
+            all => Cow::Owned(all.join(",")),
+        };
+        let mut cache = std::mem::take(&mut self.cache);
+        let mut value = |what: &str, v: &str, cache: Option<&mut HeaderCache>| {
+            if let Some(hit) = cache.as_ref().and_then(|c| c.get(v)) {
+                return hit.clone();
+            }
+            match HeaderValue::from_bytes(v.as_bytes()) {
+                Ok(h) => {
+                    if let Some(c) = cache {
+                        c.insert(v.to_string(), h.clone());
+                    }
+                    h
+                }
+                Err(_) => {
+                    self.at(&u.id.referenced, format!("user {:?}: {what} contains control characters", u.id.value));
+                    HeaderValue::from_static("")
+                }
+            }
         };
         let headers = UserHeaders {
-            user: value("id", u.id.value.clone()),
-            org: value("organization", u.organization.clone()),
-            teams: value("teams", u.teams.join(",")),
-            roles: value("roles", role_names.join(",")),
+            user: value("id", &id, None),
+            org: value("organization", &u.organization, Some(&mut cache)),
+            teams: value("teams", &teams_joined, Some(&mut cache)),
+            roles: value("roles", &roles_joined, Some(&mut cache)),
         };
+        self.cache = cache;
         let user = Arc::new(User {
             headers,
-            id: Arc::from(u.id.value.as_str()),
+            id,
             organization: u.organization,
             teams: u.teams,
             roles: user_roles,
@@ -306,17 +393,17 @@ impl Builder<'_> {
                 .map(|r| RateLimit { per_second: r.per_second, burst: r.burst })
                 .or(user_rate)
                 .unwrap_or(default);
-            self.key(snap, &user, k, rate);
+            self.key(&user, k, rate);
         }
     }
 
-    fn key(&mut self, snap: &mut Snapshot, user: &Arc<User>, k: FileKey, rate_limit: RateLimit) {
+    fn key(&mut self, user: &Arc<User>, k: FileKey, rate_limit: RateLimit) {
         let loc = k.id.referenced;
-        let id = k.id.value.clone();
+        let id: Arc<str> = Arc::from(k.id.value.as_str());
         if !is_valid_id(&id) {
             self.at(&loc, format!("key id {id:?} must match [a-z0-9][a-z0-9_.-]{{0,63}}"));
         }
-        if snap.key_ids.contains_key(id.as_str()) {
+        if self.snap.key_ids.contains_key(&*id) {
             self.at(&loc, format!("duplicate key id {id:?}"));
             return;
         }
@@ -325,16 +412,16 @@ impl Builder<'_> {
         }
         let credential = match (user.auth_method, &k.token_sha256, &k.secret_sealed) {
             (AuthMethod::ApiKey, Some(hex_digest), None) => {
-                let digest: Option<TokenDigest> = hex::decode(hex_digest).ok().and_then(|d| d.try_into().ok());
-                let Some(digest) = digest else {
+                let mut digest: TokenDigest = [0; 32];
+                if hex::decode_to_slice(hex_digest, &mut digest).is_err() {
                     self.at(&loc, format!("key {id:?}: token_sha256 must be 64 hex characters"));
                     return;
-                };
-                let key = Arc::new(self.entry(&id, user, &k, KeyCredential::Token, rate_limit));
-                if snap.tokens.insert(digest, key.clone()).is_some() {
+                }
+                let key = Arc::new(entry(&id, user, &k, KeyCredential::Token, rate_limit));
+                if self.snap.tokens.insert(digest, key.clone()).is_some() {
                     self.at(&loc, format!("key {id:?}: the same token is stored under another key"));
                 }
-                snap.key_ids.insert(id.into(), key);
+                self.snap.key_ids.insert(id, key);
                 return;
             }
             (AuthMethod::Hmac, None, Some(sealed)) => {
@@ -343,7 +430,7 @@ impl Builder<'_> {
                     return;
                 };
                 match master.open(&id, sealed).map(|s| Hmac::<Sha256>::new_from_slice(s.expose().as_bytes())) {
-                    Ok(Ok(mac)) => KeyCredential::Hmac(mac),
+                    Ok(Ok(mac)) => KeyCredential::Hmac(Box::new(mac)),
                     Ok(Err(_)) | Err(_) => {
                         self.at(&loc, format!("key {id:?}: secret_sealed cannot be opened with the master key (wrong master key, or the value was altered)"));
                         return;
@@ -359,19 +446,59 @@ impl Builder<'_> {
                 return;
             }
         };
-        let key = Arc::new(self.entry(&id, user, &k, credential, rate_limit));
-        snap.key_ids.insert(id.into(), key);
+        let key = Arc::new(entry(&id, user, &k, credential, rate_limit));
+        self.snap.key_ids.insert(id, key);
+    }
+}
+
+fn entry(id: &Arc<str>, user: &Arc<User>, k: &FileKey, credential: KeyCredential, rate_limit: RateLimit) -> Key {
+    Key {
+        id: id.clone(),
+        user: user.clone(),
+        revoked_at: k.revoked_at.map(|t| t.unix_timestamp()),
+        expires_at: k.expires_at.map(|t| t.unix_timestamp()),
+        id_header: HeaderValue::from_str(id).unwrap_or_else(|_| HeaderValue::from_static("")),
+        credential,
+        rate_limit,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = "roles:\n  bench:\n    rules:\n    - \"* /**\"\nusers:\n- id: u1\n  teams: [ops]\n  roles: [bench]\n  status: active\n  auth_method: api_key\n  created_at: 2026-01-01T00:00:00Z\n  updated_at: 2026-01-01T00:00:00Z\n  keys:\n  - id: ak_1\n    created_at: 2026-01-01T00:00:00Z\n    token_sha256: 6d8b90bdea1baea768d3a916625028ea967f910b3958682a05e02b1622995279\n";
+
+    /// serde-saphyr's model alone: how every file was read before the fast reader.
+    fn slow(text: &str) -> Result<Snapshot, ConfigErrors> {
+        let path = Path::new("c.yaml");
+        Builder::new(None, RateLimitConfig::DEFAULT)
+            .build(parse_yaml(path, text)?)
+            .map_err(|problems| ConfigErrors { file: path.into(), problems })
     }
 
-    fn entry(&self, id: &str, user: &Arc<User>, k: &FileKey, credential: KeyCredential, rate_limit: RateLimit) -> Key {
-        Key {
-            id: Arc::from(id),
-            user: user.clone(),
-            revoked_at: k.revoked_at.map(|t| t.unix_timestamp()),
-            expires_at: k.expires_at.map(|t| t.unix_timestamp()),
-            id_header: HeaderValue::from_str(id).unwrap_or_else(|_| HeaderValue::from_static("")),
-            credential,
-            rate_limit,
+    /// a file the fast reader takes but that has problems is reported exactly as before,
+    /// every problem with its line; a good one builds the same snapshot
+    #[test]
+    fn problems_in_a_fast_read_file_keep_their_lines() {
+        let good = Snapshot::parse(Path::new("c.yaml"), FILE, None, RateLimitConfig::DEFAULT).unwrap();
+        assert_eq!((good.user_count(), good.key_count()), (1, 1));
+        let user = &good.by_id("ak_1").unwrap().user;
+        assert_eq!((user.roles[0].name.as_str(), user.headers.teams.to_str().unwrap()), ("bench", "ops"));
+        for (from, to) in [
+            ("roles: [bench]", "roles: [bench, nope]"),
+            ("- id: u1", "- id: U1"),
+            ("teams: [ops]", "teams: [\"o,ps\"]"),
+            ("- \"* /**\"", "- \"* /**\"\n    - \"GET /x extra\""),
+            ("token_sha256: 6d", "token_sha256: 6x"),
+            ("- id: ak_1", "- id: ak_1\n    rate_limit:\n      per_second: 0\n      burst: 1"),
+            ("- id: ak_1\n", "- id: ak_1\n    created_at: 2026-01-01T00:00:00Z\n    token_sha256: 00\n  - id: ak_1\n"),
+        ] {
+            let text = FILE.replacen(from, to, 1);
+            assert!(super::super::subset::parse(&text).is_some(), "not on the fast path: {text}");
+            let fast = Snapshot::parse(Path::new("c.yaml"), &text, None, RateLimitConfig::DEFAULT).unwrap_err();
+            assert!(fast.problems.iter().all(|p| p.line > 0), "{fast}");
+            assert_eq!(fast.to_string(), slow(&text).unwrap_err().to_string());
         }
     }
 }
