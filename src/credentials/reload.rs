@@ -39,6 +39,7 @@ struct Source {
     /// The files' fingerprint taken just before the first snapshot was read, so that the
     /// watcher (started later) also sees a change made in between.
     baseline: u64,
+    builder: BuildThread,
 }
 
 /// Reads the master key when its file exists. It is created only by the commands that
@@ -57,7 +58,7 @@ fn unix_now() -> u64 {
 impl Source {
     fn build(&self) -> Result<Snapshot, ConfigErrors> {
         let (path, master_key, rate) = (self.path.clone(), self.master_key.clone(), self.default_rate);
-        on_build_thread(&self.path, move || {
+        self.builder.run(&self.path, move || {
             let master = read_master_key(&master_key)?;
             super::load(&path, master.as_ref(), rate)
         })
@@ -66,46 +67,56 @@ impl Source {
 
 type Job = Box<dyn FnOnce() + Send>;
 
-/// The thread every snapshot is built on (started by the first build).
-static BUILD_THREAD: Mutex<Option<mpsc::Sender<Job>>> = Mutex::new(None);
+/// The thread a gateway's snapshots are built on (started by the first build, ended when
+/// the credentials are dropped). One per `Credentials`, not one per process: gateways in
+/// one process (the tests) must not queue behind each other's builds.
+#[derive(Debug, Default)]
+struct BuildThread {
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+}
 
-/// Runs `build` on one long-lived thread. glibc's malloc gives each thread an arena and
-/// keeps what is freed there: built at start on the main thread and then on whichever
-/// pool thread ran a reload, the freed snapshots of a 100 000-user file stayed resident
-/// in several arenas. On one thread a build reuses what the one before last freed.
-fn on_build_thread(
-    path: &Path,
-    build: impl FnOnce() -> Result<Snapshot, ConfigErrors> + Send + 'static,
-) -> Result<Snapshot, ConfigErrors> {
-    let (tx, rx) = mpsc::sync_channel(1);
-    let job: Job = Box::new(move || drop(tx.send(build())));
-    let mut thread = BUILD_THREAD.lock().unwrap_or_else(PoisonError::into_inner);
-    let unsent = match thread.as_ref() {
-        Some(t) => t.send(job).err().map(|mpsc::SendError(job)| job),
-        None => Some(job),
-    };
-    if let Some(job) = unsent {
-        let (jobs, queue) = mpsc::channel::<Job>();
-        match std::thread::Builder::new().name("gatehouse-build".into()).spawn(move || {
-            // A build that panics (a bug) must not take the thread with it: a job
-            // queued meanwhile would be dropped unrun, failing the next reload too.
-            for job in queue {
-                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
-            }
-        }) {
-            Ok(_) => match jobs.send(job) {
-                Ok(()) => *thread = Some(jobs),
-                Err(mpsc::SendError(job)) => job(),
-            },
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot start the credentials build thread; building on this one");
-                job();
+impl BuildThread {
+    /// Runs `build` on the build thread. glibc's malloc gives each thread an arena and
+    /// keeps what is freed there: built at start on the main thread and then on whichever
+    /// pool thread ran a reload, the freed snapshots of a 100 000-user file stayed
+    /// resident in several arenas. On one thread a build reuses what the one before last
+    /// freed.
+    fn run(
+        &self,
+        path: &Path,
+        build: impl FnOnce() -> Result<Snapshot, ConfigErrors> + Send + 'static,
+    ) -> Result<Snapshot, ConfigErrors> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let job: Job = Box::new(move || drop(tx.send(build())));
+        let mut thread = self.jobs.lock().unwrap_or_else(PoisonError::into_inner);
+        let unsent = match thread.as_ref() {
+            Some(t) => t.send(job).err().map(|mpsc::SendError(job)| job),
+            None => Some(job),
+        };
+        if let Some(job) = unsent {
+            let (jobs, queue) = mpsc::channel::<Job>();
+            match std::thread::Builder::new().name("gatehouse-build".into()).spawn(move || {
+                // A build that panics (a bug) must not take the thread with it: a job
+                // queued meanwhile would be dropped unrun, failing the next reload too.
+                for job in queue {
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                }
+            }) {
+                Ok(_) => match jobs.send(job) {
+                    Ok(()) => *thread = Some(jobs),
+                    Err(mpsc::SendError(job)) => job(),
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot start the credentials build thread; building on this one");
+                    job();
+                }
             }
         }
+        drop(thread);
+        rx.recv().map_err(|_| {
+            super::problem(path, "the credentials build stopped unexpectedly (a bug; see the log)".into())
+        })?
     }
-    drop(thread);
-    rx.recv()
-        .map_err(|_| super::problem(path, "the credentials build stopped unexpectedly (a bug; see the log)".into()))?
 }
 
 /// Frees a replaced snapshot on a thread of its own. Freeing 100 000 users takes about
@@ -152,6 +163,7 @@ impl Credentials {
             master_key: config.master_key.clone(),
             default_rate: config.rate_limit,
             baseline,
+            builder: BuildThread::default(),
         };
         let snap = source.build()?;
         tracing::info!(path = %path.display(), users = snap.user_count(), keys = snap.key_count(), "credentials loaded");
@@ -248,8 +260,9 @@ mod tests {
         assert_eq!(Arc::strong_count(&request), 1, "the release let go of its reference");
     }
 
-    /// every build runs on the one build thread, whoever asks; its result (or error)
-    /// comes back; a build that panics is an error, and the thread goes on with the next
+    /// every build of one `Credentials` runs on its one build thread, whoever asks; its
+    /// result (or error) comes back; a build that panics is an error, and the thread goes
+    /// on with the next
     #[test]
     fn builds_run_on_one_thread() {
         let path = Path::new("c.yaml");
@@ -261,19 +274,20 @@ mod tests {
                 Ok(Snapshot::empty())
             }
         };
-        on_build_thread(path, build(&ran_on)).unwrap();
-        on_build_thread(path, build(&ran_on)).unwrap();
+        let builder = BuildThread::default();
+        builder.run(path, build(&ran_on)).unwrap();
+        builder.run(path, build(&ran_on)).unwrap();
         let elsewhere = build(&ran_on);
-        std::thread::spawn(move || on_build_thread(Path::new("c.yaml"), elsewhere).unwrap()).join().unwrap();
+        std::thread::scope(|s| s.spawn(|| builder.run(path, elsewhere).unwrap()).join().unwrap());
         let threads = ran_on.lock().unwrap().clone();
         assert_eq!(threads.len(), 3);
         assert!(threads.iter().all(|t| *t == threads[0] && *t != std::thread::current().id()), "{threads:?}");
 
-        let e = on_build_thread(path, || Err(super::super::problem(Path::new("c.yaml"), "bad".into()))).unwrap_err();
+        let e = builder.run(path, || Err(super::super::problem(Path::new("c.yaml"), "bad".into()))).unwrap_err();
         assert_eq!(e.to_string(), "c.yaml: bad");
-        let e = on_build_thread(path, || panic!("a bug")).unwrap_err();
+        let e = builder.run(path, || panic!("a bug")).unwrap_err();
         assert!(e.to_string().contains("build stopped unexpectedly"), "{e}");
-        on_build_thread(path, build(&ran_on)).unwrap();
+        builder.run(path, build(&ran_on)).unwrap();
         let after = *ran_on.lock().unwrap().last().unwrap();
         assert_eq!(after, threads[0], "the same build thread");
     }
