@@ -137,3 +137,20 @@ pub struct FileKey {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<FileRateLimit>,
 }
+
+impl FileKey {
+    /// A key with no credential yet, never expiring, not revoked.
+    pub fn new(id: String, label: String, created_at: OffsetDateTime) -> FileKey {
+        FileKey {
+            id: spanned(id),
+            label,
+            created_at,
+            expires_at: None,
+            revoked_at: None,
+            token_sha256: None,
+            hint: None,
+            secret_sealed: None,
+            rate_limit: None,
+        }
+    }
+}

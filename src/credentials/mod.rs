@@ -44,17 +44,7 @@ pub fn mint_hmac_key(master: &MasterKey, label: &str) -> Result<(FileKey, Secret
 }
 
 fn blank_key(id: String, label: &str) -> FileKey {
-    FileKey {
-        id: file::spanned(id),
-        label: label.to_string(),
-        created_at: ops::now(),
-        expires_at: None,
-        revoked_at: None,
-        token_sha256: None,
-        hint: None,
-        secret_sealed: None,
-        rate_limit: None,
-    }
+    FileKey::new(id, label.to_string(), ops::now())
 }
 
 fn problem(path: &Path, message: String) -> ConfigErrors {

@@ -596,17 +596,7 @@ impl<'a> Reader<'a> {
     }
 
     fn key(&mut self, col: usize, first: &'a str) -> Option<FileKey> {
-        let mut k = FileKey {
-            id: spanned(String::new()),
-            label: String::new(),
-            created_at: OffsetDateTime::UNIX_EPOCH,
-            expires_at: None,
-            revoked_at: None,
-            token_sha256: None,
-            hint: None,
-            secret_sealed: None,
-            rate_limit: None,
-        };
+        let mut k = FileKey::new(String::new(), String::new(), OffsetDateTime::UNIX_EPOCH);
         let mut seen = Seen(0);
         self.mapping(col, Some(first), |r, n, key, value| {
             match key {
