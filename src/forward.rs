@@ -5,7 +5,7 @@ use crate::body::{Body, BodyError, UpstreamBody};
 use crate::error::{GateError, UpstreamFailure};
 use crate::headers::HOST;
 use crate::rewrite::Outbound;
-use crate::upstream::{SendError, Upstream, head_of};
+use crate::upstream::{SendError, Upstream};
 use http::{Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use std::sync::Arc;
@@ -24,22 +24,23 @@ pub async fn send(upstream: &Arc<Upstream>, out: Outbound) -> Result<Forwarded, 
     let Outbound { mut request, route, client_upgrade } = out;
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + route.timeout;
-    let mut spare = (route.upstreams.len() > 1 && matches!(request.body(), Body::Empty)).then(|| head_of(&request));
+    // A refused connection hands the request back unsent: no copy is kept for the retry.
+    let mut may_retry = route.upstreams.len() > 1 && matches!(request.body(), Body::Empty);
     let (response, release) = loop {
         let target = route.upstreams.pick().ok_or(GateError::Upstream(UpstreamFailure::Connect))?;
         request.headers_mut().insert(HOST, target.host.clone());
         match tokio::time::timeout_at(deadline, upstream.send(target, request)).await {
             Err(_) => return Err(GateError::UpstreamTimeout),
             Ok(Ok(sent)) => break sent,
-            Ok(Err(e)) => {
-                if let SendError::Connect { .. } = e {
-                    route.upstreams.mark_down(target);
-                    if let Some(head) = spare.take() {
-                        tracing::debug!(route = %route.name, error = %e, "retrying on the next target");
-                        request = head;
-                        continue;
-                    }
+            Ok(Err(SendError::Connect { authority, reason, request: back })) => {
+                route.upstreams.mark_down(target);
+                tracing::debug!(route = %route.name, upstream = %authority, reason, retry = may_retry, "cannot connect");
+                if !std::mem::take(&mut may_retry) {
+                    return Err(GateError::Upstream(UpstreamFailure::Connect));
                 }
+                request = *back;
+            }
+            Ok(Err(SendError::Http(e))) => {
                 tracing::debug!(route = %route.name, error = %e, "upstream request failed");
                 return Err(classify(&e));
             }
@@ -57,11 +58,8 @@ pub async fn send(upstream: &Arc<Upstream>, out: Outbound) -> Result<Forwarded, 
     Ok(Forwarded { response: Response::from_parts(parts, body), upstream_latency })
 }
 
-/// What a failed upstream request means for the caller.
-fn classify(e: &SendError) -> GateError {
-    let SendError::Http(e) = e else {
-        return GateError::Upstream(UpstreamFailure::Connect);
-    };
+/// What a failed upstream exchange means for the caller.
+fn classify(e: &hyper::Error) -> GateError {
     // The client's own body failing over its limit surfaces as a client error.
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
     while let Some(s) = source {

@@ -28,9 +28,10 @@ const MAX_IDLE_PER_TARGET: usize = 1024;
 /// Why a request could not be sent or answered.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
-    /// No connection could be opened: nothing was sent.
+    /// No connection could be opened: nothing was sent, and here is the request back
+    /// (another target may take it).
     #[error("cannot connect to {authority}: {reason}")]
-    Connect { authority: Authority, reason: String },
+    Connect { authority: Authority, reason: String, request: Box<Request<Body>> },
     /// The connection failed while sending or awaiting the answer.
     #[error("upstream connection failed: {0}")]
     Http(#[from] hyper::Error),
@@ -113,7 +114,12 @@ impl Upstream {
                 },
             }
         }
-        let mut sender = self.connect(&target.authority).await?;
+        let mut sender = match self.connect(&target.authority).await {
+            Ok(sender) => sender,
+            Err(reason) => {
+                return Err(SendError::Connect { authority: target.authority.clone(), reason, request: Box::new(req) });
+            }
+        };
         let res = sender.send_request(req).await?;
         Ok(self.lend(target, sender, res))
     }
@@ -146,15 +152,14 @@ impl Upstream {
         }
     }
 
-    /// Opens a new connection and starts its task on this worker's runtime.
-    async fn connect(&self, authority: &Authority) -> Result<http1::SendRequest<Body>, SendError> {
-        let failed = |reason: String| SendError::Connect { authority: authority.clone(), reason };
+    /// Opens a new connection and starts its task on this worker's runtime; why not, when
+    /// it cannot.
+    async fn connect(&self, authority: &Authority) -> Result<http1::SendRequest<Body>, String> {
         let stream = tokio::time::timeout(self.connect_timeout, open(authority))
             .await
-            .map_err(|_| failed(format!("timed out after {:?}", self.connect_timeout)))?
-            .map_err(|e| failed(e.to_string()))?;
-        let (sender, conn) =
-            http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(|e| failed(e.to_string()))?;
+            .map_err(|_| format!("timed out after {:?}", self.connect_timeout))?
+            .map_err(|e| e.to_string())?;
+        let (sender, conn) = http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
         tokio::spawn(async move {
             // `with_upgrades`: a 101 hands the socket to the WebSocket tunnel.
             if let Err(e) = conn.with_upgrades().await {
@@ -170,11 +175,6 @@ impl Upstream {
         for list in lists.iter_mut() {
             list.retain(|i| i.since.elapsed() < IDLE_TIMEOUT && !i.sender.is_closed());
         }
-    }
-
-    /// Unused connections held now (all targets).
-    pub fn idle_count(&self) -> usize {
-        self.idle.lock().unwrap_or_else(PoisonError::into_inner).iter().map(Vec::len).sum()
     }
 
     /// Evicts idle connections every few seconds, for as long as this runtime runs.
@@ -200,7 +200,7 @@ fn is_safe_to_resend(req: &Request<Body>) -> bool {
 }
 
 /// A body-less copy of a request.
-pub fn head_of(req: &Request<Body>) -> Request<Body> {
+fn head_of(req: &Request<Body>) -> Request<Body> {
     let mut copy = Request::new(Body::Empty);
     *copy.method_mut() = req.method().clone();
     *copy.uri_mut() = req.uri().clone();
