@@ -18,6 +18,11 @@ use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{DefaultKeyedRateLimiter, Quota as GovQuota, RateLimiter};
+use http::HeaderValue;
+
+/// Key ids come from the credentials file, not from clients: a fast seeded hash is
+/// enough, where SipHash cost more than the map lookup itself.
+pub type KeyIdHasher = foldhash::fast::RandomState;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -29,10 +34,10 @@ type KeyLimiter = RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInform
 const MAX_TRACKED_IPS: usize = 100_000;
 
 /// What the response tells the client about its quota.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Quota {
-    /// `X-RateLimit-Limit`: the key's requests per second.
-    pub limit: u32,
+    /// `X-RateLimit-Limit`: the key's requests per second (built with the snapshot).
+    pub limit: HeaderValue,
     /// `X-RateLimit-Remaining`: requests left in the current burst.
     pub remaining: u32,
 }
@@ -40,7 +45,7 @@ pub struct Quota {
 /// All rate-limiting state.
 #[derive(Debug)]
 pub struct RateLimits {
-    keys: DashMap<Arc<str>, (RateLimit, KeyLimiter)>,
+    keys: DashMap<Arc<str>, (RateLimit, KeyLimiter), KeyIdHasher>,
     failed: DefaultKeyedRateLimiter<u128>,
     blocked: DashMap<u128, Instant>,
     clock: DefaultClock,
@@ -72,7 +77,7 @@ impl RateLimits {
     pub fn new(failed_per_minute: u32) -> RateLimits {
         let q = GovQuota::per_minute(nonzero(failed_per_minute)).allow_burst(nonzero(failed_per_minute));
         RateLimits {
-            keys: DashMap::new(),
+            keys: DashMap::default(),
             failed: RateLimiter::keyed(q),
             blocked: DashMap::new(),
             clock: DefaultClock::default(),
@@ -113,17 +118,17 @@ impl RateLimits {
         if let Some(e) = self.keys.get(&key.id)
             && e.0 == rate
         {
-            return self.take(&e.1, rate);
+            return self.take(&e.1, key);
         }
         let q = GovQuota::per_second(nonzero(rate.per_second)).allow_burst(nonzero(rate.burst));
         let limiter = RateLimiter::direct(q).with_middleware::<StateInformationMiddleware>();
         let entry = self.keys.entry(key.id.clone()).insert((rate, limiter));
-        self.take(&entry.1, rate)
+        self.take(&entry.1, key)
     }
 
-    fn take(&self, limiter: &KeyLimiter, rate: RateLimit) -> Result<Quota, GateError> {
+    fn take(&self, limiter: &KeyLimiter, key: &Key) -> Result<Quota, GateError> {
         match limiter.check() {
-            Ok(state) => Ok(Quota { limit: rate.per_second, remaining: state.remaining_burst_capacity() }),
+            Ok(state) => Ok(Quota { limit: key.limit_header.clone(), remaining: state.remaining_burst_capacity() }),
             Err(not_until) => Err(GateError::TooManyRequests {
                 retry_after_secs: retry_after(not_until.wait_time_from(self.clock.now())),
                 scope: LimitScope::Key,

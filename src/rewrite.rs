@@ -19,6 +19,7 @@ use crate::route::Route;
 use http::header::{CONNECTION, UPGRADE};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version};
 use hyper::upgrade::OnUpgrade;
+use smallvec::SmallVec;
 use std::sync::Arc;
 
 /// A request ready to forward. Only [`request`] builds one, and it needs a [`Permit`].
@@ -29,6 +30,10 @@ pub struct Outbound {
     /// The client side of a protocol upgrade (WebSocket), to join on `101`.
     pub client_upgrade: Option<OnUpgrade>,
 }
+
+/// Headers `request` and forward add at most, besides the route's own: three
+/// forwarding, the request id, six identity, `Connection` and `Host`.
+const IDENTITY_AND_FORWARDING: usize = 12;
 
 /// Builds the upstream request from an authorised one.
 pub fn request(p: Parsed, permit: &Permit, conn: &ConnInfo, trusted_peer: bool, names: &IdentityHeaders) -> Outbound {
@@ -47,6 +52,9 @@ pub fn request(p: Parsed, permit: &Permit, conn: &ConnInfo, trusted_peer: bool, 
             || is_protected(n, route.forward_credentials, names)
     });
 
+    // Room for what is added below and `Host` (forward): growing the map on the way
+    // would rehash it two or three times.
+    h.reserve(IDENTITY_AND_FORWARDING + route.set_headers.len());
     forwarding.apply(h, conn, host);
     h.insert(X_REQUEST_ID, request_id);
     // SPEC §4: who the caller is, from the snapshot; the client's copies are gone.
@@ -85,12 +93,22 @@ pub fn response(mut res: Response<Body>, request_id: &HeaderValue, quota: Option
         let listed = connection_listed(h);
         remove_where(h, |n| is_hop_by_hop(n) || (n != UPGRADE && listed.contains(n)));
     }
+    h.reserve(3);
     h.insert(X_REQUEST_ID, request_id.clone());
     if let Some(q) = quota {
-        h.insert(X_RATELIMIT_LIMIT, HeaderValue::from(q.limit));
-        h.insert(X_RATELIMIT_REMAINING, HeaderValue::from(q.remaining));
+        h.insert(X_RATELIMIT_LIMIT, q.limit);
+        h.insert(X_RATELIMIT_REMAINING, number(q.remaining));
     }
     res
+}
+
+/// A number as a header value: one exact-size allocation (`HeaderValue::from(u32)`
+/// makes two, and grows a buffer).
+fn number(n: u32) -> HeaderValue {
+    let mut digits = itoa::Buffer::new();
+    let text = digits.format(n);
+    HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(text.as_bytes()))
+        .unwrap_or_else(|_| HeaderValue::from(n))
 }
 
 /// `Connection: upgrade` plus an `Upgrade` other than `h2c` (never forwarded, SPEC §4).
@@ -118,9 +136,10 @@ fn connection_listed(h: &HeaderMap) -> Vec<HeaderName> {
 }
 
 /// Removes every header whose name `doomed` picks, judging each name once (cheaper than
-/// one hashed `remove` per name that might be there).
+/// one hashed `remove` per name that might be there). A request rarely has more than a
+/// few such names: they are gathered on the stack.
 fn remove_where(h: &mut HeaderMap, doomed: impl Fn(&HeaderName) -> bool) {
-    let names: Vec<HeaderName> = h.keys().filter(|n| doomed(n)).cloned().collect();
+    let names: SmallVec<[HeaderName; 8]> = h.keys().filter(|n| doomed(n)).cloned().collect();
     for n in names {
         h.remove(n);
     }

@@ -43,7 +43,7 @@ struct StateFile {
 /// All keys' usage.
 #[derive(Debug, Default)]
 pub struct Usage {
-    keys: DashMap<Arc<str>, Arc<KeyUsage>>,
+    keys: DashMap<Arc<str>, Arc<KeyUsage>, crate::limit::KeyIdHasher>,
     path: Option<PathBuf>,
     /// The total request count the state file holds: every recorded request adds one, so
     /// an unchanged total means nothing to write. Derived at flush time rather than
@@ -71,7 +71,7 @@ impl Usage {
     /// Usage persisted at `path` (loaded now), or in memory only.
     pub fn load(path: Option<PathBuf>) -> Usage {
         let on_disk = path.as_deref().map(read_state).unwrap_or_default();
-        let keys = DashMap::new();
+        let keys = DashMap::default();
         for (key, r) in &on_disk {
             let k = KeyUsage::default();
             let _ = k.user.set(Arc::from(r.user.as_str()));

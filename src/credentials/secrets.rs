@@ -111,10 +111,25 @@ pub fn is_well_formed_token(s: &str) -> bool {
 /// The number a short base62 string stands for (no allocation: this runs per request).
 fn decode_base62(digits: &[u8]) -> Option<u64> {
     digits.iter().try_fold(0u64, |acc, &c| {
-        let d = BASE62.iter().position(|&x| x == c)? as u64;
-        acc.checked_mul(62)?.checked_add(d)
+        let d = BASE62_VALUE[usize::from(c)];
+        if d == NOT_BASE62 {
+            return None;
+        }
+        acc.checked_mul(62)?.checked_add(u64::from(d))
     })
 }
+
+const NOT_BASE62: u8 = u8::MAX;
+/// Each byte's base62 digit value, or `NOT_BASE62`: a table, not a search of `BASE62`.
+const BASE62_VALUE: [u8; 256] = {
+    let mut t = [NOT_BASE62; 256];
+    let mut i = 0;
+    while i < BASE62.len() {
+        t[BASE62[i] as usize] = i as u8;
+        i += 1;
+    }
+    t
+};
 
 /// The digest under which a token is stored.
 pub fn token_digest(token: &str) -> TokenDigest {

@@ -105,6 +105,9 @@ pub struct Key {
     pub id_header: HeaderValue,
     /// Key override, else user override, else the config default.
     pub rate_limit: RateLimit,
+    /// `rate_limit.per_second` as the `X-RateLimit-Limit` value, shared by the keys with
+    /// the same rate: no number formatted per request.
+    pub limit_header: HeaderValue,
 }
 
 /// Token digests are SHA-256 outputs: already uniform, and an attacker cannot choose
@@ -417,7 +420,8 @@ impl<'a> Builder<'a> {
                     self.at(&loc, format!("key {id:?}: token_sha256 must be 64 hex characters"));
                     return;
                 }
-                let key = Arc::new(entry(&id, user, &k, KeyCredential::Token, rate_limit));
+                let limit_header = self.number_header(rate_limit.per_second);
+                let key = Arc::new(entry(&id, user, &k, KeyCredential::Token, rate_limit, limit_header));
                 if self.snap.tokens.insert(digest, key.clone()).is_some() {
                     self.at(&loc, format!("key {id:?}: the same token is stored under another key"));
                 }
@@ -446,12 +450,32 @@ impl<'a> Builder<'a> {
                 return;
             }
         };
-        let key = Arc::new(entry(&id, user, &k, credential, rate_limit));
+        let limit_header = self.number_header(rate_limit.per_second);
+        let key = Arc::new(entry(&id, user, &k, credential, rate_limit, limit_header));
         self.snap.key_ids.insert(id, key);
+    }
+
+    /// A number as a header value, shared through the cache.
+    fn number_header(&mut self, n: u32) -> HeaderValue {
+        let mut digits = itoa::Buffer::new();
+        let text = digits.format(n);
+        if let Some(hit) = self.cache.get(text) {
+            return hit.clone();
+        }
+        let value = HeaderValue::from(n);
+        self.cache.insert(text.to_string(), value.clone());
+        value
     }
 }
 
-fn entry(id: &Arc<str>, user: &Arc<User>, k: &FileKey, credential: KeyCredential, rate_limit: RateLimit) -> Key {
+fn entry(
+    id: &Arc<str>,
+    user: &Arc<User>,
+    k: &FileKey,
+    credential: KeyCredential,
+    rate_limit: RateLimit,
+    limit_header: HeaderValue,
+) -> Key {
     Key {
         id: id.clone(),
         user: user.clone(),
@@ -460,6 +484,7 @@ fn entry(id: &Arc<str>, user: &Arc<User>, k: &FileKey, credential: KeyCredential
         id_header: HeaderValue::from_str(id).unwrap_or_else(|_| HeaderValue::from_static("")),
         credential,
         rate_limit,
+        limit_header,
     }
 }
 
