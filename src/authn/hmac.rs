@@ -20,6 +20,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use http::HeaderMap;
 use http_body_util::BodyExt;
 use sha2::Sha256;
+use smallvec::SmallVec;
 
 /// The string that is signed.
 pub fn canonical_string(timestamp: &str, method: &str, path_and_query: &str, body: &[u8]) -> Vec<u8> {
@@ -58,17 +59,23 @@ pub(super) async fn verify(
     if (now - ts).abs() > skew {
         return Err(fail(AuthFailure::StaleTimestamp));
     }
-    let sig: [u8; 32] = one(h, &X_SIGNATURE)
-        .and_then(|s| hex::decode(s.trim()).ok())
-        .and_then(|v| v.try_into().ok())
+    let mut sig = [0u8; 32];
+    one(h, &X_SIGNATURE)
+        .and_then(|s| hex::decode_to_slice(s.trim(), &mut sig).ok())
         .ok_or(fail(AuthFailure::BadSignature))?;
-    let ts_text = ts_text.to_owned();
+    // The timestamp as sent, kept past the body read (on the stack: about 10 digits).
+    let ts_text: SmallVec<[u8; 16]> = SmallVec::from_slice(ts_text.as_bytes());
 
     let body = read_body(parsed, auth.hmac_max_body).await?;
     let target = parsed.parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let method = parsed.parts.method.as_str();
     let mut mac = mac.clone();
-    mac.update(ts_text.as_bytes());
-    mac.update(parsed.parts.method.as_str().to_ascii_uppercase().as_bytes());
+    mac.update(&ts_text);
+    if method.bytes().any(|b| b.is_ascii_lowercase()) {
+        mac.update(method.to_ascii_uppercase().as_bytes());
+    } else {
+        mac.update(method.as_bytes());
+    }
     mac.update(target.as_bytes());
     mac.update(&body);
     mac.verify_slice(&sig).map_err(|_| fail(AuthFailure::BadSignature))?;
@@ -120,6 +127,10 @@ async fn read_body(parsed: &mut Parsed, max: u64) -> Result<Bytes, GateError> {
         return Err(GateError::PayloadTooLarge);
     }
     let mut body = std::mem::take(&mut parsed.body);
+    if matches!(body, Body::Empty) {
+        // Nothing to read: no buffer, no timer.
+        return Ok(Bytes::new());
+    }
     let mut buf = BytesMut::with_capacity(declared.unwrap_or(0).min(max) as usize);
     let read = async {
         while let Some(frame) = body.frame().await {
