@@ -55,26 +55,10 @@ nginx -p "$WORK/up" -c "$WORK/up/nginx.conf" -e "$WORK/up/logs/error.log" &
 PIDS+=($!)
 
 CREDS=$WORK/credentials.yaml
-gh() { "$BIN" "$@" --credentials "$CREDS" --json; }
-gh roles set bench --rule '* /**' >/dev/null
-gh users create bench-key --auth-method api-key --role bench >/dev/null
-KEY=$(gh keys add bench-key --label bench | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
+source "$ROOT/benches/common.sh"
+KEY=$(bench_key_user)
 python3 "$ROOT/benches/fill_users.py" "$CREDS" 999
-cat >"$WORK/gatehouse.yaml" <<EOF
-listeners:
-  - name: bench
-    address: 127.0.0.1:$GW_PORT
-admin:
-  address: 127.0.0.1:0
-credentials: $CREDS
-master_key: $WORK/master.key
-audit_log: $WORK/audit.log
-rate_limit: { per_second: 1000000, burst: 1000000 }
-routes:
-  - name: bench
-    path_prefix: /
-    upstream: http://127.0.0.1:$UP_PORT
-EOF
+bench_config "$WORK/gatehouse.yaml" bench "$GW_PORT" "$UP_PORT"
 
 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$WORK/callgrind.out" \
   "$BIN" serve --config "$WORK/gatehouse.yaml" 2>"$WORK/gateway.log" &

@@ -44,37 +44,20 @@ fi
 WORK=$(mktemp -d /tmp/gatehouse-peers.XXXXXX)
 [ "${KEEP_WORK:-0}" = 1 ] || trap 'rm -rf "$WORK"' EXIT
 CREDS=$WORK/credentials.yaml
-gh() { "$BIN" "$@" --credentials "$CREDS" --json; }
+source "$ROOT/benches/common.sh"
 
 log "writing $USERS users to $CREDS"
-gh roles set bench --rule '* /**' >/dev/null
-gh users create bench-key --auth-method api-key --role bench >/dev/null
-KEY=$(gh keys add bench-key --label bench | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
-gh users create bench-hmac --auth-method hmac --role bench >/dev/null
-read -r HMAC_ID HMAC_SECRET < <(gh keys add bench-hmac --label bench |
+KEY=$(bench_key_user)
+bench_gh users create bench-hmac --auth-method hmac --role bench >/dev/null
+read -r HMAC_ID HMAC_SECRET < <(bench_gh keys add bench-hmac --label bench |
   python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["key"]["id"], d["secret"])')
 python3 "$ROOT/benches/fill_users.py" "$CREDS" "$((USERS - 2))"
 
-cat >"$WORK/gatehouse.yaml" <<EOF
-listeners:
-  - name: bench
-    address: 127.0.0.1:$GATEWAY_PORT
-admin:
-  address: 127.0.0.1:0
-credentials: $CREDS
-master_key: $WORK/master.key
-audit_log: $WORK/audit.log
-rate_limit: { per_second: 1000000, burst: 1000000 }
 # Every accepted signature is remembered for its window (max_skew after its timestamp); a
 # 3-round run signs about a million requests with one key inside one window.
-auth:
+bench_config "$WORK/gatehouse.yaml" bench "$GATEWAY_PORT" "$BASE_PORT" "" "auth:
   hmac:
-    replay_cache_entries: 3000000
-routes:
-  - name: bench
-    path_prefix: /
-    upstream: http://127.0.0.1:$BASE_PORT
-EOF
+    replay_cache_entries: 3000000"
 "$BIN" check-config --config "$WORK/gatehouse.yaml" >/dev/null
 
 log "running $PEERS (ROUNDS=$ROUNDS)"

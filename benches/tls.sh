@@ -61,10 +61,8 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 
 # Credentials: the CLI for the user whose key the run uses, generated YAML for 999 others; the
 # nginx map gets 1 000 keys too (the run's token among them).
 CREDS=$WORK/credentials.yaml
-gh() { "$BIN" "$@" --credentials "$CREDS" --json; }
-gh roles set bench --rule '* /**' >/dev/null
-gh users create bench-key --auth-method api-key --role bench >/dev/null
-KEY=$(gh keys add bench-key --label bench | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
+source "$ROOT/benches/common.sh"
+KEY=$(bench_key_user)
 python3 "$ROOT/benches/fill_users.py" "$CREDS" 999 "$WORK/keys.map" "$KEY" bench-key
 
 mkdir -p "$WORK/up/logs" "$WORK/ngx/logs"
@@ -100,22 +98,7 @@ http {
   }
 }
 EOF
-cat >"$WORK/gatehouse.yaml" <<EOF
-listeners:
-  - name: bench-tls
-    address: 127.0.0.1:$GH_PORT
-    tls: { cert: $WORK/cert.pem, key: $WORK/key.pem }
-admin:
-  address: 127.0.0.1:0
-credentials: $CREDS
-master_key: $WORK/master.key
-audit_log: $WORK/audit.log
-rate_limit: { per_second: 1000000, burst: 1000000 }
-routes:
-  - name: bench
-    path_prefix: /
-    upstream: http://127.0.0.1:$UP_PORT
-EOF
+bench_config "$WORK/gatehouse.yaml" bench-tls "$GH_PORT" "$UP_PORT" "tls: { cert: $WORK/cert.pem, key: $WORK/key.pem }"
 
 nginx -p "$WORK/up" -c "$WORK/up/nginx.conf" & PIDS+=($!)
 nginx -p "$WORK/ngx" -c "$WORK/ngx/nginx.conf" & PIDS+=($!)

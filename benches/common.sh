@@ -1,0 +1,32 @@
+# common.sh - the set-up the benchmark scripts share: sourced by load.sh, tls.sh and
+# instructions.sh, not run. Expects BIN (the gatehouse binary), WORK (the run's temp dir) and
+# CREDS (the credentials file to write) to be set.
+
+# The CLI on the run's credentials file.
+bench_gh() { "$BIN" "$@" --credentials "$CREDS" --json; }
+
+# Writes the `bench` role (every method and path) and the `bench-key` api_key user with one
+# key, through the real CLI; prints the key's token.
+bench_key_user() {
+  bench_gh roles set bench --rule '* /**' >/dev/null
+  bench_gh users create bench-key --auth-method api-key --role bench >/dev/null
+  bench_gh keys add bench-key --label bench | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])'
+}
+
+# bench_config FILE LISTENER PORT UPSTREAM_PORT [LISTENER_LINE] [TOP_LEVEL_YAML]
+# Writes a gatehouse.yaml as every benchmark runs it: one listener on 127.0.0.1:PORT, the admin
+# listener (metrics) and the audit log (a file) on, a rate limit that never triggers (its cost
+# is still paid), one route / to 127.0.0.1:UPSTREAM_PORT. LISTENER_LINE is added to the
+# listener (its `tls:`), TOP_LEVEL_YAML before `routes:`.
+bench_config() {
+  local file=$1 name=$2 port=$3 upstream=$4 listener_line=${5:-} top=${6:-}
+  {
+    printf 'listeners:\n  - name: %s\n    address: 127.0.0.1:%s\n' "$name" "$port"
+    [ -z "$listener_line" ] || printf '    %s\n' "$listener_line"
+    printf 'admin:\n  address: 127.0.0.1:0\ncredentials: %s\nmaster_key: %s\naudit_log: %s\n' \
+      "$CREDS" "$WORK/master.key" "$WORK/audit.log"
+    printf 'rate_limit: { per_second: 1000000, burst: 1000000 }\n'
+    [ -z "$top" ] || printf '%s\n' "$top"
+    printf 'routes:\n  - name: bench\n    path_prefix: /\n    upstream: http://127.0.0.1:%s\n' "$upstream"
+  } >"$file"
+}
