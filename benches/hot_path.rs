@@ -7,17 +7,19 @@
 use bytes::Bytes;
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use gatehouse::authn::replay::ReplayCache;
-use gatehouse::authn::{authenticate, sign_hex};
+use gatehouse::authn::{Caller, authenticate, sign_hex};
 use gatehouse::body::Body;
 use gatehouse::config::RouteConfig;
-use gatehouse::config::{AuthConfig, RateLimitConfig};
+use gatehouse::config::{AuthConfig, IdentityHeaders, RateLimitConfig};
 use gatehouse::credentials::secrets::MasterKey;
 use gatehouse::credentials::snapshot::Snapshot;
 use gatehouse::credentials::{mint_api_key, mint_hmac_key};
 use gatehouse::headers;
+use gatehouse::limit::RateLimits;
 use gatehouse::path;
 use gatehouse::request;
-use gatehouse::request::Parsed;
+use gatehouse::request::{ConnInfo, Parsed};
+use gatehouse::rewrite;
 use gatehouse::route::Route;
 use gatehouse::route::RouteTable;
 use http::HeaderMap;
@@ -253,5 +255,89 @@ fn bench_authz(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_path, bench_route, bench_headers, bench_request, bench_authn, bench_authz);
+/// The key's rate-limit check (governor, behind a map by key id), and the rewrite of an
+/// authorised API-key request (credentials and hop-by-hop headers out; identity, forwarding
+/// and request id in) and of its response (hop-by-hop out; request id and quota in).
+fn bench_limit_rewrite(c: &mut Criterion) {
+    let (yaml, master, token, _) = users_yaml(1_000);
+    let rate = RateLimitConfig { per_second: 1_000_000_000, burst: 1_000_000_000 };
+    let snap = Snapshot::parse(Path::new("bench.yaml"), &yaml, Some(&master), rate).unwrap();
+    let route = Arc::new(Route::new(&twenty_routes()[0], &mut 0));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let _guard = rt.enter();
+    let auth = AuthConfig {
+        max_skew: Duration::from_secs(300),
+        replay_protection: false,
+        hmac_max_body: 10 << 20,
+        replay_cache_entries: 1 << 10,
+        failed_per_ip_per_minute: 60,
+    };
+    let replay = ReplayCache::new(auth.replay_cache_entries);
+    let headers = [
+        ("x-api-key", token),
+        ("user-agent", "bench/1.0".to_string()),
+        ("accept", "application/json".to_string()),
+        ("connection", "keep-alive".to_string()),
+    ];
+    let authorised = || {
+        let mut p = parsed(&route, "GET", "/api/v1/orders/1", &headers, Bytes::new());
+        let caller = now_or_never(authenticate(&snap, &mut p, &auth, &replay, 1_800_000_000)).unwrap();
+        let permit = gatehouse::authz::authorize(caller, &p).unwrap();
+        (p, permit)
+    };
+    let (_, permit) = authorised();
+    let Caller::User(identity) = permit.caller() else { panic!("the bench key is a user's") };
+    let key = identity.key.clone();
+
+    let limits = RateLimits::new(60);
+    let mut g = c.benchmark_group("limit");
+    g.bench_function("check_key", |b| b.iter(|| limits.check_key(black_box(&key)).unwrap()));
+    g.finish();
+
+    let conn = ConnInfo::new("192.0.2.7:50000".parse().unwrap(), Arc::from("bench"), false);
+    let names = IdentityHeaders::default();
+    let request_id = HeaderValue::from_static("0190a5d2-3c4b-7def-8a12-3456789abcde");
+    let quota = limits.check_key(&key).unwrap();
+    let upstream_response = || {
+        let mut res = http::Response::new(Body::full(Bytes::from_static(b"{\"ok\":true}")));
+        let h = res.headers_mut();
+        for (k, v) in [
+            ("server", "nginx"),
+            ("date", "Mon, 23 Nov 2026 17:00:00 GMT"),
+            ("content-type", "application/json"),
+            ("content-length", "11"),
+            ("connection", "keep-alive"),
+        ] {
+            h.insert(k, HeaderValue::from_static(v));
+        }
+        res
+    };
+    let mut g = c.benchmark_group("rewrite");
+    g.bench_function("request", |b| {
+        b.iter_batched(
+            authorised,
+            |(p, permit)| rewrite::request(p, &permit, &conn, false, &names),
+            BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("response", |b| {
+        b.iter_batched(
+            upstream_response,
+            |res| rewrite::response(res, &request_id, Some(quota.clone())),
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_path,
+    bench_route,
+    bench_headers,
+    bench_request,
+    bench_authn,
+    bench_authz,
+    bench_limit_rewrite
+);
 criterion_main!(benches);
