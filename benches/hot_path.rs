@@ -156,6 +156,18 @@ fn parsed(route: &Arc<Route>, method: &str, target: &str, headers: &[(&'static s
     }
 }
 
+/// The authentication settings of the benches: replay protection off, so every iteration
+/// is fresh (the replay cache has its own bench).
+fn bench_auth() -> AuthConfig {
+    AuthConfig {
+        max_skew: Duration::from_secs(300),
+        replay_protection: false,
+        hmac_max_body: 10 << 20,
+        replay_cache_entries: 1 << 20,
+        failed_per_ip_per_minute: 60,
+    }
+}
+
 /// Runs a future that completes without waiting (everything here is in memory).
 fn now_or_never<F: Future>(f: F) -> F::Output {
     let mut f = std::pin::pin!(f);
@@ -177,13 +189,7 @@ fn bench_authn(c: &mut Criterion) {
     let route = Arc::new(Route::new(&twenty_routes()[0], &mut 0));
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let _guard = rt.enter();
-    let auth = AuthConfig {
-        max_skew: Duration::from_secs(300),
-        replay_protection: false,
-        hmac_max_body: 10 << 20,
-        replay_cache_entries: 1 << 20,
-        failed_per_ip_per_minute: 60,
-    };
+    let auth = bench_auth();
     let replay = ReplayCache::new(auth.replay_cache_entries);
     let now = 1_800_000_000;
 
@@ -265,13 +271,7 @@ fn bench_limit_rewrite(c: &mut Criterion) {
     let route = Arc::new(Route::new(&twenty_routes()[0], &mut 0));
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let _guard = rt.enter();
-    let auth = AuthConfig {
-        max_skew: Duration::from_secs(300),
-        replay_protection: false,
-        hmac_max_body: 10 << 20,
-        replay_cache_entries: 1 << 10,
-        failed_per_ip_per_minute: 60,
-    };
+    let auth = bench_auth();
     let replay = ReplayCache::new(auth.replay_cache_entries);
     let headers = [
         ("x-api-key", token),
