@@ -76,8 +76,12 @@ fn three_users() -> (Creds, HmacKey, HmacKey) {
 async fn rotating_the_master_key_under_signed_traffic_fails_no_request_and_leaves_only_the_new_key() {
     let up = TestUpstream::start().await;
     let (creds, a, b) = three_users();
-    let config =
-        TestGateway::builder().credentials(&creds).route(RouteSpec::new("api", "/api/").to(&up).authenticated());
+    // The loops send as fast as the gateway answers: the default 50/s would refuse some
+    // of them, and the master key, not rate limiting, is under test here.
+    let config = TestGateway::builder()
+        .credentials(&creds)
+        .rate_limit(1_000_000, 1_000_000)
+        .route(RouteSpec::new("api", "/api/").to(&up).authenticated());
     let gw = GatewayProcess::serve(&config).await;
     let w = gw.written();
     let master_path = w.dir.path().join("master.key");

@@ -137,6 +137,7 @@ pub struct GatewayConfig {
     credentials: Option<CredsText>,
     credentials_at: Option<PathBuf>,
     admin: Option<AdminSpec>,
+    rate_limit: Option<(u32, u32)>,
 }
 
 /// The admin listener of the test config: always `127.0.0.1:0`; the token, when there is
@@ -216,6 +217,12 @@ impl GatewayConfig {
         self
     }
 
+    /// The default per-key `rate_limit` (the gateway's own default is 50/s, burst 100).
+    pub fn rate_limit(mut self, per_second: u32, burst: u32) -> Self {
+        self.rate_limit = Some((per_second, burst));
+        self
+    }
+
     /// A `limits:` entry, e.g. `("max_request_body", "1MiB")`.
     pub fn limit(mut self, name: &str, value: &str) -> Self {
         self.limits.push((name.into(), value.into()));
@@ -289,6 +296,9 @@ impl GatewayConfig {
             if a.token.is_some() {
                 y.push_str(&format!("  token_file: {}\n", q(&dir.join("admin.token").display().to_string())));
             }
+        }
+        if let Some((per_second, burst)) = self.rate_limit {
+            y.push_str(&format!("rate_limit: {{ per_second: {per_second}, burst: {burst} }}\n"));
         }
         if !self.limits.is_empty() {
             y.push_str("limits:\n");
