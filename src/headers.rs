@@ -44,6 +44,15 @@ pub static HOP_BY_HOP: [HeaderName; 9] = [
     PROXY_AUTHORIZATION,
 ];
 
+/// A number as a header value: one exact-size allocation (`HeaderValue::from(u32)` makes
+/// two, and grows a buffer). `X-RateLimit-Remaining` is one per request.
+pub fn number(n: u32) -> http::HeaderValue {
+    let mut digits = itoa::Buffer::new();
+    let text = digits.format(n);
+    http::HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(text.as_bytes()))
+        .unwrap_or_else(|_| http::HeaderValue::from(n))
+}
+
 /// How a client-sent header is treated on its way upstream, judged on its name with
 /// `_` read as `-` (some backends, e.g. CGI-style ones, treat the two as the same).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -19,16 +19,17 @@ use governor::middleware::StateInformationMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{DefaultKeyedRateLimiter, Quota as GovQuota, RateLimiter};
 use http::HeaderValue;
-
-/// Key ids come from the credentials file, not from clients: a fast seeded hash is
-/// enough, where SipHash cost more than the map lookup itself.
-pub type KeyIdHasher = foldhash::fast::RandomState;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 type KeyLimiter = RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformationMiddleware>;
+
+/// Key ids come from the credentials file, not from clients (these maps are reached only
+/// after authentication): a fast seeded hash is enough, where SipHash cost more than the
+/// map lookup itself.
+pub type KeyIdHasher = foldhash::fast::RandomState;
 
 /// Client IPs tracked at most (failed-auth budget and blocks each).
 const MAX_TRACKED_IPS: usize = 100_000;

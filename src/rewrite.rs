@@ -97,18 +97,9 @@ pub fn response(mut res: Response<Body>, request_id: &HeaderValue, quota: Option
     h.insert(X_REQUEST_ID, request_id.clone());
     if let Some(q) = quota {
         h.insert(X_RATELIMIT_LIMIT, q.limit);
-        h.insert(X_RATELIMIT_REMAINING, number(q.remaining));
+        h.insert(X_RATELIMIT_REMAINING, headers::number(q.remaining));
     }
     res
-}
-
-/// A number as a header value: one exact-size allocation (`HeaderValue::from(u32)`
-/// makes two, and grows a buffer).
-fn number(n: u32) -> HeaderValue {
-    let mut digits = itoa::Buffer::new();
-    let text = digits.format(n);
-    HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(text.as_bytes()))
-        .unwrap_or_else(|_| HeaderValue::from(n))
 }
 
 /// `Connection: upgrade` plus an `Upgrade` other than `h2c` (never forwarded, SPEC §4).

@@ -19,14 +19,14 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::BuildHasher;
-
-/// Seeded per process, so nobody can aim entries at one bucket, and several times cheaper
-/// than SipHash on a 24-byte entry: two lookups and an insert per signed request.
-type RandomState = foldhash::quality::RandomState;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 const SHARDS: usize = 16;
+
+/// Seeded per process, so nobody can aim entries at one bucket, and several times cheaper
+/// than SipHash on a 24-byte entry: two lookups and an insert per signed request.
+type RandomState = foldhash::quality::RandomState;
 
 /// The outcome of recording a signature.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -420,8 +420,7 @@ impl<'a> Builder<'a> {
                     self.at(&loc, format!("key {id:?}: token_sha256 must be 64 hex characters"));
                     return;
                 }
-                let limit_header = self.number_header(rate_limit.per_second);
-                let key = Arc::new(entry(&id, user, &k, KeyCredential::Token, rate_limit, limit_header));
+                let key = Arc::new(self.entry(&id, user, &k, KeyCredential::Token, rate_limit));
                 if self.snap.tokens.insert(digest, key.clone()).is_some() {
                     self.at(&loc, format!("key {id:?}: the same token is stored under another key"));
                 }
@@ -450,9 +449,28 @@ impl<'a> Builder<'a> {
                 return;
             }
         };
-        let limit_header = self.number_header(rate_limit.per_second);
-        let key = Arc::new(entry(&id, user, &k, credential, rate_limit, limit_header));
+        let key = Arc::new(self.entry(&id, user, &k, credential, rate_limit));
         self.snap.key_ids.insert(id, key);
+    }
+
+    fn entry(
+        &mut self,
+        id: &Arc<str>,
+        user: &Arc<User>,
+        k: &FileKey,
+        credential: KeyCredential,
+        rate: RateLimit,
+    ) -> Key {
+        Key {
+            id: id.clone(),
+            user: user.clone(),
+            revoked_at: k.revoked_at.map(|t| t.unix_timestamp()),
+            expires_at: k.expires_at.map(|t| t.unix_timestamp()),
+            id_header: HeaderValue::from_str(id).unwrap_or_else(|_| HeaderValue::from_static("")),
+            credential,
+            rate_limit: rate,
+            limit_header: self.number_header(rate.per_second),
+        }
     }
 
     /// A number as a header value, shared through the cache.
@@ -462,29 +480,9 @@ impl<'a> Builder<'a> {
         if let Some(hit) = self.cache.get(text) {
             return hit.clone();
         }
-        let value = HeaderValue::from(n);
+        let value = crate::headers::number(n);
         self.cache.insert(text.to_string(), value.clone());
         value
-    }
-}
-
-fn entry(
-    id: &Arc<str>,
-    user: &Arc<User>,
-    k: &FileKey,
-    credential: KeyCredential,
-    rate_limit: RateLimit,
-    limit_header: HeaderValue,
-) -> Key {
-    Key {
-        id: id.clone(),
-        user: user.clone(),
-        revoked_at: k.revoked_at.map(|t| t.unix_timestamp()),
-        expires_at: k.expires_at.map(|t| t.unix_timestamp()),
-        id_header: HeaderValue::from_str(id).unwrap_or_else(|_| HeaderValue::from_static("")),
-        credential,
-        rate_limit,
-        limit_header,
     }
 }
 
