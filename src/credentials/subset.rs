@@ -69,16 +69,16 @@ pub(super) fn read(text: &str, sink: &mut impl Sink) -> Option<()> {
     if r.peek()?.indent != 0 {
         return None;
     }
-    let mut seen = Seen(0);
+    let mut seen = Fields::new(TOP_KEYS);
     // Users are streamed once the roles are known; users written before the roles
     // (only by hand) wait for them.
     let (mut roles_sent, mut late_roles, mut early_users) = (false, None, Vec::new());
     r.mapping(0, None, |r, n, key, value| {
+        seen.once(key)?;
         match key {
             "roles" => {
-                seen.once(0)?;
                 let roles = r.roles(n, value)?;
-                if seen.has(1) {
+                if seen.has("users") {
                     late_roles = Some(roles);
                 } else {
                     sink.roles(roles, top_items);
@@ -86,7 +86,6 @@ pub(super) fn read(text: &str, sink: &mut impl Sink) -> Option<()> {
                 }
             }
             "users" => {
-                seen.once(1)?;
                 if roles_sent {
                     r.users(n, value, |u| sink.user(u))?;
                 } else {
@@ -208,23 +207,63 @@ fn split_entry(body: &str) -> Option<(&str, &str)> {
     }
 }
 
-/// Which fields a mapping has had: a second one is a duplicate key.
-struct Seen(u32);
+/// The keys a mapping may have, and which of them it has had: an unknown key, or one
+/// seen twice, is outside the subset.
+struct Fields {
+    names: &'static [&'static str],
+    seen: u32,
+}
 
-impl Seen {
-    fn once(&mut self, bit: u32) -> Option<()> {
-        let new = self.0 | 1 << bit;
-        (new != self.0).then(|| self.0 = new)
+impl Fields {
+    fn new(names: &'static [&'static str]) -> Fields {
+        debug_assert!(names.len() <= 32);
+        Fields { names, seen: 0 }
     }
 
-    fn has(&self, bit: u32) -> bool {
-        self.0 & 1 << bit != 0
+    fn bit(&self, key: &str) -> Option<u32> {
+        self.names.iter().position(|n| *n == key).map(|i| 1 << i)
     }
 
-    fn all(&self, bits: &[u32]) -> Option<()> {
-        bits.iter().all(|b| self.0 & 1 << b != 0).then_some(())
+    /// `None` for a key the mapping may not have, or has had already.
+    fn once(&mut self, key: &str) -> Option<()> {
+        let bit = self.bit(key)?;
+        (self.seen & bit == 0).then(|| self.seen |= bit)
+    }
+
+    fn has(&self, key: &str) -> bool {
+        self.bit(key).is_some_and(|b| self.seen & b != 0)
+    }
+
+    /// `None` unless every key in `required` was there.
+    fn has_all(&self, required: &[&str]) -> Option<()> {
+        required.iter().all(|k| self.has(k)).then_some(())
     }
 }
+
+const TOP_KEYS: &[&str] = &["roles", "users"];
+const ROLE_KEYS: &[&str] = &["description", "rules"];
+const USER_KEYS: &[&str] = &[
+    "id",
+    "display_name",
+    "description",
+    "organization",
+    "teams",
+    "default_team",
+    "roles",
+    "status",
+    "auth_method",
+    "allowed_endpoints",
+    "allow_proxied_users",
+    "allowed_proxied_users",
+    "rate_limit",
+    "keys",
+    "created_at",
+    "updated_at",
+];
+const USER_REQUIRED: &[&str] = &["id", "status", "auth_method", "created_at", "updated_at"];
+const KEY_KEYS: &[&str] =
+    &["id", "label", "created_at", "expires_at", "revoked_at", "token_sha256", "hint", "secret_sealed", "rate_limit"];
+const KEY_REQUIRED: &[&str] = &["id", "created_at"];
 
 /// One line with content (blank lines and comments are skipped).
 #[derive(Clone, Copy)]
@@ -478,17 +517,12 @@ impl<'a> Reader<'a> {
 
     fn role(&mut self, parent: usize, value: &'a str) -> Option<FileRole> {
         let mut role = FileRole::default();
-        let mut seen = Seen(0);
+        let mut seen = Fields::new(ROLE_KEYS);
         self.block_map(parent, value, |r, n, key, value| {
+            seen.once(key)?;
             match key {
-                "description" => {
-                    seen.once(0)?;
-                    role.description = r.string(n, value)?;
-                }
-                "rules" => {
-                    seen.once(1)?;
-                    role.rules = r.list(n, value, spanned)?;
-                }
+                "description" => role.description = r.string(n, value)?,
+                "rules" => role.rules = r.list(n, value, spanned)?,
                 _ => return None,
             }
             Some(())
@@ -505,39 +539,18 @@ impl<'a> Reader<'a> {
 
     fn user(&mut self, col: usize, first: &'a str) -> Option<FileUser> {
         let mut u = FileUser::new("", AuthMethod::ApiKey, OffsetDateTime::UNIX_EPOCH);
-        let mut seen = Seen(0);
+        let mut seen = Fields::new(USER_KEYS);
         self.mapping(col, Some(first), |r, n, key, value| {
+            seen.once(key)?;
             match key {
-                "id" => {
-                    seen.once(0)?;
-                    u.id = spanned(r.string(n, value)?);
-                }
-                "display_name" => {
-                    seen.once(1)?;
-                    u.display_name = r.string(n, value)?;
-                }
-                "description" => {
-                    seen.once(2)?;
-                    u.description = r.string(n, value)?;
-                }
-                "organization" => {
-                    seen.once(3)?;
-                    u.organization = r.string(n, value)?;
-                }
-                "teams" => {
-                    seen.once(4)?;
-                    u.teams = r.list(n, value, |s| s)?;
-                }
-                "default_team" => {
-                    seen.once(5)?;
-                    u.default_team = Some(r.string(n, value)?);
-                }
-                "roles" => {
-                    seen.once(6)?;
-                    u.roles = r.list(n, value, spanned)?;
-                }
+                "id" => u.id = spanned(r.string(n, value)?),
+                "display_name" => u.display_name = r.string(n, value)?,
+                "description" => u.description = r.string(n, value)?,
+                "organization" => u.organization = r.string(n, value)?,
+                "teams" => u.teams = r.list(n, value, |s| s)?,
+                "default_team" => u.default_team = Some(r.string(n, value)?),
+                "roles" => u.roles = r.list(n, value, spanned)?,
                 "status" => {
-                    seen.once(7)?;
                     u.status = match r.plain(value)? {
                         "active" => Status::Active,
                         "inactive" => Status::Inactive,
@@ -546,31 +559,17 @@ impl<'a> Reader<'a> {
                     };
                 }
                 "auth_method" => {
-                    seen.once(8)?;
                     u.auth_method = match r.plain(value)? {
                         "api_key" => AuthMethod::ApiKey,
                         "hmac" => AuthMethod::Hmac,
                         _ => return None,
                     };
                 }
-                "allowed_endpoints" => {
-                    seen.once(9)?;
-                    u.allowed_endpoints = r.list(n, value, spanned)?;
-                }
-                "allow_proxied_users" => {
-                    seen.once(10)?;
-                    u.allow_proxied_users = r.boolean(value)?;
-                }
-                "allowed_proxied_users" => {
-                    seen.once(11)?;
-                    u.allowed_proxied_users = r.list(n, value, |s| s)?;
-                }
-                "rate_limit" => {
-                    seen.once(12)?;
-                    u.rate_limit = Some(spanned(r.rate_limit(n, value)?));
-                }
+                "allowed_endpoints" => u.allowed_endpoints = r.list(n, value, spanned)?,
+                "allow_proxied_users" => u.allow_proxied_users = r.boolean(value)?,
+                "allowed_proxied_users" => u.allowed_proxied_users = r.list(n, value, |s| s)?,
+                "rate_limit" => u.rate_limit = Some(spanned(r.rate_limit(n, value)?)),
                 "keys" => {
-                    seen.once(13)?;
                     // Most users have one key (the default growth makes room for four).
                     let mut keys = Vec::with_capacity(1);
                     r.block_seq(n, value, |r, col, content| {
@@ -579,68 +578,36 @@ impl<'a> Reader<'a> {
                     })?;
                     u.keys = keys;
                 }
-                "created_at" => {
-                    seen.once(14)?;
-                    u.created_at = r.date(value)?;
-                }
-                "updated_at" => {
-                    seen.once(15)?;
-                    u.updated_at = r.date(value)?;
-                }
+                "created_at" => u.created_at = r.date(value)?,
+                "updated_at" => u.updated_at = r.date(value)?,
                 _ => return None,
             }
             Some(())
         })?;
-        seen.all(&[0, 7, 8, 14, 15])?;
+        seen.has_all(USER_REQUIRED)?;
         Some(u)
     }
 
     fn key(&mut self, col: usize, first: &'a str) -> Option<FileKey> {
         let mut k = FileKey::new(String::new(), String::new(), OffsetDateTime::UNIX_EPOCH);
-        let mut seen = Seen(0);
+        let mut seen = Fields::new(KEY_KEYS);
         self.mapping(col, Some(first), |r, n, key, value| {
+            seen.once(key)?;
             match key {
-                "id" => {
-                    seen.once(0)?;
-                    k.id = spanned(r.string(n, value)?);
-                }
-                "label" => {
-                    seen.once(1)?;
-                    k.label = r.string(n, value)?;
-                }
-                "created_at" => {
-                    seen.once(2)?;
-                    k.created_at = r.date(value)?;
-                }
-                "expires_at" => {
-                    seen.once(3)?;
-                    k.expires_at = Some(r.date(value)?);
-                }
-                "revoked_at" => {
-                    seen.once(4)?;
-                    k.revoked_at = Some(r.date(value)?);
-                }
-                "token_sha256" => {
-                    seen.once(5)?;
-                    k.token_sha256 = Some(r.string(n, value)?);
-                }
-                "hint" => {
-                    seen.once(6)?;
-                    k.hint = Some(r.string(n, value)?);
-                }
-                "secret_sealed" => {
-                    seen.once(7)?;
-                    k.secret_sealed = Some(r.string(n, value)?);
-                }
-                "rate_limit" => {
-                    seen.once(8)?;
-                    k.rate_limit = Some(r.rate_limit(n, value)?);
-                }
+                "id" => k.id = spanned(r.string(n, value)?),
+                "label" => k.label = r.string(n, value)?,
+                "created_at" => k.created_at = r.date(value)?,
+                "expires_at" => k.expires_at = Some(r.date(value)?),
+                "revoked_at" => k.revoked_at = Some(r.date(value)?),
+                "token_sha256" => k.token_sha256 = Some(r.string(n, value)?),
+                "hint" => k.hint = Some(r.string(n, value)?),
+                "secret_sealed" => k.secret_sealed = Some(r.string(n, value)?),
+                "rate_limit" => k.rate_limit = Some(r.rate_limit(n, value)?),
                 _ => return None,
             }
             Some(())
         })?;
-        seen.all(&[0, 2])?;
+        seen.has_all(KEY_REQUIRED)?;
         Some(k)
     }
 
