@@ -140,7 +140,7 @@ impl Server {
         });
         let shared = Arc::new(Shared { gw, http: http_builder(&limits), limits });
         let (hard_stop_tx, hard_stop_rx) = watch::channel(false);
-        let workers = Workers::start(&shared, hard_stop_rx);
+        let workers = Workers::start(&shared, &stop_rx, hard_stop_rx);
         let mut accepting = JoinSet::new();
         for b in listeners {
             if let Some((_, resolver)) = &b.tls {
@@ -217,7 +217,6 @@ struct Accepted {
     stream: std::net::TcpStream,
     info: ConnInfo,
     acceptor: Option<TlsAcceptor>,
-    stop: watch::Receiver<bool>,
     slot: (OwnedSemaphorePermit, OpenGauge),
 }
 
@@ -230,18 +229,20 @@ struct Workers {
 }
 
 impl Workers {
-    /// One worker per available core. A worker ends when every sender is gone and its
-    /// connections have finished, or at once when `hard_stop` is set (grace period over).
-    fn start(shared: &Arc<Shared>, hard_stop: watch::Receiver<bool>) -> Workers {
+    /// One worker per available core. Its connections close gracefully once `stop` is
+    /// set. A worker ends when every sender is gone and its connections have finished,
+    /// or at once when `hard_stop` is set (grace period over).
+    fn start(shared: &Arc<Shared>, stop: &watch::Receiver<bool>, hard_stop: watch::Receiver<bool>) -> Workers {
         let n = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut queues = Vec::with_capacity(n);
         for i in 0..n {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Accepted>();
             let shared = shared.clone();
             let hard_stop = hard_stop.clone();
+            let stop = stop.clone();
             let spawned = std::thread::Builder::new().name(format!("gatehouse-conn-{i}")).spawn(move || {
                 match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                    Ok(rt) => rt.block_on(worker(rx, shared, hard_stop)),
+                    Ok(rt) => rt.block_on(worker(rx, shared, stop, hard_stop)),
                     Err(e) => tracing::error!(error = %e, "cannot start a connection worker runtime"),
                 }
             });
@@ -271,10 +272,19 @@ impl Workers {
 async fn worker(
     mut rx: tokio::sync::mpsc::UnboundedReceiver<Accepted>,
     shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
     mut hard_stop: watch::Receiver<bool>,
 ) {
     let upstream = Upstream::new(&shared.limits);
     upstream.spawn_evictor();
+    // The worker's own copy of the stop signal: a connection checks it every time it
+    // wakes, and a channel shared by every connection of every worker would make each
+    // check take a lock whose cache line moves between cores.
+    let (local_stop_tx, local_stop) = watch::channel(false);
+    tokio::spawn(async move {
+        stopped(&mut stop).await;
+        let _ = local_stop_tx.send(true);
+    });
     let mut running = JoinSet::new();
     let serve_all = async {
         loop {
@@ -282,7 +292,7 @@ async fn worker(
                 next = rx.recv() => match next {
                     Some(a) => match TcpStream::from_std(a.stream) {
                         Ok(stream) => {
-                            running.spawn(serve_conn(stream, a.info, a.acceptor, shared.clone(), upstream.clone(), a.stop, a.slot));
+                            running.spawn(serve_conn(stream, a.info, a.acceptor, shared.clone(), upstream.clone(), local_stop.clone(), a.slot));
                         }
                         Err(e) => tracing::warn!(error = %e, "cannot register an accepted connection"),
                     },
@@ -337,7 +347,7 @@ async fn accept_loop(
         let info = ConnInfo::new(peer, b.name.clone(), b.tls.is_some());
         let acceptor = b.tls.as_ref().map(|(a, _)| a.clone());
         let slot = (permit, OpenGauge::new(&open));
-        if workers.dispatch(Accepted { stream, info, acceptor, stop: stop.clone(), slot }).is_none() {
+        if workers.dispatch(Accepted { stream, info, acceptor, slot }).is_none() {
             tracing::error!(listener = %b.name, "no connection worker is running; stopping this listener");
             return;
         }

@@ -41,8 +41,9 @@ async fn handle_inner(
     req: Request<Incoming>,
     out: &mut Outcome,
 ) -> Result<Response<Body>, GateError> {
-    // One consistent view of the credentials for the whole request.
-    let snap = gw.credentials.snapshot();
+    // One consistent view of the credentials: authentication reads the snapshot, and
+    // what it finds (the key, its user and roles) is held by `caller` from then on.
+    let snap = gw.credentials.snapshot_view();
     let mut parsed = request::parse(&gw.routes, &gw.limits, req, out.request_id.clone())?;
     out.route = Some(parsed.route.name.clone());
     out.path = Some(parsed.path().to_string());
@@ -55,6 +56,7 @@ async fn handle_inner(
                 gw.rate_limits.charge_failure(client);
             }
         })?;
+    drop(snap);
     if let authn::Caller::User(id) = &caller {
         out.user = Some(id.key.user.id.clone());
         out.key = Some(id.key.id.clone());

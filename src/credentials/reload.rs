@@ -182,9 +182,16 @@ impl Credentials {
         }
     }
 
-    /// The current snapshot. A request takes it once and uses it throughout.
+    /// The current snapshot, owned: for holders that keep it (the admin API, pruning).
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.current.load_full()
+    }
+
+    /// The current snapshot, borrowed for a short while (a request's authentication).
+    /// Unlike [`Credentials::snapshot`] it does not touch the snapshot's reference count,
+    /// a cache line every request on every core would otherwise write.
+    pub fn snapshot_view(&self) -> arc_swap::Guard<Arc<Snapshot>> {
+        self.current.load()
     }
 
     /// Re-reads the file now. On failure the current snapshot stays.
