@@ -177,15 +177,19 @@ pub fn now_rfc3339() -> String {
     thread_local! {
         static SECOND: std::cell::RefCell<(i64, String)> = const { std::cell::RefCell::new((i64::MIN, String::new())) };
     }
-    let t = OffsetDateTime::now_utc();
+    // The clock as seconds and milliseconds: cheap, where `OffsetDateTime::now_utc`
+    // works out the calendar date on every call.
+    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let unix = i64::try_from(since_epoch.as_secs()).unwrap_or(i64::MAX);
     SECOND.with_borrow_mut(|(second, prefix)| {
-        if *second != t.unix_timestamp() {
-            *second = t.unix_timestamp();
+        if *second != unix {
+            *second = unix;
             // `…:05Z` without its `Z`: the milliseconds follow.
-            let whole = t.replace_nanosecond(0).unwrap_or(t).format(&Rfc3339).unwrap_or_default();
+            let t = OffsetDateTime::from_unix_timestamp(unix).unwrap_or(OffsetDateTime::UNIX_EPOCH);
+            let whole = t.format(&Rfc3339).unwrap_or_default();
             *prefix = whole.trim_end_matches('Z').to_string();
         }
-        let ms = t.millisecond();
+        let ms = since_epoch.subsec_millis();
         let mut now = String::with_capacity(prefix.len() + 5);
         now.push_str(prefix);
         now.push('.');

@@ -8,7 +8,7 @@ use crate::headers::{CONTENT_LENGTH, HOST, X_REQUEST_ID};
 use crate::path;
 use crate::route::{Route, RouteTable};
 use http::request::Parts;
-use http::uri::PathAndQuery;
+use http::uri::{Authority, PathAndQuery};
 use http::{HeaderMap, HeaderValue, Request, Version};
 use hyper::body::Incoming;
 use std::borrow::Cow;
@@ -87,7 +87,7 @@ pub fn parse(
 ) -> Result<Parsed, GateError> {
     let (parts, incoming) = req.into_parts();
     let host = authority(&parts)?;
-    let host_name = host.as_ref().map(host_without_port).transpose()?;
+    let host_authority = host.as_ref().map(checked_authority).transpose()?;
 
     let raw = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
     let (raw_path, query) = match raw.split_once('?') {
@@ -105,7 +105,10 @@ pub fn parse(
             PathAndQuery::try_from(s).map_err(|_| GateError::BadRequest(BadRequest::Path))?
         }
     };
-    let route = routes.find(host_name.as_deref(), path_and_query.path()).ok_or(GateError::NoRoute)?.clone();
+    let route = routes
+        .find(host_authority.as_ref().map(Authority::host), path_and_query.path())
+        .ok_or(GateError::NoRoute)?
+        .clone();
     let body = bounded_body(&parts.headers, incoming, limits.max_request_body)?;
     Ok(Parsed { request_id, route, path_and_query, host, parts, body })
 }
@@ -128,14 +131,14 @@ fn authority(parts: &Parts) -> Result<Option<HeaderValue>, GateError> {
     }
 }
 
-/// The host part of an authority, refusing anything that is not one.
-fn host_without_port(h: &HeaderValue) -> Result<String, GateError> {
+/// The authority in `h`, refusing anything that is not one (or that has user info).
+fn checked_authority(h: &HeaderValue) -> Result<Authority, GateError> {
     let bad = || GateError::BadRequest(BadRequest::Host);
-    let a: http::uri::Authority = h.to_str().map_err(|_| bad())?.parse().map_err(|_| bad())?;
+    let a: Authority = h.to_str().map_err(|_| bad())?.parse().map_err(|_| bad())?;
     if a.as_str().contains('@') || a.host().is_empty() {
         return Err(bad());
     }
-    Ok(a.host().to_string())
+    Ok(a)
 }
 
 /// A declared length over the limit is refused before any byte is read (so no
@@ -180,9 +183,10 @@ mod tests {
     /// hosts with user-info or garbage are refused; the port is dropped
     #[test]
     fn host_parsing() {
-        assert_eq!(host_without_port(&HeaderValue::from_static("api.example.com:8443")).unwrap(), "api.example.com");
-        assert_eq!(host_without_port(&HeaderValue::from_static("[::1]:80")).unwrap(), "[::1]");
-        assert!(host_without_port(&HeaderValue::from_static("user@evil.com")).is_err());
-        assert!(host_without_port(&HeaderValue::from_static("a b")).is_err());
+        let host = |h: &'static str| checked_authority(&HeaderValue::from_static(h)).map(|a| a.host().to_string());
+        assert_eq!(host("api.example.com:8443").unwrap(), "api.example.com");
+        assert_eq!(host("[::1]:80").unwrap(), "[::1]");
+        assert!(host("user@evil.com").is_err());
+        assert!(host("a b").is_err());
     }
 }

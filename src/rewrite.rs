@@ -104,35 +104,47 @@ pub fn response(mut res: Response<Body>, request_id: &HeaderValue, quota: Option
 
 /// `Connection: upgrade` plus an `Upgrade` other than `h2c` (never forwarded, SPEC §4).
 fn is_upgrade(h: &HeaderMap) -> bool {
-    let wants = h
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    let wants = connection_tokens(h).any(|t| t.eq_ignore_ascii_case(b"upgrade"));
     wants && h.get(UPGRADE).and_then(|v| v.to_str().ok()).is_some_and(|u| !u.to_ascii_lowercase().contains("h2c"))
 }
 
 /// The headers named in `Connection` (RFC 9110 §7.6.1); empty, without allocating,
 /// when it only says `keep-alive` (what most peers send; hop-by-hop anyway).
 fn connection_listed(h: &HeaderMap) -> Vec<HeaderName> {
-    h.get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|t| !t.eq_ignore_ascii_case("keep-alive"))
-        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+    connection_tokens(h)
+        .filter(|t| !t.eq_ignore_ascii_case(b"keep-alive"))
+        .filter_map(|t| HeaderName::from_bytes(t).ok())
         .collect()
 }
 
+/// The comma-separated tokens of every `Connection` value, without surrounding
+/// whitespace. A value that is not visible ASCII is skipped whole.
+fn connection_tokens(h: &HeaderMap) -> impl Iterator<Item = &[u8]> {
+    h.get_all(CONNECTION)
+        .iter()
+        .filter(|v| v.to_str().is_ok())
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+}
+
 /// Removes every header whose name `doomed` picks, judging each name once (cheaper than
-/// one hashed `remove` per name that might be there). A request rarely has more than a
-/// few such names: they are gathered on the stack.
+/// one hashed `remove` per name that might be there). The names are copied out as bytes
+/// on the stack: cloning a name the client sent would turn its buffer into a shared one
+/// (an allocation and atomic counts per name).
 fn remove_where(h: &mut HeaderMap, doomed: impl Fn(&HeaderName) -> bool) {
-    let names: SmallVec<[HeaderName; 8]> = h.keys().filter(|n| doomed(n)).cloned().collect();
-    for n in names {
-        h.remove(n);
+    let mut names: SmallVec<[u8; 192]> = SmallVec::new();
+    let mut ends: SmallVec<[usize; 8]> = SmallVec::new();
+    for n in h.keys().filter(|n| doomed(n)) {
+        names.extend_from_slice(n.as_str().as_bytes());
+        ends.push(names.len());
+    }
+    let mut start = 0;
+    for end in ends {
+        // Always UTF-8: the bytes are a header name's.
+        if let Ok(name) = std::str::from_utf8(&names[start..end]) {
+            h.remove(name);
+        }
+        start = end;
     }
 }
 
