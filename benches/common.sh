@@ -1,4 +1,4 @@
-# common.sh - the set-up the benchmark scripts share: sourced by load.sh, tls.sh and
+# common.sh - the set-up the benchmark scripts share: sourced by load.sh, tls.sh, pair.sh and
 # instructions.sh, not run. Expects BIN (the gatehouse binary), WORK (the run's temp dir) and
 # CREDS (the credentials file to write) to be set.
 

@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# pair.sh - compares two gatehouse binaries on a shared, noisy box: both run side by side
+# against one local nginx upstream, and short wrk rounds alternate between them (A B, B A,
+# A B, ...) so that the machine's drift hits both alike. Prints each round and the median,
+# over rounds, of B's figure divided by A's in the same round: requests/s, and the proxy's
+# user, kernel and total CPU per request (from /proc/<pid>/stat).
+#
+# Run it once with the same binary on both sides (an A/A run) to see the noise band of the
+# box at that moment: a B/A ratio inside that band is no evidence either way.
+#
+# Usage
+#   bash benches/pair.sh OLD_BIN NEW_BIN
+#   ROUNDS=20 DURATION=3 CONNS=64 bash benches/pair.sh /tmp/a /tmp/b
+# Needs nginx, wrk, curl, python3 (installs none of them; benches/load.sh does).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+[ $# -eq 2 ] || { echo "usage: $0 BIN_A BIN_B" >&2; exit 2; }
+ROUNDS=${ROUNDS:-10}
+DURATION=${DURATION:-3}
+CONNS=${CONNS:-64}
+THREADS=$([ "$CONNS" -ge 2 ] && echo 2 || echo 1)
+log() { printf '[pair] %s\n' "$*" >&2; }
+for t in nginx wrk curl python3; do
+  command -v "$t" >/dev/null || { log "missing: $t"; exit 1; }
+done
+for b in "$1" "$2"; do [ -x "$b" ] || { log "not an executable: $b"; exit 1; }; done
+
+BASE=$(mktemp -d /tmp/gatehouse-pair.XXXXXX)
+chmod 755 "$BASE"
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+  [ "${KEEP_WORK:-0}" = 1 ] && log "kept $BASE" || rm -rf "$BASE"
+}
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+UP_PORT=$(free_port)
+
+mkdir -p "$BASE/up/logs"
+cat >"$BASE/up/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $BASE/up/nginx.pid;
+error_log $BASE/up/logs/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    keepalive_requests 10000000;
+    server { listen 127.0.0.1:$UP_PORT; location / { return 200 '{"ok":true}'; } }
+}
+EOF
+nginx -p "$BASE/up" -c "$BASE/up/nginx.conf" -e "$BASE/up/logs/error.log" &
+PIDS+=($!)
+
+source "$ROOT/benches/common.sh"
+# One gateway per binary, each with its own directory, 1,000 users and key (its own CLI).
+declare -A PID PORT TOKEN
+for side in A B; do
+  BIN=$([ "$side" = A ] && echo "$1" || echo "$2")
+  WORK=$BASE/$side
+  CREDS=$WORK/credentials.yaml
+  mkdir -p "$WORK"
+  TOKEN[$side]=$(bench_key_user)
+  python3 "$ROOT/benches/fill_users.py" "$CREDS" 999
+  PORT[$side]=$(free_port)
+  bench_config "$WORK/gatehouse.yaml" bench "${PORT[$side]}" "$UP_PORT"
+  "$BIN" serve --config "$WORK/gatehouse.yaml" 2>"$WORK/gateway.log" &
+  PID[$side]=$!
+  PIDS+=("${PID[$side]}")
+done
+for side in A B; do
+  url=http://127.0.0.1:${PORT[$side]}/api/v1/bench
+  for _ in $(seq 1 100); do
+    curl -sf -o /dev/null -H "X-API-Key: ${TOKEN[$side]}" "$url" && break
+    kill -0 "${PID[$side]}" 2>/dev/null || { tail "$BASE/$side/gateway.log" >&2; exit 1; }
+    sleep 0.2
+  done
+  curl -sf -o /dev/null -H "X-API-Key: ${TOKEN[$side]}" "$url" || { log "$side does not answer"; exit 1; }
+  wrk -t"$THREADS" -c"$CONNS" -d2s -H "X-API-Key: ${TOKEN[$side]}" "$url" >/dev/null # warm-up
+done
+
+# One round of one side: "req/s user_us sys_us" (CPU per request, clock ticks of the pid).
+round() {
+  local side=$1 before after out n
+  before=$(awk '{print $14, $15}' "/proc/${PID[$side]}/stat")
+  out=$(wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" -H "X-API-Key: ${TOKEN[$side]}" \
+    "http://127.0.0.1:${PORT[$side]}/api/v1/bench")
+  after=$(awk '{print $14, $15}' "/proc/${PID[$side]}/stat")
+  n=$(awk '/requests in/ { print $1 }' <<<"$out")
+  grep -q "Non-2xx" <<<"$out" && log "round of $side had non-2xx answers"
+  python3 -c "import os,sys; t=os.sysconf('SC_CLK_TCK'); b=list(map(int,'$before'.split())); a=list(map(int,'$after'.split())); n=$n
+print(round(n/$DURATION), round((a[0]-b[0])*1e6/t/n, 2), round((a[1]-b[1])*1e6/t/n, 2))"
+}
+
+log "A=$1"
+log "B=$2"
+log "$ROUNDS alternating rounds of wrk -t$THREADS -c$CONNS -d${DURATION}s each; per round: req/s user_us sys_us"
+for r in $(seq 1 "$ROUNDS"); do
+  if [ $((r % 2)) = 1 ]; then a=$(round A); b=$(round B); else b=$(round B); a=$(round A); fi
+  echo "$a | $b"
+done | tee "$BASE/rounds.txt" >&2
+python3 - "$BASE/rounds.txt" <<'EOF'
+import statistics as st, sys
+rows = [line.split("|") for line in open(sys.argv[1]) if "|" in line]
+A = [list(map(float, r[0].split())) for r in rows]
+B = [list(map(float, r[1].split())) for r in rows]
+def show(name, fa, fb):
+    ra = [fa(a) for a in A]; rb = [fb(b) for b in B]
+    ratio = [y / x for x, y in zip(ra, rb) if x]
+    print(f"{name:14s} A {st.median(ra):10.2f}  B {st.median(rb):10.2f}  B/A median {st.median(ratio):.3f} "
+          f"(rounds {min(ratio):.2f}-{max(ratio):.2f})")
+show("req/s", lambda r: r[0], lambda r: r[0])
+show("user us/req", lambda r: r[1], lambda r: r[1])
+show("kernel us/req", lambda r: r[2], lambda r: r[2])
+show("CPU us/req", lambda r: r[1] + r[2], lambda r: r[1] + r[2])
+EOF
