@@ -1,6 +1,39 @@
 # common.sh - the set-up the benchmark scripts share: sourced by load.sh, tls.sh, pair.sh and
-# instructions.sh, not run. Expects BIN (the gatehouse binary), WORK (the run's temp dir) and
-# CREDS (the credentials file to write) to be set.
+# instructions.sh, not run. bench_gh, bench_key_user and bench_config expect BIN (the gatehouse
+# binary), WORK (the run's temp dir) and CREDS (the credentials file to write) to be set when
+# called; the others take what they need as arguments.
+
+# A free TCP port on 127.0.0.1.
+bench_free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# bench_upstream DIR PORT: starts a local nginx (one worker, keep-alive without limit)
+# answering every request with 200 {"ok":true} on 127.0.0.1:PORT, its files in DIR, and
+# appends its pid to the caller's PIDS array.
+bench_upstream() {
+  local dir=$1 port=$2
+  mkdir -p "$dir/logs"
+  cat >"$dir/nginx.conf" <<CONF
+worker_processes 1;
+daemon off;
+pid $dir/nginx.pid;
+error_log $dir/logs/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    keepalive_requests 10000000;
+    server { listen 127.0.0.1:$port; location / { return 200 '{"ok":true}'; } }
+}
+CONF
+  nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/logs/error.log" &
+  PIDS+=($!)
+}
+
+# bench_cleanup DIR: for `trap 'bench_cleanup "$WORK"' EXIT`. Stops every pid in PIDS and
+# removes DIR, unless KEEP_WORK=1.
+bench_cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+  if [ "${KEEP_WORK:-0}" = 1 ]; then echo "kept $1" >&2; else rm -rf "$1"; fi
+}
 
 # The CLI on the run's credentials file.
 bench_gh() { "$BIN" "$@" --credentials "$CREDS" --json; }

@@ -26,36 +26,16 @@ for t in valgrind callgrind_control callgrind_annotate nginx wrk curl python3; d
 done
 [ -x "$BIN" ] || { log "no binary at $BIN (cargo build --release)"; exit 1; }
 
+source "$ROOT/benches/common.sh"
 WORK=$(mktemp -d /tmp/gatehouse-instructions.XXXXXX)
 chmod 755 "$WORK"
 PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
-  [ "${KEEP_WORK:-0}" = 1 ] && log "kept $WORK" || rm -rf "$WORK"
-}
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-UP_PORT=$(free_port)
-GW_PORT=$(free_port)
-
-mkdir -p "$WORK/up/logs"
-cat >"$WORK/up/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $WORK/up/nginx.pid;
-error_log $WORK/up/logs/error.log warn;
-events { worker_connections 1024; }
-http {
-    access_log off;
-    keepalive_requests 10000000;
-    server { listen 127.0.0.1:$UP_PORT; location / { return 200 '{"ok":true}'; } }
-}
-EOF
-nginx -p "$WORK/up" -c "$WORK/up/nginx.conf" -e "$WORK/up/logs/error.log" &
-PIDS+=($!)
+trap 'bench_cleanup "$WORK"' EXIT
+UP_PORT=$(bench_free_port)
+GW_PORT=$(bench_free_port)
+bench_upstream "$WORK/up" "$UP_PORT"
 
 CREDS=$WORK/credentials.yaml
-source "$ROOT/benches/common.sh"
 KEY=$(bench_key_user)
 python3 "$ROOT/benches/fill_users.py" "$CREDS" 999
 bench_config "$WORK/gatehouse.yaml" bench "$GW_PORT" "$UP_PORT"

@@ -26,34 +26,14 @@ for t in nginx wrk curl python3; do
 done
 for b in "$1" "$2"; do [ -x "$b" ] || { log "not an executable: $b"; exit 1; }; done
 
+source "$ROOT/benches/common.sh"
 BASE=$(mktemp -d /tmp/gatehouse-pair.XXXXXX)
 chmod 755 "$BASE"
 PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
-  [ "${KEEP_WORK:-0}" = 1 ] && log "kept $BASE" || rm -rf "$BASE"
-}
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-UP_PORT=$(free_port)
+trap 'bench_cleanup "$BASE"' EXIT
+UP_PORT=$(bench_free_port)
+bench_upstream "$BASE/up" "$UP_PORT"
 
-mkdir -p "$BASE/up/logs"
-cat >"$BASE/up/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $BASE/up/nginx.pid;
-error_log $BASE/up/logs/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    keepalive_requests 10000000;
-    server { listen 127.0.0.1:$UP_PORT; location / { return 200 '{"ok":true}'; } }
-}
-EOF
-nginx -p "$BASE/up" -c "$BASE/up/nginx.conf" -e "$BASE/up/logs/error.log" &
-PIDS+=($!)
-
-source "$ROOT/benches/common.sh"
 # One gateway per binary, each with its own directory, 1,000 users and key (its own CLI).
 declare -A PID PORT TOKEN
 for side in A B; do
@@ -63,7 +43,7 @@ for side in A B; do
   mkdir -p "$WORK"
   TOKEN[$side]=$(bench_key_user)
   python3 "$ROOT/benches/fill_users.py" "$CREDS" 999
-  PORT[$side]=$(free_port)
+  PORT[$side]=$(bench_free_port)
   bench_config "$WORK/gatehouse.yaml" bench "${PORT[$side]}" "$UP_PORT"
   "$BIN" serve --config "$WORK/gatehouse.yaml" 2>"$WORK/gateway.log" &
   PID[$side]=$!
