@@ -45,14 +45,10 @@ if [ "$SKIP_BUILD" != 1 ]; then
   (cd "$ROOT" && cargo build --release --locked --quiet)
 fi
 
+source "$ROOT/benches/common.sh"
 WORK=$(mktemp -d /tmp/gatehouse-tls.XXXXXX)
 PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  [ "${KEEP_WORK:-0}" = 1 ] || rm -rf "$WORK"
-}
-trap cleanup EXIT
+trap 'bench_cleanup "$WORK"' EXIT
 
 # One certificate for both proxies.
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=localhost \
@@ -61,7 +57,6 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 
 # Credentials: the CLI for the user whose key the run uses, generated YAML for 999 others; the
 # nginx map gets 1 000 keys too (the run's token among them).
 CREDS=$WORK/credentials.yaml
-source "$ROOT/benches/common.sh"
 KEY=$(bench_key_user)
 python3 "$ROOT/benches/fill_users.py" "$CREDS" 999 "$WORK/keys.map" "$KEY" bench-key
 

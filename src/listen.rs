@@ -140,7 +140,7 @@ impl Server {
         });
         let shared = Arc::new(Shared { gw, http: http_builder(&limits), limits });
         let (hard_stop_tx, hard_stop_rx) = watch::channel(false);
-        let workers = Workers::start(&shared, &stop_rx, hard_stop_rx);
+        let workers = Workers::start(&shared, stop_rx.clone(), hard_stop_rx);
         let mut accepting = JoinSet::new();
         for b in listeners {
             if let Some((_, resolver)) = &b.tls {
@@ -232,7 +232,7 @@ impl Workers {
     /// One worker per available core. Its connections close gracefully once `stop` is
     /// set. A worker ends when every sender is gone and its connections have finished,
     /// or at once when `hard_stop` is set (grace period over).
-    fn start(shared: &Arc<Shared>, stop: &watch::Receiver<bool>, hard_stop: watch::Receiver<bool>) -> Workers {
+    fn start(shared: &Arc<Shared>, stop: watch::Receiver<bool>, hard_stop: watch::Receiver<bool>) -> Workers {
         let n = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut queues = Vec::with_capacity(n);
         for i in 0..n {

@@ -180,7 +180,7 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Result<(StatusCode, Val
     let query = req.uri().query().unwrap_or("").to_string();
     let out = match (method, segs.as_slice()) {
         (Method::GET, ["users"]) => {
-            let c = blocking(|| store.read())?;
+            let c = read(store)?;
             let param = |k| query_param(&query, k);
             (StatusCode::OK, Value::from(ops::list_users(&c, param("status"), param("role"), param("organization"))))
         }
@@ -202,12 +202,12 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Result<(StatusCode, Val
             (StatusCode::CREATED, v)
         }
         (Method::GET, ["users", id]) => {
-            let mut v = ops::user_view(ops::user(&blocking(|| store.read())?, id)?);
+            let mut v = ops::user_view(ops::user(&read(store)?, id)?);
             ops::add_usage(&mut v, &admin.usage.snapshot());
             (StatusCode::OK, v)
         }
         (Method::GET, ["users", id, "usage"]) => {
-            let c = blocking(|| store.read())?;
+            let c = read(store)?;
             (StatusCode::OK, ops::usage_view(ops::user(&c, id)?, &admin.usage.snapshot()))
         }
         (Method::PATCH, ["users", id]) => {
@@ -255,7 +255,7 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Result<(StatusCode, Val
             change(admin, store, what, |c| ops::revoke_key(c, id, key_id, ops::now()))?;
             (StatusCode::OK, j!({"revoked": key_id}))
         }
-        (Method::GET, ["roles"]) => (StatusCode::OK, ops::roles_view(&blocking(|| store.read())?)),
+        (Method::GET, ["roles"]) => (StatusCode::OK, ops::roles_view(&read(store)?)),
         (Method::GET, ["audit"]) => (StatusCode::OK, blocking(|| audit_tail(admin, &query))?),
         (Method::PUT, ["roles"]) => {
             let b: std::collections::BTreeMap<String, RoleBody> = body(req).await?;
@@ -307,6 +307,11 @@ fn change<T>(
         }
         Ok(out)
     })
+}
+
+/// Reads the credentials file for a query, off the runtime thread (see [`blocking`]).
+fn read(store: &Store) -> Result<crate::credentials::file::FileCredentials, StoreError> {
+    blocking(|| store.read())
 }
 
 /// Runs file and snapshot work that can take most of a second (a 100,000-user file) without
