@@ -6,16 +6,22 @@
 //!
 //! - per key, by what the key can legitimately send in one window:
 //!   `burst + per_second × (2 × max_skew + 1)`; a key over it is over its rate limit;
-//! - overall, by `auth.hmac.replay_cache_entries` (default 1,000,000, about 77 bytes an
-//!   entry measured at a million, hash-table slack included: ≈ 80 MB at the cap).
+//! - overall, by `auth.hmac.replay_cache_entries` (default 1,000,000, about 27 bytes an
+//!   entry measured at a million, hash-table slack included: ≈ 27 MB at the cap).
 //!
 //! When a bound is reached new signatures are refused; live entries are never dropped
 //! early, because forgetting one would let that request be replayed.
 //!
 //! Entries are sharded by key id (16 mutex-guarded shards), so all of one key's entries
 //! live in one shard and its count is exact; the overall count is one atomic shared by
-//! the shards, so a single busy key may use the whole overall bound. Each shard keeps its entries ordered by
-//! expiry and drops the expired ones on every insert: no sweeper task, no scan.
+//! the shards, so a single busy key may use the whole overall bound.
+//!
+//! Within a shard, entries are grouped by the second they expire. The expiry is worked
+//! out from the signed timestamp, and a replay must carry the same timestamp (the MAC
+//! covers it), so a replay always lands in the group of the original: one lookup in one
+//! group decides. Each signature is stored once, as 16 bytes, and a second's entries are
+//! dropped together when it passes (one free, no per-entry removal) on the next insert
+//! into that shard: no sweeper task, no scan.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::BuildHasher;
@@ -25,7 +31,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 const SHARDS: usize = 16;
 
 /// Seeded per process, so nobody can aim entries at one bucket, and several times cheaper
-/// than SipHash on a 24-byte entry: two lookups and an insert per signed request.
+/// than SipHash: one group lookup and one insert per signed request.
 type RandomState = foldhash::quality::RandomState;
 
 /// The outcome of recording a signature.
@@ -39,44 +45,51 @@ pub enum Seen {
     Full,
 }
 
-/// One recorded signature: the key id's hash and the first 16 bytes of the signature
-/// (128 bits: a collision between two genuine signatures is not a practical event).
-/// Three `u64`s, not a `u128`: 24 bytes an entry where the `u128`'s 16-byte alignment made
-/// it 32, and an entry is stored twice (the set and its expiry list).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct Entry {
-    key: u64,
-    sig: [u64; 2],
+/// One recorded signature: the first 16 bytes of the signature (128 bits: a collision
+/// between two genuine signatures is not a practical event), the first half mixed with
+/// the key id's hash so the same bytes under two keys are two entries. 16 bytes, stored
+/// once; the key itself is counted per group (see [`Group`]).
+type Entry = [u64; 2];
+
+/// The signatures of one shard that expire in the same second.
+#[derive(Debug, Default)]
+struct Group {
+    seen: HashSet<Entry, RandomState>,
+    /// How many of `seen` each key (by hash) holds, to give back to the per-key counts
+    /// when the group expires.
+    per_key: HashMap<u64, u32, RandomState>,
 }
 
 #[derive(Debug, Default)]
 struct Shard {
-    seen: HashSet<Entry, RandomState>,
-    by_expiry: BTreeMap<i64, Vec<Entry>>,
+    by_expiry: BTreeMap<i64, Group>,
     per_key: HashMap<u64, u32, RandomState>,
 }
 
 impl Shard {
-    /// Drops the entries whose window has passed; returns how many.
+    /// Drops the groups whose window has passed; returns how many entries they held.
     fn purge(&mut self, now: i64) -> usize {
         let mut dropped = 0;
-        while let Some(entry) = self.by_expiry.first_entry() {
-            if *entry.key() > now {
+        while let Some(group) = self.by_expiry.first_entry() {
+            if *group.key() > now {
                 break;
             }
-            let expired = entry.remove();
-            dropped += expired.len();
-            for e in expired {
-                self.seen.remove(&e);
-                if let Some(n) = self.per_key.get_mut(&e.key) {
-                    *n -= 1;
-                    if *n == 0 {
-                        self.per_key.remove(&e.key);
+            let group = group.remove();
+            dropped += group.seen.len();
+            for (key, n) in group.per_key {
+                if let Some(held) = self.per_key.get_mut(&key) {
+                    *held = held.saturating_sub(n);
+                    if *held == 0 {
+                        self.per_key.remove(&key);
                     }
                 }
             }
         }
         dropped
+    }
+
+    fn len(&self) -> usize {
+        self.by_expiry.values().map(|g| g.seen.len()).sum()
     }
 }
 
@@ -112,7 +125,7 @@ impl ReplayCache {
     pub fn record(&self, key_id: &str, sig: &[u8; 32], expires_at: i64, key_cap: u64, now: i64) -> Seen {
         let key = self.hasher.hash_one(key_id);
         let half = |i: usize| u64::from_le_bytes(std::array::from_fn(|j| sig[i * 8 + j]));
-        let entry = Entry { key, sig: [half(0), half(1)] };
+        let entry: Entry = [half(0) ^ key, half(1)];
         let shard = &self.shards[(key as usize) % SHARDS];
         // Two passes at most: when the overall bound is reached, expired entries may still
         // sit in shards nobody touched lately; purge them all (one lock at a time, never
@@ -121,7 +134,7 @@ impl ReplayCache {
             let mut s = lock(shard);
             let dropped = s.purge(now);
             self.held.fetch_sub(dropped, Ordering::AcqRel);
-            if s.seen.contains(&entry) {
+            if s.by_expiry.get(&expires_at).is_some_and(|g| g.seen.contains(&entry)) {
                 return Seen::Replay;
             }
             let count = s.per_key.get(&key).copied().unwrap_or(0);
@@ -130,8 +143,9 @@ impl ReplayCache {
             }
             // Reserve the slot first: the check and the count are one step, exact under races.
             if self.held.fetch_add(1, Ordering::AcqRel) < self.capacity {
-                s.seen.insert(entry);
-                s.by_expiry.entry(expires_at).or_default().push(entry);
+                let group = s.by_expiry.entry(expires_at).or_default();
+                group.seen.insert(entry);
+                *group.per_key.entry(key).or_insert(0) += 1;
                 *s.per_key.entry(key).or_insert(0) += 1;
                 return Seen::Fresh;
             }
@@ -149,7 +163,7 @@ impl ReplayCache {
 
     /// Signatures currently held.
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| lock(s).seen.len()).sum()
+        self.shards.iter().map(|s| lock(s).len()).sum()
     }
 
     /// True when nothing is held.
@@ -162,10 +176,10 @@ impl ReplayCache {
 mod tests {
     use super::*;
 
-    /// an entry is 24 bytes: it is held twice per signature, up to a million signatures
+    /// an entry is 16 bytes, held once per signature, up to a million signatures
     #[test]
     fn entries_are_small() {
-        assert_eq!(std::mem::size_of::<Entry>(), 24);
+        assert_eq!(std::mem::size_of::<Entry>(), 16);
     }
 
     /// signatures that differ only in their second 8 bytes are different entries
@@ -215,6 +229,18 @@ mod tests {
         assert_eq!(c.record("busy", &sig(9), 100, 3, 0), Seen::Full);
         assert_eq!(c.record("busy", &sig(0), 100, 3, 0), Seen::Replay, "live entry kept");
         assert_eq!(c.record("quiet", &sig(9), 100, 3, 0), Seen::Fresh);
+    }
+
+    /// a key's count goes down as its groups expire, so a key at its bound signs again
+    #[test]
+    fn a_keys_room_comes_back_as_its_entries_expire() {
+        let c = ReplayCache::new(1_000);
+        assert_eq!(c.record("k", &sig(1), 10, 2, 0), Seen::Fresh);
+        assert_eq!(c.record("k", &sig(2), 20, 2, 0), Seen::Fresh);
+        assert_eq!(c.record("k", &sig(3), 20, 2, 5), Seen::Full);
+        assert_eq!(c.record("k", &sig(3), 20, 2, 10), Seen::Fresh, "the group of 10 expired");
+        assert_eq!(c.record("k", &sig(2), 20, 2, 10), Seen::Replay, "the group of 20 is live");
+        assert_eq!(c.len(), 2);
     }
 
     /// one busy key may fill the whole overall bound (its entries all live in one shard)
