@@ -364,6 +364,8 @@ async fn serve_conn(
     _slot: (OwnedSemaphorePermit, OpenGauge),
 ) {
     let conn = Arc::new(Conn {
+        gw: shared.gw.clone(),
+        upstream,
         info,
         inflight: AtomicUsize::new(0),
         last_done_ms: AtomicU64::new(0),
@@ -371,10 +373,10 @@ async fn serve_conn(
         started: AtomicBool::new(false),
     });
     match acceptor {
-        None => drive(TokioIo::new(JsonParseErrors::new(stream)), conn, shared, upstream, stop).await,
+        None => drive(TokioIo::new(JsonParseErrors::new(stream)), conn, shared, stop).await,
         Some(acceptor) => {
             match tokio::time::timeout(shared.limits.tls_handshake_timeout, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => drive(TokioIo::new(JsonParseErrors::new(tls)), conn, shared, upstream, stop).await,
+                Ok(Ok(tls)) => drive(TokioIo::new(JsonParseErrors::new(tls)), conn, shared, stop).await,
                 Ok(Err(e)) => tracing::debug!(peer = %conn.info.peer, error = %e, "TLS handshake failed"),
                 Err(_) => tracing::debug!(peer = %conn.info.peer, "TLS handshake timed out"),
             }
@@ -398,8 +400,12 @@ impl Drop for OpenGauge {
     }
 }
 
-/// Per-connection state: who it is, and whether it is idle.
+/// Per-connection state: who it is, whether it is idle, and what its requests use. A
+/// request holds this one `Arc` (its worker's own, so its count is written on one core
+/// only) rather than a clone of the `Arc<Gateway>` that every core's requests would write.
 struct Conn {
+    gw: Arc<Gateway>,
+    upstream: Arc<Upstream>,
     info: ConnInfo,
     inflight: AtomicUsize,
     last_done_ms: AtomicU64,
@@ -437,18 +443,16 @@ impl Drop for InFlight {
     }
 }
 
-async fn drive<I>(io: I, conn: Arc<Conn>, shared: Arc<Shared>, upstream: Arc<Upstream>, mut stop: watch::Receiver<bool>)
+async fn drive<I>(io: I, conn: Arc<Conn>, shared: Arc<Shared>, mut stop: watch::Receiver<bool>)
 where
     I: Read + Write + Unpin + Send + 'static,
 {
-    let gw = shared.gw.clone();
     let svc_conn = conn.clone();
     let svc = hyper::service::service_fn(move |req| {
-        let gw = gw.clone();
-        let upstream = upstream.clone();
         let guard = InFlight::new(svc_conn.clone());
         async move {
-            let res = pipeline::handle(&gw, &upstream, &guard.0.info, req).await;
+            let c = &guard.0;
+            let res = pipeline::handle(&c.gw, &c.upstream, &c.info, req).await;
             drop(guard);
             Ok::<_, Infallible>(res)
         }
