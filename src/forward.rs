@@ -7,6 +7,7 @@ use crate::headers::HOST;
 use crate::rewrite::Outbound;
 use crate::upstream::{SendError, Upstream};
 use http::{Response, StatusCode};
+use http_body::Body as _;
 use hyper_util::rt::TokioIo;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,7 +26,7 @@ pub async fn send(upstream: &Arc<Upstream>, out: Outbound) -> Result<Forwarded, 
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + route.timeout;
     // A refused connection hands the request back unsent: no copy is kept for the retry.
-    let mut may_retry = route.upstreams.len() > 1 && matches!(request.body(), Body::Empty);
+    let mut may_retry = route.upstreams.len() > 1 && request.body().is_end_stream();
     let (response, release) = loop {
         let target = route.upstreams.pick().ok_or(GateError::Upstream(UpstreamFailure::Connect))?;
         request.headers_mut().insert(HOST, target.host.clone());

@@ -13,6 +13,7 @@ use crate::config::Limits;
 use crate::route::Target;
 use http::uri::Authority;
 use http::{Request, Response};
+use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
@@ -193,10 +194,12 @@ impl Upstream {
     }
 }
 
-/// A request that may be sent twice: safe method (RFC 9110 §9.2.1), no body.
+/// A request that may be sent twice: safe method (RFC 9110 §9.2.1), no body. "No body"
+/// is whatever has nothing to send, not only `Body::Empty`: a signed GET's body was read
+/// for the signature check and is forwarded as an empty `Body::Full`.
 fn is_safe_to_resend(req: &Request<Body>) -> bool {
     matches!(*req.method(), http::Method::GET | http::Method::HEAD | http::Method::OPTIONS)
-        && matches!(req.body(), Body::Empty)
+        && req.body().is_end_stream()
 }
 
 /// A body-less copy of a request.
