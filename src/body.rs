@@ -4,15 +4,13 @@
 //! of body the gateway handles is visible here. Bodies stream; nothing is buffered
 //! except what a variant holds in full (`Full`).
 
-use crate::upstream::Release;
+pub use crate::upstream::UpstreamBody;
 use bytes::Bytes;
-use http_body::{Body as _, Frame, SizeHint};
+use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use std::fmt;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
-use std::time::Duration;
-use tokio::time::{Instant, Sleep};
 
 /// A request or response body.
 #[derive(Debug, Default)]
@@ -46,6 +44,10 @@ pub enum BodyError {
     TooLarge,
     /// The upstream sent nothing for longer than the route timeout.
     UpstreamStalled,
+    /// The upstream's body is not valid HTTP/1.1, or ended early.
+    UpstreamWire(crate::h1::WireError),
+    /// Reading the upstream's body failed.
+    UpstreamIo(std::io::Error),
 }
 
 impl fmt::Display for BodyError {
@@ -54,6 +56,8 @@ impl fmt::Display for BodyError {
             BodyError::Hyper(e) => write!(f, "body transport error: {e}"),
             BodyError::TooLarge => f.write_str("request body is over the limit"),
             BodyError::UpstreamStalled => f.write_str("upstream response body stalled"),
+            BodyError::UpstreamWire(e) => write!(f, "upstream response body: {e}"),
+            BodyError::UpstreamIo(e) => write!(f, "upstream response body: {e}"),
         }
     }
 }
@@ -62,6 +66,8 @@ impl std::error::Error for BodyError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             BodyError::Hyper(e) => Some(e),
+            BodyError::UpstreamWire(e) => Some(e),
+            BodyError::UpstreamIo(e) => Some(e),
             _ => None,
         }
     }
@@ -90,7 +96,7 @@ impl http_body::Body for Body {
                 }
                 Poll::Ready(frame.map(|r| r.map_err(BodyError::Hyper)))
             }
-            Body::Upstream(u) => u.poll(cx),
+            Body::Upstream(u) => Pin::new(u).poll_frame(cx),
         }
     }
 
@@ -99,7 +105,7 @@ impl http_body::Body for Body {
             Body::Empty => true,
             Body::Full(b) => b.as_ref().is_none_or(|b| b.is_empty()),
             Body::Stream(i) | Body::Limited { inner: i, .. } => i.is_end_stream(),
-            Body::Upstream(u) => u.inner.is_end_stream(),
+            Body::Upstream(u) => u.is_end_stream(),
         }
     }
 
@@ -108,65 +114,7 @@ impl http_body::Body for Body {
             Body::Empty => SizeHint::with_exact(0),
             Body::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Body::Stream(i) | Body::Limited { inner: i, .. } => i.size_hint(),
-            Body::Upstream(u) => u.inner.size_hint(),
-        }
-    }
-}
-
-/// An upstream response body with an idle timeout between frames. It gives its
-/// connection back to the pool when dropped after the last frame.
-#[derive(Debug)]
-pub struct UpstreamBody {
-    inner: Incoming,
-    idle: Duration,
-    // Created only when the body first has to wait: most responses arrive whole in the
-    // first poll and never pay for a timer.
-    timer: Option<Pin<Box<Sleep>>>,
-    release: Option<Release>,
-    /// The last frame was read (a chunked body never reports `is_end_stream`).
-    finished: bool,
-}
-
-impl UpstreamBody {
-    /// Wraps `inner`, failing it after `idle` without a frame; `release` is its connection.
-    pub fn new(inner: Incoming, idle: Duration, release: Option<Release>) -> Self {
-        UpstreamBody { inner, idle, timer: None, release, finished: false }
-    }
-
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        match Pin::new(&mut self.inner).poll_frame(cx) {
-            Poll::Ready(frame) => {
-                if let Some(t) = self.timer.as_mut() {
-                    t.as_mut().reset(Instant::now() + self.idle);
-                }
-                match &frame {
-                    None => self.finished = true,
-                    // A failed body leaves the connection in an unknown state: never reuse it.
-                    Some(Err(_)) => self.release = None,
-                    Some(Ok(_)) => {}
-                }
-                Poll::Ready(frame.map(|r| r.map_err(BodyError::Hyper)))
-            }
-            Poll::Pending => {
-                let idle = self.idle;
-                let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
-                ready!(timer.as_mut().poll(cx));
-                self.release = None;
-                Poll::Ready(Some(Err(BodyError::UpstreamStalled)))
-            }
-        }
-    }
-}
-
-impl Drop for UpstreamBody {
-    fn drop(&mut self) {
-        // Read to the end (or empty from the start, e.g. HEAD, 204): the connection is
-        // reusable. Otherwise dropping `release` closes it: unread bytes would otherwise be
-        // read as the next response.
-        if let Some(r) = self.release.take()
-            && (self.finished || self.inner.is_end_stream())
-        {
-            r.finish();
+            Body::Upstream(u) => u.size_hint(),
         }
     }
 }

@@ -1,16 +1,17 @@
 //! [forward] Sends the rewritten request to one of the route's upstreams on the worker's
 //! connection pool, under the route's timeout, and maps what went wrong to 502/504/413.
 
-use crate::body::{Body, BodyError, UpstreamBody};
+use crate::body::{Body, BodyError};
 use crate::error::{GateError, UpstreamFailure};
 use crate::headers::HOST;
 use crate::rewrite::Outbound;
-use crate::upstream::{SendError, Upstream};
-use http::{Response, StatusCode};
+use crate::upstream::{Answer, Conn, SendError, Upstream};
+use http::Response;
 use http_body::Body as _;
 use hyper_util::rt::TokioIo;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
 
 /// An upstream response and how long the upstream took to start answering.
 #[derive(Debug)]
@@ -27,10 +28,10 @@ pub async fn send(upstream: &Arc<Upstream>, out: Outbound) -> Result<Forwarded, 
     let deadline = tokio::time::Instant::now() + route.timeout;
     // A refused connection hands the request back unsent: no copy is kept for the retry.
     let mut may_retry = route.upstreams.len() > 1 && request.body().is_end_stream();
-    let (response, release) = loop {
+    let (response, answer) = loop {
         let target = route.upstreams.pick().ok_or(GateError::Upstream(UpstreamFailure::Connect))?;
         request.headers_mut().insert(HOST, target.host.clone());
-        match tokio::time::timeout_at(deadline, upstream.send(target, request)).await {
+        match tokio::time::timeout_at(deadline, upstream.send(target, request, route.timeout)).await {
             Err(_) => return Err(GateError::UpstreamTimeout),
             Ok(Ok(sent)) => break sent,
             Ok(Err(SendError::Connect { authority, reason, request: back })) => {
@@ -41,48 +42,53 @@ pub async fn send(upstream: &Arc<Upstream>, out: Outbound) -> Result<Forwarded, 
                 }
                 request = *back;
             }
-            Ok(Err(SendError::Http(e))) => {
+            Ok(Err(e)) => {
                 tracing::debug!(route = %route.name, error = %e, "upstream request failed");
                 return Err(classify(&e));
             }
         }
     };
     let upstream_latency = started.elapsed();
-    let (mut parts, incoming) = response.into_parts();
-    if parts.status == StatusCode::SWITCHING_PROTOCOLS
-        && let (Some(client_side), Some(upstream_side)) =
-            (client_upgrade, parts.extensions.remove::<hyper::upgrade::OnUpgrade>())
-    {
-        tokio::spawn(tunnel(client_side, upstream_side));
-    }
-    let body = Body::Upstream(UpstreamBody::new(incoming, route.timeout, release));
+    let body = match answer {
+        Answer::Body(body) => Body::Upstream(body),
+        Answer::Switched(conn) => {
+            if let Some(client_side) = client_upgrade {
+                tokio::spawn(tunnel(client_side, conn));
+            }
+            Body::Empty
+        }
+    };
+    let (parts, ()) = response.into_parts();
     Ok(Forwarded { response: Response::from_parts(parts, body), upstream_latency })
 }
 
-/// What a failed upstream exchange means for the caller.
-fn classify(e: &hyper::Error) -> GateError {
-    // The client's own body failing over its limit surfaces as a client error.
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(s) = source {
-        if let Some(BodyError::TooLarge) = s.downcast_ref::<BodyError>() {
-            return GateError::PayloadTooLarge;
-        }
-        source = s.source();
+/// What a failed upstream exchange means for the caller: the client's own body over its
+/// limit is the client's error; anything else is the upstream's.
+fn classify(e: &SendError) -> GateError {
+    match e {
+        SendError::Body(BodyError::TooLarge) => GateError::PayloadTooLarge,
+        _ => GateError::Upstream(UpstreamFailure::Protocol),
     }
-    GateError::Upstream(UpstreamFailure::Protocol)
 }
 
-/// Joins the two halves of an upgraded connection (WebSocket) until either side closes.
-async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
-    let (client, upstream) = match tokio::try_join!(client, upstream) {
-        Ok(pair) => pair,
+/// Joins the client's upgraded connection (WebSocket) and the upstream's until either
+/// side closes. Bytes the upstream sent right after its `101` go to the client first.
+async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: Conn) {
+    let client = match client.await {
+        Ok(c) => c,
         Err(e) => {
             tracing::debug!(error = %e, "upgrade failed");
             return;
         }
     };
     let mut client = TokioIo::new(client);
-    let mut upstream = TokioIo::new(upstream);
+    let (mut upstream, early) = upstream.into_parts();
+    if !early.is_empty()
+        && let Err(e) = client.write_all(&early).await
+    {
+        tracing::debug!(error = %e, "upgraded connection closed with an error");
+        return;
+    }
     if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         tracing::debug!(error = %e, "upgraded connection closed with an error");
     }

@@ -39,6 +39,7 @@ pub mod limit;
 pub mod rewrite;
 pub mod forward;
 pub mod upstream;
+pub mod h1;
 pub mod record;
 pub mod usage;
 pub mod metrics;

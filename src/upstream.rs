@@ -1,30 +1,41 @@
 //! [forward] The upstream connections of one connection worker: HTTP/1.1 connections
-//! kept alive and reused, last-in first-out, per target.
+//! kept alive and reused, last-in first-out, per target, and the exchange of one request
+//! and its response on one of them.
 //!
-//! Each worker has its own pool on its own single-threaded runtime (see `listen.rs`), so
-//! this is deliberately simpler than hyper-util's shared pooled client: no dispatch task
-//! per request, no cross-thread wake-up, no background task waiting for a connection to
-//! become reusable. A connection goes back to the pool when its response body has been
-//! read to the end (see [`Release`]); a response dropped half-read closes it. Idle
+//! Each worker has its own pool on its own single-threaded runtime (see `listen.rs`), and
+//! the request's own task writes the request and reads the response (`h1.rs` holds the
+//! wire format): no connection task, no channel between tasks, no cross-thread wake-up
+//! per request. A connection goes back to the pool when its response body has been read
+//! to the end (see [`UpstreamBody`]); a response dropped half-read closes it. Idle
 //! connections are kept per target slot (see `route.rs`): an index, not a hashed name.
 
-use crate::body::Body;
+use crate::body::{Body, BodyError};
 use crate::config::Limits;
+use crate::h1::{self, Decoded, Decoder, RequestFraming, WireError};
 use crate::route::Target;
+use bytes::{Bytes, BytesMut};
 use http::uri::Authority;
-use http::{Request, Response};
-use http_body::Body as _;
-use hyper::body::Incoming;
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
+use http::{Method, Request, Response, StatusCode};
+use http_body::{Body as _, Frame, SizeHint};
+use http_body_util::BodyExt;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio::time::Sleep;
 
 /// How long an unused connection is kept.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Unused connections kept per target and worker; more are closed when released.
 const MAX_IDLE_PER_TARGET: usize = 1024;
+/// Room made before each read of a response head, and of a response body.
+const HEAD_READ: usize = 8 * 1024;
+const BODY_READ: usize = 64 * 1024;
+/// A request body frame at most this long is copied next to its chunk framing and sent
+/// in one write; a longer one is written on its own.
+const COALESCE: usize = 16 * 1024;
 
 /// Why a request could not be sent or answered.
 #[derive(Debug, thiserror::Error)]
@@ -33,9 +44,61 @@ pub enum SendError {
     /// (another target may take it).
     #[error("cannot connect to {authority}: {reason}")]
     Connect { authority: Authority, reason: String, request: Box<Request<Body>> },
+    /// The client's request body failed while it was being sent.
+    #[error("request body: {0}")]
+    Body(BodyError),
     /// The connection failed while sending or awaiting the answer.
     #[error("upstream connection failed: {0}")]
-    Http(#[from] hyper::Error),
+    Io(#[from] std::io::Error),
+    /// The upstream's answer is not valid HTTP/1.1.
+    #[error("upstream response: {0}")]
+    Wire(#[from] WireError),
+}
+
+/// One HTTP/1.1 connection to an upstream, and what was read from it but not yet used.
+#[derive(Debug)]
+pub struct Conn {
+    io: TcpStream,
+    buf: BytesMut,
+}
+
+impl Conn {
+    /// The socket and the bytes the upstream sent after the head (a protocol switch).
+    pub fn into_parts(self) -> (TcpStream, BytesMut) {
+        (self.io, self.buf)
+    }
+
+    /// False when the upstream closed (or reset) the connection while it was idle. The
+    /// close reaches the worker's epoll as read-closed readiness: no system call here.
+    fn is_open(&self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match std::pin::pin!(self.io.ready(Interest::READABLE)).poll(&mut cx) {
+            Poll::Ready(Ok(r)) => !r.is_read_closed() && !r.is_error(),
+            Poll::Ready(Err(_)) => false,
+            Poll::Pending => true,
+        }
+    }
+
+    /// Reads more into the buffer; 0 at end of stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>, room: usize) -> Poll<std::io::Result<usize>> {
+        self.buf.reserve(room);
+        loop {
+            ready!(self.io.poll_read_ready(cx))?;
+            match self.io.try_read_buf(&mut self.buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+}
+
+/// What came back for a request.
+#[derive(Debug)]
+pub enum Answer {
+    /// A response body, read from the connection as the client takes it.
+    Body(UpstreamBody),
+    /// `101 Switching Protocols`: the connection now belongs to the upgraded stream.
+    Switched(Conn),
 }
 
 /// A worker's pool of upstream connections.
@@ -44,137 +107,238 @@ pub struct Upstream {
     /// Idle connections by target slot, most recently used last.
     idle: Mutex<Vec<Vec<Idle>>>,
     connect_timeout: Duration,
+    /// Longest response head accepted (`limits.max_header_bytes`, as for requests).
+    max_head: usize,
 }
 
 #[derive(Debug)]
 struct Idle {
-    sender: http1::SendRequest<Body>,
+    conn: Conn,
     since: Instant,
 }
 
-/// A connection lent to one request, given back by [`Release::finish`] once the
-/// response has been read to the end.
-#[derive(Debug)]
-pub struct Release {
-    pool: Arc<Upstream>,
-    slot: usize,
-    sender: http1::SendRequest<Body>,
+/// A failed exchange, and whether the upstream had sent anything back: if not, a safe
+/// request may be sent again on another connection.
+struct Failed {
+    error: SendError,
+    answered: bool,
 }
 
-impl Release {
-    /// Puts the connection back for the next request (closed when the pool is full).
-    pub fn finish(self) {
-        let Release { pool, slot, sender } = self;
-        if sender.is_closed() {
-            return;
-        }
-        let mut idle = pool.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        if idle.len() <= slot {
-            idle.resize_with(slot + 1, Vec::new);
-        }
-        let list = &mut idle[slot];
-        if list.len() < MAX_IDLE_PER_TARGET {
-            list.push(Idle { sender, since: Instant::now() });
-        }
+impl From<SendError> for Failed {
+    fn from(error: SendError) -> Failed {
+        Failed { error, answered: false }
+    }
+}
+
+impl From<std::io::Error> for Failed {
+    fn from(e: std::io::Error) -> Failed {
+        SendError::Io(e).into()
     }
 }
 
 impl Upstream {
     /// An empty pool.
     pub fn new(limits: &Limits) -> Arc<Upstream> {
-        Arc::new(Upstream { idle: Mutex::new(Vec::new()), connect_timeout: limits.upstream_connect_timeout })
+        Arc::new(Upstream {
+            idle: Mutex::new(Vec::new()),
+            connect_timeout: limits.upstream_connect_timeout,
+            max_head: limits.max_header_bytes,
+        })
     }
 
     /// Sends `req` (origin-form URI, `Host` set) to `target` on a pooled connection, or a
-    /// new one.
+    /// new one. `idle`: how long the response body may stall between reads.
     ///
     /// A pooled connection can die under the request: the upstream closed it while it was
     /// idle (its keep-alive timeout, a restart) and the close crossed our request on the
-    /// wire. The request is then sent again on a new connection when that is safe: when
-    /// hyper hands it back unsent, whatever the method; when it went out, only for a
-    /// bodiless GET, HEAD or OPTIONS (nginx's `proxy_next_upstream` rule).
-    ///
-    /// The response comes with the connection to give back when its body is done; `None`
-    /// for a protocol switch, whose connection now belongs to the upgraded stream.
+    /// wire. When nothing came back, a bodiless GET, HEAD or OPTIONS is then sent again on
+    /// a new connection (nginx's `proxy_next_upstream` rule); anything else fails.
     pub async fn send(
         self: &Arc<Self>,
         target: &Target,
-        mut req: Request<Body>,
-    ) -> Result<(Response<Incoming>, Option<Release>), SendError> {
-        if let Some(mut sender) = self.checkout(target.slot).await {
-            let again = is_safe_to_resend(&req).then(|| head_of(&req));
-            match sender.try_send_request(req).await {
-                Ok(res) => return Ok(self.lend(target, sender, res)),
-                Err(mut e) => match (e.take_message(), again) {
-                    (Some(back), _) => req = back,
-                    (None, Some(head)) => {
-                        tracing::debug!(error = %e.error(), "pooled upstream connection failed; sending again on a new one");
-                        req = head;
-                    }
-                    (None, None) => return Err(SendError::Http(e.into_error())),
-                },
+        req: Request<Body>,
+        idle: Duration,
+    ) -> Result<(Response<()>, Answer), SendError> {
+        let (pooled, conn) = match self.checkout(target.slot) {
+            Some(conn) => (true, conn),
+            None => match self.connect(&target.authority).await {
+                Ok(conn) => (false, conn),
+                Err(reason) => {
+                    return Err(SendError::Connect {
+                        authority: target.authority.clone(),
+                        reason,
+                        request: Box::new(req),
+                    });
+                }
+            },
+        };
+        let (parts, body) = req.into_parts();
+        let framing =
+            h1::request_framing(&parts.method, &parts.headers, body.is_end_stream(), body.size_hint().exact());
+        let target_text = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let mut head = Vec::with_capacity(1024);
+        h1::write_request_head(&mut head, &parts.method, target_text, &parts.headers, framing);
+        let resend = pooled && is_safe_to_resend(&parts.method, framing);
+        let is_head = parts.method == Method::HEAD;
+        match self.exchange(conn, &head, body, framing, is_head).await {
+            Ok(head) => return Ok(self.answer(target, head, idle)),
+            Err(f) if resend && !f.answered => {
+                tracing::debug!(error = %f.error, "pooled upstream connection failed; sending again on a new one");
             }
+            Err(f) => return Err(f.error),
         }
-        let mut sender = match self.connect(&target.authority).await {
-            Ok(sender) => sender,
+        let conn = match self.connect(&target.authority).await {
+            Ok(conn) => conn,
             Err(reason) => {
-                return Err(SendError::Connect { authority: target.authority.clone(), reason, request: Box::new(req) });
+                let request = Box::new(Request::from_parts(parts, Body::Empty));
+                return Err(SendError::Connect { authority: target.authority.clone(), reason, request });
             }
         };
-        let res = sender.send_request(req).await?;
-        Ok(self.lend(target, sender, res))
+        let head = self.exchange(conn, &head, Body::Empty, framing, is_head).await.map_err(|f| f.error)?;
+        Ok(self.answer(target, head, idle))
     }
 
-    fn lend(
+    /// Writes the request and reads the response head; the connection comes back with it.
+    async fn exchange(
+        &self,
+        mut conn: Conn,
+        head: &[u8],
+        body: Body,
+        framing: RequestFraming,
+        is_head: bool,
+    ) -> Result<(Conn, h1::ResponseHead), Failed> {
+        let max_head = self.max_head;
+        let streamed = match body {
+            // Nothing to stream (no body, or one held whole, as after an HMAC check): the
+            // head and the body go out in one write, then the answer is read.
+            Body::Empty => {
+                conn.io.write_all(head).await?;
+                None
+            }
+            Body::Full(bytes) if framing != RequestFraming::Chunked => {
+                let bytes = bytes.unwrap_or_default();
+                let announced = if let RequestFraming::Length(n) = framing { n } else { 0 };
+                if bytes.len() as u64 != announced {
+                    let e = std::io::Error::other("request body is not the length its head announces");
+                    return Err(SendError::Io(e).into());
+                }
+                if bytes.is_empty() {
+                    conn.io.write_all(head).await?;
+                } else {
+                    let mut all = Vec::with_capacity(head.len() + bytes.len());
+                    all.extend_from_slice(head);
+                    all.extend_from_slice(&bytes);
+                    conn.io.write_all(&all).await?;
+                }
+                None
+            }
+            body => Some(body),
+        };
+        let Some(body) = streamed else {
+            let h = read_head(&mut conn.io, &mut conn.buf, max_head, is_head).await?;
+            return Ok((conn, h));
+        };
+        // A streamed body is sent while the answer is awaited: an upstream may answer
+        // (413, say) before it has read the whole body, and then stops reading it.
+        let res = {
+            let (mut rd, mut wr) = conn.io.split();
+            let send = send_body(&mut wr, head, body, framing);
+            let read = read_head(&mut rd, &mut conn.buf, max_head, is_head);
+            tokio::pin!(send, read);
+            let mut sent = None;
+            let res = loop {
+                tokio::select! {
+                    biased;
+                    r = &mut read => break r,
+                    s = &mut send, if sent.is_none() => match s {
+                        // The client's own body failed: that is the error, whatever the
+                        // upstream does next.
+                        Err(SendError::Body(e)) => return Err(SendError::Body(e).into()),
+                        other => sent = Some(other),
+                    },
+                }
+            };
+            match (res, sent) {
+                (Ok(h), Some(Ok(()))) => Ok(h),
+                // Answered before the request was all sent: the connection is mid-request.
+                (Ok(mut h), _) => {
+                    h.keep_alive = false;
+                    Ok(h)
+                }
+                (Err(f), Some(Err(e))) if !f.answered => Err(e.into()),
+                (Err(f), _) => Err(f),
+            }
+        };
+        res.map(|h| (conn, h))
+    }
+
+    /// The response and its body (or the switched connection).
+    fn answer(
         self: &Arc<Self>,
         target: &Target,
-        sender: http1::SendRequest<Body>,
-        res: Response<Incoming>,
-    ) -> (Response<Incoming>, Option<Release>) {
-        let release = (res.status() != http::StatusCode::SWITCHING_PROTOCOLS).then(|| Release {
+        (conn, head): (Conn, h1::ResponseHead),
+        idle: Duration,
+    ) -> (Response<()>, Answer) {
+        let mut res = Response::new(());
+        *res.status_mut() = head.status;
+        *res.headers_mut() = head.headers;
+        if head.status == StatusCode::SWITCHING_PROTOCOLS {
+            return (res, Answer::Switched(conn));
+        }
+        let body = UpstreamBody {
+            conn: Some(conn),
+            decoder: Decoder::new(head.framing),
+            reusable: head.keep_alive,
             pool: self.clone(),
             slot: target.slot,
-            sender,
-        });
-        (res, release)
+            idle,
+            timer: None,
+        };
+        (res, Answer::Body(body))
     }
 
-    /// The most recently used open connection to the target in `slot`, ready for a request.
-    async fn checkout(&self, slot: usize) -> Option<http1::SendRequest<Body>> {
-        loop {
-            let mut idle = {
-                let mut lists = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-                lists.get_mut(slot)?.pop()?
-            };
-            if idle.since.elapsed() < IDLE_TIMEOUT && idle.sender.ready().await.is_ok() {
-                return Some(idle.sender);
-            }
-            // Closed or stale: dropping the sender lets its connection task end.
+    /// Puts a connection back for the next request (closed when the pool is full).
+    fn release(&self, slot: usize, mut conn: Conn) {
+        // The buffer's memory is shared with the response just read; an idle connection
+        // keeps none.
+        conn.buf = BytesMut::new();
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() <= slot {
+            idle.resize_with(slot + 1, Vec::new);
+        }
+        let list = &mut idle[slot];
+        if list.len() < MAX_IDLE_PER_TARGET {
+            list.push(Idle { conn, since: Instant::now() });
         }
     }
 
-    /// Opens a new connection and starts its task on this worker's runtime; why not, when
-    /// it cannot.
-    async fn connect(&self, authority: &Authority) -> Result<http1::SendRequest<Body>, String> {
-        let stream = tokio::time::timeout(self.connect_timeout, open(authority))
+    /// The most recently used open connection to the target in `slot`.
+    fn checkout(&self, slot: usize) -> Option<Conn> {
+        let mut lists = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let list = lists.get_mut(slot)?;
+        while let Some(idle) = list.pop() {
+            if idle.since.elapsed() < IDLE_TIMEOUT && idle.conn.is_open() {
+                return Some(idle.conn);
+            }
+            // Closed or stale: dropped, which closes it.
+        }
+        None
+    }
+
+    /// Opens a new connection; why not, when it cannot.
+    async fn connect(&self, authority: &Authority) -> Result<Conn, String> {
+        let io = tokio::time::timeout(self.connect_timeout, open(authority))
             .await
             .map_err(|_| format!("timed out after {:?}", self.connect_timeout))?
             .map_err(|e| e.to_string())?;
-        let (sender, conn) = http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
-        tokio::spawn(async move {
-            // `with_upgrades`: a 101 hands the socket to the WebSocket tunnel.
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(error = %e, "upstream connection closed with an error");
-            }
-        });
-        Ok(sender)
+        Ok(Conn { io, buf: BytesMut::new() })
     }
 
     /// Closes connections unused for longer than the idle timeout, and forgets closed ones.
     pub fn evict_idle(&self) {
         let mut lists = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         for list in lists.iter_mut() {
-            list.retain(|i| i.since.elapsed() < IDLE_TIMEOUT && !i.sender.is_closed());
+            list.retain(|i| i.since.elapsed() < IDLE_TIMEOUT && i.conn.is_open());
         }
     }
 
@@ -194,22 +358,187 @@ impl Upstream {
     }
 }
 
-/// A request that may be sent twice: safe method (RFC 9110 §9.2.1), no body. "No body"
-/// is whatever has nothing to send, not only `Body::Empty`: a signed GET's body was read
-/// for the signature check and is forwarded as an empty `Body::Full`.
-fn is_safe_to_resend(req: &Request<Body>) -> bool {
-    matches!(*req.method(), http::Method::GET | http::Method::HEAD | http::Method::OPTIONS)
-        && req.body().is_end_stream()
+/// Writes the request head and streams the body after it, framed as `framing` says. The
+/// head goes out with the first piece of body: one write instead of two.
+async fn send_body<W: tokio::io::AsyncWrite + Unpin>(
+    wr: &mut W,
+    head: &[u8],
+    mut body: Body,
+    framing: RequestFraming,
+) -> Result<(), SendError> {
+    let (chunked, declared) = match framing {
+        // GET, HEAD or CONNECT with a body of unknown length: sent without it, as hyper does.
+        RequestFraming::None => return Ok(wr.write_all(head).await?),
+        RequestFraming::Chunked => (true, None),
+        RequestFraming::Length(n) => (false, Some(n)),
+    };
+    let mut out = Vec::with_capacity(head.len() + 64);
+    out.extend_from_slice(head);
+    let mut sent = 0u64;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(SendError::Body)?.into_data() else { continue };
+        if data.is_empty() {
+            continue;
+        }
+        sent += data.len() as u64;
+        if declared.is_some_and(|n| sent > n) {
+            // Never more bytes than the length the upstream was told: what followed
+            // would be read as another request.
+            return Err(SendError::Io(std::io::Error::other("request body longer than its Content-Length")));
+        }
+        if chunked {
+            h1::write_chunk_size(&mut out, data.len());
+        }
+        if data.len() <= COALESCE {
+            out.extend_from_slice(&data);
+            if chunked {
+                out.extend_from_slice(b"\r\n");
+            }
+            wr.write_all(&out).await?;
+        } else {
+            wr.write_all(&out).await?;
+            wr.write_all(&data).await?;
+            if chunked {
+                wr.write_all(b"\r\n").await?;
+            }
+        }
+        out.clear();
+    }
+    if declared.is_some_and(|n| sent != n) {
+        return Err(SendError::Io(std::io::Error::other("request body shorter than its Content-Length")));
+    }
+    if chunked {
+        out.extend_from_slice(b"0\r\n\r\n");
+    }
+    if !out.is_empty() {
+        wr.write_all(&out).await?;
+    }
+    Ok(())
 }
 
-/// A body-less copy of a request.
-fn head_of(req: &Request<Body>) -> Request<Body> {
-    let mut copy = Request::new(Body::Empty);
-    *copy.method_mut() = req.method().clone();
-    *copy.uri_mut() = req.uri().clone();
-    *copy.version_mut() = req.version();
-    *copy.headers_mut() = req.headers().clone();
-    copy
+/// Reads until a final response head is complete (1xx other than 101 are skipped: the
+/// answer follows them).
+async fn read_head<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    max_head: usize,
+    is_head: bool,
+) -> Result<h1::ResponseHead, Failed> {
+    let mut answered = false;
+    loop {
+        match h1::parse_response_head(buf, max_head, is_head) {
+            Ok(Some(h)) if h.status.is_informational() && h.status != StatusCode::SWITCHING_PROTOCOLS => continue,
+            Ok(Some(h)) => return Ok(h),
+            Ok(None) => {}
+            Err(e) => return Err(Failed { error: e.into(), answered: true }),
+        }
+        buf.reserve(HEAD_READ);
+        match rd.read_buf(buf).await {
+            Ok(0) => return Err(Failed { error: WireError::Closed.into(), answered }),
+            Ok(_) => answered = true,
+            Err(e) => return Err(Failed { error: e.into(), answered }),
+        }
+    }
+}
+
+/// A request that may be sent twice: safe method (RFC 9110 §9.2.1), nothing to send after
+/// the head. A signed GET's body was read for the signature check and is empty: it counts.
+fn is_safe_to_resend(method: &Method, framing: RequestFraming) -> bool {
+    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) && framing == RequestFraming::None
+}
+
+/// An upstream response body, read from its connection as the client takes it, with an
+/// idle timeout between reads. It gives the connection back to the pool once read to the
+/// end; dropped before that, it closes it (unread bytes would be read as the next
+/// response).
+#[derive(Debug)]
+pub struct UpstreamBody {
+    conn: Option<Conn>,
+    decoder: Decoder,
+    /// The upstream allows another request on this connection after this response.
+    reusable: bool,
+    pool: Arc<Upstream>,
+    slot: usize,
+    idle: Duration,
+    // Created only when the body first has to wait: most responses arrive whole with
+    // their head and never pay for a timer.
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl UpstreamBody {
+    /// Gives the connection back when the body is done and nothing follows it.
+    fn finish(&mut self) {
+        if let Some(conn) = self.conn.take()
+            && self.reusable
+            && self.decoder.is_done()
+            && conn.buf.is_empty()
+        {
+            self.pool.release(self.slot, conn);
+        }
+    }
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        let mut eof = false;
+        loop {
+            let Some(conn) = this.conn.as_mut() else { return Poll::Ready(None) };
+            match this.decoder.decode(&mut conn.buf, eof) {
+                Ok(Decoded::Data(data)) => {
+                    if let Some(t) = this.timer.as_mut() {
+                        t.as_mut().reset(tokio::time::Instant::now() + this.idle);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Ok(Decoded::End) => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Ok(Decoded::More) if !eof => {}
+                Ok(Decoded::More) => return this.fail(BodyError::UpstreamWire(WireError::Closed)),
+                Err(e) => return this.fail(BodyError::UpstreamWire(e)),
+            }
+            match conn.poll_fill(cx, BODY_READ) {
+                Poll::Ready(Ok(0)) => eof = true,
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => return this.fail(BodyError::UpstreamIo(e)),
+                Poll::Pending => {
+                    let idle = this.idle;
+                    let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                    ready!(timer.as_mut().poll(cx));
+                    return this.fail(BodyError::UpstreamStalled);
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.decoder.is_done()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.decoder.remaining().map_or_else(SizeHint::default, SizeHint::with_exact)
+    }
+}
+
+impl UpstreamBody {
+    /// Ends the body with `e`; the connection is closed.
+    fn fail(&mut self, e: BodyError) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        self.conn = None;
+        Poll::Ready(Some(Err(e)))
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        // Read to the end (or empty from the start, e.g. HEAD, 204) but not polled to
+        // its end: still reusable.
+        self.finish();
+    }
 }
 
 /// Resolves `authority` and connects to the first address that accepts.

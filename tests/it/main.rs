@@ -29,3 +29,4 @@ mod secrets;
 mod shutdown;
 mod smuggling;
 mod upstream_pool;
+mod upstream_wire;

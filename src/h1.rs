@@ -1,0 +1,550 @@
+//! [forward] HTTP/1.1 to the upstream, on the wire: the request head the gateway writes,
+//! the response head it parses (httparse, as hyper does), and the response body framing.
+//!
+//! Only the upstream side is here; clients are still served by hyper. Both directions are
+//! strict where it matters for smuggling and bounded whatever the upstream sends:
+//!
+//! - request heads are written from a `HeaderMap` whose names and values the `http`
+//!   crate already vetted (no CR, LF or NUL can be in them), with exactly one framing
+//!   header that the gateway chose;
+//! - a response head is at most `max_head` bytes and 100 headers; more is an error;
+//! - a response with `Transfer-Encoding` ending in `chunked` is read as chunked whatever
+//!   `Content-Length` says, and its connection is not reused (RFC 9112 §6.3); several
+//!   different or malformed `Content-Length`s are an error; chunk sizes are hex without
+//!   overflow, chunk extensions and trailers are bounded and dropped.
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
+
+/// Headers a response head may carry (hyper's client default too).
+pub const MAX_HEADERS: usize = 100;
+/// Longest chunk-size line (size and extensions) or trailer section accepted.
+const MAX_CHUNK_LINE: usize = 4096;
+
+/// Why an upstream exchange broke on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("malformed response head")]
+    Head,
+    #[error("response head over the size limit")]
+    HeadTooLarge,
+    #[error("malformed or conflicting Content-Length")]
+    ContentLength,
+    #[error("malformed chunked body")]
+    Chunked,
+    #[error("connection closed before the response was complete")]
+    Closed,
+}
+
+/// How the request body goes out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestFraming {
+    /// No body.
+    None,
+    /// `Content-Length` bytes (the header is in the head).
+    Length(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+}
+
+/// The framing of a request, as hyper's client chose it: nothing when the body is done
+/// before it starts; the client's `Content-Length` when it sent one; a known size
+/// otherwise; chunked for a streamed body, except on GET, HEAD and CONNECT, which are
+/// sent without one. `Transfer-Encoding` never reaches here (hop-by-hop, removed).
+pub fn request_framing(method: &Method, headers: &HeaderMap, end_stream: bool, exact: Option<u64>) -> RequestFraming {
+    if end_stream {
+        return RequestFraming::None;
+    }
+    if let Some(n) = headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok()) {
+        return RequestFraming::Length(n);
+    }
+    match exact {
+        Some(n) => RequestFraming::Length(n),
+        None if matches!(*method, Method::GET | Method::HEAD | Method::CONNECT) => RequestFraming::None,
+        None => RequestFraming::Chunked,
+    }
+}
+
+/// Writes `METHOD target HTTP/1.1`, every header, the framing header when the headers
+/// lack it, and the blank line, into `out`.
+pub fn write_request_head(
+    out: &mut Vec<u8>,
+    method: &Method,
+    target: &str,
+    headers: &HeaderMap,
+    framing: RequestFraming,
+) {
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        RequestFraming::Length(n) if !headers.contains_key(CONTENT_LENGTH) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        _ => {}
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes one chunk's size line (`{hex}\r\n`) into `out`.
+pub fn write_chunk_size(out: &mut Vec<u8>, n: usize) {
+    let mut digits = [0u8; 16];
+    let mut i = digits.len();
+    let mut v = n;
+    loop {
+        i -= 1;
+        digits[i] = b"0123456789abcdef"[v & 15];
+        v >>= 4;
+        if v == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// How the response body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseFraming {
+    /// No body (HEAD, 204, 304, 1xx).
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Until the upstream closes the connection.
+    Close,
+}
+
+/// A parsed response head.
+#[derive(Debug)]
+pub struct ResponseHead {
+    pub status: StatusCode,
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub framing: ResponseFraming,
+    /// The connection may carry another request once this body is read.
+    pub keep_alive: bool,
+}
+
+/// Parses a response head from the front of `buf` and removes it; `Ok(None)` when more
+/// bytes are needed. `head_request`: the request was a HEAD (no body follows).
+pub fn parse_response_head(
+    buf: &mut BytesMut,
+    max_head: usize,
+    head_request: bool,
+) -> Result<Option<ResponseHead>, WireError> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut res = httparse::Response::new(&mut slots);
+    let len = match res.parse(buf) {
+        Ok(httparse::Status::Complete(len)) if len <= max_head => len,
+        Ok(httparse::Status::Complete(_)) => return Err(WireError::HeadTooLarge),
+        Ok(httparse::Status::Partial) if buf.len() >= max_head => return Err(WireError::HeadTooLarge),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(WireError::HeadTooLarge),
+        Err(_) => return Err(WireError::Head),
+    };
+    let status = res.code.and_then(|c| StatusCode::from_u16(c).ok()).ok_or(WireError::Head)?;
+    let version = if res.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
+    // Offsets, not slices: the head is split off and frozen, and every value then shares
+    // its one buffer instead of being copied.
+    let spans: smallvec::SmallVec<[(usize, usize, usize, usize); 24]> = res
+        .headers
+        .iter()
+        .map(|h| {
+            let base = buf.as_ptr() as usize;
+            (h.name.as_ptr() as usize - base, h.name.len(), h.value.as_ptr() as usize - base, h.value.len())
+        })
+        .collect();
+    let head = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    for (n, nl, v, vl) in spans {
+        let name = HeaderName::from_bytes(&head[n..n + nl]).map_err(|_| WireError::Head)?;
+        let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl)).map_err(|_| WireError::Head)?;
+        headers.append(name, value);
+    }
+
+    let mut keep_alive = version == Version::HTTP_11 && !has_token(&headers, CONNECTION, b"close");
+    let framing = if head_request
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        ResponseFraming::Empty
+    } else if headers.contains_key(TRANSFER_ENCODING) {
+        // RFC 9112 §6.3: chunked wins over Content-Length, which is not passed on, and
+        // such a message may be an attempt at smuggling: its connection is not used again.
+        if headers.remove(CONTENT_LENGTH).is_some() {
+            keep_alive = false;
+        }
+        if last_token_is_chunked(&headers) {
+            ResponseFraming::Chunked
+        } else {
+            keep_alive = false;
+            ResponseFraming::Close
+        }
+    } else if headers.contains_key(CONTENT_LENGTH) {
+        ResponseFraming::Length(content_length(&headers)?)
+    } else {
+        keep_alive = false;
+        ResponseFraming::Close
+    };
+    Ok(Some(ResponseHead { status, version, headers, framing, keep_alive }))
+}
+
+/// The one length every `Content-Length` value gives (a repeated identical value is
+/// allowed, RFC 9110 §8.6); anything else is an error.
+fn content_length(headers: &HeaderMap) -> Result<u64, WireError> {
+    let mut found = None;
+    for v in headers.get_all(CONTENT_LENGTH) {
+        for part in v.as_bytes().split(|&b| b == b',') {
+            let part = part.trim_ascii();
+            if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+                return Err(WireError::ContentLength);
+            }
+            let n = part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+            if found.is_some_and(|f| f != n) {
+                return Err(WireError::ContentLength);
+            }
+            found = Some(n);
+        }
+    }
+    found.ok_or(WireError::ContentLength)
+}
+
+fn tokens(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &[u8]> {
+    headers.get_all(name).into_iter().flat_map(|v| v.as_bytes().split(|&b| b == b',')).map(<[u8]>::trim_ascii)
+}
+
+fn has_token(headers: &HeaderMap, name: HeaderName, token: &[u8]) -> bool {
+    tokens(headers, name).any(|t| t.eq_ignore_ascii_case(token))
+}
+
+fn last_token_is_chunked(headers: &HeaderMap) -> bool {
+    tokens(headers, TRANSFER_ENCODING)
+        .filter(|t| !t.is_empty())
+        .last()
+        .is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"))
+}
+
+/// What the body decoder made of the bytes it has.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded {
+    Data(Bytes),
+    /// Nothing yet: read more.
+    More,
+    /// The body is complete.
+    End,
+}
+
+/// Reads one response body out of the connection's buffer.
+#[derive(Debug)]
+pub enum Decoder {
+    Length(u64),
+    Chunked(Chunk),
+    Close,
+    Done,
+}
+
+/// Where a chunked body is.
+#[derive(Debug, Clone, Copy)]
+pub enum Chunk {
+    /// Expecting a size line.
+    Size,
+    /// Inside a chunk's data, this many bytes left.
+    Data(u64),
+    /// After a chunk's data: its CRLF.
+    DataEnd,
+    /// After the last (zero) chunk: trailer lines until an empty one.
+    Trailers,
+}
+
+impl Decoder {
+    pub fn new(framing: ResponseFraming) -> Decoder {
+        match framing {
+            ResponseFraming::Empty | ResponseFraming::Length(0) => Decoder::Done,
+            ResponseFraming::Length(n) => Decoder::Length(n),
+            ResponseFraming::Chunked => Decoder::Chunked(Chunk::Size),
+            ResponseFraming::Close => Decoder::Close,
+        }
+    }
+
+    /// Bytes still expected, when known.
+    pub fn remaining(&self) -> Option<u64> {
+        match self {
+            Decoder::Length(n) => Some(*n),
+            Decoder::Done => Some(0),
+            _ => None,
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        matches!(self, Decoder::Done)
+    }
+
+    /// Takes the next piece of body out of `buf`. `eof`: the upstream closed and `buf`
+    /// holds all that will come.
+    pub fn decode(&mut self, buf: &mut BytesMut, eof: bool) -> Result<Decoded, WireError> {
+        loop {
+            match self {
+                Decoder::Done => return Ok(Decoded::End),
+                Decoder::Length(left) => {
+                    if buf.is_empty() {
+                        return if eof { Err(WireError::Closed) } else { Ok(Decoded::More) };
+                    }
+                    let take = (*left).min(buf.len() as u64) as usize;
+                    *left -= take as u64;
+                    if *left == 0 {
+                        *self = Decoder::Done;
+                    }
+                    return Ok(Decoded::Data(buf.split_to(take).freeze()));
+                }
+                Decoder::Close => {
+                    if !buf.is_empty() {
+                        return Ok(Decoded::Data(buf.split().freeze()));
+                    }
+                    if eof {
+                        *self = Decoder::Done;
+                        return Ok(Decoded::End);
+                    }
+                    return Ok(Decoded::More);
+                }
+                Decoder::Chunked(state) => match *state {
+                    Chunk::Size => {
+                        let Some(line) = take_line(buf)? else {
+                            return if eof { Err(WireError::Closed) } else { Ok(Decoded::More) };
+                        };
+                        let size = chunk_size(&line)?;
+                        *state = if size == 0 { Chunk::Trailers } else { Chunk::Data(size) };
+                    }
+                    Chunk::Data(left) => {
+                        if buf.is_empty() {
+                            return if eof { Err(WireError::Closed) } else { Ok(Decoded::More) };
+                        }
+                        let take = left.min(buf.len() as u64) as usize;
+                        *state = if left == take as u64 { Chunk::DataEnd } else { Chunk::Data(left - take as u64) };
+                        return Ok(Decoded::Data(buf.split_to(take).freeze()));
+                    }
+                    Chunk::DataEnd => {
+                        if buf.len() < 2 {
+                            return if eof { Err(WireError::Closed) } else { Ok(Decoded::More) };
+                        }
+                        if &buf[..2] != b"\r\n" {
+                            return Err(WireError::Chunked);
+                        }
+                        buf.advance(2);
+                        *state = Chunk::Size;
+                    }
+                    Chunk::Trailers => {
+                        let Some(line) = take_line(buf)? else {
+                            return if eof { Err(WireError::Closed) } else { Ok(Decoded::More) };
+                        };
+                        if line.is_empty() {
+                            *self = Decoder::Done;
+                        }
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// One CRLF-terminated line off the front of `buf`, without its CRLF; `None` until it
+/// is all there. A line longer than [`MAX_CHUNK_LINE`] or a bare LF is an error.
+fn take_line(buf: &mut BytesMut) -> Result<Option<BytesMut>, WireError> {
+    let window = &buf[..buf.len().min(MAX_CHUNK_LINE + 2)];
+    match window.iter().position(|&b| b == b'\n') {
+        Some(lf) if lf > 0 && buf[lf - 1] == b'\r' => {
+            let mut line = buf.split_to(lf + 1);
+            line.truncate(lf - 1);
+            Ok(Some(line))
+        }
+        Some(_) => Err(WireError::Chunked),
+        None if buf.len() > MAX_CHUNK_LINE => Err(WireError::Chunked),
+        None => Ok(None),
+    }
+}
+
+/// The size of a chunk-size line: hex digits, then nothing or `;` extensions (ignored).
+fn chunk_size(line: &[u8]) -> Result<u64, WireError> {
+    let digits_end = line.iter().position(|b| !b.is_ascii_hexdigit()).unwrap_or(line.len());
+    let (digits, rest) = line.split_at(digits_end);
+    if digits.is_empty() || digits.len() > 15 {
+        return Err(WireError::Chunked);
+    }
+    let rest = rest.trim_ascii_start();
+    if !rest.is_empty() && rest[0] != b';' {
+        return Err(WireError::Chunked);
+    }
+    Ok(digits.iter().fold(0u64, |n, &d| {
+        let v = match d {
+            b'0'..=b'9' => d - b'0',
+            b'a'..=b'f' => d - b'a' + 10,
+            _ => d - b'A' + 10,
+        };
+        (n << 4) | u64::from(v)
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(raw: &str, head_request: bool) -> Result<Option<ResponseHead>, WireError> {
+        parse_response_head(&mut BytesMut::from(raw), 64 * 1024, head_request)
+    }
+
+    fn framing(raw: &str) -> (ResponseFraming, bool) {
+        let h = head(raw, false).unwrap().unwrap();
+        (h.framing, h.keep_alive)
+    }
+
+    /// the framing and reuse of every kind of response head
+    #[test]
+    fn response_framing() {
+        assert_eq!(framing("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"), (ResponseFraming::Length(5), true));
+        assert_eq!(framing("HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n"), (ResponseFraming::Length(5), true));
+        assert_eq!(framing("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"), (ResponseFraming::Chunked, true));
+        let both = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n";
+        assert_eq!(framing(both), (ResponseFraming::Chunked, false), "chunked wins, and the connection is not reused");
+        let h = head(both, false).unwrap().unwrap();
+        assert!(!h.headers.contains_key(CONTENT_LENGTH), "the overridden length is not passed on");
+        assert_eq!(framing("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n"), (ResponseFraming::Close, false));
+        assert_eq!(framing("HTTP/1.1 200 OK\r\n\r\n"), (ResponseFraming::Close, false));
+        assert_eq!(framing("HTTP/1.1 204 No Content\r\ncontent-length: 9\r\n\r\n"), (ResponseFraming::Empty, true));
+        assert_eq!(framing("HTTP/1.1 304 Not Modified\r\n\r\n"), (ResponseFraming::Empty, true));
+        assert!(!framing("HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\n").1);
+        assert!(!framing("HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n").1);
+        let h = head("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", true).unwrap().unwrap();
+        assert_eq!(h.framing, ResponseFraming::Empty, "a HEAD response has no body");
+    }
+
+    /// conflicting or malformed lengths, bad heads and oversized heads are errors
+    #[test]
+    fn bad_heads_are_errors() {
+        for raw in [
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 5, 6\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 0x10\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 99999999999999999999\r\n\r\n",
+        ] {
+            assert_eq!(head(raw, false).unwrap_err(), WireError::ContentLength, "{raw:?}");
+        }
+        for raw in ["HTTP/1.1 2000 OK\r\n\r\n", "HTTP/1.1 200 OK\r\nbad header\r\n\r\n", "SMTP 200\r\n\r\n"] {
+            assert_eq!(head(raw, false).unwrap_err(), WireError::Head, "{raw:?}");
+        }
+        let long = format!("HTTP/1.1 200 OK\r\nx: {}\r\n\r\n", "a".repeat(100));
+        assert_eq!(
+            parse_response_head(&mut BytesMut::from(&long[..]), 64, false).unwrap_err(),
+            WireError::HeadTooLarge
+        );
+        assert!(parse_response_head(&mut BytesMut::from(&long[..40]), 64, false).unwrap().is_none());
+        let many: String = (0..101).map(|i| format!("x{i}: v\r\n")).collect();
+        assert_eq!(head(&format!("HTTP/1.1 200 OK\r\n{many}\r\n"), false).unwrap_err(), WireError::HeadTooLarge);
+    }
+
+    /// the head is split off the buffer; what follows it stays; values keep their bytes
+    #[test]
+    fn the_head_is_taken_off_the_buffer() {
+        let mut buf = BytesMut::from("HTTP/1.1 201 Created\r\nx-a: 1\r\nX-A: 2\r\ncontent-length: 2\r\n\r\nokHTTP");
+        let h = parse_response_head(&mut buf, 1024, false).unwrap().unwrap();
+        assert_eq!(h.status, 201);
+        let all: Vec<_> = h.headers.get_all("x-a").iter().collect();
+        assert_eq!(all, ["1", "2"]);
+        assert_eq!(&buf[..], b"okHTTP");
+        let mut partial = BytesMut::from("HTTP/1.1 200 OK\r\ncontent-le");
+        assert!(parse_response_head(&mut partial, 1024, false).unwrap().is_none());
+        assert_eq!(partial.len(), 27, "a partial head is left in place");
+    }
+
+    fn decode_all(framing: ResponseFraming, input: &[u8], eof: bool) -> Result<(Vec<u8>, bool), WireError> {
+        let mut d = Decoder::new(framing);
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        // One byte at a time: every state must survive a split anywhere.
+        for (i, b) in input.iter().enumerate() {
+            buf.extend_from_slice(&[*b]);
+            let last = i + 1 == input.len();
+            loop {
+                match d.decode(&mut buf, eof && last)? {
+                    Decoded::Data(b) => out.extend_from_slice(&b),
+                    Decoded::More => break,
+                    Decoded::End => return Ok((out, true)),
+                }
+            }
+        }
+        Ok((out, d.is_done()))
+    }
+
+    /// chunked bodies decode whatever the split, with extensions and trailers dropped
+    #[test]
+    fn chunked_bodies() {
+        let body = b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nx-trailer: t\r\n\r\n";
+        assert_eq!(decode_all(ResponseFraming::Chunked, body, false).unwrap(), (b"hello world".to_vec(), true));
+        let upper = b"A\r\n0123456789\r\n0\r\n\r\n";
+        assert_eq!(decode_all(ResponseFraming::Chunked, upper, false).unwrap(), (b"0123456789".to_vec(), true));
+        for bad in [
+            &b"5\r\nhelloXX0\r\n\r\n"[..],
+            b"g\r\n",
+            b"5 x\r\nhello\r\n",
+            b"5\nhello\r\n",
+            b"ffffffffffffffff\r\n",
+            b"\r\n",
+        ] {
+            assert_eq!(decode_all(ResponseFraming::Chunked, bad, false).unwrap_err(), WireError::Chunked, "{bad:?}");
+        }
+        let long_ext = format!("1;{}\r\n", "e".repeat(MAX_CHUNK_LINE + 10));
+        assert_eq!(decode_all(ResponseFraming::Chunked, long_ext.as_bytes(), false).unwrap_err(), WireError::Chunked);
+        assert_eq!(decode_all(ResponseFraming::Chunked, b"5\r\nhel", true).unwrap_err(), WireError::Closed);
+    }
+
+    /// a length-delimited body ends at its length; a close-delimited one at the close
+    #[test]
+    fn length_and_close_bodies() {
+        let mut d = Decoder::new(ResponseFraming::Length(3));
+        let mut buf = BytesMut::from("abcdef");
+        assert_eq!(d.decode(&mut buf, false).unwrap(), Decoded::Data(Bytes::from_static(b"abc")));
+        assert_eq!(d.decode(&mut buf, false).unwrap(), Decoded::End);
+        assert_eq!(&buf[..], b"def", "bytes after the body are left for the caller to judge");
+        assert_eq!(decode_all(ResponseFraming::Length(5), b"ab", true).unwrap_err(), WireError::Closed);
+        assert_eq!(decode_all(ResponseFraming::Close, b"abc", true).unwrap(), (b"abc".to_vec(), true));
+    }
+
+    /// the request head: every header, one framing header of the gateway's choosing
+    #[test]
+    fn request_heads() {
+        let mut h = HeaderMap::new();
+        h.insert("host", HeaderValue::from_static("up:80"));
+        h.append("x-a", HeaderValue::from_static("1"));
+        h.append("x-a", HeaderValue::from_static("2"));
+        let mut out = Vec::new();
+        write_request_head(&mut out, &Method::POST, "/p?q=1", &h, RequestFraming::Chunked);
+        assert_eq!(
+            out,
+            b"POST /p?q=1 HTTP/1.1\r\nhost: up:80\r\nx-a: 1\r\nx-a: 2\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+        out.clear();
+        write_request_head(&mut out, &Method::PUT, "/", &h, RequestFraming::Length(7));
+        assert!(out.ends_with(b"content-length: 7\r\n\r\n"));
+        h.insert(CONTENT_LENGTH, HeaderValue::from_static("7"));
+        assert_eq!(request_framing(&Method::PUT, &h, false, None), RequestFraming::Length(7));
+        h.remove(CONTENT_LENGTH);
+        assert_eq!(request_framing(&Method::GET, &h, false, None), RequestFraming::None);
+        assert_eq!(request_framing(&Method::POST, &h, false, None), RequestFraming::Chunked);
+        assert_eq!(request_framing(&Method::POST, &h, true, Some(0)), RequestFraming::None);
+        assert_eq!(request_framing(&Method::POST, &h, false, Some(3)), RequestFraming::Length(3));
+        let mut size = Vec::new();
+        write_chunk_size(&mut size, 0x1a2b);
+        assert_eq!(size, b"1a2b\r\n");
+    }
+}
