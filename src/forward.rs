@@ -3,7 +3,6 @@
 
 use crate::body::{Body, BodyError};
 use crate::error::{GateError, UpstreamFailure};
-use crate::headers::HOST;
 use crate::rewrite::Outbound;
 use crate::upstream::{Answer, Conn, SendError, Upstream};
 use http::Response;
@@ -23,15 +22,14 @@ pub struct Forwarded {
 /// Forwards `out`. A connection refused by one target is retried once on another when
 /// the request has no body (nothing was sent, so the retry is safe whatever the method).
 pub async fn send(upstream: &Arc<Upstream>, out: Outbound) -> Result<Forwarded, GateError> {
-    let Outbound { mut request, route, client_upgrade } = out;
+    let Outbound { mut request, added, route, client_upgrade } = out;
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + route.timeout;
     // A refused connection hands the request back unsent: no copy is kept for the retry.
     let mut may_retry = route.upstreams.len() > 1 && request.body().is_end_stream();
     let (response, answer) = loop {
         let target = route.upstreams.pick().ok_or(GateError::Upstream(UpstreamFailure::Connect))?;
-        request.headers_mut().insert(HOST, target.host.clone());
-        match tokio::time::timeout_at(deadline, upstream.send(target, request, route.timeout)).await {
+        match tokio::time::timeout_at(deadline, upstream.send(target, request, &added, route.timeout)).await {
             Err(_) => return Err(GateError::UpstreamTimeout),
             Ok(Ok(sent)) => break sent,
             Ok(Err(SendError::Connect { authority, reason, request: back })) => {

@@ -66,20 +66,31 @@ pub fn request_framing(method: &Method, headers: &HeaderMap, end_stream: bool, e
     }
 }
 
-/// Writes `METHOD target HTTP/1.1`, every header, the framing header when the headers
-/// lack it, and the blank line, into `out`.
-pub fn write_request_head(
-    out: &mut Vec<u8>,
-    method: &Method,
-    target: &str,
-    headers: &HeaderMap,
-    framing: RequestFraming,
-) {
+/// The head of one request: what [`write_request_head`] writes.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestHead<'a> {
+    pub method: &'a Method,
+    /// Origin form: path and query.
+    pub target: &'a str,
+    pub host: &'a HeaderValue,
+    /// The client's headers, cleaned.
+    pub headers: &'a HeaderMap,
+    /// The gateway's own, after them.
+    pub added: &'a [(HeaderName, HeaderValue)],
+    pub framing: RequestFraming,
+}
+
+/// Writes `METHOD target HTTP/1.1`, `Host` first (RFC 9110 §7.2), the client's headers,
+/// the gateway's, the framing header when the client's lack it, and the blank line.
+pub fn write_request_head(out: &mut Vec<u8>, head: &RequestHead<'_>) {
+    let RequestHead { method, target, host, headers, added, framing } = *head;
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in headers {
+    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    out.extend_from_slice(host.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in headers.iter().chain(added.iter().map(|(n, v)| (n, v))) {
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
@@ -166,7 +177,8 @@ pub fn parse_response_head(
         })
         .collect();
     let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(spans.len());
+    // With room for what the gateway adds on the way back: growing the map would rehash it.
+    let mut headers = HeaderMap::with_capacity(spans.len() + crate::rewrite::RESPONSE_HEADERS_ADDED);
     for (n, nl, v, vl) in spans {
         let name = HeaderName::from_bytes(&head[n..n + nl]).map_err(|_| WireError::Head)?;
         let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl)).map_err(|_| WireError::Head)?;
@@ -524,18 +536,27 @@ mod tests {
     #[test]
     fn request_heads() {
         let mut h = HeaderMap::new();
-        h.insert("host", HeaderValue::from_static("up:80"));
         h.append("x-a", HeaderValue::from_static("1"));
         h.append("x-a", HeaderValue::from_static("2"));
+        let host = HeaderValue::from_static("up:80");
+        let added = [(HeaderName::from_static("x-gatehouse-user"), HeaderValue::from_static("u1"))];
         let mut out = Vec::new();
-        write_request_head(&mut out, &Method::POST, "/p?q=1", &h, RequestFraming::Chunked);
+        let head = RequestHead {
+            method: &Method::POST,
+            target: "/p?q=1",
+            host: &host,
+            headers: &h,
+            added: &added,
+            framing: RequestFraming::Chunked,
+        };
+        write_request_head(&mut out, &head);
         assert_eq!(
             out,
-            b"POST /p?q=1 HTTP/1.1\r\nhost: up:80\r\nx-a: 1\r\nx-a: 2\r\ntransfer-encoding: chunked\r\n\r\n"
+            b"POST /p?q=1 HTTP/1.1\r\nhost: up:80\r\nx-a: 1\r\nx-a: 2\r\nx-gatehouse-user: u1\r\ntransfer-encoding: chunked\r\n\r\n"
         );
         out.clear();
-        write_request_head(&mut out, &Method::PUT, "/", &h, RequestFraming::Length(7));
-        assert!(out.ends_with(b"content-length: 7\r\n\r\n"));
+        write_request_head(&mut out, &RequestHead { method: &Method::PUT, framing: RequestFraming::Length(7), ..head });
+        assert!(out.ends_with(b"u1\r\ncontent-length: 7\r\n\r\n"));
         h.insert(CONTENT_LENGTH, HeaderValue::from_static("7"));
         assert_eq!(request_framing(&Method::PUT, &h, false, None), RequestFraming::Length(7));
         h.remove(CONTENT_LENGTH);

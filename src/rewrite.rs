@@ -25,15 +25,20 @@ use std::sync::Arc;
 /// A request ready to forward. Only [`request`] builds one, and it needs a [`Permit`].
 #[derive(Debug)]
 pub struct Outbound {
+    /// The client's request, its headers cleaned of everything the upstream must not see.
     pub(crate) request: Request<Body>,
+    /// What the gateway adds, in order: forwarding, request id, identity, the route's own
+    /// headers, `Connection: upgrade`. Written on the wire after the client's headers (and
+    /// after the target's `Host`), never inserted into the client's map: the client's
+    /// copies of these names are gone already, and inserts would rehash that map.
+    pub(crate) added: Added,
     pub route: Arc<Route>,
     /// The client side of a protocol upgrade (WebSocket), to join on `101`.
     pub client_upgrade: Option<OnUpgrade>,
 }
 
-/// Headers `request` and forward add at most, besides the route's own: three
-/// forwarding, the request id, six identity, `Connection` and `Host`.
-const IDENTITY_AND_FORWARDING: usize = 12;
+/// The headers the gateway adds to a request (see [`Outbound::added`]).
+pub type Added = SmallVec<[(HeaderName, HeaderValue); 16]>;
 
 /// Builds the upstream request from an authorised one.
 pub fn request(p: Parsed, permit: &Permit, conn: &ConnInfo, trusted_peer: bool, names: &IdentityHeaders) -> Outbound {
@@ -43,46 +48,54 @@ pub fn request(p: Parsed, permit: &Permit, conn: &ConnInfo, trusted_peer: bool, 
     let upgrade = parts.version == Version::HTTP_11 && is_upgrade(h);
     let forwarding = Forwarding::capture(h, trusted_peer);
     // One pass over the names: hop-by-hop (`Upgrade` kept for an upgrade), whatever
-    // `Connection` lists, `Host` (forward sets the target's) and the protected headers.
+    // `Connection` lists, `Host` (forward sets the target's), the protected headers
+    // (forwarding, request id and identity among them) and what the route sets.
     let listed = connection_listed(h);
     remove_where(h, |n| {
         (is_hop_by_hop(n) && !(upgrade && n == UPGRADE))
             || (n != UPGRADE && listed.contains(n))
             || n == HOST
             || is_protected(n, route.forward_credentials, names)
+            || route.set_headers.iter().any(|(set, _)| set == n)
     });
 
-    // Room for what is added below and `Host` (forward): growing the map on the way
-    // would rehash it two or three times.
-    h.reserve(IDENTITY_AND_FORWARDING + route.set_headers.len());
-    forwarding.apply(h, conn, host);
-    h.insert(X_REQUEST_ID, request_id);
+    let mut added = Added::new();
+    forwarding.apply(&mut added, conn, host);
+    added.push((X_REQUEST_ID, request_id));
     // SPEC §4: who the caller is, from the snapshot; the client's copies are gone.
     if let Caller::User(id) = permit.caller() {
         let u = &id.key.user.headers;
-        h.insert(&names.user, u.user.clone());
-        h.insert(&names.key_id, id.key.id_header.clone());
-        h.insert(&names.org, u.org.clone());
-        h.insert(&names.teams, u.teams.clone());
-        h.insert(&names.roles, u.roles.clone());
+        added.push((names.user.clone(), u.user.clone()));
+        added.push((names.key_id.clone(), id.key.id_header.clone()));
+        added.push((names.org.clone(), u.org.clone()));
+        added.push((names.teams.clone(), u.teams.clone()));
+        added.push((names.roles.clone(), u.roles.clone()));
         if let Some(p) = permit.proxied_user() {
-            h.insert(&names.proxied_user, p.clone());
+            added.push((names.proxied_user.clone(), p.clone()));
         }
     }
+    // The route's own headers win over anything above of the same name.
     for (name, value) in &route.set_headers {
-        h.insert(name, value.clone());
+        match added.iter_mut().find(|(n, _)| n == name) {
+            Some(slot) => slot.1 = value.clone(),
+            None => added.push((name.clone(), value.clone())),
+        }
     }
     if upgrade {
-        h.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        added.push((CONNECTION, HeaderValue::from_static("upgrade")));
     }
 
     let client_upgrade = if upgrade { parts.extensions.remove::<OnUpgrade>() } else { None };
-    // HTTP/2 in, HTTP/1.1 out: the pooled client refuses a request still marked h2.
+    // HTTP/2 in, HTTP/1.1 out.
     parts.version = Version::HTTP_11;
     parts.uri = Uri::from(path_and_query);
     parts.extensions.clear();
-    Outbound { request: Request::from_parts(parts, body), route, client_upgrade }
+    Outbound { request: Request::from_parts(parts, body), added, route, client_upgrade }
 }
+
+/// Headers [`response`] adds at most: the request id and the two quota headers. The
+/// upstream side sizes a response's header map with room for them (`h1.rs`).
+pub const RESPONSE_HEADERS_ADDED: usize = 3;
 
 /// Cleans an upstream response for the client and adds the key's quota.
 pub fn response(mut res: Response<Body>, request_id: &HeaderValue, quota: Option<Quota>) -> Response<Body> {
@@ -93,7 +106,7 @@ pub fn response(mut res: Response<Body>, request_id: &HeaderValue, quota: Option
         let listed = connection_listed(h);
         remove_where(h, |n| is_hop_by_hop(n) || (n != UPGRADE && listed.contains(n)));
     }
-    h.reserve(3);
+    h.reserve(RESPONSE_HEADERS_ADDED);
     h.insert(X_REQUEST_ID, request_id.clone());
     if let Some(q) = quota {
         h.insert(X_RATELIMIT_LIMIT, q.limit);
@@ -183,19 +196,19 @@ impl Forwarding {
     }
 
     /// Replaces (untrusted peer) or extends (trusted proxy) the forwarding headers.
-    fn apply(self, h: &mut HeaderMap, conn: &ConnInfo, host: Option<HeaderValue>) {
+    fn apply(self, added: &mut Added, conn: &ConnInfo, host: Option<HeaderValue>) {
         let xff = match self.prior_for {
             Some(prior) => HeaderValue::from_str(&format!("{prior}, {}", conn.peer.ip())).ok(),
             None => Some(conn.peer_ip.clone()),
         };
         if let Some(v) = xff {
-            h.insert(X_FORWARDED_FOR, v);
+            added.push((X_FORWARDED_FOR, v));
         }
         let proto =
             self.prior_proto.unwrap_or_else(|| HeaderValue::from_static(if conn.tls { "https" } else { "http" }));
-        h.insert(X_FORWARDED_PROTO, proto);
+        added.push((X_FORWARDED_PROTO, proto));
         if let Some(v) = self.prior_host.or(host) {
-            h.insert(X_FORWARDED_HOST, v);
+            added.push((X_FORWARDED_HOST, v));
         }
     }
 }

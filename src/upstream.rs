@@ -15,7 +15,7 @@ use crate::h1::{self, Decoded, Decoder, RequestFraming, WireError};
 use crate::route::Target;
 use bytes::{Bytes, BytesMut};
 use http::uri::Authority;
-use http::{Method, Request, Response, StatusCode};
+use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::BodyExt;
 use std::pin::Pin;
@@ -146,8 +146,9 @@ impl Upstream {
         })
     }
 
-    /// Sends `req` (origin-form URI, `Host` set) to `target` on a pooled connection, or a
-    /// new one. `idle`: how long the response body may stall between reads.
+    /// Sends `req` (origin-form URI) with the gateway's `added` headers to `target`, whose
+    /// `Host` it gets, on a pooled connection or a new one. `idle`: how long the response
+    /// body may stall between reads.
     ///
     /// A pooled connection can die under the request: the upstream closed it while it was
     /// idle (its keep-alive timeout, a restart) and the close crossed our request on the
@@ -157,6 +158,7 @@ impl Upstream {
         self: &Arc<Self>,
         target: &Target,
         req: Request<Body>,
+        added: &[(HeaderName, HeaderValue)],
         idle: Duration,
     ) -> Result<(Response<()>, Answer), SendError> {
         let (pooled, conn) = match self.checkout(target.slot) {
@@ -175,9 +177,18 @@ impl Upstream {
         let (parts, body) = req.into_parts();
         let framing =
             h1::request_framing(&parts.method, &parts.headers, body.is_end_stream(), body.size_hint().exact());
-        let target_text = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
         let mut head = Vec::with_capacity(1024);
-        h1::write_request_head(&mut head, &parts.method, target_text, &parts.headers, framing);
+        h1::write_request_head(
+            &mut head,
+            &h1::RequestHead {
+                method: &parts.method,
+                target: parts.uri.path_and_query().map_or("/", |pq| pq.as_str()),
+                host: &target.host,
+                headers: &parts.headers,
+                added,
+                framing,
+            },
+        );
         let resend = pooled && is_safe_to_resend(&parts.method, framing);
         let is_head = parts.method == Method::HEAD;
         match self.exchange(conn, &head, body, framing, is_head).await {

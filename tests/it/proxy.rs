@@ -480,3 +480,34 @@ async fn a_request_without_a_body_arrives_without_one() {
     assert_eq!(seen.body_bytes, 0);
     assert!(seen.lacks("transfer-encoding"), "{:?}", seen.headers);
 }
+
+/// A route's header wins over one the gateway sets itself (`X-Forwarded-Proto: https`
+/// behind a balancer that terminates TLS) and over the client's, and reaches the upstream
+/// once; of two spellings of one name in the route, the last one counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_header_replaces_the_gateways_own_and_the_clients_and_arrives_once() {
+    let up = TestUpstream::start().await;
+    let gw = TestGateway::builder()
+        .route(
+            RouteSpec::new("all", "/")
+                .to(&up)
+                .set_header("X-Forwarded-Proto", "https")
+                .set_header("X-Tenant", "first")
+                .set_header("x-tenant", "second"),
+        )
+        .start()
+        .await;
+
+    let req = Request::get(gw.url("/set"))
+        .header("x-tenant", "client-chosen")
+        .header("x-forwarded-proto", "gopher")
+        .body(empty())
+        .unwrap();
+    let res = H1::new().send(req).await;
+
+    assert_eq!(res.status, 200, "{}", res.text());
+    let seen = up.only_request();
+    assert_eq!(seen.values("x-forwarded-proto"), ["https"]);
+    assert_eq!(seen.values("x-tenant"), ["second"]);
+    assert_eq!(seen.values("host").len(), 1);
+}
