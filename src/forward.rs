@@ -49,12 +49,14 @@ pub async fn send(upstream: &Arc<Upstream>, out: Outbound) -> Result<Forwarded, 
     let upstream_latency = started.elapsed();
     let body = match answer {
         Answer::Body(body) => Body::Upstream(body),
-        Answer::Switched(conn) => {
-            if let Some(client_side) = client_upgrade {
+        Answer::Switched(conn) => match client_upgrade {
+            Some(client_side) => {
                 tokio::spawn(tunnel(client_side, conn));
+                Body::Empty
             }
-            Body::Empty
-        }
+            // A switch nobody asked for: the client's connection must not go dead on it.
+            None => return Err(GateError::Upstream(UpstreamFailure::Protocol)),
+        },
     };
     let (parts, ()) = response.into_parts();
     Ok(Forwarded { response: Response::from_parts(parts, body), upstream_latency })

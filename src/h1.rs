@@ -19,7 +19,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 
 /// Headers a response head may carry (hyper's client default too).
 pub const MAX_HEADERS: usize = 100;
-/// Longest chunk-size line (size and extensions) or trailer section accepted.
+/// Longest chunk-size line (size and extensions), and longest trailer section, accepted.
 const MAX_CHUNK_LINE: usize = 4096;
 
 /// Why an upstream exchange broke on the wire.
@@ -276,8 +276,8 @@ pub enum Chunk {
     Data(u64),
     /// After a chunk's data: its CRLF.
     DataEnd,
-    /// After the last (zero) chunk: trailer lines until an empty one.
-    Trailers,
+    /// After the last (zero) chunk: trailer lines until an empty one, this many bytes so far.
+    Trailers(usize),
 }
 
 impl Decoder {
@@ -336,7 +336,7 @@ impl Decoder {
                             return if eof { Err(WireError::Closed) } else { Ok(Decoded::More) };
                         };
                         let size = chunk_size(&line)?;
-                        *state = if size == 0 { Chunk::Trailers } else { Chunk::Data(size) };
+                        *state = if size == 0 { Chunk::Trailers(0) } else { Chunk::Data(size) };
                     }
                     Chunk::Data(left) => {
                         if buf.is_empty() {
@@ -356,12 +356,16 @@ impl Decoder {
                         buf.advance(2);
                         *state = Chunk::Size;
                     }
-                    Chunk::Trailers => {
+                    Chunk::Trailers(seen) => {
                         let Some(line) = take_line(buf)? else {
                             return if eof { Err(WireError::Closed) } else { Ok(Decoded::More) };
                         };
                         if line.is_empty() {
                             *self = Decoder::Done;
+                        } else if seen + line.len() > MAX_CHUNK_LINE {
+                            return Err(WireError::Chunked);
+                        } else {
+                            *state = Chunk::Trailers(seen + line.len());
                         }
                     }
                 },
@@ -518,6 +522,12 @@ mod tests {
         let long_ext = format!("1;{}\r\n", "e".repeat(MAX_CHUNK_LINE + 10));
         assert_eq!(decode_all(ResponseFraming::Chunked, long_ext.as_bytes(), false).unwrap_err(), WireError::Chunked);
         assert_eq!(decode_all(ResponseFraming::Chunked, b"5\r\nhel", true).unwrap_err(), WireError::Closed);
+        let many_trailers = format!("0\r\n{}\r\n", "x-t: 0123456789\r\n".repeat(MAX_CHUNK_LINE / 10));
+        assert_eq!(
+            decode_all(ResponseFraming::Chunked, many_trailers.as_bytes(), false).unwrap_err(),
+            WireError::Chunked,
+            "the trailer section as a whole is bounded, not only each line"
+        );
     }
 
     /// a length-delimited body ends at its length; a close-delimited one at the close

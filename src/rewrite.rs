@@ -56,7 +56,7 @@ pub fn request(p: Parsed, permit: &Permit, conn: &ConnInfo, trusted_peer: bool, 
             || (n != UPGRADE && listed.contains(n))
             || n == HOST
             || is_protected(n, route.forward_credentials, names)
-            || route.set_headers.iter().any(|(set, _)| set == n)
+            || route.set_headers.iter().any(|(set, _)| headers::same_header(n.as_str(), set))
     });
 
     let mut added = Added::new();

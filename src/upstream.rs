@@ -36,6 +36,12 @@ const BODY_READ: usize = 64 * 1024;
 /// A request body frame at most this long is copied next to its chunk framing and sent
 /// in one write; a longer one is written on its own.
 const COALESCE: usize = 16 * 1024;
+/// A body held whole (after an HMAC check) at most this long goes out with the head in
+/// one write before the answer is read; a longer one is sent while the answer is awaited,
+/// like a streamed body, so an early answer (413) still gets through.
+const ONE_WRITE: usize = 64 * 1024;
+/// `1xx` answers accepted before the final one.
+const MAX_INFORMATIONAL: usize = 16;
 
 /// Why a request could not be sent or answered.
 #[derive(Debug, thiserror::Error)]
@@ -68,14 +74,19 @@ impl Conn {
         (self.io, self.buf)
     }
 
-    /// False when the upstream closed (or reset) the connection while it was idle. The
-    /// close reaches the worker's epoll as read-closed readiness: no system call here.
+    /// False when the upstream closed (or reset) the connection while it was idle, or sent
+    /// anything unasked: bytes there would be read as the next request's response. Both
+    /// reach the worker's epoll as read readiness; only then is the socket read (one byte,
+    /// non-blocking) to tell stale readiness from real bytes, so an idle connection that
+    /// saw nothing costs no system call.
     fn is_open(&self) -> bool {
         let mut cx = Context::from_waker(std::task::Waker::noop());
         match std::pin::pin!(self.io.ready(Interest::READABLE)).poll(&mut cx) {
-            Poll::Ready(Ok(r)) => !r.is_read_closed() && !r.is_error(),
-            Poll::Ready(Err(_)) => false,
             Poll::Pending => true,
+            Poll::Ready(Ok(r)) if !r.is_read_closed() && !r.is_error() => {
+                matches!(self.io.try_read(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+            }
+            Poll::Ready(_) => false,
         }
     }
 
@@ -219,14 +230,16 @@ impl Upstream {
         is_head: bool,
     ) -> Result<(Conn, h1::ResponseHead), Failed> {
         let max_head = self.max_head;
+        let whole = matches!(&body, Body::Full(b)
+            if framing != RequestFraming::Chunked && b.as_ref().map_or(0, Bytes::len) <= ONE_WRITE);
         let streamed = match body {
-            // Nothing to stream (no body, or one held whole, as after an HMAC check): the
-            // head and the body go out in one write, then the answer is read.
+            // Nothing to stream (no body, or a small one held whole, as after an HMAC
+            // check): the head and the body go out in one write, then the answer is read.
             Body::Empty => {
                 conn.io.write_all(head).await?;
                 None
             }
-            Body::Full(bytes) if framing != RequestFraming::Chunked => {
+            Body::Full(bytes) if whole => {
                 let bytes = bytes.unwrap_or_default();
                 let announced = if let RequestFraming::Length(n) = framing { n } else { 0 };
                 if bytes.len() as u64 != announced {
@@ -436,9 +449,17 @@ async fn read_head<R: AsyncRead + Unpin>(
     is_head: bool,
 ) -> Result<h1::ResponseHead, Failed> {
     let mut answered = false;
+    let mut informational = 0;
     loop {
         match h1::parse_response_head(buf, max_head, is_head) {
-            Ok(Some(h)) if h.status.is_informational() && h.status != StatusCode::SWITCHING_PROTOCOLS => continue,
+            Ok(Some(h)) if h.status.is_informational() && h.status != StatusCode::SWITCHING_PROTOCOLS => {
+                // 100 Continue, 103 Early Hints: a few, then the answer; not without end.
+                informational += 1;
+                if informational > MAX_INFORMATIONAL {
+                    return Err(Failed { error: WireError::Head.into(), answered: true });
+                }
+                continue;
+            }
             Ok(Some(h)) => return Ok(h),
             Ok(None) => {}
             Err(e) => return Err(Failed { error: e.into(), answered: true }),

@@ -6,8 +6,9 @@
 //!
 //! - per key, by what the key can legitimately send in one window:
 //!   `burst + per_second × (2 × max_skew + 1)`; a key over it is over its rate limit;
-//! - overall, by `auth.hmac.replay_cache_entries` (default 1,000,000, about 27 bytes an
-//!   entry measured at a million, hash-table slack included: ≈ 27 MB at the cap).
+//! - overall, by `auth.hmac.replay_cache_entries` (default 1,000,000, about 24 bytes an
+//!   entry measured at a million from one key, hash-table slack included: ≈ 25 MB at the
+//!   cap; each key that signs within a second adds about 20 bytes to that second's group).
 //!
 //! When a bound is reached new signatures are refused; live entries are never dropped
 //! early, because forgetting one would let that request be replayed.

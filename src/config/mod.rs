@@ -490,6 +490,15 @@ impl Validator {
                     continue;
                 }
             };
+            // The gateway writes these itself (the target's Host, the one framing header,
+            // the connection's own); a second copy from the route could split the request.
+            if name == http::header::HOST
+                || name == http::header::CONTENT_LENGTH
+                || crate::headers::HOP_BY_HOP.contains(&name)
+            {
+                self.at(&v.referenced, format!("set_headers.{k}: the gateway sets {name} itself; a route cannot"));
+                continue;
+            }
             match env::expand(&v.value, env) {
                 // The value may hold a credential: never echo it in an error.
                 Ok(val) => match HeaderValue::from_str(&val) {
@@ -585,6 +594,16 @@ mod tests {
         let msgs: Vec<_> = e.problems.iter().map(|p| (p.line, p.message.as_str())).collect();
         assert!(msgs.iter().any(|(l, m)| *l == 9 && m.contains("duplicate route name")), "{e}");
         assert!(msgs.iter().any(|(l, m)| *l == 12 && m.contains("NOPE is not set")), "{e}");
+    }
+
+    /// a route cannot set Host, the framing headers or hop-by-hop ones
+    #[test]
+    fn set_headers_the_gateway_owns_are_refused() {
+        for name in ["Host", "content-length", "Transfer-Encoding", "Connection", "Upgrade", "TE"] {
+            let e = parse_str(&GOOD.replace("Authorization:", &format!("{name}:"))).unwrap_err();
+            assert!(e.to_string().contains("the gateway sets"), "{name}: {e}");
+            assert_eq!(e.problems[0].line, 8, "{e}");
+        }
     }
 
     /// https, a path, or no scheme on an upstream are refused

@@ -482,8 +482,9 @@ async fn a_request_without_a_body_arrives_without_one() {
 }
 
 /// A route's header wins over one the gateway sets itself (`X-Forwarded-Proto: https`
-/// behind a balancer that terminates TLS) and over the client's, and reaches the upstream
-/// once; of two spellings of one name in the route, the last one counts.
+/// behind a balancer that terminates TLS) and over the client's in any spelling (`_` for
+/// `-` too), and reaches the upstream once; of two spellings of one name in the route, the
+/// last one counts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_route_header_replaces_the_gateways_own_and_the_clients_and_arrives_once() {
     let up = TestUpstream::start().await;
@@ -500,6 +501,7 @@ async fn a_route_header_replaces_the_gateways_own_and_the_clients_and_arrives_on
 
     let req = Request::get(gw.url("/set"))
         .header("x-tenant", "client-chosen")
+        .header("x_tenant", "client-chosen-too")
         .header("x-forwarded-proto", "gopher")
         .body(empty())
         .unwrap();
@@ -509,5 +511,6 @@ async fn a_route_header_replaces_the_gateways_own_and_the_clients_and_arrives_on
     let seen = up.only_request();
     assert_eq!(seen.values("x-forwarded-proto"), ["https"]);
     assert_eq!(seen.values("x-tenant"), ["second"]);
+    assert!(seen.values("x_tenant").is_empty(), "a backend could read x_tenant as x-tenant");
     assert_eq!(seen.values("host").len(), 1);
 }

@@ -4,6 +4,8 @@
 //! writes exactly the bytes each test gives it.
 
 use crate::support::assert_error;
+use crate::support::client::H1;
+use crate::support::creds::Creds;
 use crate::support::gateway::{RouteSpec, TestGateway};
 use crate::support::raw::RawConn;
 use std::net::SocketAddr;
@@ -26,14 +28,16 @@ struct Scripted {
 struct Answer {
     bytes: Vec<u8>,
     close: bool,
+    /// Written 50 ms after the answer, unasked.
+    later: Option<Vec<u8>>,
 }
 
 fn answer(bytes: &[u8]) -> Answer {
-    Answer { bytes: bytes.to_vec(), close: false }
+    Answer { bytes: bytes.to_vec(), close: false, later: None }
 }
 
 fn answer_then_close(bytes: &[u8]) -> Answer {
-    Answer { bytes: bytes.to_vec(), close: true }
+    Answer { bytes: bytes.to_vec(), close: true, later: None }
 }
 
 impl Scripted {
@@ -87,6 +91,12 @@ async fn serve(mut stream: TcpStream, script: Arc<Mutex<std::vec::IntoIter<Answe
         let Some(a) = script.lock().unwrap().next() else { return };
         if stream.write_all(&a.bytes).await.is_err() || a.close {
             return;
+        }
+        if let Some(later) = a.later {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            if stream.write_all(&later).await.is_err() {
+                return;
+            }
         }
     }
 }
@@ -167,7 +177,8 @@ async fn informational_answers_before_the_final_one_are_skipped() {
 }
 
 /// Answers the gateway cannot trust are the §5 502, never passed on: two different
-/// lengths, a malformed length, a head over `limits.max_header_bytes`, not HTTP at all.
+/// lengths, a malformed length, a head over `limits.max_header_bytes`, not HTTP at all,
+/// a `101` to a request that asked for no upgrade, more than 16 `1xx` in a row.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_with_conflicting_lengths_or_oversized_heads_are_502() {
     let huge = format!("HTTP/1.1 200 OK\r\nx-big: {}\r\ncontent-length: 2\r\n\r\nok", "a".repeat(70 * 1024));
@@ -176,6 +187,11 @@ async fn answers_with_conflicting_lengths_or_oversized_heads_are_502() {
         ("malformed length", b"HTTP/1.1 200 OK\r\ncontent-length: 2x\r\n\r\nok".to_vec()),
         ("oversized head", huge.into_bytes()),
         ("not HTTP", b"SSH-2.0-OpenSSH_9.6\r\n\r\n".to_vec()),
+        (
+            "a switch nobody asked for",
+            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n".to_vec(),
+        ),
+        ("1xx without end", b"HTTP/1.1 100 Continue\r\n\r\n".repeat(17)),
     ];
     for (what, bytes) in cases {
         let up = Scripted::start(vec![answer_then_close(&bytes)]).await;
@@ -204,4 +220,46 @@ async fn an_answer_that_comes_before_the_whole_request_body_is_passed_on() {
     let heads = up.heads();
     assert_eq!(heads.len(), 1);
     assert!(heads[0].to_ascii_lowercase().contains("content-length: 10000000\r\n"), "{}", heads[0]);
+}
+
+/// An upstream that sends bytes nobody asked for on an idle connection (a second answer,
+/// a late 408): the connection is not used again, so those bytes never become the next
+/// client's response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_an_upstream_sends_on_an_idle_connection_never_answer_the_next_request() {
+    let first = Answer {
+        bytes: b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfirst".to_vec(),
+        close: false,
+        later: Some(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nevil".to_vec()),
+    };
+    let up = Scripted::start(vec![first, answer(b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nsecond")]).await;
+    let gw = up.gateway().await;
+    let mut conn = RawConn::connect(gw.addr()).await;
+    conn.send(GET).await;
+    assert_eq!(&conn.read_response().await.body[..], b"first");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    conn.send(GET).await;
+    let res = conn.read_response().await;
+    assert_eq!((res.status.as_u16(), &res.body[..]), (200, &b"second"[..]), "{}", res.text());
+    assert_eq!(up.connections(), 2);
+}
+
+/// A signed upload too large to go out in one write, refused by the upstream as soon as it
+/// sees the head: the client gets that 413, not a 502 or a timeout, as for a streamed body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_answer_to_a_large_signed_body_is_passed_on() {
+    let up = Scripted::start(vec![answer(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 7\r\n\r\ntoo big")]).await;
+    let mut creds = Creds::new();
+    let key = creds.hmac_user("signer");
+    let gw = TestGateway::builder()
+        .credentials(&creds)
+        .auth_hmac("max_body", "32MiB")
+        .route(RouteSpec::new("all", "/").upstream_url(&format!("http://{}", up.addr)).authenticated())
+        .start()
+        .await;
+    let body = vec![b'x'; 16 * 1024 * 1024];
+    let res = H1::new().request("POST", &gw.url("/upload"), &key.headers("POST", "/upload", &body), body).await;
+    assert_eq!(res.status, 413, "{}", res.text());
+    assert_eq!(&res.body[..], b"too big");
+    assert_eq!(up.heads().len(), 1);
 }
