@@ -13,6 +13,7 @@
 //!   different or malformed `Content-Length`s are an error; chunk sizes are hex without
 //!   overflow, chunk extensions and trailers are bounded and dropped.
 
+use crate::headers::list_elements;
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
@@ -140,7 +141,6 @@ pub enum ResponseFraming {
 #[derive(Debug)]
 pub struct ResponseHead {
     pub status: StatusCode,
-    pub version: Version,
     pub headers: HeaderMap,
     pub framing: ResponseFraming,
     /// The connection may carry another request once this body is read.
@@ -210,31 +210,28 @@ pub fn parse_response_head(
         keep_alive = false;
         ResponseFraming::Close
     };
-    Ok(Some(ResponseHead { status, version, headers, framing, keep_alive }))
+    Ok(Some(ResponseHead { status, headers, framing, keep_alive }))
 }
 
 /// The one length every `Content-Length` value gives (a repeated identical value is
 /// allowed, RFC 9110 §8.6); anything else is an error.
 fn content_length(headers: &HeaderMap) -> Result<u64, WireError> {
     let mut found = None;
-    for v in headers.get_all(CONTENT_LENGTH) {
-        for part in v.as_bytes().split(|&b| b == b',') {
-            let part = part.trim_ascii();
-            if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
-                return Err(WireError::ContentLength);
-            }
-            let n = part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
-            if found.is_some_and(|f| f != n) {
-                return Err(WireError::ContentLength);
-            }
-            found = Some(n);
+    for part in list_elements(headers.get_all(CONTENT_LENGTH).iter()) {
+        if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+            return Err(WireError::ContentLength);
         }
+        let n = part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+        if found.is_some_and(|f| f != n) {
+            return Err(WireError::ContentLength);
+        }
+        found = Some(n);
     }
     found.ok_or(WireError::ContentLength)
 }
 
 fn tokens(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &[u8]> {
-    headers.get_all(name).into_iter().flat_map(|v| v.as_bytes().split(|&b| b == b',')).map(<[u8]>::trim_ascii)
+    list_elements(headers.get_all(name).iter())
 }
 
 fn has_token(headers: &HeaderMap, name: HeaderName, token: &[u8]) -> bool {

@@ -44,6 +44,12 @@ pub static HOP_BY_HOP: [HeaderName; 9] = [
     PROXY_AUTHORIZATION,
 ];
 
+/// The comma-separated elements of a list header's values (RFC 9110 §5.6.1), without
+/// surrounding whitespace; empty elements are kept.
+pub fn list_elements<'a>(values: impl Iterator<Item = &'a http::HeaderValue>) -> impl Iterator<Item = &'a [u8]> {
+    values.flat_map(|v| v.as_bytes().split(|&b| b == b',')).map(<[u8]>::trim_ascii)
+}
+
 /// A number as a header value: one exact-size allocation (`HeaderValue::from(u32)` makes
 /// two, and grows a buffer). `X-RateLimit-Remaining` is one per request.
 pub fn number(n: u32) -> http::HeaderValue {

@@ -133,11 +133,7 @@ fn connection_listed(h: &HeaderMap) -> Vec<HeaderName> {
 /// The comma-separated tokens of every `Connection` value, without surrounding
 /// whitespace. A value that is not visible ASCII is skipped whole.
 fn connection_tokens(h: &HeaderMap) -> impl Iterator<Item = &[u8]> {
-    h.get_all(CONNECTION)
-        .iter()
-        .filter(|v| v.to_str().is_ok())
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .map(<[u8]>::trim_ascii)
+    headers::list_elements(h.get_all(CONNECTION).iter().filter(|v| v.to_str().is_ok()))
 }
 
 /// Removes every header whose name `doomed` picks, judging each name once (cheaper than

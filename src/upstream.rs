@@ -508,6 +508,12 @@ impl UpstreamBody {
             self.pool.release(self.slot, conn);
         }
     }
+
+    /// Ends the body with `e`; the connection is closed.
+    fn fail(&mut self, e: BodyError) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        self.conn = None;
+        Poll::Ready(Some(Err(e)))
+    }
 }
 
 impl http_body::Body for UpstreamBody {
@@ -554,14 +560,6 @@ impl http_body::Body for UpstreamBody {
 
     fn size_hint(&self) -> SizeHint {
         self.decoder.remaining().map_or_else(SizeHint::default, SizeHint::with_exact)
-    }
-}
-
-impl UpstreamBody {
-    /// Ends the body with `e`; the connection is closed.
-    fn fail(&mut self, e: BodyError) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        self.conn = None;
-        Poll::Ready(Some(Err(e)))
     }
 }
 
