@@ -10,8 +10,11 @@
 //! - a response head is at most `max_head` bytes and 100 headers; more is an error;
 //! - a response with `Transfer-Encoding` ending in `chunked` is read as chunked whatever
 //!   `Content-Length` says, and its connection is not reused (RFC 9112 §6.3); several
-//!   different or malformed `Content-Length`s are an error; chunk sizes are hex without
-//!   overflow, chunk extensions and trailers are bounded and dropped.
+//!   different or malformed `Content-Length`s are an error, equal ones become one; chunk
+//!   sizes are hex without overflow, chunk extensions and trailers are bounded and dropped;
+//! - a transfer coding other than `chunked` (`gzip, chunked`) is an error, as in nginx:
+//!   nobody would remove it, and the client would take coded bytes for the body;
+//! - a status outside 100-599 is an error (RFC 9110 §15).
 
 use crate::headers::list_elements;
 use bytes::{Buf, Bytes, BytesMut};
@@ -34,6 +37,8 @@ pub enum WireError {
     ContentLength,
     #[error("malformed chunked body")]
     Chunked,
+    #[error("transfer coding other than chunked")]
+    TransferCoding,
     #[error("connection closed before the response was complete")]
     Closed,
 }
@@ -82,7 +87,9 @@ pub struct RequestHead<'a> {
 }
 
 /// Writes `METHOD target HTTP/1.1`, `Host` first (RFC 9110 §7.2), the client's headers,
-/// the gateway's, the framing header when the client's lack it, and the blank line.
+/// the gateway's, the one framing header `framing` says, and the blank line. The client's
+/// own `Content-Length` lines are never copied (an HTTP/2 client may send two): the
+/// framing header is always the gateway's, written once.
 pub fn write_request_head(out: &mut Vec<u8>, head: &RequestHead<'_>) {
     let RequestHead { method, target, host, headers, added, framing } = *head;
     out.extend_from_slice(method.as_str().as_bytes());
@@ -91,14 +98,14 @@ pub fn write_request_head(out: &mut Vec<u8>, head: &RequestHead<'_>) {
     out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
     out.extend_from_slice(host.as_bytes());
     out.extend_from_slice(b"\r\n");
-    for (name, value) in headers.iter().chain(added.iter().map(|(n, v)| (n, v))) {
+    for (name, value) in headers.iter().filter(|(n, _)| *n != CONTENT_LENGTH).chain(added.iter().map(|(n, v)| (n, v))) {
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
     match framing {
-        RequestFraming::Length(n) if !headers.contains_key(CONTENT_LENGTH) => {
+        RequestFraming::Length(n) => {
             out.extend_from_slice(b"content-length: ");
             out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
             out.extend_from_slice(b"\r\n");
@@ -164,7 +171,11 @@ pub fn parse_response_head(
         Err(httparse::Error::TooManyHeaders) => return Err(WireError::HeadTooLarge),
         Err(_) => return Err(WireError::Head),
     };
-    let status = res.code.and_then(|c| StatusCode::from_u16(c).ok()).ok_or(WireError::Head)?;
+    let status = res
+        .code
+        .filter(|c| (100..=599).contains(c))
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .ok_or(WireError::Head)?;
     let version = if res.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
     // Offsets, not slices: the head is split off and frozen, and every value then shares
     // its one buffer instead of being copied.
@@ -198,14 +209,18 @@ pub fn parse_response_head(
         if headers.remove(CONTENT_LENGTH).is_some() {
             keep_alive = false;
         }
-        if last_token_is_chunked(&headers) {
-            ResponseFraming::Chunked
-        } else {
-            keep_alive = false;
-            ResponseFraming::Close
+        if !only_chunked(&headers) {
+            return Err(WireError::TransferCoding);
         }
+        ResponseFraming::Chunked
     } else if headers.contains_key(CONTENT_LENGTH) {
-        ResponseFraming::Length(content_length(&headers)?)
+        let n = content_length(&headers)?;
+        // `Content-Length: 2, 2` (or two equal lines) goes on as the one value it means.
+        let mut values = headers.get_all(CONTENT_LENGTH).iter();
+        if values.next().is_some_and(|v| v.as_bytes().contains(&b',')) || values.next().is_some() {
+            headers.insert(CONTENT_LENGTH, HeaderValue::from(n));
+        }
+        ResponseFraming::Length(n)
     } else {
         keep_alive = false;
         ResponseFraming::Close
@@ -238,11 +253,10 @@ fn has_token(headers: &HeaderMap, name: HeaderName, token: &[u8]) -> bool {
     tokens(headers, name).any(|t| t.eq_ignore_ascii_case(token))
 }
 
-fn last_token_is_chunked(headers: &HeaderMap) -> bool {
-    tokens(headers, TRANSFER_ENCODING)
-        .filter(|t| !t.is_empty())
-        .last()
-        .is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"))
+/// `Transfer-Encoding` says `chunked` once and nothing else (empty list elements aside).
+fn only_chunked(headers: &HeaderMap) -> bool {
+    let mut codings = tokens(headers, TRANSFER_ENCODING).filter(|t| !t.is_empty());
+    codings.next().is_some_and(|t| t.eq_ignore_ascii_case(b"chunked")) && codings.next().is_none()
 }
 
 /// What the body decoder made of the bytes it has.
@@ -426,12 +440,20 @@ mod tests {
     fn response_framing() {
         assert_eq!(framing("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"), (ResponseFraming::Length(5), true));
         assert_eq!(framing("HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n"), (ResponseFraming::Length(5), true));
+        for equal in [
+            "HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\ncontent-length: 5\r\n\r\n",
+        ] {
+            let h = head(equal, false).unwrap().unwrap();
+            let all: Vec<_> = h.headers.get_all(CONTENT_LENGTH).iter().collect();
+            assert_eq!(all, ["5"], "equal lengths go on as one value: {equal:?}");
+        }
+        assert_eq!(framing("HTTP/1.1 200 OK\r\ntransfer-encoding: ,Chunked\r\n\r\n"), (ResponseFraming::Chunked, true));
         assert_eq!(framing("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"), (ResponseFraming::Chunked, true));
         let both = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n";
         assert_eq!(framing(both), (ResponseFraming::Chunked, false), "chunked wins, and the connection is not reused");
         let h = head(both, false).unwrap().unwrap();
         assert!(!h.headers.contains_key(CONTENT_LENGTH), "the overridden length is not passed on");
-        assert_eq!(framing("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n"), (ResponseFraming::Close, false));
         assert_eq!(framing("HTTP/1.1 200 OK\r\n\r\n"), (ResponseFraming::Close, false));
         assert_eq!(framing("HTTP/1.1 204 No Content\r\ncontent-length: 9\r\n\r\n"), (ResponseFraming::Empty, true));
         assert_eq!(framing("HTTP/1.1 304 Not Modified\r\n\r\n"), (ResponseFraming::Empty, true));
@@ -453,8 +475,24 @@ mod tests {
         ] {
             assert_eq!(head(raw, false).unwrap_err(), WireError::ContentLength, "{raw:?}");
         }
-        for raw in ["HTTP/1.1 2000 OK\r\n\r\n", "HTTP/1.1 200 OK\r\nbad header\r\n\r\n", "SMTP 200\r\n\r\n"] {
+        for raw in [
+            "HTTP/1.1 2000 OK\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nbad header\r\n\r\n",
+            "SMTP 200\r\n\r\n",
+            "HTTP/1.1 600 Odd\r\ncontent-length: 0\r\n\r\n",
+            "HTTP/1.1 999 Odd\r\ncontent-length: 0\r\n\r\n",
+            "HTTP/1.1 099 Odd\r\ncontent-length: 0\r\n\r\n",
+        ] {
             assert_eq!(head(raw, false).unwrap_err(), WireError::Head, "{raw:?}");
+        }
+        for raw in [
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\ntransfer-encoding: chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: identity\r\ncontent-length: 2\r\n\r\n",
+        ] {
+            assert_eq!(head(raw, false).unwrap_err(), WireError::TransferCoding, "{raw:?}");
         }
         let long = format!("HTTP/1.1 200 OK\r\nx: {}\r\n\r\n", "a".repeat(100));
         assert_eq!(
@@ -565,6 +603,14 @@ mod tests {
         write_request_head(&mut out, &RequestHead { method: &Method::PUT, framing: RequestFraming::Length(7), ..head });
         assert!(out.ends_with(b"u1\r\ncontent-length: 7\r\n\r\n"));
         h.insert(CONTENT_LENGTH, HeaderValue::from_static("7"));
+        h.append(CONTENT_LENGTH, HeaderValue::from_static("7"));
+        out.clear();
+        write_request_head(
+            &mut out,
+            &RequestHead { method: &Method::PUT, framing: RequestFraming::Length(7), headers: &h, ..head },
+        );
+        let text = String::from_utf8(out.clone()).unwrap();
+        assert_eq!(text.matches("content-length").count(), 1, "one framing header, the gateway's: {text}");
         assert_eq!(request_framing(&Method::PUT, &h, false, None), RequestFraming::Length(7));
         h.remove(CONTENT_LENGTH);
         assert_eq!(request_framing(&Method::GET, &h, false, None), RequestFraming::None);
