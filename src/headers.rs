@@ -95,23 +95,34 @@ pub fn classify(name: &str) -> Protected {
         // Method overrides would let a client run a method that was never authorised.
         || eq_dashed(b, "x-http-method-override")
         || eq_dashed(b, "x-http-method")
-        || eq_dashed(b, "x-method-override");
+        || eq_dashed(b, "x-method-override")
+        || eq_dashed(b, "x-original-method")
+        // Path overrides (IIS, Symfony, Laminas): a backend that honours them routes to
+        // a path no rule authorised.
+        || eq_dashed(b, "x-original-url")
+        || eq_dashed(b, "x-rewrite-url");
     if identity { Protected::Identity } else { Protected::No }
 }
 
 /// True when a backend could read header `name` (lower case) as `protected`: the same
-/// name with `_` for `-`.
+/// name with `_` and `-` read alike, on either side (a configured name may itself be
+/// spelled with `_`).
 pub fn same_header(name: &str, protected: &HeaderName) -> bool {
     eq_dashed(name.as_bytes(), protected.as_str())
 }
 
-/// `a == b` where `_` in `a` counts as `-`.
+/// `a == b` where `_` and `-` count as the same byte.
 fn eq_dashed(a: &[u8], b: &str) -> bool {
     a.len() == b.len() && starts_with_dashed(a, b)
 }
 
 fn starts_with_dashed(a: &[u8], prefix: &str) -> bool {
-    a.len() >= prefix.len() && a.iter().zip(prefix.as_bytes()).all(|(&x, &y)| x == y || (x == b'_' && y == b'-'))
+    a.len() >= prefix.len() && a.iter().zip(prefix.as_bytes()).all(|(&x, &y)| dash(x) == dash(y))
+}
+
+/// `_` read as `-`.
+fn dash(b: u8) -> u8 {
+    if b == b'_' { b'-' } else { b }
 }
 
 #[cfg(test)]
@@ -132,6 +143,10 @@ mod tests {
             "x-proxied-user",
             "x-http-method-override",
             "x-request-id",
+            "x-original-url",
+            "x_original_url",
+            "x-rewrite-url",
+            "x-original-method",
         ] {
             assert_eq!(classify(n), Protected::Identity, "{n}");
         }
@@ -146,5 +161,15 @@ mod tests {
         for n in ["accept", "content-type", "x-custom", "x-gatehouse", "authorizations", "forwarded-x"] {
             assert_eq!(classify(n), Protected::No, "{n}");
         }
+    }
+
+    /// a configured name spelled with `_` matches a client's `-` spelling, and the reverse
+    #[test]
+    fn same_header_reads_dash_and_underscore_alike_on_both_sides() {
+        let configured = HeaderName::from_static("x_user_id");
+        assert!(same_header("x-user-id", &configured));
+        assert!(same_header("x_user_id", &configured));
+        assert!(same_header("x-user_id", &HeaderName::from_static("x-user-id")));
+        assert!(!same_header("x-user-idx", &configured));
     }
 }
