@@ -16,7 +16,7 @@ use crate::headers::{
 use crate::limit::Quota;
 use crate::request::{ConnInfo, Parsed};
 use crate::route::Route;
-use http::header::{CONNECTION, UPGRADE};
+use http::header::{CONNECTION, COOKIE, UPGRADE};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version};
 use hyper::upgrade::OnUpgrade;
 use smallvec::SmallVec;
@@ -46,14 +46,17 @@ pub fn request(p: Parsed, permit: &Permit, conn: &ConnInfo, trusted_peer: bool, 
     let h = &mut parts.headers;
 
     let upgrade = parts.version == Version::HTTP_11 && is_upgrade(h);
+    if parts.version == Version::HTTP_2 {
+        join_cookies(h);
+    }
     let forwarding = Forwarding::capture(h, trusted_peer);
-    // One pass over the names: hop-by-hop (`Upgrade` kept for an upgrade), whatever
-    // `Connection` lists, `Host` (forward sets the target's), the protected headers
-    // (forwarding, request id and identity among them) and what the route sets.
+    // One pass over the names: hop-by-hop (`Upgrade` too: the gateway writes its own),
+    // whatever `Connection` lists, `Host` (forward sets the target's), the protected
+    // headers (forwarding, request id and identity among them) and what the route sets.
     let listed = connection_listed(h);
     remove_where(h, |n| {
-        (is_hop_by_hop(n) && !(upgrade && n == UPGRADE))
-            || (n != UPGRADE && listed.contains(n))
+        is_hop_by_hop(n)
+            || listed.contains(n)
             || n == HOST
             || is_protected(n, route.forward_credentials, names)
             || route.set_headers.iter().any(|(set, _)| headers::same_header(n.as_str(), set))
@@ -82,6 +85,8 @@ pub fn request(p: Parsed, permit: &Permit, conn: &ConnInfo, trusted_peer: bool, 
         }
     }
     if upgrade {
+        // Only the protocol the gateway tunnels, whatever else the client listed.
+        added.push((UPGRADE, HeaderValue::from_static(WEBSOCKET)));
         added.push((CONNECTION, HeaderValue::from_static("upgrade")));
     }
 
@@ -115,10 +120,50 @@ pub fn response(mut res: Response<Body>, request_id: &HeaderValue, quota: Option
     res
 }
 
-/// `Connection: upgrade` plus an `Upgrade` other than `h2c` (never forwarded, SPEC §4).
+/// The one protocol a client may switch to through the gateway. Anything else a client
+/// lists in `Upgrade` is dropped: `h2c` above all, whose upgraded stream would carry
+/// requests that no rule ever checks (SPEC §4).
+pub const WEBSOCKET: &str = "websocket";
+
+/// `Connection: upgrade` and `websocket` among the protocols of every `Upgrade` line (a
+/// protocol is `name[/version]`, RFC 9110 §7.8). Every other value, on any line, in any
+/// position or spelling, is dropped with the header: only `Upgrade: websocket` goes on.
 fn is_upgrade(h: &HeaderMap) -> bool {
     let wants = connection_tokens(h).any(|t| t.eq_ignore_ascii_case(b"upgrade"));
-    wants && h.get(UPGRADE).and_then(|v| v.to_str().ok()).is_some_and(|u| !u.to_ascii_lowercase().contains("h2c"))
+    wants && upgrade_protocols(h).any(|p| p.eq_ignore_ascii_case(WEBSOCKET.as_bytes()))
+}
+
+/// The protocol names (without `/version`) of every `Upgrade` value.
+fn upgrade_protocols(h: &HeaderMap) -> impl Iterator<Item = &[u8]> {
+    headers::list_elements(h.get_all(UPGRADE).iter())
+        .map(|p| p.split(|&b| b == b'/').next().unwrap_or_default().trim_ascii())
+}
+
+/// True when an upstream's `101` switched to exactly the protocol the gateway forwarded:
+/// one `Upgrade` value, `websocket`. Any other switch is not tunnelled (the caller
+/// answers 502 and closes the upstream connection).
+pub fn is_expected_switch(res: &HeaderMap) -> bool {
+    let mut all = headers::list_elements(res.get_all(UPGRADE).iter()).filter(|p| !p.is_empty());
+    all.next().is_some_and(|p| p.eq_ignore_ascii_case(WEBSOCKET.as_bytes())) && all.next().is_none()
+}
+
+/// HTTP/2 sends a cookie as several `cookie` fields; HTTP/1.1 wants one line, joined
+/// with `; ` (RFC 9113 §8.2.3).
+fn join_cookies(h: &mut HeaderMap) {
+    let mut crumbs = h.get_all(COOKIE).iter();
+    if crumbs.next().is_none() || crumbs.next().is_none() {
+        return;
+    }
+    let mut joined = Vec::new();
+    for (i, c) in h.get_all(COOKIE).iter().enumerate() {
+        if i > 0 {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(c.as_bytes());
+    }
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        h.insert(COOKIE, v);
+    }
 }
 
 /// The headers named in `Connection` (RFC 9110 §7.6.1); empty, without allocating,
@@ -253,5 +298,33 @@ mod tests {
         assert!(is_upgrade(&h));
         h.insert(UPGRADE, HeaderValue::from_static("h2c"));
         assert!(!is_upgrade(&h));
+        for both in ["websocket, h2c", "h2c, WebSocket/13", " H2C ,websocket"] {
+            h.insert(UPGRADE, HeaderValue::from_static(both));
+            assert!(is_upgrade(&h), "{both}: websocket is what goes on, alone");
+        }
+        h.insert(UPGRADE, HeaderValue::from_static("h2c"));
+        h.append(UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(is_upgrade(&h), "every line counts");
+        let mut res = HeaderMap::new();
+        assert!(!is_expected_switch(&res));
+        for (value, ok) in
+            [("websocket", true), ("WebSocket", true), ("h2c", false), ("websocket, h2c", false), ("websocketx", false)]
+        {
+            res.insert(UPGRADE, HeaderValue::from_static(value));
+            assert_eq!(is_expected_switch(&res), ok, "{value}");
+        }
+    }
+
+    /// HTTP/2 cookie crumbs become one line
+    #[test]
+    fn cookies_are_joined() {
+        let mut h = HeaderMap::new();
+        h.append(COOKIE, HeaderValue::from_static("a=1"));
+        join_cookies(&mut h);
+        assert_eq!(h.get_all(COOKIE).iter().collect::<Vec<_>>(), ["a=1"]);
+        h.append(COOKIE, HeaderValue::from_static("b=2"));
+        h.append(COOKIE, HeaderValue::from_static("c=3"));
+        join_cookies(&mut h);
+        assert_eq!(h.get_all(COOKIE).iter().collect::<Vec<_>>(), ["a=1; b=2; c=3"]);
     }
 }
