@@ -42,6 +42,10 @@ pub struct RequestRecord<'a> {
     pub path: Option<&'a str>,
     pub status: u16,
     pub duration_ms: f64,
+    /// Body bytes sent to the client (for a tunnel, every byte the upstream sent).
+    pub bytes_sent: u64,
+    /// Bytes the client sent through a tunnel; `null` for other requests.
+    pub bytes_received: Option<u64>,
     pub outcome: &'static str,
     pub reason: Option<&'static str>,
 }
@@ -78,6 +82,13 @@ impl RequestRecord<'_> {
             o.push_str(zmij::Buffer::new().format_finite(self.duration_ms));
         } else {
             o.push_str(",\"duration_ms\":null");
+        }
+        o.push_str(",\"bytes_sent\":");
+        o.push_str(itoa::Buffer::new().format(self.bytes_sent));
+        o.push_str(",\"bytes_received\":");
+        match self.bytes_received {
+            Some(n) => o.push_str(itoa::Buffer::new().format(n)),
+            None => o.push_str("null"),
         }
         o.push_str(",\"outcome\":");
         json_str(&mut o, self.outcome);
@@ -397,6 +408,8 @@ mod tests {
             path: Some(text),
             status: 503,
             duration_ms,
+            bytes_sent: 12345,
+            bytes_received: None,
             outcome: "failed",
             reason: None,
         }

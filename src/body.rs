@@ -13,7 +13,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 /// A request or response body.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub enum Body {
     /// No body.
     #[default]
@@ -26,12 +26,29 @@ pub enum Body {
     Limited { inner: Incoming, remaining: u64 },
     /// A streamed upstream response that fails if the upstream stalls for `idle`.
     Upstream(UpstreamBody),
+    /// An upstream response that reports its request when it ends (`record.rs`).
+    Reported(Pin<Box<dyn http_body::Body<Data = Bytes, Error = BodyError> + Send>>),
 }
 
 impl Body {
     /// A body holding `bytes`.
     pub fn full(bytes: impl Into<Bytes>) -> Body {
         Body::Full(Some(bytes.into()))
+    }
+}
+
+impl fmt::Debug for Body {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Body::Empty => f.write_str("Empty"),
+            Body::Full(b) => f.debug_tuple("Full").field(b).finish(),
+            Body::Stream(i) => f.debug_tuple("Stream").field(i).finish(),
+            Body::Limited { inner, remaining } => {
+                f.debug_struct("Limited").field("inner", inner).field("remaining", remaining).finish()
+            }
+            Body::Upstream(u) => f.debug_tuple("Upstream").field(u).finish(),
+            Body::Reported(_) => f.write_str("Reported"),
+        }
     }
 }
 
@@ -97,6 +114,7 @@ impl http_body::Body for Body {
                 Poll::Ready(frame.map(|r| r.map_err(BodyError::Hyper)))
             }
             Body::Upstream(u) => Pin::new(u).poll_frame(cx),
+            Body::Reported(r) => r.as_mut().poll_frame(cx),
         }
     }
 
@@ -106,6 +124,7 @@ impl http_body::Body for Body {
             Body::Full(b) => b.as_ref().is_none_or(|b| b.is_empty()),
             Body::Stream(i) | Body::Limited { inner: i, .. } => i.is_end_stream(),
             Body::Upstream(u) => u.is_end_stream(),
+            Body::Reported(r) => r.is_end_stream(),
         }
     }
 
@@ -115,6 +134,7 @@ impl http_body::Body for Body {
             Body::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Body::Stream(i) | Body::Limited { inner: i, .. } => i.size_hint(),
             Body::Upstream(u) => u.size_hint(),
+            Body::Reported(r) => r.size_hint(),
         }
     }
 }

@@ -1,22 +1,24 @@
 //! [forward] Sends the rewritten request to one of the route's upstreams on the worker's
-//! connection pool, under the route's timeout, and maps what went wrong to 502/504/413.
+//! connection pool, under the route's timeout, and maps what went wrong to
+//! 502/504/413/400.
 
 use crate::body::{Body, BodyError};
-use crate::error::{GateError, UpstreamFailure};
-use crate::rewrite::Outbound;
-use crate::upstream::{Answer, Conn, SendError, Upstream};
+use crate::error::{BadRequest, GateError, UpstreamFailure};
+use crate::rewrite::{self, Outbound};
+use crate::tunnel::Switched;
+use crate::upstream::{Answer, SendError, Upstream};
 use http::Response;
 use http_body::Body as _;
-use hyper_util::rt::TokioIo;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::AsyncWriteExt;
 
 /// An upstream response and how long the upstream took to start answering.
 #[derive(Debug)]
 pub struct Forwarded {
     pub response: Response<Body>,
     pub upstream_latency: Duration,
+    /// A protocol switch to join once the `101` is sent (see `tunnel.rs`).
+    pub switched: Option<Switched>,
 }
 
 /// Forwards `out`. A connection refused by one target is retried once on another when
@@ -47,49 +49,32 @@ pub async fn send(upstream: &Arc<Upstream>, out: Outbound) -> Result<Forwarded, 
         }
     };
     let upstream_latency = started.elapsed();
-    let body = match answer {
-        Answer::Body(body) => Body::Upstream(body),
-        Answer::Switched(conn) => match client_upgrade {
-            Some(client_side) => {
-                tokio::spawn(tunnel(client_side, conn));
-                Body::Empty
+    let (body, switched) = match answer {
+        Answer::Body(body) => (Body::Upstream(body), None),
+        // A switch to exactly the protocol the gateway forwarded, for a client that asked
+        // for it. Any other `101` (a switch nobody asked for, or to `h2c`, whose requests
+        // no rule would check) is a 502; its upstream connection is dropped, so closed.
+        Answer::Switched(upstream) => match client_upgrade {
+            Some(client) if rewrite::is_expected_switch(response.headers()) => {
+                (Body::Empty, Some(Switched { client, upstream }))
             }
-            // A switch nobody asked for: the client's connection must not go dead on it.
-            None => return Err(GateError::Upstream(UpstreamFailure::Protocol)),
+            _ => {
+                tracing::debug!(route = %route.name, "upstream switched protocols unasked or to another protocol");
+                return Err(GateError::Upstream(UpstreamFailure::Protocol));
+            }
         },
     };
     let (parts, ()) = response.into_parts();
-    Ok(Forwarded { response: Response::from_parts(parts, body), upstream_latency })
+    Ok(Forwarded { response: Response::from_parts(parts, body), upstream_latency, switched })
 }
 
-/// What a failed upstream exchange means for the caller: the client's own body over its
-/// limit is the client's error; anything else is the upstream's.
+/// What a failed upstream exchange means for the caller: the client's own body is the
+/// client's error (over its limit: 413; malformed or cut short: 400), never counted
+/// against the upstream; anything else is the upstream's.
 fn classify(e: &SendError) -> GateError {
     match e {
         SendError::Body(BodyError::TooLarge) => GateError::PayloadTooLarge,
+        SendError::Body(_) => GateError::BadRequest(BadRequest::Body),
         _ => GateError::Upstream(UpstreamFailure::Protocol),
-    }
-}
-
-/// Joins the client's upgraded connection (WebSocket) and the upstream's until either
-/// side closes. Bytes the upstream sent right after its `101` go to the client first.
-async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: Conn) {
-    let client = match client.await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::debug!(error = %e, "upgrade failed");
-            return;
-        }
-    };
-    let mut client = TokioIo::new(client);
-    let (mut upstream, early) = upstream.into_parts();
-    if !early.is_empty()
-        && let Err(e) = client.write_all(&early).await
-    {
-        tracing::debug!(error = %e, "upgraded connection closed with an error");
-        return;
-    }
-    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        tracing::debug!(error = %e, "upgraded connection closed with an error");
     }
 }

@@ -38,6 +38,7 @@ pub mod authz;
 pub mod limit;
 pub mod rewrite;
 pub mod forward;
+pub mod tunnel;
 pub mod upstream;
 pub mod h1;
 pub mod record;

@@ -17,7 +17,8 @@ use crate::config::{Config, Limits};
 use crate::credentials::reload::Credentials;
 use crate::metrics::Metrics;
 use crate::parse_errors::JsonParseErrors;
-use crate::pipeline;
+use crate::pipeline::{self, Carrier, TunnelSlot};
+use crate::record::Reporter;
 use crate::request::ConnInfo;
 use crate::state::Gateway;
 use crate::tls::{self, CertResolver, TlsError};
@@ -140,7 +141,7 @@ impl Server {
         });
         let shared = Arc::new(Shared { gw, http: http_builder(&limits), limits });
         let (hard_stop_tx, hard_stop_rx) = watch::channel(false);
-        let workers = Workers::start(&shared, stop_rx.clone(), hard_stop_rx);
+        let (workers, mut workers_done) = Workers::start(&shared, stop_rx.clone(), hard_stop_rx);
         let mut accepting = JoinSet::new();
         for b in listeners {
             if let Some((_, resolver)) = &b.tls {
@@ -168,6 +169,11 @@ impl Server {
             ),
         }
         let _ = hard_stop_tx.send(true);
+        // The workers close what is left and report it (tunnels' audit records) first.
+        drop(workers);
+        if tokio::time::timeout(CLOSE_WAIT * 2, workers_done.recv()).await.is_err() {
+            tracing::warn!("connection workers did not stop in time");
+        }
         // Counts of the requests just drained must survive the restart.
         if let Err(e) = shared.gw.usage.flush() {
             tracing::error!(error = %e, "cannot write the usage state file at shutdown");
@@ -232,26 +238,35 @@ impl Workers {
     /// One worker per available core. Its connections close gracefully once `stop` is
     /// set. A worker ends when every sender is gone and its connections have finished,
     /// or at once when `hard_stop` is set (grace period over).
-    fn start(shared: &Arc<Shared>, stop: watch::Receiver<bool>, hard_stop: watch::Receiver<bool>) -> Workers {
+    ///
+    /// The receiver returned with them yields `None` once every worker has ended.
+    fn start(
+        shared: &Arc<Shared>,
+        stop: watch::Receiver<bool>,
+        hard_stop: watch::Receiver<bool>,
+    ) -> (Workers, tokio::sync::mpsc::Receiver<()>) {
         let n = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut queues = Vec::with_capacity(n);
+        let (done_tx, done_rx) = tokio::sync::mpsc::channel::<()>(1);
         for i in 0..n {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Accepted>();
             let shared = shared.clone();
             let hard_stop = hard_stop.clone();
             let stop = stop.clone();
+            let done = done_tx.clone();
             let spawned = std::thread::Builder::new().name(format!("gatehouse-conn-{i}")).spawn(move || {
                 match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                     Ok(rt) => rt.block_on(worker(rx, shared, stop, hard_stop)),
                     Err(e) => tracing::error!(error = %e, "cannot start a connection worker runtime"),
                 }
+                drop(done);
             });
             match spawned {
                 Ok(_) => queues.push(tx),
                 Err(e) => tracing::error!(error = %e, "cannot start a connection worker thread"),
             }
         }
-        Workers { queues: queues.into(), next: Arc::new(AtomicUsize::new(0)) }
+        (Workers { queues: queues.into(), next: Arc::new(AtomicUsize::new(0)) }, done_rx)
     }
 
     /// Hands a connection to the next worker; `None` when no worker is left (then the
@@ -285,6 +300,7 @@ async fn worker(
         stopped(&mut stop).await;
         let _ = local_stop_tx.send(true);
     });
+    let (local_closing_tx, local_closing) = watch::channel(false);
     let mut running = JoinSet::new();
     let serve_all = async {
         loop {
@@ -292,7 +308,8 @@ async fn worker(
                 next = rx.recv() => match next {
                     Some(a) => match TcpStream::from_std(a.stream) {
                         Ok(stream) => {
-                            running.spawn(serve_conn(stream, a.info, a.acceptor, shared.clone(), upstream.clone(), local_stop.clone(), a.slot));
+                            let signals = (local_stop.clone(), local_closing.clone());
+                            running.spawn(serve_conn(stream, a.info, a.acceptor, shared.clone(), upstream.clone(), signals, a.slot));
                         }
                         Err(e) => tracing::warn!(error = %e, "cannot register an accepted connection"),
                     },
@@ -305,9 +322,20 @@ async fn worker(
     };
     tokio::select! {
         () = serve_all => {}
-        () = stopped(&mut hard_stop) => {}
+        () = stopped(&mut hard_stop) => {
+            // Grace period over: every connection and tunnel is told to close now, and
+            // given a moment to report what it carried (a tunnel's audit record).
+            let _ = local_closing_tx.send(true);
+            let closed = async { while running.join_next().await.is_some() {} };
+            if tokio::time::timeout(CLOSE_WAIT, closed).await.is_err() {
+                tracing::warn!(still_open = running.len(), "connections did not close in time; dropping them");
+            }
+        }
     }
 }
+
+/// How long connections get, once a shutdown's grace period is over, to close and report.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 async fn accept_loop(
     b: Bound,
@@ -354,13 +382,16 @@ async fn accept_loop(
     }
 }
 
+/// Serves one client connection, and the tunnel it may become, to its end. `signals`:
+/// the worker's stop (drain) and closing (grace period over) signals. The connection's
+/// slot and gauge are held until then.
 async fn serve_conn(
     stream: TcpStream,
     info: ConnInfo,
     acceptor: Option<TlsAcceptor>,
     shared: Arc<Shared>,
     upstream: Arc<Upstream>,
-    stop: watch::Receiver<bool>,
+    (stop, closing): (watch::Receiver<bool>, watch::Receiver<bool>),
     _slot: (OwnedSemaphorePermit, OpenGauge),
 ) {
     let conn = Arc::new(Conn {
@@ -371,6 +402,8 @@ async fn serve_conn(
         last_done_ms: AtomicU64::new(0),
         opened: Instant::now(),
         started: AtomicBool::new(false),
+        closing,
+        tunnel: TunnelSlot::default(),
     });
     match acceptor {
         None => drive(TokioIo::new(JsonParseErrors::new(stream)), conn, shared, stop).await,
@@ -412,6 +445,10 @@ struct Conn {
     opened: Instant,
     /// Set when the first request reaches the service.
     started: AtomicBool,
+    /// The worker's copy of the hard-stop signal (grace period over).
+    closing: watch::Receiver<bool>,
+    /// A tunnel to run once hyper hands over the upgraded connection.
+    tunnel: TunnelSlot,
 }
 
 impl Conn {
@@ -426,7 +463,33 @@ impl Conn {
 }
 
 /// Counts a request in flight until dropped (also when the client goes away mid-request).
+/// It is the request's [`Carrier`]: held by its report until the request is reported,
+/// so a response body still streaming keeps the connection busy (not idle).
 struct InFlight(Arc<Conn>);
+
+impl Reporter for InFlight {
+    fn gateway(&self) -> &Gateway {
+        &self.0.gw
+    }
+}
+
+impl Carrier for InFlight {
+    fn upstream(&self) -> &Arc<Upstream> {
+        &self.0.upstream
+    }
+
+    fn info(&self) -> &ConnInfo {
+        &self.0.info
+    }
+
+    fn closing(&self) -> watch::Receiver<bool> {
+        self.0.closing.clone()
+    }
+
+    fn tunnel_slot(&self) -> &TunnelSlot {
+        &self.0.tunnel
+    }
+}
 
 impl InFlight {
     fn new(conn: Arc<Conn>) -> InFlight {
@@ -443,19 +506,29 @@ impl Drop for InFlight {
     }
 }
 
-async fn drive<I>(io: I, conn: Arc<Conn>, shared: Arc<Shared>, mut stop: watch::Receiver<bool>)
+/// Serves HTTP on the connection, then runs the tunnel a request left (a WebSocket that
+/// the upstream accepted), whose future holds the connection: taken out in every case, so
+/// that no reference cycle outlives the connection.
+async fn drive<I>(io: I, conn: Arc<Conn>, shared: Arc<Shared>, stop: watch::Receiver<bool>)
 where
     I: Read + Write + Unpin + Send + 'static,
 {
+    serve_http(io, &conn, &shared, stop).await;
+    let tunnel = conn.tunnel.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+    if let Some(tunnel) = tunnel {
+        tunnel.await;
+    }
+}
+
+async fn serve_http<I>(io: I, conn: &Arc<Conn>, shared: &Shared, mut stop: watch::Receiver<bool>)
+where
+    I: Read + Write + Unpin + Send + 'static,
+{
+    let mut hard_closing = conn.closing.clone();
     let svc_conn = conn.clone();
     let svc = hyper::service::service_fn(move |req| {
         let guard = InFlight::new(svc_conn.clone());
-        async move {
-            let c = &guard.0;
-            let res = pipeline::handle(&c.gw, &c.upstream, &c.info, req).await;
-            drop(guard);
-            Ok::<_, Infallible>(res)
-        }
+        async move { Ok::<_, Infallible>(pipeline::handle(guard, req).await) }
     });
     let served = shared.http.serve_connection_with_upgrades(io, svc);
     tokio::pin!(served);
@@ -481,6 +554,8 @@ where
                 closing = true;
                 served.as_mut().graceful_shutdown();
             }
+            // Grace period over: the connection is dropped, with whatever it still had.
+            _ = stopped(&mut hard_closing) => return,
             _ = &mut first_request, if awaiting_first && !closing => {
                 awaiting_first = false;
                 if !conn.started.load(Ordering::Relaxed) {

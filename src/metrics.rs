@@ -144,8 +144,17 @@ impl Metrics {
         self.open_connections.with_label_values(&[listener])
     }
 
-    /// Counts one finished request; `outcome` is the one its audit record carries.
-    pub fn observe(&self, out: &Outcome, status: u16, outcome: &'static str, elapsed: f64) {
+    /// Counts one finished request; `outcome` is the one its audit record carries,
+    /// `to_head` the time to its response head, `body_failure` the upstream error kind
+    /// when its body failed after the head.
+    pub fn observe(
+        &self,
+        out: &Outcome,
+        status: u16,
+        outcome: &'static str,
+        to_head: f64,
+        body_failure: Option<&'static str>,
+    ) {
         let (route, user, error) = (out.route.as_ref(), out.user.as_deref(), out.error);
         let class = match status {
             100..=199 => "1xx",
@@ -157,10 +166,13 @@ impl Metrics {
         let route_name = route.map_or("", |r| r);
         self.requests.with_label_values(&[route_name, user.unwrap_or(""), class, outcome]).inc();
         if let Some(m) = route.and_then(|r| self.routes.get(r)) {
-            m.duration.observe(elapsed);
+            m.duration.observe(to_head);
             if let Some(u) = out.upstream_latency {
                 m.upstream.observe(u.as_secs_f64());
             }
+        }
+        if let Some(kind) = body_failure {
+            self.upstream_errors.with_label_values(&[route_name, kind]).inc();
         }
         let Some(e) = error else { return };
         let reason = match e {

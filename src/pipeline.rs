@@ -5,42 +5,75 @@
 //!       → (rewrite response) → record
 //! ```
 //!
-//! `handle` only maps errors and records; `handle_inner` calls the steps in order and
-//! uses `?` on each. A step never calls another step.
+//! `handle` only maps errors and hands the response to its [`Report`]; `handle_inner`
+//! calls the steps in order and uses `?` on each. A step never calls another step.
 
 use crate::body::Body;
 use crate::error::GateError;
-use crate::record::{self, Outcome};
+use crate::record::{Outcome, Report, Reporter};
 use crate::request::{self, ConnInfo};
-use crate::state::Gateway;
+use crate::tunnel::{self, Switched};
 use crate::upstream::Upstream;
 use crate::{authn, authz, forward, rewrite};
 use http::{Request, Response};
 use hyper::body::Incoming;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use tokio::sync::watch;
+
+/// A tunnel to run on the client's connection once hyper hands it over.
+pub type Tunnel = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Where a connection keeps the tunnel it is to run after its `101` (at most one).
+pub type TunnelSlot = Arc<Mutex<Option<Tunnel>>>;
+
+/// The client connection a request came on, as the pipeline needs it (`listen.rs`
+/// implements it). The request's [`Report`] holds it until the request is reported.
+pub trait Carrier: Reporter {
+    /// The connection worker's upstream pool.
+    fn upstream(&self) -> &Arc<Upstream>;
+    fn info(&self) -> &ConnInfo;
+    /// Set when a shutdown's grace period is over: tunnels close then.
+    fn closing(&self) -> watch::Receiver<bool>;
+    /// Where to put a tunnel that this connection runs after the `101` is written: in
+    /// the connection's own task, so the tunnel keeps the connection's slot (and its
+    /// place in the open-connections gauge) until it closes.
+    fn tunnel_slot(&self) -> &TunnelSlot;
+}
 
 /// Serves one request on a proxy listener. Never fails: every error becomes a §5 response.
-pub async fn handle(gw: &Gateway, upstream: &Arc<Upstream>, conn: &ConnInfo, req: Request<Incoming>) -> Response<Body> {
+pub async fn handle<C: Carrier>(carrier: C, req: Request<Incoming>) -> Response<Body> {
     let request_id = request::request_id(req.headers());
-    let mut out = Outcome::start(request_id.clone(), req.method().clone(), conn.peer_ip.clone());
-    let res = match handle_inner(gw, upstream, conn, req, &mut out).await {
-        Ok(res) => res,
+    let out = Outcome::start(request_id.clone(), req.method().clone(), carrier.info().peer_ip.clone());
+    let mut report = Report::new(carrier, out);
+    let res = match handle_inner(&report.carrier, req, &mut report.out).await {
+        Ok((res, None)) => res,
+        Ok((res, Some(switched))) => {
+            report.switched(res.status());
+            let idle = report.carrier.gateway().limits.tunnel_idle_timeout;
+            let closing = report.carrier.closing();
+            let slot = report.carrier.tunnel_slot().clone();
+            let run = async move {
+                let t = tunnel::run(switched, idle, closing).await;
+                report.tunnel_closed(t);
+            };
+            *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(Box::pin(run));
+            return res;
+        }
         Err(e) => {
-            out.error = Some(e);
+            report.out.error = Some(e);
             e.into_response(&request_id)
         }
     };
-    record::finish(gw, &out, res.status());
-    res
+    report.respond(res)
 }
 
-async fn handle_inner(
-    gw: &Gateway,
-    upstream: &Arc<Upstream>,
-    conn: &ConnInfo,
+async fn handle_inner<C: Carrier>(
+    carrier: &C,
     req: Request<Incoming>,
     out: &mut Outcome,
-) -> Result<Response<Body>, GateError> {
+) -> Result<(Response<Body>, Option<Switched>), GateError> {
+    let (gw, conn) = (carrier.gateway(), carrier.info());
     // One consistent view of the credentials: authentication reads the snapshot, and
     // what it finds (the key, its user and roles) is held by `caller` from then on.
     let snap = gw.credentials.snapshot_view();
@@ -69,7 +102,7 @@ async fn handle_inner(
         authn::Caller::Anonymous => None,
     };
     let outbound = rewrite::request(parsed, &permit, conn, gw.is_trusted_proxy(conn.peer.ip()), &gw.identity_headers);
-    let fwd = forward::send(upstream, outbound).await?;
+    let fwd = forward::send(carrier.upstream(), outbound).await?;
     out.upstream_latency = Some(fwd.upstream_latency);
-    Ok(rewrite::response(fwd.response, &out.request_id, quota))
+    Ok((rewrite::response(fwd.response, &out.request_id, quota), fwd.switched))
 }

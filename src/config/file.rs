@@ -108,6 +108,8 @@ pub struct FileLimits {
     #[serde(default)]
     pub idle_timeout: Option<Dur>,
     #[serde(default)]
+    pub tunnel_idle_timeout: Option<Dur>,
+    #[serde(default)]
     pub tls_handshake_timeout: Option<Dur>,
     #[serde(default)]
     pub max_header_bytes: Option<Spanned<Size>>,

@@ -128,6 +128,9 @@ pub struct Limits {
     pub max_connections: usize,
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
+    /// An upgraded connection (WebSocket) with no byte either way for this long is
+    /// closed; `idle_timeout` unless set.
+    pub tunnel_idle_timeout: Duration,
     pub tls_handshake_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_headers: usize,
@@ -143,6 +146,7 @@ impl Default for Limits {
             max_connections: 10_000,
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            tunnel_idle_timeout: Duration::from_secs(60),
             tls_handshake_timeout: Duration::from_secs(10),
             max_header_bytes: 64 * 1024,
             max_headers: 100,
@@ -413,6 +417,7 @@ impl Validator {
             max_connections,
             header_read_timeout: l.header_read_timeout.map_or(d.header_read_timeout, |x| x.0),
             idle_timeout: l.idle_timeout.map_or(d.idle_timeout, |x| x.0),
+            tunnel_idle_timeout: l.tunnel_idle_timeout.or(l.idle_timeout).map_or(d.tunnel_idle_timeout, |x| x.0),
             tls_handshake_timeout: l.tls_handshake_timeout.map_or(d.tls_handshake_timeout, |x| x.0),
             max_header_bytes,
             max_headers: l.max_headers.unwrap_or(d.max_headers),
