@@ -602,17 +602,17 @@ mod tests {
         out.clear();
         write_request_head(&mut out, &RequestHead { method: &Method::PUT, framing: RequestFraming::Length(7), ..head });
         assert!(out.ends_with(b"u1\r\ncontent-length: 7\r\n\r\n"));
-        h.insert(CONTENT_LENGTH, HeaderValue::from_static("7"));
-        h.append(CONTENT_LENGTH, HeaderValue::from_static("7"));
+        let mut two = h.clone();
+        two.insert(CONTENT_LENGTH, HeaderValue::from_static("7"));
+        two.append(CONTENT_LENGTH, HeaderValue::from_static("7"));
         out.clear();
         write_request_head(
             &mut out,
-            &RequestHead { method: &Method::PUT, framing: RequestFraming::Length(7), headers: &h, ..head },
+            &RequestHead { method: &Method::PUT, framing: RequestFraming::Length(7), headers: &two, ..head },
         );
         let text = String::from_utf8(out.clone()).unwrap();
         assert_eq!(text.matches("content-length").count(), 1, "one framing header, the gateway's: {text}");
-        assert_eq!(request_framing(&Method::PUT, &h, false, None), RequestFraming::Length(7));
-        h.remove(CONTENT_LENGTH);
+        assert_eq!(request_framing(&Method::PUT, &two, false, None), RequestFraming::Length(7));
         assert_eq!(request_framing(&Method::GET, &h, false, None), RequestFraming::None);
         assert_eq!(request_framing(&Method::POST, &h, false, None), RequestFraming::Chunked);
         assert_eq!(request_framing(&Method::POST, &h, true, Some(0)), RequestFraming::None);
