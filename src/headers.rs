@@ -25,6 +25,8 @@ pub const X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelim
 pub const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 pub const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 pub const CACHE_CONTROL: HeaderName = http::header::CACHE_CONTROL;
+/// The settings of an h2c upgrade (RFC 7540 §3.2.1): meaningful on one hop only.
+pub const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 
 /// The prefix of every identity header Gatehouse sets (SPEC §4). A client-sent header
 /// with this prefix, in any spelling, never reaches an upstream.
@@ -32,7 +34,7 @@ pub const IDENTITY_PREFIX: &str = "x-gatehouse-";
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1, plus the legacy ones proxies still see). Built
 /// once so that removal does not parse and hash a string per request.
-pub static HOP_BY_HOP: [HeaderName; 9] = [
+pub static HOP_BY_HOP: [HeaderName; 10] = [
     CONNECTION,
     KEEP_ALIVE,
     PROXY_CONNECTION,
@@ -42,6 +44,7 @@ pub static HOP_BY_HOP: [HeaderName; 9] = [
     UPGRADE,
     PROXY_AUTHENTICATE,
     PROXY_AUTHORIZATION,
+    HTTP2_SETTINGS,
 ];
 
 /// The comma-separated elements of a list header's values (RFC 9110 §5.6.1), without

@@ -15,6 +15,7 @@ mod cli;
 mod config;
 mod demo;
 mod deploy;
+mod edge;
 mod errors;
 mod identity_headers;
 mod lifecycle;

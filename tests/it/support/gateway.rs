@@ -138,6 +138,7 @@ pub struct GatewayConfig {
     credentials_at: Option<PathBuf>,
     admin: Option<AdminSpec>,
     rate_limit: Option<(u32, u32)>,
+    identity_headers: Vec<(String, String)>,
 }
 
 /// The admin listener of the test config: always `127.0.0.1:0`; the token, when there is
@@ -229,6 +230,12 @@ impl GatewayConfig {
         self
     }
 
+    /// `identity_headers: { field: name }`.
+    pub fn identity_header(mut self, field: &str, name: &str) -> Self {
+        self.identity_headers.push((field.into(), name.into()));
+        self
+    }
+
     pub fn trusted_proxy(mut self, net: &str) -> Self {
         self.trusted_proxies.push(net.into());
         self
@@ -304,6 +311,12 @@ impl GatewayConfig {
             y.push_str("limits:\n");
             for (k, v) in &self.limits {
                 y.push_str(&format!("  {k}: {v}\n"));
+            }
+        }
+        if !self.identity_headers.is_empty() {
+            y.push_str("identity_headers:\n");
+            for (k, v) in &self.identity_headers {
+                y.push_str(&format!("  {k}: {}\n", q(v)));
             }
         }
         if !self.trusted_proxies.is_empty() {
@@ -427,6 +440,29 @@ impl TestGateway {
     /// A client for the admin listener with the configured token.
     pub fn admin(&self) -> AdminClient {
         AdminClient::new(self.admin_addr(), Some(self.written.admin_token()))
+    }
+
+    /// Starts the drain (what SIGTERM does), keeping the files for the test to read.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// The audit records written so far.
+    pub fn audit_records(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.written.audit_path())
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {l}")))
+            .collect()
+    }
+
+    /// The audit records of path `path`, once there are `n` of them.
+    pub async fn audit_of(&self, path: &str, n: usize) -> Vec<serde_json::Value> {
+        let mine = || self.audit_records().into_iter().filter(|r| r["path"] == path).collect::<Vec<_>>();
+        super::eventually(super::STEP, &format!("{n} audit records for {path}"), || mine().len() >= n).await;
+        mine()
     }
 }
 
