@@ -17,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 // Shared building blocks.
+pub mod atomic_file;
 pub mod body;
 pub mod config;
 pub mod credentials;

@@ -124,7 +124,8 @@ impl Usage {
             .collect()
     }
 
-    /// Writes the state file if anything changed (temp file + rename).
+    /// Writes the state file if anything changed, durably (temp file, fsync, rename,
+    /// directory fsync): a crash or a failed write leaves the previous file whole.
     pub fn flush(&self) -> std::io::Result<()> {
         let Some(path) = &self.path else { return Ok(()) };
         let keys = self.snapshot();
@@ -132,15 +133,9 @@ impl Usage {
         if self.written.load(Ordering::Relaxed) == total {
             return Ok(());
         }
-        let body = serde_json::to_vec_pretty(&StateFile { keys }).unwrap_or_default();
-        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let write = || -> std::io::Result<()> {
-            let mut tmp = tempfile::Builder::new().prefix(".usage-").tempfile_in(dir)?;
-            std::io::Write::write_all(&mut tmp, &body)?;
-            tmp.persist(path).map_err(|e| e.error)?;
-            Ok(())
-        };
-        write()?;
+        // An error here must not become an empty file written over the counts.
+        let body = serde_json::to_vec_pretty(&StateFile { keys }).map_err(std::io::Error::other)?;
+        crate::atomic_file::write_durably(path, &body, None)?;
         self.written.store(total, Ordering::Relaxed);
         Ok(())
     }
@@ -155,13 +150,21 @@ impl Usage {
             loop {
                 tokio::time::sleep(every).await;
                 let this = self.clone();
-                match tokio::task::spawn_blocking(move || this.flush()).await {
-                    Ok(Ok(())) => failing = false,
-                    Ok(Err(e)) if !failing => {
-                        failing = true;
-                        tracing::error!(error = %e, "cannot write the usage state file; counts stay in memory");
+                let result = tokio::task::spawn_blocking(move || this.flush())
+                    .await
+                    .unwrap_or_else(|e| Err(std::io::Error::other(format!("the flush task failed: {e}"))));
+                match result {
+                    Ok(()) if failing => {
+                        failing = false;
+                        tracing::info!("usage state file written again");
                     }
-                    _ => {}
+                    Ok(()) => {}
+                    // Once per failing streak: the flush retries every few seconds.
+                    Err(e) if !failing => {
+                        failing = true;
+                        tracing::error!(error = %e, "cannot write the usage state file; the previous file stays, counts stay in memory and are retried");
+                    }
+                    Err(_) => {}
                 }
             }
         });
@@ -187,5 +190,27 @@ mod tests {
         let r = &back["ak_1"];
         assert_eq!((r.requests, r.errors, r.rate_limited, r.last_used_at), (3, 2, 1, Some(120)));
         assert_eq!(r.user, "erp");
+    }
+
+    /// a flush that cannot write returns the error and leaves the counts to write: the
+    /// next flush, once the directory is usable, writes them
+    #[test]
+    fn a_failed_flush_is_an_error_and_is_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocker = dir.path().join("state");
+        // A regular file where the directory should be: a real error, even for root.
+        std::fs::write(&blocker, b"not a directory").unwrap();
+        let path = blocker.join("credentials.yaml.usage.json");
+        let u = Usage::load(Some(path.clone()));
+        u.record(&Arc::from("erp"), &Arc::from("ak_1"), false, false, 100);
+        assert!(u.flush().is_err());
+        assert_eq!(std::fs::read(&blocker).unwrap(), b"not a directory");
+
+        std::fs::remove_file(&blocker).unwrap();
+        std::fs::create_dir(&blocker).unwrap();
+        u.flush().unwrap();
+        assert_eq!(read_state(&path)["ak_1"].requests, 1);
+        let names: Vec<_> = std::fs::read_dir(&blocker).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, ["credentials.yaml.usage.json"], "no temporary file left");
     }
 }

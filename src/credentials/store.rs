@@ -13,9 +13,9 @@
 use super::file::FileCredentials;
 use super::secrets::{MasterKey, OpenError};
 use super::snapshot::Snapshot;
+use crate::atomic_file::write_durably;
 use crate::config::{ConfigErrors, RateLimitConfig};
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Why a change could not be made.
@@ -207,29 +207,14 @@ fn refuse_read_only(path: &Path) -> Result<(), StoreError> {
 /// Creates and removes a temporary file beside `path`: proves the directory can take the
 /// atomic write before a change that spans two files starts.
 fn probe_dir(path: &Path) -> Result<(), StoreError> {
-    let dir = parent_dir(path);
+    let dir = crate::atomic_file::parent_dir(path);
     tempfile::Builder::new().prefix(".gatehouse-probe-").tempfile_in(dir).map(drop).map_err(io(dir))
 }
 
-fn parent_dir(path: &Path) -> &Path {
-    match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    }
-}
-
-/// Temp file beside `path` (mode `mode`, else tempfile's 0600), fsync, rename over
-/// `path`, fsync the directory.
+/// Replaces `path` durably (temp file, fsync, rename, directory fsync: see
+/// `atomic_file`) with mode `mode`, else 0600.
 fn write_atomically(path: &Path, bytes: &[u8], mode: Option<std::fs::Permissions>) -> Result<(), StoreError> {
-    let dir = parent_dir(path);
-    let mut tmp = tempfile::Builder::new().prefix(".credentials-").tempfile_in(dir).map_err(io(dir))?;
-    tmp.write_all(bytes).and_then(|_| tmp.as_file().sync_all()).map_err(io(tmp.path()))?;
-    if let Some(mode) = mode {
-        let _ = std::fs::set_permissions(tmp.path(), mode);
-    }
-    tmp.persist(path).map_err(|e| io(path)(e.error))?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
-    Ok(())
+    write_durably(path, bytes, mode).map_err(|e| io(&e.path)(e.source))
 }
 
 #[cfg(test)]

@@ -774,7 +774,7 @@ async fn a_full_disk_refuses_every_change_with_an_error_and_keeps_the_file() {
     let before = f.text();
     let lines = refused_under(DISK_FULL, &f, &svc.key_id, "File too large").await;
     for line in &lines {
-        assert!(line.contains(".credentials-"), "the error names the file it could not write: {line}");
+        assert!(line.contains(".credentials.yaml.tmp-"), "the error names the file it could not write: {line}");
     }
     assert_eq!(f.text(), before, "the file changed");
     assert_eq!(
