@@ -16,8 +16,9 @@ use serde::Serialize;
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tokio::sync::mpsc;
@@ -213,12 +214,44 @@ pub fn now_rfc3339() -> String {
     })
 }
 
+/// Records that never reached the audit log, by why (the `reason` label of
+/// `gatehouse_audit_dropped_total`). Each lost record is counted once, where it is lost.
+#[derive(Debug, Default)]
+pub struct Dropped {
+    /// Refused by the full queue: the writer fell behind a burst.
+    queue_full: AtomicU64,
+    /// Taken by the writer but not written: the file could not be opened, or a write
+    /// failed (disk full, file system error); the writer is gone at shutdown.
+    write_failed: AtomicU64,
+}
+
+/// A reading of `Dropped`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DroppedCounts {
+    pub queue_full: u64,
+    pub write_failed: u64,
+}
+
+impl Dropped {
+    pub fn counts(&self) -> DroppedCounts {
+        DroppedCounts {
+            queue_full: self.queue_full.load(Ordering::Relaxed),
+            write_failed: self.write_failed.load(Ordering::Relaxed),
+        }
+    }
+
+    fn add_write_failed(&self, n: u64) {
+        if n > 0 {
+            self.write_failed.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+}
+
 /// The sending side of the audit log.
 #[derive(Debug)]
 pub struct Audit {
     tx: mpsc::Sender<String>,
-    /// Records dropped because the writer fell behind or could not write.
-    pub lost: std::sync::Arc<AtomicU64>,
+    dropped: Arc<Dropped>,
     sink: AuditSink,
 }
 
@@ -226,9 +259,9 @@ impl Audit {
     /// Starts the writer task (needs a tokio runtime).
     pub fn start(sink: &AuditSink) -> Audit {
         let (tx, rx) = mpsc::channel(QUEUE);
-        let lost = std::sync::Arc::new(AtomicU64::new(0));
-        tokio::spawn(writer(sink.clone(), rx, lost.clone()));
-        Audit { tx, lost, sink: sink.clone() }
+        let dropped = Arc::new(Dropped::default());
+        tokio::spawn(writer(sink.clone(), rx, dropped.clone()));
+        Audit { tx, dropped, sink: sink.clone() }
     }
 
     /// Where records go.
@@ -236,17 +269,31 @@ impl Audit {
         &self.sink
     }
 
+    /// Records lost so far, by reason.
+    pub fn dropped(&self) -> DroppedCounts {
+        self.dropped.counts()
+    }
+
     /// Queues a record; drops (and counts) it if the writer is behind.
     pub fn send<T: Serialize>(&self, record: &T) {
-        if let Ok(line) = serde_json::to_string(record) {
-            self.send_line(line);
+        match serde_json::to_string(record) {
+            Ok(line) => self.send_line(line),
+            // Not expected for these records (string keys only), but a record that cannot
+            // be written is still one the log lacks.
+            Err(_) => self.dropped.add_write_failed(1),
         }
     }
 
     /// Queues one JSON line (no newline); drops (and counts) it if the writer is behind.
     pub fn send_line(&self, line: String) {
-        if self.tx.try_send(line).is_err() {
-            self.lost.fetch_add(1, Ordering::Relaxed);
+        match self.tx.try_send(line) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.dropped.queue_full.fetch_add(1, Ordering::Relaxed);
+            }
+            // The writer task has ended (the runtime is shutting down): it will never
+            // write this record.
+            Err(mpsc::error::TrySendError::Closed(_)) => self.dropped.add_write_failed(1),
         }
     }
 }
@@ -266,25 +313,22 @@ fn open_append(path: &PathBuf) -> std::io::Result<std::fs::File> {
 
 /// The open file and the inode it had, to notice a rename.
 struct Open {
-    file: std::io::BufWriter<std::fs::File>,
+    file: std::fs::File,
     ino: u64,
 }
 
-async fn writer(sink: AuditSink, mut rx: mpsc::Receiver<String>, lost: std::sync::Arc<AtomicU64>) {
-    let mut out = Output {
-        path: match sink {
-            AuditSink::Stdout => None,
-            AuditSink::File(p) => Some(p),
-        },
-        open: None,
-        failing: false,
-    };
+async fn writer(sink: AuditSink, mut rx: mpsc::Receiver<String>, dropped: Arc<Dropped>) {
+    let mut out = Output::new(match sink {
+        AuditSink::Stdout => None,
+        AuditSink::File(p) => Some(p),
+    });
+    let mut warning = LossWarning::default();
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     // The writer polls the queue on a timer instead of waiting on it: a sender then never
     // has to wake it, which would be a cross-thread wake-up per request.
     let mut tick = tokio::time::interval(BATCH);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut checked = std::time::Instant::now();
+    let mut checked = Instant::now();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -295,36 +339,50 @@ async fn writer(sink: AuditSink, mut rx: mpsc::Receiver<String>, lost: std::sync
         // Reopen when logrotate renamed or removed the file under us: checked once a
         // second, not per record; records written meanwhile land in the renamed file.
         if checked.elapsed() >= Duration::from_secs(1) {
-            checked = std::time::Instant::now();
+            checked = Instant::now();
             out.reopen_if_moved();
         }
-        loop {
+        let open = loop {
             match rx.try_recv() {
-                Ok(line) => {
-                    if !out.write(&line) {
-                        lost.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                Err(mpsc::error::TryRecvError::Empty) => break,
-                Err(mpsc::error::TryRecvError::Disconnected) => {
-                    out.flush();
-                    return;
-                }
+                Ok(line) => out.push(&line, &dropped),
+                Err(mpsc::error::TryRecvError::Empty) => break true,
+                Err(mpsc::error::TryRecvError::Disconnected) => break false,
             }
+        };
+        out.flush(&dropped);
+        warning.tick(dropped.counts(), &out, Instant::now());
+        if !open {
+            return;
         }
-        out.flush();
     }
 }
 
+/// Bytes a write takes at most before the records so far go to the file (a batch can
+/// hold thousands of records).
+const BUFFER: usize = 64 << 10;
+
 /// Where records go: stdout, or a file (re)opened as needed.
+///
+/// Records of a batch are gathered in one buffer and written with as few `write` calls
+/// as possible. The buffer holds whole records only, each ending in `\n`, so when a write
+/// fails the records lost are exactly the newlines not yet written: a record the file
+/// holds only part of is counted as lost.
 struct Output {
     path: Option<PathBuf>,
     open: Option<Open>,
-    /// In a failing streak: its error was logged already.
-    failing: bool,
+    buf: Vec<u8>,
+    /// The file may end in part of a record (a write stopped midway): the next write
+    /// starts a new line, so that a good record is not glued to the fragment.
+    torn: bool,
+    /// Why the last write failed, until one succeeds: for the loss warning.
+    error: Option<String>,
 }
 
 impl Output {
+    fn new(path: Option<PathBuf>) -> Output {
+        Output { path, open: None, buf: Vec::with_capacity(BUFFER + 1024), torn: false, error: None }
+    }
+
     fn reopen_if_moved(&mut self) {
         if let (Some(path), Some(o)) = (&self.path, &self.open)
             && std::fs::metadata(path).map(|m| m.ino()).ok() != Some(o.ino)
@@ -333,60 +391,123 @@ impl Output {
         }
     }
 
-    /// Writes one record; false when it was lost.
-    fn write(&mut self, line: &str) -> bool {
-        let Some(path) = &self.path else {
-            let mut stdout = std::io::stdout().lock();
-            return stdout.write_all(line.as_bytes()).and_then(|_| stdout.write_all(b"\n")).is_ok();
-        };
-        if self.open.is_none() {
-            match open_append(path).and_then(|f| {
-                Ok(Open { ino: f.metadata()?.ino(), file: std::io::BufWriter::with_capacity(64 << 10, f) })
-            }) {
-                Ok(o) => {
-                    if self.failing {
-                        tracing::info!(path = %path.display(), "audit log writable again");
-                    }
-                    self.failing = false;
-                    self.open = Some(o);
-                }
-                Err(e) => {
-                    if !self.failing {
-                        tracing::error!(path = %path.display(), error = %e, "cannot open the audit log; records are counted as lost until it can be");
-                    }
-                    self.failing = true;
-                    return false;
-                }
-            }
+    /// Adds one record to the batch; writes the batch once it is large.
+    fn push(&mut self, line: &str, dropped: &Dropped) {
+        self.buf.extend_from_slice(line.as_bytes());
+        self.buf.push(b'\n');
+        if self.buf.len() >= BUFFER {
+            self.flush(dropped);
         }
-        let written = self
-            .open
-            .as_mut()
-            .is_some_and(|o| o.file.write_all(line.as_bytes()).and_then(|_| o.file.write_all(b"\n")).is_ok());
-        if !written && self.open.take().is_some() && !self.failing {
-            self.failing = true;
-            tracing::error!(path = %path.display(), "cannot write the audit log; records are counted as lost until it can be");
-        }
-        written
     }
 
-    fn flush(&mut self) {
-        match &self.path {
-            None => {
-                let _ = std::io::stdout().flush();
-            }
-            Some(path) => {
-                if let Some(o) = self.open.as_mut()
-                    && o.file.flush().is_err()
-                {
-                    self.open = None;
-                    if !self.failing {
-                        self.failing = true;
-                        tracing::error!(path = %path.display(), "cannot write the audit log; records are counted as lost until it can be");
-                    }
+    /// Writes the batch; counts every record of it that did not reach the file.
+    fn flush(&mut self, dropped: &Dropped) {
+        if self.buf.is_empty() {
+            return;
+        }
+        match self.write_batch() {
+            Ok(()) => self.error = None,
+            Err((written, e)) => {
+                dropped.add_write_failed(records_in(&self.buf[written..]));
+                if written > 0 && self.buf[written - 1] != b'\n' {
+                    self.torn = true;
                 }
+                // Open again for the next batch: the path may name a new, writable file.
+                self.open = None;
+                self.error = Some(e);
             }
         }
+        self.buf.clear();
+    }
+
+    /// Writes the whole buffer, or says how many bytes of it were written and why no more.
+    fn write_batch(&mut self) -> Result<(), (usize, String)> {
+        let Some(path) = &self.path else {
+            return write_counting(&mut std::io::stdout().lock(), &mut self.torn, &self.buf)
+                .map_err(|(n, e)| (n, format!("stdout: {e}")));
+        };
+        if self.open.is_none() {
+            let opened = open_append(path).and_then(|f| Ok(Open { ino: f.metadata()?.ino(), file: f }));
+            match opened {
+                Ok(o) => self.open = Some(o),
+                Err(e) => return Err((0, format!("cannot open {}: {e}", path.display()))),
+            }
+        }
+        let Some(o) = self.open.as_mut() else { return Err((0, "not open".into())) };
+        write_counting(&mut o.file, &mut self.torn, &self.buf)
+            .map_err(|(n, e)| (n, format!("cannot write {}: {e}", path.display())))
+    }
+}
+
+/// Writes `buf` (after a newline when the destination ends in a fragment) and flushes;
+/// on error, how many bytes of `buf` were written.
+fn write_counting(w: &mut impl Write, torn: &mut bool, buf: &[u8]) -> Result<(), (usize, std::io::Error)> {
+    if *torn {
+        w.write_all(b"\n").and_then(|_| w.flush()).map_err(|e| (0, e))?;
+        *torn = false;
+    }
+    let mut done = 0;
+    while done < buf.len() {
+        match w.write(&buf[done..]) {
+            Ok(0) => return Err((done, std::io::ErrorKind::WriteZero.into())),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err((done, e)),
+        }
+    }
+    // A no-op for a file; stdout's line buffer has already passed every whole line on.
+    w.flush().map_err(|e| (done, e))
+}
+
+/// The records (newline-terminated lines) in `bytes`.
+fn records_in(bytes: &[u8]) -> u64 {
+    bytes.iter().filter(|&&b| b == b'\n').count() as u64
+}
+
+/// At most one warning per this interval about lost records.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// Logs lost records: at most once per `WARN_EVERY`, each warning with the records lost
+/// since the one before (never their contents), the first as soon as one is lost. Then
+/// one line when writing works again.
+#[derive(Default)]
+struct LossWarning {
+    reported: DroppedCounts,
+    last: Option<Instant>,
+    /// A write failure was reported and no write has succeeded since.
+    failing: bool,
+}
+
+impl LossWarning {
+    fn tick(&mut self, now: DroppedCounts, out: &Output, at: Instant) {
+        if let Some(lost) = self.due(now, at) {
+            let error = out.error.as_deref().unwrap_or("none");
+            tracing::warn!(
+                queue_full = lost.queue_full,
+                write_failed = lost.write_failed,
+                last_error = error,
+                "audit records dropped since the last warning (gatehouse_audit_dropped_total); requests are still served"
+            );
+            self.failing |= lost.write_failed > 0;
+        }
+        if self.failing && out.error.is_none() && self.reported == now {
+            self.failing = false;
+            tracing::info!("the audit log is written again");
+        }
+    }
+
+    /// The records lost since the last warning, when a warning is due.
+    fn due(&mut self, now: DroppedCounts, at: Instant) -> Option<DroppedCounts> {
+        if now == self.reported || self.last.is_some_and(|t| at.duration_since(t) < WARN_EVERY) {
+            return None;
+        }
+        let lost = DroppedCounts {
+            queue_full: now.queue_full - self.reported.queue_full,
+            write_failed: now.write_failed - self.reported.write_failed,
+        };
+        self.reported = now;
+        self.last = Some(at);
+        Some(lost)
     }
 }
 
@@ -438,5 +559,98 @@ mod tests {
         assert!(a.ends_with('Z') && a.as_bytes()[19] == b'.', "{a}");
         std::thread::sleep(Duration::from_millis(1100));
         assert!(OffsetDateTime::parse(&now_rfc3339(), &Rfc3339).unwrap() > parsed);
+    }
+
+    /// a record the full queue refuses is counted once as queue_full; queued ones are not
+    #[test]
+    fn a_full_queue_counts_each_refused_record() {
+        // No writer task: the receiver is held and never read, so the queue stays full.
+        let (tx, _rx) = mpsc::channel(2);
+        let audit = Audit { tx, dropped: Arc::default(), sink: AuditSink::Stdout };
+        for i in 0..5 {
+            audit.send_line(format!("{{\"n\":{i}}}"));
+        }
+        assert_eq!(audit.dropped(), DroppedCounts { queue_full: 3, write_failed: 0 });
+    }
+
+    /// every record of a batch that fails to be written is counted (a real ENOSPC from
+    /// /dev/full, with more records than one write takes), and a good file counts none
+    #[test]
+    fn a_failed_write_counts_every_record_of_the_batch() {
+        let dropped = Dropped::default();
+        let mut out = Output::new(Some(PathBuf::from("/dev/full")));
+        let line = format!("{{\"pad\":\"{}\"}}", "x".repeat(300));
+        let n = 2 * BUFFER / line.len() + 7;
+        for _ in 0..n {
+            out.push(&line, &dropped);
+        }
+        out.flush(&dropped);
+        assert_eq!(dropped.counts().write_failed, n as u64);
+        assert!(out.error.as_deref().is_some_and(|e| e.contains("/dev/full")), "{:?}", out.error);
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let mut out = Output::new(Some(path.clone()));
+        let good = Dropped::default();
+        for _ in 0..n {
+            out.push(&line, &good);
+        }
+        out.flush(&good);
+        assert_eq!(good.counts(), DroppedCounts::default());
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), n);
+    }
+
+    /// A destination that takes `room` bytes, then fails like a full disk.
+    struct Room {
+        got: Vec<u8>,
+        room: usize,
+    }
+
+    impl Write for Room {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let n = buf.len().min(self.room - self.got.len()).min(7);
+            if n == 0 {
+                return Err(std::io::Error::from_raw_os_error(28));
+            }
+            self.got.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// a write that stops midway loses the records whose newline was not written (the
+    /// partly written one included), and the next write starts on a new line
+    #[test]
+    fn a_partial_write_counts_the_records_not_wholly_written() {
+        let buf = b"{\"a\":1}\n{\"b\":2}\n{\"c\":3}\n";
+        let mut dest = Room { got: Vec::new(), room: 12 };
+        let mut torn = false;
+        let (written, e) = write_counting(&mut dest, &mut torn, buf).unwrap_err();
+        assert_eq!((written, e.raw_os_error()), (12, Some(28)));
+        assert_eq!(records_in(&buf[written..]), 2);
+        assert_eq!(&dest.got, b"{\"a\":1}\n{\"b\"");
+
+        let mut torn = true;
+        dest.room = 100;
+        write_counting(&mut dest, &mut torn, b"{\"d\":4}\n").unwrap();
+        assert!(!torn);
+        assert_eq!(&dest.got, b"{\"a\":1}\n{\"b\"\n{\"d\":4}\n");
+    }
+
+    /// the first loss is reported at once, later ones at most every 10 s with the count
+    /// since the previous warning
+    #[test]
+    fn losses_are_reported_at_most_once_per_interval() {
+        let t0 = Instant::now();
+        let counts = |queue_full, write_failed| DroppedCounts { queue_full, write_failed };
+        let mut w = LossWarning::default();
+        assert_eq!(w.due(counts(0, 0), t0), None);
+        assert_eq!(w.due(counts(1, 4), t0), Some(counts(1, 4)));
+        assert_eq!(w.due(counts(1, 9), t0 + Duration::from_secs(1)), None);
+        assert_eq!(w.due(counts(2, 20), t0 + Duration::from_secs(9)), None);
+        assert_eq!(w.due(counts(2, 20), t0 + WARN_EVERY), Some(counts(1, 16)));
+        assert_eq!(w.due(counts(2, 20), t0 + 3 * WARN_EVERY), None, "nothing new, nothing logged");
     }
 }

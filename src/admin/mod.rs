@@ -125,7 +125,7 @@ impl Admin {
                     last_good_unix: c.last_good_unix.load(Relaxed),
                     users: snap.user_count(),
                     keys: snap.key_count(),
-                    audit_lost: self.audit.lost.load(Relaxed),
+                    audit_dropped: self.audit.dropped(),
                 });
                 let mut r = Response::new(Body::full(text));
                 r.headers_mut()

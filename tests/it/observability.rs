@@ -1,6 +1,6 @@
 //! Metrics exposition and the audit log (SPEC §8).
 
-use crate::observability_support::{ADMIN_TOKEN, start, value};
+use crate::observability_support::{ADMIN_TOKEN, start, start_with_audit_log, value};
 use crate::support::client::H1;
 use crate::support::creds::Creds;
 use crate::support::upstream::TestUpstream;
@@ -18,7 +18,7 @@ const FAMILIES: &[&str] = &[
     "gatehouse_credentials_keys",
     "gatehouse_open_connections",
     "gatehouse_upstream_errors_total",
-    "gatehouse_audit_records_lost_total",
+    "gatehouse_audit_dropped_total",
 ];
 
 async fn poll<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
@@ -161,7 +161,7 @@ async fn an_audit_log_that_cannot_be_written_loses_records_but_never_requests() 
     let lost = poll("records counted as lost", async || {
         assert_eq!(client.get_with(&gw.url("/while-gone"), &h).await.status, 200, "requests are still served");
         let text = client.get(&gw.admin_url("/metrics")).await.text();
-        value(&text, "gatehouse_audit_records_lost_total").filter(|&v| v > 0.0)
+        value(&text, r#"gatehouse_audit_dropped_total{reason="write_failed"}"#).filter(|&v| v > 0.0)
     })
     .await;
     assert!(lost >= 1.0);
@@ -172,6 +172,49 @@ async fn an_audit_log_that_cannot_be_written_loses_records_but_never_requests() 
         gw.audit_records().iter().any(|r| r["path"] == "/after").then_some(())
     })
     .await;
+}
+
+/// The audit counter of one reason, from a scrape.
+fn dropped(text: &str, reason: &str) -> Option<f64> {
+    value(text, &format!("gatehouse_audit_dropped_total{{reason=\"{reason}\"}}"))
+}
+
+/// every record a failing audit file refuses is counted once, as write_failed: /dev/full
+/// opens like a file and fails every write with ENOSPC (a disk that is full), and the
+/// writer buffers a batch of records into one write, so all of them must be counted
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_record_a_failing_audit_file_refuses_is_counted_once() {
+    const N: usize = 25;
+    let up = TestUpstream::start().await;
+    let mut creds = Creds::new();
+    let key = creds.api_user("erp");
+    let gw = start_with_audit_log(&creds, &up, "", Some("/dev/full")).await;
+    let client = H1::new();
+    let h = [("x-api-key", key.token.as_str())];
+    let scrape = async || client.get(&gw.admin_url("/metrics")).await.text();
+    let text = scrape().await;
+    assert_eq!((dropped(&text, "write_failed"), dropped(&text, "queue_full")), (Some(0.0), Some(0.0)));
+
+    for i in 0..N {
+        assert_eq!(client.get_with(&gw.url(&format!("/r{i}")), &h).await.status, 200, "requests are still served");
+    }
+    // A record is queued when its response has ended: all N are on their way now.
+    let text = poll("N records counted", async || {
+        let text = scrape().await;
+        (dropped(&text, "write_failed")? >= N as f64).then_some(text)
+    })
+    .await;
+    assert_eq!(dropped(&text, "write_failed"), Some(N as f64), "each lost record counted once");
+    assert_eq!(dropped(&text, "queue_full"), Some(0.0));
+
+    // One more: exactly one more is counted (nothing lost earlier is counted again).
+    assert_eq!(client.get_with(&gw.url("/last"), &h).await.status, 200);
+    let text = poll("the last record counted", async || {
+        let text = scrape().await;
+        (dropped(&text, "write_failed")? > N as f64).then_some(text)
+    })
+    .await;
+    assert_eq!(dropped(&text, "write_failed"), Some((N + 1) as f64));
 }
 
 /// logrotate's two ways: rename (the writer reopens the path) and copytruncate (append

@@ -44,15 +44,21 @@ impl Running {
 
 /// Starts a gateway in front of `up` with `creds`; `extra` is YAML added at top level.
 pub async fn start(creds: &Creds, up: &TestUpstream, extra: &str) -> Running {
+    start_with_audit_log(creds, up, extra, None).await
+}
+
+/// `start`, with the audit log at `audit_log` instead of `audit_path()`.
+pub async fn start_with_audit_log(creds: &Creds, up: &TestUpstream, extra: &str, audit_log: Option<&str>) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     std::fs::create_dir(d.join("audit")).unwrap();
     std::fs::write(d.join("credentials.yaml"), creds.yaml()).unwrap();
     write_master_key(&d.join("master.key"), &creds.master_key_text());
     std::fs::write(d.join("admin.token"), ADMIN_TOKEN).unwrap();
+    let audit_log = audit_log.map_or_else(|| format!("{}/audit/audit.log", d.display()), str::to_string);
     let yaml = format!(
         "listeners:\n  - address: 127.0.0.1:0\n    name: main\nadmin:\n  address: 127.0.0.1:0\n  token_file: {d}/admin.token\n\
-         credentials: {d}/credentials.yaml\nmaster_key: {d}/master.key\naudit_log: {d}/audit/audit.log\n{extra}\
+         credentials: {d}/credentials.yaml\nmaster_key: {d}/master.key\naudit_log: {audit_log}\n{extra}\
          routes:\n  - name: api\n    path_prefix: /\n    upstream: {}\n",
         up.url(),
         d = d.display()
