@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 const QUEUE: usize = 16_384;
 /// How often the writer takes what the queue holds (the queue holds QUEUE / BATCH =
@@ -251,6 +251,8 @@ impl Dropped {
 #[derive(Debug)]
 pub struct Audit {
     tx: mpsc::Sender<String>,
+    /// Asks the writer to write what is queued now, and says when it has.
+    drain: mpsc::Sender<oneshot::Sender<()>>,
     dropped: Arc<Dropped>,
     sink: AuditSink,
 }
@@ -259,9 +261,19 @@ impl Audit {
     /// Starts the writer task (needs a tokio runtime).
     pub fn start(sink: &AuditSink) -> Audit {
         let (tx, rx) = mpsc::channel(QUEUE);
+        let (drain, drains) = mpsc::channel(1);
         let dropped = Arc::new(Dropped::default());
-        tokio::spawn(writer(sink.clone(), rx, dropped.clone()));
-        Audit { tx, dropped, sink: sink.clone() }
+        tokio::spawn(writer(sink.clone(), rx, drains, dropped.clone()));
+        Audit { tx, drain, dropped, sink: sink.clone() }
+    }
+
+    /// Returns once every record queued before the call is written (or counted as lost):
+    /// at shutdown, before the runtime, and the writer task with it, goes away.
+    pub async fn drain(&self) {
+        let (done, written) = oneshot::channel();
+        if self.drain.send(done).await.is_ok() {
+            let _ = written.await;
+        }
     }
 
     /// Where records go.
@@ -317,7 +329,12 @@ struct Open {
     ino: u64,
 }
 
-async fn writer(sink: AuditSink, mut rx: mpsc::Receiver<String>, dropped: Arc<Dropped>) {
+async fn writer(
+    sink: AuditSink,
+    mut rx: mpsc::Receiver<String>,
+    mut drains: mpsc::Receiver<oneshot::Sender<()>>,
+    dropped: Arc<Dropped>,
+) {
     let mut out = Output::new(match sink {
         AuditSink::Stdout => None,
         AuditSink::File(p) => Some(p),
@@ -330,11 +347,13 @@ async fn writer(sink: AuditSink, mut rx: mpsc::Receiver<String>, dropped: Arc<Dr
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut checked = Instant::now();
     loop {
+        let mut drained = None;
         tokio::select! {
             _ = tick.tick() => {}
             Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
                 out.open = None; // SIGHUP: reopen
             }
+            Some(done) = drains.recv() => drained = Some(done),
         }
         // Reopen when logrotate renamed or removed the file under us: checked once a
         // second, not per record; records written meanwhile land in the renamed file.
@@ -351,6 +370,9 @@ async fn writer(sink: AuditSink, mut rx: mpsc::Receiver<String>, dropped: Arc<Dr
         };
         out.flush(&dropped);
         warning.tick(dropped.counts(), &out, Instant::now());
+        if let Some(done) = drained {
+            let _ = done.send(());
+        }
         if !open {
             return;
         }
@@ -566,7 +588,8 @@ mod tests {
     fn a_full_queue_counts_each_refused_record() {
         // No writer task: the receiver is held and never read, so the queue stays full.
         let (tx, _rx) = mpsc::channel(2);
-        let audit = Audit { tx, dropped: Arc::default(), sink: AuditSink::Stdout };
+        let (drain, _drains) = mpsc::channel(1);
+        let audit = Audit { tx, drain, dropped: Arc::default(), sink: AuditSink::Stdout };
         for i in 0..5 {
             audit.send_line(format!("{{\"n\":{i}}}"));
         }

@@ -178,6 +178,11 @@ impl Server {
         if let Err(e) = shared.gw.usage.flush() {
             tracing::error!(error = %e, "cannot write the usage state file at shutdown");
         }
+        // The last records (requests that ended during the drain, tunnels closed at its
+        // end) may still be queued: the writer task ends with the runtime, after this.
+        if tokio::time::timeout(CLOSE_WAIT, shared.gw.audit.drain()).await.is_err() {
+            tracing::warn!("the audit writer did not write the last records in time");
+        }
     }
 }
 
