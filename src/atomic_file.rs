@@ -26,12 +26,12 @@ impl From<WriteError> for std::io::Error {
     }
 }
 
-/// The directory holding `path` (`.` for a bare file name).
 /// Maps an error of a step to the path that step worked on.
 fn at(path: &Path) -> impl FnOnce(std::io::Error) -> WriteError + '_ {
     move |source| WriteError { path: path.to_path_buf(), source }
 }
 
+/// The directory holding `path` (`.` for a bare file name).
 pub fn parent_dir(path: &Path) -> &Path {
     match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
