@@ -8,9 +8,16 @@
 # Run it once with the same binary on both sides (an A/A run) to see the noise band of the
 # box at that moment: a B/A ratio inside that band is no evidence either way.
 #
+# MODE=hmac measures the signed route instead of the API-key one. wrk cannot compute an
+# HMAC per request without taxing the load generator, so before each round python3 signs
+# more requests than the round can send (each with its own query string, one timestamp), and
+# wrk replays them from a Lua request() callback; a round that ran out of them would send
+# replays, which the gateway refuses (reported as non-2xx answers).
+#
 # Usage
 #   bash benches/pair.sh OLD_BIN NEW_BIN
 #   ROUNDS=20 DURATION=3 CONNS=64 bash benches/pair.sh /tmp/a /tmp/b
+#   MODE=hmac bash benches/pair.sh /tmp/a /tmp/b
 # Needs nginx, wrk, curl, python3 (installs none of them; benches/load.sh does).
 set -euo pipefail
 
@@ -20,7 +27,9 @@ ROUNDS=${ROUNDS:-10}
 DURATION=${DURATION:-3}
 CONNS=${CONNS:-64}
 THREADS=$([ "$CONNS" -ge 2 ] && echo 2 || echo 1)
+MODE=${MODE:-key}
 log() { printf '[pair] %s\n' "$*" >&2; }
+[ "$MODE" = key ] || [ "$MODE" = hmac ] || { log "MODE is key or hmac, not $MODE"; exit 2; }
 for t in nginx wrk curl python3; do
   command -v "$t" >/dev/null || { log "missing: $t"; exit 1; }
 done
@@ -35,16 +44,22 @@ UP_PORT=$(bench_free_port)
 bench_upstream "$BASE/up" "$UP_PORT"
 
 # One gateway per binary, each with its own directory, 1,000 users and key (its own CLI).
-declare -A PID PORT TOKEN
+declare -A PID PORT TOKEN HMAC_ID HMAC_SECRET
 for side in A B; do
   BIN=$([ "$side" = A ] && echo "$1" || echo "$2")
   WORK=$BASE/$side
   CREDS=$WORK/credentials.yaml
   mkdir -p "$WORK"
   TOKEN[$side]=$(bench_key_user)
-  python3 "$ROOT/benches/fill_users.py" "$CREDS" 999
+  bench_gh users create bench-hmac --auth-method hmac --role bench >/dev/null
+  read -r "HMAC_ID[$side]" "HMAC_SECRET[$side]" < <(bench_gh keys add bench-hmac --label bench |
+    python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["key"]["id"], d["secret"])')
+  python3 "$ROOT/benches/fill_users.py" "$CREDS" 998
   PORT[$side]=$(bench_free_port)
-  bench_config "$WORK/gatehouse.yaml" bench "${PORT[$side]}" "$UP_PORT"
+  # Every accepted signature is remembered for its window: room for every round's.
+  bench_config "$WORK/gatehouse.yaml" bench "${PORT[$side]}" "$UP_PORT" "" "auth:
+  hmac:
+    replay_cache_entries: 3000000"
   "$BIN" serve --config "$WORK/gatehouse.yaml" 2>"$WORK/gateway.log" &
   PID[$side]=$!
   PIDS+=("${PID[$side]}")
@@ -58,26 +73,82 @@ for side in A B; do
   done
   curl -sf -o /dev/null -H "X-API-Key: ${TOKEN[$side]}" "$url" || { log "$side does not answer"; exit 1; }
   wrk -t"$THREADS" -c"$CONNS" -d2s -H "X-API-Key: ${TOKEN[$side]}" "$url" >/dev/null # warm-up
+  echo 100000 >"$BASE/$side/to_sign" # requests signed for a round; grows with what a round sent
 done
 
+# Replays pre-signed, fixed-length raw requests; args: <file prefix> <record length>.
+# Thread k reads <prefix>.<k>, so no two threads send the same signature.
+cat >"$BASE/signed.lua" <<'EOF'
+local counter = 0
+function setup(thread)
+  thread:set("tid", counter)
+  counter = counter + 1
+end
+local buf, len, pos = "", 0, 1
+function init(args)
+  local f = assert(io.open(args[1] .. "." .. tid, "rb"))
+  buf = f:read("*a")
+  f:close()
+  len = tonumber(args[2])
+end
+function request()
+  if pos > #buf then pos = 1 end
+  local r = string.sub(buf, pos, pos + len - 1)
+  pos = pos + len
+  return r
+end
+EOF
+
+# sign SIDE TAG: THREADS files $BASE/SIDE/signed.<k> of fixed-length signed GETs (request i
+# to file i mod THREADS), each with its own query string; prints the record length.
+sign() {
+  python3 - "$BASE/$1/signed" "$(cat "$BASE/$1/to_sign")" "${HMAC_ID[$1]}" "${HMAC_SECRET[$1]}" \
+    "$2" "127.0.0.1:${PORT[$1]}" "$THREADS" <<'PY'
+import hashlib, hmac, sys, time
+out, n, keyid, secret, tag, hostport, nthreads = sys.argv[1:8]
+n, nthreads = int(n), int(nthreads)
+ts, width = str(int(time.time())), len(str(n - 1))
+base = hmac.new(secret.encode(), digestmod=hashlib.sha256)
+bufs = [[] for _ in range(nthreads)]
+for i in range(n):
+    p = f"/api/v1/bench?{tag}={i:0{width}d}"
+    h = base.copy()
+    h.update(f"{ts}GET{p}".encode())
+    bufs[i % nthreads].append(f"GET {p} HTTP/1.1\r\nHost: {hostport}\r\nX-API-Key: {keyid}\r\n"
+                              f"X-Timestamp: {ts}\r\nX-Signature: {h.hexdigest()}\r\n\r\n")
+for k in range(nthreads):
+    with open(f"{out}.{k}", "w", newline="") as f:
+        f.write("".join(bufs[k]))
+print(len(bufs[0][0]))
+PY
+}
+
 # One round of one side: "req/s user_us sys_us" (CPU per request, clock ticks of the pid).
+# `round SIDE N`; runs in a subshell, so what must outlive it goes to files.
 round() {
-  local side=$1 before after out n
+  local side=$1 before after out n len
+  local url=http://127.0.0.1:${PORT[$side]}/api/v1/bench
+  local args=(-H "X-API-Key: ${TOKEN[$side]}" "$url")
+  if [ "$MODE" = hmac ]; then
+    len=$(sign "$side" "r$2") || { log "signing failed"; exit 1; }
+    args=(-s "$BASE/signed.lua" "$url" -- "$BASE/$side/signed" "$len")
+  fi
   before=$(awk '{print $14, $15}' "/proc/${PID[$side]}/stat")
-  out=$(wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" -H "X-API-Key: ${TOKEN[$side]}" \
-    "http://127.0.0.1:${PORT[$side]}/api/v1/bench")
+  out=$(wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" "${args[@]}")
   after=$(awk '{print $14, $15}' "/proc/${PID[$side]}/stat")
   n=$(awk '/requests in/ { print $1 }' <<<"$out")
   grep -q "Non-2xx" <<<"$out" && log "round of $side had non-2xx answers"
+  # Twice what this round sent, for the next: no round may run out of signatures.
+  echo $((n * 2 + 20000)) >"$BASE/$side/to_sign"
   python3 -c "import os,sys; t=os.sysconf('SC_CLK_TCK'); b=list(map(int,'$before'.split())); a=list(map(int,'$after'.split())); n=$n
 print(round(n/$DURATION), round((a[0]-b[0])*1e6/t/n, 2), round((a[1]-b[1])*1e6/t/n, 2))"
 }
 
 log "A=$1"
 log "B=$2"
-log "$ROUNDS alternating rounds of wrk -t$THREADS -c$CONNS -d${DURATION}s each; per round: req/s user_us sys_us"
+log "MODE=$MODE: $ROUNDS alternating rounds of wrk -t$THREADS -c$CONNS -d${DURATION}s each; per round: req/s user_us sys_us"
 for r in $(seq 1 "$ROUNDS"); do
-  if [ $((r % 2)) = 1 ]; then a=$(round A); b=$(round B); else b=$(round B); a=$(round A); fi
+  if [ $((r % 2)) = 1 ]; then a=$(round A "$r"); b=$(round B "$r"); else b=$(round B "$r"); a=$(round A "$r"); fi
   echo "$a | $b"
 done | tee "$BASE/rounds.txt" >&2
 python3 - "$BASE/rounds.txt" <<'EOF'
