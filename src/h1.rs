@@ -13,7 +13,8 @@
 //!   different or malformed `Content-Length`s are an error, equal ones become one; chunk
 //!   sizes are hex without overflow, chunk extensions and trailers are bounded and dropped;
 //! - a transfer coding other than `chunked` (`gzip, chunked`) is an error, as in nginx:
-//!   nobody would remove it, and the client would take coded bytes for the body;
+//!   nobody would remove it, and the client would take coded bytes for the body; so is
+//!   any `Transfer-Encoding` on an HTTP/1.0 response;
 //! - a status outside 100-599 is an error (RFC 9110 §15).
 
 use crate::headers::list_elements;
@@ -209,7 +210,9 @@ pub fn parse_response_head(
         if headers.remove(CONTENT_LENGTH).is_some() {
             keep_alive = false;
         }
-        if !only_chunked(&headers) {
+        // HTTP/1.0 has no transfer codings (RFC 9112 §6.1): a 1.0 peer would read the
+        // chunk framing as body bytes, so the two sides could disagree on where it ends.
+        if version == Version::HTTP_10 || !only_chunked(&headers) {
             return Err(WireError::TransferCoding);
         }
         ResponseFraming::Chunked
@@ -563,6 +566,16 @@ mod tests {
             WireError::Chunked,
             "the trailer section as a whole is bounded, not only each line"
         );
+    }
+
+    /// HTTP/1.0 has no transfer codings (RFC 9112 §6.1): a 1.0 response that names one is
+    /// a framing error, never read as chunked
+    #[test]
+    fn an_http_1_0_response_with_transfer_encoding_is_an_error() {
+        let raw = "HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+        assert_eq!(head(raw, false).unwrap_err(), WireError::TransferCoding);
+        let bodiless = "HTTP/1.0 204 No Content\r\ntransfer-encoding: chunked\r\n\r\n";
+        assert_eq!(framing(bodiless), (ResponseFraming::Empty, false), "no body, nothing to frame");
     }
 
     /// a length-delimited body ends at its length; a close-delimited one at the close
