@@ -13,8 +13,8 @@
 //!   different or malformed `Content-Length`s are an error, equal ones become one; chunk
 //!   sizes are hex without overflow, chunk extensions and trailers are bounded and dropped;
 //! - a transfer coding other than `chunked` (`gzip, chunked`) is an error, as in nginx:
-//!   nobody would remove it, and the client would take coded bytes for the body; so is
-//!   any `Transfer-Encoding` on an HTTP/1.0 response;
+//!   nobody would remove it, and the client would take coded bytes for the body; so is an
+//!   empty list element (`chunked,`), and any `Transfer-Encoding` on an HTTP/1.0 response;
 //! - a status outside 100-599 is an error (RFC 9110 §15).
 
 use crate::headers::list_elements;
@@ -256,9 +256,11 @@ fn has_token(headers: &HeaderMap, name: HeaderName, token: &[u8]) -> bool {
     tokens(headers, name).any(|t| t.eq_ignore_ascii_case(token))
 }
 
-/// `Transfer-Encoding` says `chunked` once and nothing else (empty list elements aside).
+/// `Transfer-Encoding` says `chunked` once and nothing else. An empty element is not
+/// skipped: hyper reads `chunked,` as ending in a coding that is not chunked (and so as a
+/// close-delimited body), and two readers of one message must not disagree on its end.
 fn only_chunked(headers: &HeaderMap) -> bool {
-    let mut codings = tokens(headers, TRANSFER_ENCODING).filter(|t| !t.is_empty());
+    let mut codings = tokens(headers, TRANSFER_ENCODING);
     codings.next().is_some_and(|t| t.eq_ignore_ascii_case(b"chunked")) && codings.next().is_none()
 }
 
@@ -451,7 +453,7 @@ mod tests {
             let all: Vec<_> = h.headers.get_all(CONTENT_LENGTH).iter().collect();
             assert_eq!(all, ["5"], "equal lengths go on as one value: {equal:?}");
         }
-        assert_eq!(framing("HTTP/1.1 200 OK\r\ntransfer-encoding: ,Chunked\r\n\r\n"), (ResponseFraming::Chunked, true));
+        assert_eq!(framing("HTTP/1.1 200 OK\r\ntransfer-encoding: Chunked\r\n\r\n"), (ResponseFraming::Chunked, true));
         assert_eq!(framing("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"), (ResponseFraming::Chunked, true));
         let both = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n";
         assert_eq!(framing(both), (ResponseFraming::Chunked, false), "chunked wins, and the connection is not reused");
@@ -576,6 +578,18 @@ mod tests {
         assert_eq!(head(raw, false).unwrap_err(), WireError::TransferCoding);
         let bodiless = "HTTP/1.0 204 No Content\r\ntransfer-encoding: chunked\r\n\r\n";
         assert_eq!(framing(bodiless), (ResponseFraming::Empty, false), "no body, nothing to frame");
+    }
+
+    /// an empty element in Transfer-Encoding is refused, not skipped: `chunked,` ends in
+    /// an empty coding, which other parsers read as "not chunked"
+    #[test]
+    fn empty_transfer_coding_elements_are_errors() {
+        for te in ["chunked,", ", chunked", ",Chunked", "chunked, ", "chunked,,"] {
+            let raw = format!("HTTP/1.1 200 OK\r\ntransfer-encoding: {te}\r\n\r\n");
+            assert_eq!(head(&raw, false).unwrap_err(), WireError::TransferCoding, "{te:?}");
+        }
+        let raw = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding: \r\n\r\n";
+        assert_eq!(head(raw, false).unwrap_err(), WireError::TransferCoding, "an empty line is an empty element");
     }
 
     /// a length-delimited body ends at its length; a close-delimited one at the close
