@@ -407,13 +407,16 @@ fn take_line(buf: &mut BytesMut) -> Result<Option<BytesMut>, WireError> {
 }
 
 /// The size of a chunk-size line: hex digits, then nothing or `;` extensions (ignored).
+/// Only SP and HTAB may come between the digits and the `;` (BWS, RFC 9112 §7.1.1): other
+/// whitespace (VT, FF) is a byte some parsers skip and others do not.
 fn chunk_size(line: &[u8]) -> Result<u64, WireError> {
     let digits_end = line.iter().position(|b| !b.is_ascii_hexdigit()).unwrap_or(line.len());
     let (digits, rest) = line.split_at(digits_end);
     if digits.is_empty() || digits.len() > 15 {
         return Err(WireError::Chunked);
     }
-    let rest = rest.trim_ascii_start();
+    let blanks = rest.iter().take_while(|&&b| b == b' ' || b == b'\t').count();
+    let rest = &rest[blanks..];
     if !rest.is_empty() && rest[0] != b';' {
         return Err(WireError::Chunked);
     }
@@ -590,6 +593,18 @@ mod tests {
         }
         let raw = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding: \r\n\r\n";
         assert_eq!(head(raw, false).unwrap_err(), WireError::TransferCoding, "an empty line is an empty element");
+    }
+
+    /// after the chunk size only SP and HTAB may come before `;` or the end (BWS); CR,
+    /// VT or FF there are errors
+    #[test]
+    fn only_blanks_may_follow_a_chunk_size() {
+        for ok in [&b"5 \r\nhello\r\n0\r\n\r\n"[..], b"5\t;x\r\nhello\r\n0\r\n\r\n"] {
+            assert_eq!(decode_all(ResponseFraming::Chunked, ok, false).unwrap(), (b"hello".to_vec(), true), "{ok:?}");
+        }
+        for bad in [&b"5\r\r\nhello\r\n"[..], b"5\x0b\r\nhello\r\n", b"5\x0c\r\nhello\r\n", b"5\x0c;x\r\nhello\r\n"] {
+            assert_eq!(decode_all(ResponseFraming::Chunked, bad, false).unwrap_err(), WireError::Chunked, "{bad:?}");
+        }
     }
 
     /// a length-delimited body ends at its length; a close-delimited one at the close
