@@ -391,11 +391,15 @@ impl Decoder {
 }
 
 /// One CRLF-terminated line off the front of `buf`, without its CRLF; `None` until it
-/// is all there. A line longer than [`MAX_CHUNK_LINE`] or a bare LF is an error.
+/// is all there. A line longer than [`MAX_CHUNK_LINE`], a bare LF, or a CR anywhere but
+/// before the LF is an error: a reader that ends lines at a bare CR would see other lines.
 fn take_line(buf: &mut BytesMut) -> Result<Option<BytesMut>, WireError> {
     let window = &buf[..buf.len().min(MAX_CHUNK_LINE + 2)];
     match window.iter().position(|&b| b == b'\n') {
         Some(lf) if lf > 0 && buf[lf - 1] == b'\r' => {
+            if buf[..lf - 1].contains(&b'\r') {
+                return Err(WireError::Chunked);
+            }
             let mut line = buf.split_to(lf + 1);
             line.truncate(lf - 1);
             Ok(Some(line))
@@ -603,6 +607,14 @@ mod tests {
             assert_eq!(decode_all(ResponseFraming::Chunked, ok, false).unwrap(), (b"hello".to_vec(), true), "{ok:?}");
         }
         for bad in [&b"5\r\r\nhello\r\n"[..], b"5\x0b\r\nhello\r\n", b"5\x0c\r\nhello\r\n", b"5\x0c;x\r\nhello\r\n"] {
+            assert_eq!(decode_all(ResponseFraming::Chunked, bad, false).unwrap_err(), WireError::Chunked, "{bad:?}");
+        }
+    }
+
+    /// a CR anywhere in a chunk line but at its end is an error (a bare CR in an extension)
+    #[test]
+    fn a_bare_cr_in_a_chunk_extension_is_an_error() {
+        for bad in [&b"5;a\rb\r\nhello\r\n0\r\n\r\n"[..], b"5;\r\r\nhello\r\n", b"0;x\ry\r\n\r\n"] {
             assert_eq!(decode_all(ResponseFraming::Chunked, bad, false).unwrap_err(), WireError::Chunked, "{bad:?}");
         }
     }
