@@ -11,7 +11,8 @@
 //! - a response with `Transfer-Encoding` ending in `chunked` is read as chunked whatever
 //!   `Content-Length` says, and its connection is not reused (RFC 9112 §6.3); several
 //!   different or malformed `Content-Length`s are an error, equal ones become one; chunk
-//!   sizes are hex without overflow, chunk extensions and trailers are bounded and dropped;
+//!   sizes are hex without overflow, chunk extensions are bounded per line and per body,
+//!   trailers are bounded; both are then dropped;
 //! - a transfer coding other than `chunked` (`gzip, chunked`) is an error, as in nginx:
 //!   nobody would remove it, and the client would take coded bytes for the body; so is an
 //!   empty list element (`chunked,`), and any `Transfer-Encoding` on an HTTP/1.0 response;
@@ -26,6 +27,10 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 pub const MAX_HEADERS: usize = 100;
 /// Longest chunk-size line (size and extensions), and longest trailer section, accepted.
 const MAX_CHUNK_LINE: usize = 4096;
+/// Chunk-extension bytes accepted over a whole body (hyper's bound too): extensions are
+/// read and dropped, so without a bound an upstream could keep the gateway reading
+/// them for ever while the client sees no byte.
+const MAX_CHUNK_EXTENSIONS: usize = 16 * 1024;
 
 /// Why an upstream exchange broke on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -278,7 +283,8 @@ pub enum Decoded {
 #[derive(Debug)]
 pub enum Decoder {
     Length(u64),
-    Chunked(Chunk),
+    /// A chunked body: where it is, and the chunk-extension bytes read so far.
+    Chunked(Chunk, usize),
     Close,
     Done,
 }
@@ -301,7 +307,7 @@ impl Decoder {
         match framing {
             ResponseFraming::Empty | ResponseFraming::Length(0) => Decoder::Done,
             ResponseFraming::Length(n) => Decoder::Length(n),
-            ResponseFraming::Chunked => Decoder::Chunked(Chunk::Size),
+            ResponseFraming::Chunked => Decoder::Chunked(Chunk::Size, 0),
             ResponseFraming::Close => Decoder::Close,
         }
     }
@@ -346,12 +352,16 @@ impl Decoder {
                     }
                     return Ok(Decoded::More);
                 }
-                Decoder::Chunked(state) => match *state {
+                Decoder::Chunked(state, extensions) => match *state {
                     Chunk::Size => {
                         let Some(line) = take_line(buf)? else {
                             return if eof { Err(WireError::Closed) } else { Ok(Decoded::More) };
                         };
-                        let size = chunk_size(&line)?;
+                        let (size, ext) = chunk_size(&line)?;
+                        *extensions += ext;
+                        if *extensions > MAX_CHUNK_EXTENSIONS {
+                            return Err(WireError::Chunked);
+                        }
                         *state = if size == 0 { Chunk::Trailers(0) } else { Chunk::Data(size) };
                     }
                     Chunk::Data(left) => {
@@ -410,10 +420,11 @@ fn take_line(buf: &mut BytesMut) -> Result<Option<BytesMut>, WireError> {
     }
 }
 
-/// The size of a chunk-size line: hex digits, then nothing or `;` extensions (ignored).
-/// Only SP and HTAB may come between the digits and the `;` (BWS, RFC 9112 §7.1.1): other
-/// whitespace (VT, FF) is a byte some parsers skip and others do not.
-fn chunk_size(line: &[u8]) -> Result<u64, WireError> {
+/// The size of a chunk-size line: hex digits, then nothing or `;` extensions (ignored),
+/// and how many bytes of extensions (from the `;` on) the line had. Only SP and HTAB may
+/// come between the digits and the `;` (BWS, RFC 9112 §7.1.1): other whitespace (VT, FF)
+/// is a byte some parsers skip and others do not.
+fn chunk_size(line: &[u8]) -> Result<(u64, usize), WireError> {
     let digits_end = line.iter().position(|b| !b.is_ascii_hexdigit()).unwrap_or(line.len());
     let (digits, rest) = line.split_at(digits_end);
     if digits.is_empty() || digits.len() > 15 {
@@ -424,14 +435,15 @@ fn chunk_size(line: &[u8]) -> Result<u64, WireError> {
     if !rest.is_empty() && rest[0] != b';' {
         return Err(WireError::Chunked);
     }
-    Ok(digits.iter().fold(0u64, |n, &d| {
+    let size = digits.iter().fold(0u64, |n, &d| {
         let v = match d {
             b'0'..=b'9' => d - b'0',
             b'a'..=b'f' => d - b'a' + 10,
             _ => d - b'A' + 10,
         };
         (n << 4) | u64::from(v)
-    }))
+    });
+    Ok((size, rest.len()))
 }
 
 #[cfg(test)]
@@ -617,6 +629,18 @@ mod tests {
         for bad in [&b"5;a\rb\r\nhello\r\n0\r\n\r\n"[..], b"5;\r\r\nhello\r\n", b"0;x\ry\r\n\r\n"] {
             assert_eq!(decode_all(ResponseFraming::Chunked, bad, false).unwrap_err(), WireError::Chunked, "{bad:?}");
         }
+    }
+
+    /// chunk extensions are bounded per body, not only per line: many short lines of
+    /// extensions cannot make the gateway read unbounded data for free
+    #[test]
+    fn chunk_extensions_are_bounded_per_body() {
+        let line = format!("1;{}\r\nx\r\n", "e".repeat(1000));
+        let under = format!("{}0\r\n\r\n", line.repeat(15));
+        let (body, done) = decode_all(ResponseFraming::Chunked, under.as_bytes(), false).unwrap();
+        assert_eq!((body.len(), done), (15, true));
+        let over = format!("{}0\r\n\r\n", line.repeat(17));
+        assert_eq!(decode_all(ResponseFraming::Chunked, over.as_bytes(), false).unwrap_err(), WireError::Chunked);
     }
 
     /// a length-delimited body ends at its length; a close-delimited one at the close
