@@ -12,7 +12,7 @@
 //!   `Content-Length` says, and its connection is not reused (RFC 9112 §6.3); several
 //!   different or malformed `Content-Length`s are an error, equal ones become one; chunk
 //!   sizes are hex without overflow, chunk extensions are bounded per line and per body,
-//!   trailers are bounded; both are then dropped;
+//!   trailers must be well-formed field lines and are bounded; both are then dropped;
 //! - a transfer coding other than `chunked` (`gzip, chunked`) is an error, as in nginx:
 //!   nobody would remove it, and the client would take coded bytes for the body; so is an
 //!   empty list element (`chunked,`), and any `Transfer-Encoding` on an HTTP/1.0 response;
@@ -298,8 +298,9 @@ pub enum Chunk {
     Data(u64),
     /// After a chunk's data: its CRLF.
     DataEnd,
-    /// After the last (zero) chunk: trailer lines until an empty one, this many bytes so far.
-    Trailers(usize),
+    /// After the last (zero) chunk: trailer lines until an empty one, this many bytes and
+    /// lines so far.
+    Trailers(usize, usize),
 }
 
 impl Decoder {
@@ -362,7 +363,7 @@ impl Decoder {
                         if *extensions > MAX_CHUNK_EXTENSIONS {
                             return Err(WireError::Chunked);
                         }
-                        *state = if size == 0 { Chunk::Trailers(0) } else { Chunk::Data(size) };
+                        *state = if size == 0 { Chunk::Trailers(0, 0) } else { Chunk::Data(size) };
                     }
                     Chunk::Data(left) => {
                         if buf.is_empty() {
@@ -382,16 +383,16 @@ impl Decoder {
                         buf.advance(2);
                         *state = Chunk::Size;
                     }
-                    Chunk::Trailers(seen) => {
+                    Chunk::Trailers(seen, lines) => {
                         let Some(line) = take_line(buf)? else {
                             return if eof { Err(WireError::Closed) } else { Ok(Decoded::More) };
                         };
                         if line.is_empty() {
                             *self = Decoder::Done;
-                        } else if seen + line.len() > MAX_CHUNK_LINE {
+                        } else if seen + line.len() > MAX_CHUNK_LINE || lines == MAX_HEADERS || !is_field_line(&line) {
                             return Err(WireError::Chunked);
                         } else {
-                            *state = Chunk::Trailers(seen + line.len());
+                            *state = Chunk::Trailers(seen + line.len(), lines + 1);
                         }
                     }
                 },
@@ -444,6 +445,17 @@ fn chunk_size(line: &[u8]) -> Result<(u64, usize), WireError> {
         (n << 4) | u64::from(v)
     });
     Ok((size, rest.len()))
+}
+
+/// A trailer line is a field line (RFC 9112 §5): a token, `:`, then field-value bytes
+/// (visible ASCII, obs-text, SP, HTAB). Trailers are dropped, but one that is not a field
+/// line means the upstream and the gateway do not agree on what the body was.
+fn is_field_line(line: &[u8]) -> bool {
+    let Some(colon) = line.iter().position(|&b| b == b':') else { return false };
+    let (name, value) = (&line[..colon], &line[colon + 1..]);
+    !name.is_empty()
+        && name.iter().all(|&b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+        && value.iter().all(|&b| b == b'\t' || (b' '..=b'~').contains(&b) || b >= 0x80)
 }
 
 #[cfg(test)]
@@ -641,6 +653,31 @@ mod tests {
         assert_eq!((body.len(), done), (15, true));
         let over = format!("{}0\r\n\r\n", line.repeat(17));
         assert_eq!(decode_all(ResponseFraming::Chunked, over.as_bytes(), false).unwrap_err(), WireError::Chunked);
+    }
+
+    /// trailer lines are field lines: a line that is not `name: value`, a bare CR or a
+    /// control byte in it, or more than 100 of them, is an error
+    #[test]
+    fn trailers_are_checked() {
+        let ok = b"1\r\nx\r\n0\r\nx-sum: 1\r\nx-b:\r\nX-C:\tv \xff\r\n\r\n";
+        assert_eq!(decode_all(ResponseFraming::Chunked, ok, false).unwrap(), (b"x".to_vec(), true));
+        for bad in [
+            &b"0\r\nbad line\r\n\r\n"[..],
+            b"0\r\nnocolon\r\n\r\n",
+            b"0\r\n: empty-name\r\n\r\n",
+            b"0\r\nx-a : v\r\n\r\n",
+            b"0\r\n folded: v\r\n\r\n",
+            b"0\r\nx-a: a\rb\r\n\r\n",
+            b"0\r\nx-a: a\x00b\r\n\r\n",
+            b"0\r\nx-a: a\x7fb\r\n\r\n",
+            b"0\r\nx(a): v\r\n\r\n",
+        ] {
+            assert_eq!(decode_all(ResponseFraming::Chunked, bad, false).unwrap_err(), WireError::Chunked, "{bad:?}");
+        }
+        let hundred = format!("0\r\n{}\r\n", "t: 1\r\n".repeat(MAX_HEADERS));
+        assert!(decode_all(ResponseFraming::Chunked, hundred.as_bytes(), false).unwrap().1);
+        let more = format!("0\r\n{}\r\n", "t: 1\r\n".repeat(MAX_HEADERS + 1));
+        assert_eq!(decode_all(ResponseFraming::Chunked, more.as_bytes(), false).unwrap_err(), WireError::Chunked);
     }
 
     /// a length-delimited body ends at its length; a close-delimited one at the close
