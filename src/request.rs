@@ -4,9 +4,10 @@
 use crate::body::Body;
 use crate::config::Limits;
 use crate::error::{BadRequest, GateError};
-use crate::headers::{CONTENT_LENGTH, HOST, X_REQUEST_ID};
+use crate::headers::{CONTENT_LENGTH, HOST, X_REQUEST_ID, list_elements};
 use crate::path;
 use crate::route::{Route, RouteTable};
+use http::header::TRANSFER_ENCODING;
 use http::request::Parts;
 use http::uri::{Authority, PathAndQuery};
 use http::{HeaderMap, HeaderValue, Request, Version};
@@ -86,6 +87,7 @@ pub fn parse(
     request_id: HeaderValue,
 ) -> Result<Parsed, GateError> {
     let (parts, incoming) = req.into_parts();
+    only_chunked(&parts.headers)?;
     let host = authority(&parts)?;
     let host_authority = host.as_ref().map(checked_authority).transpose()?;
 
@@ -111,6 +113,22 @@ pub fn parse(
         .clone();
     let body = bounded_body(&parts.headers, incoming, limits.max_request_body)?;
     Ok(Parsed { request_id, route, path_and_query, host, parts, body })
+}
+
+/// A request's `Transfer-Encoding`, when it has one, is `chunked` once and nothing else.
+/// hyper reads any list that ends in `chunked` as chunked (`gzip, chunked`, `chunked,
+/// chunked`, `, chunked`) and hands on the decoded chunks; the gateway drops the header
+/// (hop-by-hop) and would forward still-coded bytes as the body, or bytes framed twice as
+/// once. No client needs more than `chunked`, so anything else is a 400 (as in nginx).
+fn only_chunked(headers: &HeaderMap) -> Result<(), GateError> {
+    if !headers.contains_key(TRANSFER_ENCODING) {
+        return Ok(());
+    }
+    let mut codings = list_elements(headers.get_all(TRANSFER_ENCODING).iter());
+    match (codings.next(), codings.next()) {
+        (Some(c), None) if c.eq_ignore_ascii_case(b"chunked") => Ok(()),
+        _ => Err(GateError::BadRequest(BadRequest::Header)),
+    }
 }
 
 /// The authority the client addressed: the URI's (HTTP/2 `:authority`, HTTP/1 absolute
@@ -178,6 +196,32 @@ mod tests {
         h.append(X_REQUEST_ID, HeaderValue::from_static("b"));
         let id = request_id(&h);
         assert_eq!(id.len(), 36, "{id:?}");
+    }
+
+    /// a request's Transfer-Encoding is `chunked` alone, or the request is a 400
+    #[test]
+    fn only_chunked_is_a_transfer_coding() {
+        let te = |values: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(TRANSFER_ENCODING, HeaderValue::from_static(v));
+            }
+            only_chunked(&h)
+        };
+        assert!(te(&[]).is_ok());
+        assert!(te(&["chunked"]).is_ok());
+        assert!(te(&["Chunked"]).is_ok());
+        for bad in [
+            &["gzip, chunked"][..],
+            &["chunked, chunked"],
+            &["gzip", "chunked"],
+            &["chunked", "chunked"],
+            &[", chunked"],
+            &["chunked,"],
+            &["identity"],
+        ] {
+            assert_eq!(te(bad), Err(GateError::BadRequest(BadRequest::Header)), "{bad:?}");
+        }
     }
 
     /// hosts with user-info or garbage are refused; the port is dropped
