@@ -473,6 +473,35 @@ async fn read_head<R: AsyncRead + Unpin>(
     }
 }
 
+/// Reads one whole response off `rd` as an exchange does: the 1xx answers skipped (at
+/// most [`MAX_INFORMATIONAL`]), the final head, then the body decoded to its end as
+/// [`UpstreamBody`] decodes it (without the pool and the idle timer). Not used by the
+/// gateway: the differential tests (`tests/it/differential.rs`) hold the upstream side
+/// against hyper's client with it, through the same parser and decoder.
+#[doc(hidden)]
+pub async fn read_response<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    max_head: usize,
+    is_head: bool,
+) -> Result<(h1::ResponseHead, BytesMut), SendError> {
+    let mut buf = BytesMut::new();
+    let head = read_head(rd, &mut buf, max_head, is_head).await.map_err(|f| f.error)?;
+    let mut decoder = Decoder::new(head.framing);
+    let mut body = BytesMut::new();
+    let mut eof = false;
+    loop {
+        match decoder.decode(&mut buf, eof)? {
+            Decoded::Data(data) => body.extend_from_slice(&data),
+            Decoded::End => return Ok((head, body)),
+            Decoded::More if eof => return Err(WireError::Closed.into()),
+            Decoded::More => {
+                buf.reserve(BODY_READ);
+                eof = rd.read_buf(&mut buf).await? == 0;
+            }
+        }
+    }
+}
+
 /// A request that may be sent twice: safe method (RFC 9110 §9.2.1), nothing to send after
 /// the head. A signed GET's body was read for the signature check and is empty: it counts.
 fn is_safe_to_resend(method: &Method, framing: RequestFraming) -> bool {

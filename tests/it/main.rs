@@ -14,6 +14,7 @@ mod authz;
 mod cli;
 mod config;
 mod demo;
+mod differential;
 mod deploy;
 mod edge;
 mod errors;
