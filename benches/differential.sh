@@ -30,20 +30,20 @@ cd "$ROOT"
 # make the test binary take many minutes longer to link.
 export CARGO_PROFILE_RELEASE_LTO=${CARGO_PROFILE_RELEASE_LTO:-off}
 export CARGO_PROFILE_RELEASE_CODEGEN_UNITS=${CARGO_PROFILE_RELEASE_CODEGEN_UNITS:-16}
+dir=$(mktemp -d)
+trap 'rm -rf "$dir"' EXIT
 log "cargo test --release --no-run"
-bin=$(cargo test --locked --release --test it --no-run 2>&1 | tee /dev/stderr |
-  sed -n 's/.*Executable tests\/it\/main.rs (\(.*\))$/\1/p' | tail -1)
+cargo test --locked --release --test it --no-run >"$dir/build.log" 2>&1 || { cat "$dir/build.log" >&2; exit 1; }
+bin=$(sed -n 's/.*Executable tests\/it\/main.rs (\(.*\))$/\1/p' "$dir/build.log" | tail -1)
 [ -x "$bin" ] || { log "no test binary found"; exit 1; }
 
 per=$(( (CASES + JOBS - 1) / JOBS ))
-dir=$(mktemp -d)
-trap 'rm -rf "$dir"' EXIT
 start=$(date +%s)
 pids=()
 for i in $(seq 0 $((JOBS - 1))); do
   seed=$(printf '0x%x' $(( SEED + i )))
   log "run $i: seed $seed, $per cases"
-  GATEHOUSE_DIFF_SEED=$seed GATEHOUSE_DIFF_CASES=$per GATEHOUSE_DIFF_REQUESTS=$REQUESTS \
+  RUST_BACKTRACE=0 GATEHOUSE_DIFF_SEED=$seed GATEHOUSE_DIFF_CASES=$per GATEHOUSE_DIFF_REQUESTS=$REQUESTS \
     timeout "$TIMEOUT" "$bin" differential --nocapture --test-threads 1 \
     >"$dir/$i.log" 2>&1 &
   pids+=($!)
@@ -53,9 +53,9 @@ for i in "${!pids[@]}"; do
   if ! wait "${pids[$i]}"; then
     status=1
     log "run $i failed:"
-    grep -v '^\s*$' "$dir/$i.log" | tail -40 >&2
+    grep -E '^(seed|case|request|    |thread)' "$dir/$i.log" | cut -c1-2000 | head -60 >&2
   fi
-  grep '^differential' "$dir/$i.log" || true
+  grep -o 'differential \(responses\|requests\): .*' "$dir/$i.log" || true
 done
 log "$((per * JOBS)) response cases in $(( $(date +%s) - start )) s, status $status"
 exit $status

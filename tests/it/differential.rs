@@ -624,8 +624,11 @@ fn difference(g: &Got, h: &Got) -> Option<String> {
             && match &ours[..] {
                 [] => h.headers.contains_key("transfer-encoding"),
                 [one] => {
-                    let elements = theirs.iter().flat_map(|v| v.split(|&b| b == b',')).map(<[u8]>::trim_ascii);
-                    elements.clone().count() > 0 && elements.into_iter().all(|e| e == *one)
+                    // the same number, however spelled (`02, 2` goes on as `2`)
+                    let number = |e: &[u8]| std::str::from_utf8(e).ok()?.trim().parse::<u64>().ok();
+                    let mut elements = theirs.iter().flat_map(|v| v.split(|&b| b == b','));
+                    let n = number(one);
+                    !theirs.is_empty() && n.is_some() && elements.all(|e| number(e) == n)
                 }
                 _ => false,
             };
