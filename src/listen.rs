@@ -560,7 +560,10 @@ where
                 served.as_mut().graceful_shutdown();
             }
             // Grace period over: the connection is dropped, with whatever it still had.
-            _ = stopped(&mut hard_closing) => return,
+            // Watched only once draining (the grace period follows the stop): a connection
+            // polls every armed branch each time it wakes, and this one would cost every
+            // request a second channel check for nothing.
+            _ = stopped(&mut hard_closing), if closing => return,
             _ = &mut first_request, if awaiting_first && !closing => {
                 awaiting_first = false;
                 if !conn.started.load(Ordering::Relaxed) {

@@ -8,7 +8,7 @@ use crate::observability_support::value;
 use crate::support::client::{H1, ReqBody, full, tls_connect};
 use crate::support::creds::Creds;
 use crate::support::gateway::{RouteSpec, TestGateway};
-use crate::support::raw::{Closed, RawConn};
+use crate::support::raw::{Closed, RawConn, read_head_end};
 use crate::support::upstream::TestUpstream;
 use crate::support::{STEP, assert_error, eventually, within};
 use http::{Request, StatusCode};
@@ -85,16 +85,8 @@ async fn serve(
     closed: Arc<AtomicUsize>,
 ) {
     let mut buf = Vec::new();
+    let Some(end) = read_head_end(&mut stream, &mut buf).await else { return };
     let mut chunk = [0u8; 16 * 1024];
-    let end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    };
     heads.lock().unwrap().push(String::from_utf8_lossy(&buf[..end]).into_owned());
     after.lock().unwrap().extend_from_slice(&buf[end..]);
     if stream.write_all(&answer).await.is_err() || then == Then::Close {

@@ -7,11 +7,11 @@ use crate::support::assert_error;
 use crate::support::client::H1;
 use crate::support::creds::Creds;
 use crate::support::gateway::{RouteSpec, TestGateway};
-use crate::support::raw::RawConn;
+use crate::support::raw::{RawConn, read_head_end};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 const GET: &[u8] = b"GET /wire HTTP/1.1\r\nHost: gw.test\r\n\r\n";
@@ -75,17 +75,8 @@ impl Scripted {
 
 async fn serve(mut stream: TcpStream, script: Arc<Mutex<std::vec::IntoIter<Answer>>>, heads: Arc<Mutex<Vec<String>>>) {
     let mut buf = Vec::new();
-    let mut chunk = [0u8; 16 * 1024];
     loop {
-        let end = loop {
-            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
-            }
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        };
+        let Some(end) = read_head_end(&mut stream, &mut buf).await else { return };
         let head: Vec<u8> = buf.drain(..end).collect();
         heads.lock().unwrap().push(String::from_utf8_lossy(&head).into_owned());
         let Some(a) = script.lock().unwrap().next() else { return };

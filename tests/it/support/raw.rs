@@ -168,3 +168,19 @@ impl RawConn {
         Some((std::mem::take(&mut self.buf), closed))
     }
 }
+
+/// Reads from `stream` into `buf` until it holds a whole head (up to its blank line), for
+/// scripted upstreams; the offset just past the head, or `None` if the peer went away
+/// first. Bytes after the head stay in `buf`.
+pub async fn read_head_end(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<usize> {
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            return Some(i + 4);
+        }
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
