@@ -83,12 +83,16 @@ async fn handle_inner<C: Carrier>(
     // The per-IP failed-auth budget: checked before any key lookup, charged on failure.
     let client = gw.client_ip(conn.peer.ip(), &parsed.parts.headers);
     gw.rate_limits.check_ip(client)?;
-    let caller =
-        authn::authenticate(&snap, &mut parsed, &gw.auth, &gw.replay, gw.unix_now()).await.inspect_err(|e| {
-            if matches!(e, GateError::Unauthorized(_)) {
+    let caller = match authn::authenticate(&snap, &mut parsed, &gw.auth, &gw.replay, gw.unix_now()).await {
+        Ok(caller) => caller,
+        Err(refused) => {
+            if matches!(refused.error, GateError::Unauthorized(_)) {
                 gw.rate_limits.charge_failure(client);
             }
-        })?;
+            out.refused_key = refused.key;
+            return Err(refused.error);
+        }
+    };
     drop(snap);
     if let authn::Caller::User(id) = &caller {
         out.user = Some(id.key.user.id.clone());

@@ -9,6 +9,7 @@
 use crate::audit::RequestRecord;
 use crate::authz::Grant;
 use crate::body::{Body, BodyError, UpstreamBody};
+use crate::credentials::snapshot::Key;
 use crate::error::GateError;
 use crate::state::Gateway;
 use crate::tunnel::{TunnelEnd, Tunnelled};
@@ -35,8 +36,13 @@ pub struct Outcome {
     pub request_id: HeaderValue,
     pub method: Method,
     pub route: Option<Arc<str>>,
+    /// The authenticated user and key (usage and metrics count only these).
     pub user: Option<Arc<str>>,
     pub key: Option<Arc<str>>,
+    /// The key a refused request named, when authentication could tell which (revoked,
+    /// inactive, a bad signature, …): written in the audit record only, since it did not
+    /// authenticate and so must not move the key's usage or `last_used_at`.
+    pub refused_key: Option<Arc<Key>>,
     pub proxied_user: Option<HeaderValue>,
     /// The role rule that granted the request.
     pub grant: Option<Grant>,
@@ -64,6 +70,7 @@ impl Outcome {
             route: None,
             user: None,
             key: None,
+            refused_key: None,
             proxied_user: None,
             grant: None,
             error: None,
@@ -247,8 +254,8 @@ fn finish(gw: &Gateway, out: &Outcome, ending: Ending) {
         time: crate::audit::now_rfc3339(),
         request_id: out.request_id.to_str().unwrap_or_default(),
         client: out.client.to_str().unwrap_or_default(),
-        user: out.user.as_deref(),
-        key_id: out.key.as_deref(),
+        user: out.user.as_deref().or(out.refused_key.as_ref().map(|k| &*k.user.id)),
+        key_id: out.key.as_deref().or(out.refused_key.as_ref().map(|k| &*k.id)),
         proxied_user: out.proxied_user.as_ref().and_then(|v| v.to_str().ok()),
         route: out.route.as_deref(),
         method: out.method.as_str(),

@@ -42,6 +42,21 @@ pub struct Identity {
     pub key: Arc<Key>,
 }
 
+/// A refused request, and the key it named when the gateway could tell which one
+/// (revoked, expired, inactive, a bad signature, a replay, …): the audit record names
+/// that key and its user, so an operator can find who is knocking with what.
+#[derive(Debug)]
+pub struct Refused {
+    pub error: GateError,
+    pub key: Option<Arc<Key>>,
+}
+
+impl From<GateError> for Refused {
+    fn from(error: GateError) -> Refused {
+        Refused { error, key: None }
+    }
+}
+
 fn fail(f: AuthFailure) -> GateError {
     GateError::Unauthorized(f)
 }
@@ -54,7 +69,7 @@ pub async fn authenticate(
     auth: &AuthConfig,
     replay: &ReplayCache,
     now: i64,
-) -> Result<Caller, GateError> {
+) -> Result<Caller, Refused> {
     let headers = &parsed.parts.headers;
     let signed = headers.contains_key(X_SIGNATURE) || headers.contains_key(X_TIMESTAMP);
     let Some(credential) = credential(headers).map_err(fail)? else {
@@ -62,12 +77,12 @@ pub async fn authenticate(
         if parsed.route.allow_anonymous && !signed {
             return Ok(Caller::Anonymous);
         }
-        return Err(fail(AuthFailure::Missing));
+        return Err(fail(AuthFailure::Missing).into());
     };
     let by_token = credential.starts_with(TOKEN_PREFIX);
     let key = if by_token {
         if !is_well_formed_token(credential) {
-            return Err(fail(AuthFailure::MalformedToken));
+            return Err(fail(AuthFailure::MalformedToken).into());
         }
         snap.by_token(&token_digest(credential))
     } else {
@@ -75,16 +90,32 @@ pub async fn authenticate(
     }
     .ok_or(fail(AuthFailure::UnknownKey))?
     .clone();
-    check_state(&key, now).map_err(fail)?;
-    match (&key.credential, by_token, signed) {
-        (KeyCredential::Token, true, false) => {}
-        (KeyCredential::Token, true, true) => return Err(fail(AuthFailure::WrongMethod)),
-        // An api_key key's public id is not a credential.
-        (KeyCredential::Token, false, _) => return Err(fail(AuthFailure::WrongMethod)),
-        (KeyCredential::Hmac(_), _, false) => return Err(fail(AuthFailure::SignatureMissing)),
-        (KeyCredential::Hmac(mac), _, true) => hmac::verify(&key, mac, parsed, auth, replay, now).await?,
+    match check_key(&key, by_token, signed, parsed, auth, replay, now).await {
+        Ok(()) => Ok(Caller::User(Identity { key })),
+        Err(error) => Err(Refused { error, key: Some(key) }),
     }
-    Ok(Caller::User(Identity { key }))
+}
+
+/// Everything checked once the key is known: its state, that the request uses the
+/// key's own method, and for an hmac key the signature.
+async fn check_key(
+    key: &Key,
+    by_token: bool,
+    signed: bool,
+    parsed: &mut Parsed,
+    auth: &AuthConfig,
+    replay: &ReplayCache,
+    now: i64,
+) -> Result<(), GateError> {
+    check_state(key, now).map_err(fail)?;
+    match (&key.credential, by_token, signed) {
+        (KeyCredential::Token, true, false) => Ok(()),
+        (KeyCredential::Token, true, true) => Err(fail(AuthFailure::WrongMethod)),
+        // An api_key key's public id is not a credential.
+        (KeyCredential::Token, false, _) => Err(fail(AuthFailure::WrongMethod)),
+        (KeyCredential::Hmac(_), _, false) => Err(fail(AuthFailure::SignatureMissing)),
+        (KeyCredential::Hmac(mac), _, true) => hmac::verify(key, mac, parsed, auth, replay, now).await,
+    }
 }
 
 /// Revoked, expired or belonging to a user who may not authenticate.

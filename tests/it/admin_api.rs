@@ -896,3 +896,56 @@ async fn bad_input_gets_the_exact_error_and_changes_nothing() {
     assert_eq!(fx.with_token(&fx.svc.token).await.status, 200);
     assert_eq!(fx.signed(&fx.signer, "/api/x").await.status, 200);
 }
+
+/// A refused request names the key it identified (a bad signature, a replay, a revoked
+/// or an inactive key) and that key's user in its audit record; it is still nobody's
+/// usage (no request, no `last_used_at`), and an unknown key names nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_request_names_the_key_it_identified_in_its_audit_record_only() {
+    let fx = fixture().await;
+    let a = &fx.admin;
+    let forged = HmacKey { key_id: fx.signer.key_id.clone(), secret: "not-the-signer-secret".into() };
+    assert_error(&fx.signed(&forged, "/api/forged").await, 401, "authentication_error", "Invalid signature");
+    let stale = fx.signer.headers_at(1_000_000_000, "GET", "/api/stale", b"");
+    let res = fx.proxy.get_with(&fx.gw.url("/api/stale"), &stale).await;
+    assert_error(&res, 401, "authentication_error", "Request timestamp is outside the allowed window");
+    let signed = fx.signer.headers("GET", "/api/replayed", b"");
+    assert_eq!(fx.proxy.get_with(&fx.gw.url("/api/replayed"), &signed).await.status, 200);
+    let again = fx.proxy.get_with(&fx.gw.url("/api/replayed"), &signed).await;
+    assert_error(&again, 401, "authentication_error", "Replayed request");
+    a.expect(200, "DELETE", &format!("/admin/v1/users/svc/keys/{}", fx.svc.key_id), None).await;
+    assert_unauthorized(
+        &fx.proxy.get_with(&fx.gw.url("/api/revoked"), &[("x-api-key", &fx.svc.token)]).await,
+        "Invalid API key",
+    );
+    let unknown = Creds::new().api_user("nobody");
+    assert_unauthorized(
+        &fx.proxy.get_with(&fx.gw.url("/api/unknown"), &[("x-api-key", &unknown.token)]).await,
+        "Invalid API key",
+    );
+    assert_eq!(fx.up.count(), 1, "only the one good request went upstream");
+
+    let who = |path: &str, n: usize| {
+        let gw = &fx.gw;
+        let path = path.to_string();
+        async move {
+            let records = gw.audit_of(&path, n).await;
+            let r = &records[n - 1];
+            (r["reason"].clone(), r["user"].clone(), r["key_id"].clone(), r["status"].clone())
+        }
+    };
+    let signer = (json!("signer"), json!(fx.signer.key_id));
+    for (path, n, reason) in
+        [("/api/forged", 1, "bad_signature"), ("/api/stale", 1, "stale_timestamp"), ("/api/replayed", 2, "replay")]
+    {
+        assert_eq!(who(path, n).await, (json!(reason), signer.0.clone(), signer.1.clone(), json!(401)), "{path}");
+    }
+    assert_eq!(who("/api/revoked", 1).await, (json!("revoked"), json!("svc"), json!(fx.svc.key_id), json!(401)));
+    assert_eq!(who("/api/unknown", 1).await, (json!("unknown_key"), Value::Null, Value::Null, json!(401)));
+
+    // Usage counts what authenticated: the signer's one good request; nothing for svc.
+    let u = a.expect(200, "GET", "/admin/v1/users/signer/usage", None).await;
+    assert_eq!((u["requests"].clone(), u["errors"].clone()), (json!(1), json!(0)), "{u}");
+    let u = a.expect(200, "GET", "/admin/v1/users/svc/usage", None).await;
+    assert_eq!((u["requests"].clone(), u["last_used_at"].clone()), (json!(0), Value::Null), "{u}");
+}
