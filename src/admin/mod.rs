@@ -44,21 +44,46 @@ impl std::fmt::Debug for Admin {
     }
 }
 
+/// Shortest admin token accepted, in bytes (`openssl rand -hex 16` gives 32): the admin
+/// token can do everything, and a short one can be guessed from the network.
+const MIN_TOKEN_BYTES: usize = 32;
+
+/// Tokens that the repository's examples carry: a gateway started with one of them would
+/// accept a token anybody can read.
+const PLACEHOLDER_TOKENS: &[&str] = &["replace-me-with-a-long-random-token"];
+
 /// Reads the admin token from the environment variable or file the config names.
 fn read_token(a: &AdminConfig) -> Result<Option<String>, String> {
     if let Some(var) = &a.token_env
         && let Ok(v) = std::env::var(var)
         && !v.trim().is_empty()
     {
-        return Ok(Some(v.trim().to_string()));
+        return usable_token(v.trim(), &format!("the admin token in ${var}")).map(Some);
     }
     if let Some(path) = &a.token_file {
         let t = std::fs::read_to_string(path).map_err(|e| format!("admin token file {}: {e}", path.display()))?;
         if !t.trim().is_empty() {
-            return Ok(Some(t.trim().to_string()));
+            return usable_token(t.trim(), &format!("the admin token in {}", path.display())).map(Some);
         }
     }
     Ok(None)
+}
+
+/// The token, unless it is a placeholder or too short. The message names where the token
+/// came from, never the token.
+fn usable_token(token: &str, source: &str) -> Result<String, String> {
+    if PLACEHOLDER_TOKENS.iter().any(|p| token.eq_ignore_ascii_case(p)) {
+        return Err(format!(
+            "{source} is the placeholder of the example manifests; generate one: openssl rand -hex 32"
+        ));
+    }
+    if token.len() < MIN_TOKEN_BYTES {
+        return Err(format!(
+            "{source} is {} bytes long; at least {MIN_TOKEN_BYTES} are required: openssl rand -hex 32",
+            token.len()
+        ));
+    }
+    Ok(token.to_string())
 }
 
 impl Admin {

@@ -594,7 +594,7 @@ async fn the_cli_and_the_admin_api_writing_at_the_same_moment_lose_nothing() {
     creds.api_user("svc");
     let gw = TestGateway::builder()
         .credentials(&creds)
-        .admin("admin-token-for-cli-race")
+        .admin("admin-token-for-cli-race-0123456789")
         .route(RouteSpec::new("api", "/api/").to(&up).authenticated())
         .start()
         .await;

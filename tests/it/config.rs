@@ -135,3 +135,35 @@ fn write(dir: &Path, name: &str, text: &str) -> String {
     std::fs::write(&p, text).unwrap();
     p.display().to_string()
 }
+
+/// The example manifests' placeholder admin token, or one shorter than 32 bytes, stops
+/// `serve` with exit 78 and the reason (never the token), before anything listens; a
+/// long random one starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_placeholder_or_short_admin_token_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let admin_port = free_port();
+    let token_file = dir.path().join("admin.token");
+    let yaml =
+        format!("{}admin:\n  address: 127.0.0.1:{admin_port}\n  token_file: {}\n", good(port), token_file.display());
+    let path = dir.path().join("gatehouse.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let file = path.display().to_string();
+    let short = "0123456789abcdef0123456789abcde"; // 31 bytes
+    for (token, reason) in [
+        ("replace-me-with-a-long-random-token\n", "is the placeholder of the example manifests"),
+        (short, "is 31 bytes long; at least 32 are required"),
+    ] {
+        std::fs::write(&token_file, token).unwrap();
+        let out = run_cli(&["--log-format", "json", "serve", "--config", &file]).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(EXIT_CONFIG), "stderr:\n{stderr}");
+        let named = format!("the admin token in {}", token_file.display());
+        assert!(stderr.contains(&named) && stderr.contains(reason), "no {reason:?} in:\n{stderr}");
+        assert!(!stderr.contains(token.trim()), "the token is in the message:\n{stderr}");
+        for p in [port, admin_port] {
+            assert!(connection_refused(SocketAddr::from((Ipv4Addr::LOCALHOST, p))).await, "something listens on {p}");
+        }
+    }
+}
