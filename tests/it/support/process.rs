@@ -239,6 +239,11 @@ impl GatewayProcess {
         self.signal("TERM");
     }
 
+    /// Sends SIGINT (Ctrl-C): a graceful stop, like SIGTERM.
+    pub fn sigint(&self) {
+        self.signal("INT");
+    }
+
     /// Sends SIGHUP (reload the credentials).
     pub fn sighup(&self) {
         self.signal("HUP");
