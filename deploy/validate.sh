@@ -19,8 +19,14 @@ for step in "${steps[@]}"; do
       echo "== kubernetes-validate --strict (deploy/kubernetes), bundled schema for the ServiceMonitor"
       # Built-in kinds against the schemas kubernetes-validate ships (offline); it only
       # warns on a custom resource, which validate-crds.py checks against schemas/.
-      python3 -m kubernetes_validate --strict --quiet deploy/kubernetes/*.yaml
+      python3 -m kubernetes_validate --strict --quiet deploy/kubernetes/*.yaml deploy/kubernetes/examples/*.yaml
       python3 deploy/kubernetes/validate-crds.py deploy/kubernetes/*.yaml
+      # `kubectl apply -f deploy/kubernetes/` must never carry a Secret: it would replace
+      # the operator's real credentials and admin token with example data.
+      if grep -l '^kind: *Secret' deploy/kubernetes/*.yaml; then
+        echo "the applied directory deploy/kubernetes/ holds a Secret (above): move it to deploy/kubernetes/examples/"
+        exit 1
+      fi
       ;;
     docker)
       echo "== hadolint deploy/Dockerfile"
