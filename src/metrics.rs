@@ -35,6 +35,7 @@ pub struct Metrics {
     routes: HashMap<Arc<str>, RouteMetrics>,
     open_connections: IntGaugeVec,
     reloads: IntCounterVec,
+    reloads_held: IntCounter,
     last_reload: IntGauge,
     users: IntGauge,
     keys: IntGauge,
@@ -46,6 +47,7 @@ pub struct Metrics {
 pub struct ScrapeState {
     pub reloads_ok: u64,
     pub reloads_failed: u64,
+    pub reloads_held: u64,
     pub last_good_unix: u64,
     pub users: usize,
     pub keys: usize,
@@ -130,6 +132,14 @@ impl Metrics {
                 &["route", "kind"],
             )?,
             reloads: counter(&r, "gatehouse_credentials_reloads_total", "Credential reloads, by result.", &["result"])?,
+            reloads_held: {
+                let c = IntCounter::new(
+                    "gatehouse_credentials_reloads_held_total",
+                    "Credential reloads held back because the file would take away nearly every user (also counted as failures).",
+                )?;
+                r.register(Box::new(c.clone()))?;
+                c
+            },
             last_reload: gauge(
                 &r,
                 "gatehouse_credentials_last_reload_timestamp_seconds",
@@ -214,6 +224,7 @@ impl Metrics {
         let catch_up = |c: &IntCounter, total: u64| c.inc_by(total.saturating_sub(c.get()));
         catch_up(&self.reloads.with_label_values(&["success"]), s.reloads_ok);
         catch_up(&self.reloads.with_label_values(&["failure"]), s.reloads_failed);
+        catch_up(&self.reloads_held, s.reloads_held);
         catch_up(&self.audit_dropped.with_label_values(&["queue_full"]), s.audit_dropped.queue_full);
         catch_up(&self.audit_dropped.with_label_values(&["write_failed"]), s.audit_dropped.write_failed);
         self.last_reload.set(i64::try_from(s.last_good_unix).unwrap_or(i64::MAX));

@@ -7,6 +7,7 @@ use crate::audit::AdminRecord;
 use crate::body::Body;
 use crate::credentials::file::{AuthMethod, FileRateLimit, Status};
 use crate::credentials::ops::{self, UserFields};
+use crate::credentials::reload::Removal;
 use crate::credentials::store::{Store, StoreError};
 use crate::error::error_response;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
@@ -165,7 +166,12 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Result<(StatusCode, Val
     let segs: Vec<&str> = path.trim_start_matches("/admin/v1").split('/').filter(|s| !s.is_empty()).collect();
     let method = req.method().clone();
     if (method.clone(), segs.as_slice()) == (Method::POST, &["reload"][..]) {
-        return match blocking(|| admin.credentials.reload()) {
+        // The one deliberate way to apply a file that takes away nearly every user.
+        let removal = match req.uri().query() {
+            Some("allow_mass_removal=true") => Removal::Allowed,
+            _ => Removal::Guarded,
+        };
+        return match blocking(|| admin.credentials.reload_with(removal)) {
             Ok(()) => {
                 let s = admin.credentials.snapshot();
                 Ok((StatusCode::OK, j!({"reloaded": true, "users": s.user_count(), "keys": s.key_count()})))

@@ -5,6 +5,12 @@
 //! symlink swap is seen, plus a 30 s poll), `SIGHUP`, and direct calls (admin API). A
 //! file that fails to read, parse or validate changes nothing: the error is logged with
 //! its line and counted, and the last good snapshot keeps serving.
+//!
+//! So does a file that would take away nearly every user at once (see
+//! [`is_mass_removal`]): an emptied Secret or a truncated copy is far more often an
+//! accident than intent, and applied it would refuse every client within a second. It is
+//! held (logged, counted in `gatehouse_credentials_reloads_held_total`) until a reload
+//! that allows it (`POST /admin/v1/reload?allow_mass_removal=true`).
 
 use super::secrets::MasterKey;
 use super::snapshot::Snapshot;
@@ -28,7 +34,25 @@ pub struct Credentials {
     /// Reloads that succeeded / failed, and the unix time of the last good one.
     pub reloads_ok: AtomicU64,
     pub reloads_failed: AtomicU64,
+    /// Of the failed reloads, those held back as a mass removal of users.
+    pub reloads_held: AtomicU64,
     pub last_good_unix: AtomicU64,
+}
+
+/// Whether a reload may take away nearly every user at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    /// Held back when it looks like an accident (the default of every trigger).
+    Guarded,
+    /// Applied: an operator asked for it.
+    Allowed,
+}
+
+/// A reload from `old` users to `new` that looks like an accident: every user gone (of
+/// two or more), or nine in ten gone at once (of ten or more). One-at-a-time deletions
+/// from the CLI or the admin API never look like this.
+pub fn is_mass_removal(old: usize, new: usize) -> bool {
+    (new == 0 && old >= 2) || (old >= 10 && new.saturating_mul(10) < old)
 }
 
 #[derive(Debug)]
@@ -178,6 +202,7 @@ impl Credentials {
             source: None,
             reloads_ok: AtomicU64::new(0),
             reloads_failed: AtomicU64::new(0),
+            reloads_held: AtomicU64::new(0),
             last_good_unix: AtomicU64::new(unix_now()),
         }
     }
@@ -194,11 +219,31 @@ impl Credentials {
         self.current.load()
     }
 
-    /// Re-reads the file now. On failure the current snapshot stays.
+    /// Re-reads the file now. On failure, or a mass removal, the current snapshot stays.
     pub fn reload(&self) -> Result<(), ConfigErrors> {
+        self.reload_with(Removal::Guarded)
+    }
+
+    /// Re-reads the file now; `removal` says whether it may take away nearly every user.
+    pub fn reload_with(&self, removal: Removal) -> Result<(), ConfigErrors> {
         let Some(source) = &self.source else { return Ok(()) };
         match source.build() {
             Ok(snap) => {
+                let (old, new) = (self.current.load().user_count(), snap.user_count());
+                if removal == Removal::Guarded && is_mass_removal(old, new) {
+                    self.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                    self.reloads_held.fetch_add(1, Ordering::Relaxed);
+                    let e = super::problem(
+                        &source.path,
+                        format!(
+                            "the file keeps {new} of the {old} users in force: not applied, the previous \
+                             credentials stay (an emptied file is more often an accident than intent); \
+                             POST /admin/v1/reload?allow_mass_removal=true applies it"
+                        ),
+                    );
+                    tracing::error!(error = %e, "credentials reload held back");
+                    return Err(e);
+                }
                 tracing::info!(users = snap.user_count(), keys = snap.key_count(), "credentials reloaded");
                 let old = self.current.swap(Arc::new(snap));
                 self.reloads_ok.fetch_add(1, Ordering::Relaxed);
@@ -243,6 +288,16 @@ mod tests {
 
     /// the old snapshot is freed by the releasing thread once the last request lets go
     /// of it, and left to that request when it holds on past the wait
+    #[test]
+    fn a_mass_removal_is_everybody_gone_or_nine_in_ten() {
+        for (old, new) in [(2, 0), (100_000, 0), (10, 0), (10, 0), (100, 9), (100_000, 9_999)] {
+            assert!(is_mass_removal(old, new), "{old} -> {new}");
+        }
+        for (old, new) in [(0, 0), (1, 0), (2, 1), (9, 1), (10, 1), (100, 10), (100_000, 10_000), (5, 50)] {
+            assert!(!is_mass_removal(old, new), "{old} -> {new}");
+        }
+    }
+
     #[test]
     fn the_releasing_thread_frees_the_old_snapshot() {
         let old = Arc::new(Snapshot::empty());

@@ -273,3 +273,53 @@ async fn an_idle_gateway_does_not_keep_rereading_its_credentials() {
     // One re-read is allowed (the 30 s poll may tick); the bug re-reads every 200 ms.
     assert!(read < 2 * size, "an idle gateway read {read} bytes in 1.5 s; the credentials file is {size} bytes");
 }
+
+/// A file that would take away every user (an emptied Secret, a truncated copy) is held
+/// back: counted, refused with the reason by `POST /admin/v1/reload`, the previous
+/// credentials keep serving; `?allow_mass_removal=true` applies it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_that_takes_away_every_user_is_held_until_a_reload_allows_it() {
+    let up = TestUpstream::start().await;
+    let mut creds = Creds::new();
+    let keys: Vec<ApiKey> = ["a", "b", "c"].iter().map(|u| creds.api_user(u)).collect();
+    let gw = config(&creds, &up).admin("admin-test-token-0123456789abcdef").start().await;
+    let admin = gw.admin();
+    let held = || async {
+        let text = admin.get("/metrics").await.text();
+        text.lines()
+            .find_map(|l| l.strip_prefix("gatehouse_credentials_reloads_held_total "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no gatehouse_credentials_reloads_held_total in:\n{text}"))
+    };
+    assert_eq!(held().await, 0);
+
+    for u in ["a", "b", "c"] {
+        creds.remove_user(u);
+    }
+    gw.write_credentials(&creds);
+    // The watcher sees the write and holds it back.
+    within(POLL_LIMIT, "the watcher to hold the emptied file back", async {
+        while held().await == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    for k in &keys {
+        assert_eq!(status_now(gw.addr(), k).await, 200, "a held file took effect");
+    }
+    let refused = admin.call("POST", "/admin/v1/reload", None).await;
+    assert_eq!(refused.status, 400, "{}", refused.text());
+    let message = refused.json()["message"].as_str().unwrap_or_default().to_string();
+    assert!(message.contains("keeps 0 of the 3 users") && message.contains("allow_mass_removal=true"), "{message}");
+    assert_eq!(held().await, 2);
+    assert_eq!(status_now(gw.addr(), &keys[0]).await, 200);
+
+    let allowed = admin.call("POST", "/admin/v1/reload?allow_mass_removal=true", None).await;
+    assert_eq!(allowed.status, 200, "{}", allowed.text());
+    assert_eq!(allowed.json(), serde_json::json!({"reloaded": true, "users": 0, "keys": 0}));
+    assert_unauthorized(
+        &H1::new().get_with(&gw.url("/api/x"), &[("x-api-key", &keys[1].token)]).await,
+        "Invalid API key",
+    );
+    assert_eq!(up.count(), 3 + 1, "only the requests made while the old file was in force went upstream");
+}
