@@ -171,6 +171,12 @@ pub struct AdminRecord<'a> {
     pub kind: &'static str,
     pub time: String,
     pub actor: &'a str,
+    /// For the admin API: the caller's address, and which admin token it used (a
+    /// fingerprint: `sha256:` and the first 8 hex digits of the token's SHA-256).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<&'a str>,
     pub action: &'a str,
     pub target: &'a str,
     /// Changed fields with their new, non-secret values.
@@ -180,7 +186,12 @@ pub struct AdminRecord<'a> {
 impl<'a> AdminRecord<'a> {
     /// The record of one admin change, made now.
     pub fn new(actor: &'a str, action: &'a str, target: &'a str, changes: serde_json::Value) -> AdminRecord<'a> {
-        AdminRecord { kind: "admin", time: now_rfc3339(), actor, action, target, changes }
+        AdminRecord { kind: "admin", time: now_rfc3339(), actor, client: None, token: None, action, target, changes }
+    }
+
+    /// The record names the admin API caller: its address and token fingerprint.
+    pub fn by(self, client: Option<&'a str>, token: Option<&'a str>) -> AdminRecord<'a> {
+        AdminRecord { client, token, ..self }
     }
 }
 

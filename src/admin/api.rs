@@ -2,7 +2,7 @@
 //! through `Store::update` (lock, validate, atomic write) and is then loaded into the
 //! live snapshot before the response, so it is in force on the next request.
 
-use super::{Admin, json};
+use super::{Admin, Peer, json};
 use crate::audit::AdminRecord;
 use crate::body::Body;
 use crate::credentials::file::{AuthMethod, FileRateLimit, Status};
@@ -179,6 +179,7 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Result<(StatusCode, Val
             Err(e) => Err(bad(e.to_string())),
         };
     }
+    let by = By { client: req.extensions().get::<Peer>().map(|p| p.0.to_string()) };
     let store = admin
         .store
         .as_ref()
@@ -201,7 +202,7 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Result<(StatusCode, Val
             let mut body_json = b.echo();
             body_json["auth_method"] = serde_json::to_value(method).unwrap_or_default();
             let what = Change { action: "user.create", target: &id, changes: body_json };
-            let v = change(admin, store, what, |c| {
+            let v = change(admin, store, &by, what, |c| {
                 ops::create_user(c, &id, method, b.fields())?;
                 Ok(ops::user_view(ops::user(c, &id)?))
             })?;
@@ -226,7 +227,7 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Result<(StatusCode, Val
             if let Some(s) = status {
                 changes["status"] = serde_json::to_value(s).unwrap_or_default();
             }
-            let v = change(admin, store, Change { action: "user.update", target: id, changes }, |c| {
+            let v = change(admin, store, &by, Change { action: "user.update", target: id, changes }, |c| {
                 ops::update_user(c, id, b.fields())?;
                 if let Some(s) = status {
                     ops::set_status(c, id, s)?;
@@ -236,7 +237,7 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Result<(StatusCode, Val
             (StatusCode::OK, v)
         }
         (Method::DELETE, ["users", id]) => {
-            change(admin, store, Change { action: "user.delete", target: id, changes: Value::Null }, |c| {
+            change(admin, store, &by, Change { action: "user.delete", target: id, changes: Value::Null }, |c| {
                 ops::delete_user(c, id)
             })?;
             (StatusCode::OK, j!({"deleted": id}))
@@ -244,7 +245,7 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Result<(StatusCode, Val
         (Method::POST, ["users", id, "keys"]) => {
             let b: KeyBody = body(req).await?;
             let changes = j!({"label": b.label, "expires_at": b.expires_at.map(|t| t.unix_timestamp())});
-            let v = change(admin, store, Change { action: "key.add", target: id, changes }, |c| {
+            let v = change(admin, store, &by, Change { action: "key.add", target: id, changes }, |c| {
                 let hmac = ops::user(c, id)?.auth_method == AuthMethod::Hmac;
                 let (view, secret) = ops::add_key(c, id, &b.label, b.expires_at, || store.master_key())?;
                 // The only response that ever contains a token or secret (SPEC §7).
@@ -258,7 +259,7 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Result<(StatusCode, Val
         }
         (Method::DELETE, ["users", id, "keys", key_id]) => {
             let what = Change { action: "key.revoke", target: id, changes: j!({"key_id": key_id}) };
-            change(admin, store, what, |c| ops::revoke_key(c, id, key_id, ops::now()))?;
+            change(admin, store, &by, what, |c| ops::revoke_key(c, id, key_id, ops::now()))?;
             (StatusCode::OK, j!({"revoked": key_id}))
         }
         (Method::GET, ["roles"]) => (StatusCode::OK, ops::roles_view(&read(store)?)),
@@ -266,7 +267,7 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Result<(StatusCode, Val
         (Method::PUT, ["roles"]) => {
             let b: std::collections::BTreeMap<String, RoleBody> = body(req).await?;
             let changes = j!(b.iter().map(|(n, r)| (n.clone(), j!(r.rules))).collect::<serde_json::Map<_, _>>());
-            let v = change(admin, store, Change { action: "roles.set", target: "roles", changes }, |c| {
+            let v = change(admin, store, &by, Change { action: "roles.set", target: "roles", changes }, |c| {
                 let gone: Vec<String> = c.roles.keys().filter(|k| !b.contains_key(*k)).cloned().collect();
                 for name in gone {
                     ops::delete_role(c, &name)?;
@@ -289,6 +290,12 @@ fn query_param<'q>(query: &'q str, key: &str) -> Option<&'q str> {
 }
 
 /// What an admin change was, for its audit record.
+/// Who makes an admin API change: the caller's address (the token is the gateway's one
+/// admin token, named by its fingerprint).
+struct By {
+    client: Option<String>,
+}
+
 struct Change<'a> {
     action: &'a str,
     target: &'a str,
@@ -300,6 +307,7 @@ struct Change<'a> {
 fn change<T>(
     admin: &Admin,
     store: &Store,
+    by: &By,
     what: Change<'_>,
     f: impl FnOnce(&mut crate::credentials::file::FileCredentials) -> Result<T, StoreError>,
 ) -> Result<T, ApiError> {
@@ -307,7 +315,8 @@ fn change<T>(
     // users that is most of a second of disk and CPU.
     blocking(|| {
         let out = store.update(f)?;
-        admin.audit.send(&AdminRecord::new("admin-api", what.action, what.target, what.changes));
+        let record = AdminRecord::new("admin-api", what.action, what.target, what.changes);
+        admin.audit.send(&record.by(by.client.as_deref(), admin.token_fingerprint.as_deref()));
         if let Err(e) = admin.credentials.reload() {
             tracing::error!(error = %e, "admin change written but not loaded");
         }

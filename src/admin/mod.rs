@@ -36,6 +36,19 @@ pub struct Admin {
     store: Option<Store>,
     /// SHA-256 of the admin token: compared in constant time, never kept in clear.
     token_digest: Option<[u8; 32]>,
+    /// What admin audit records name the token by (see [`fingerprint`]).
+    token_fingerprint: Option<String>,
+}
+
+/// The address an admin request came from (set by the admin listener, read by the
+/// handlers that record a change).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Peer(pub std::net::IpAddr);
+
+/// `sha256:` and the first 8 hex digits of a token's SHA-256: enough to tell tokens apart
+/// in the audit log, far too little to help guess one (the token has 32 bytes or more).
+fn fingerprint(digest: &[u8; 32]) -> String {
+    format!("sha256:{}", hex::encode(&digest[..4]))
 }
 
 impl std::fmt::Debug for Admin {
@@ -101,13 +114,15 @@ impl Admin {
             tracing::warn!("admin API disabled: no admin token configured (admin.token_env or admin.token_file)");
         }
         let store = config.credentials.clone().map(|p| Store::new(p, config.master_key.clone(), config.rate_limit));
+        let digest: Option<[u8; 32]> = token.map(|t| Sha256::digest(t.as_bytes()).into());
         Ok(Admin {
             credentials,
             usage,
             audit,
             metrics,
             store,
-            token_digest: token.map(|t| Sha256::digest(t.as_bytes()).into()),
+            token_fingerprint: digest.as_ref().map(fingerprint),
+            token_digest: digest,
         })
     }
 
@@ -217,8 +232,9 @@ pub async fn serve(
         };
         let admin = admin.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
+            let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
                 let admin = admin.clone();
+                req.extensions_mut().insert(Peer(peer.ip()));
                 async move { Ok::<_, std::convert::Infallible>(admin.handle(req).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()

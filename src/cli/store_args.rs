@@ -39,12 +39,34 @@ impl Ctx {
     /// names one; a failure is a warning: the change is made.
     pub fn record(&self, command: &str, target: &str, changes: Value) {
         let Some(sink) = &self.audit else { return };
-        let actor = format!("cli:{}", std::env::var("USER").unwrap_or_else(|_| "unknown".into()));
+        let actor = format!("cli:{}", os_user());
         let record = AdminRecord::new(&actor, command, target, changes);
         if let Err(e) = crate::audit::append_now(sink, &record) {
             eprintln!("gatehouse {command}: warning: change made, but not recorded in the audit log: {e}");
         }
     }
+}
+
+/// The user this process runs as, from its uid (the owner of `/proc/self`) and
+/// `/etc/passwd`: not `$USER`, which anyone can set and containers leave unset. A uid
+/// with no name there is `uid:<n>`.
+fn os_user() -> String {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(uid) = std::fs::metadata("/proc/self").map(|m| m.uid()) else { return "unknown".into() };
+    std::fs::read_to_string("/etc/passwd")
+        .ok()
+        .and_then(|passwd| user_name(&passwd, uid))
+        .unwrap_or_else(|| format!("uid:{uid}"))
+}
+
+/// The name `passwd` (the `/etc/passwd` format) gives `uid`.
+fn user_name(passwd: &str, uid: u32) -> Option<String> {
+    passwd.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let name = fields.next()?;
+        let id = fields.nth(1)?.parse::<u32>().ok()?;
+        (id == uid && !name.is_empty()).then(|| name.to_string())
+    })
 }
 
 impl StoreArgs {
@@ -109,4 +131,18 @@ pub fn parse_rate(s: &str) -> Result<FileRateLimit, String> {
 pub fn parse_in(s: &str) -> Result<time::OffsetDateTime, String> {
     let d = units::parse_duration(s)?;
     Ok(crate::credentials::ops::now() + d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// the name is looked up by uid; a uid without a line has none
+    #[test]
+    fn the_os_user_is_found_by_uid() {
+        let passwd = "root:x:0:0:root:/root:/bin/bash\nbroken\nops:x:1000:1000::/home/ops:/bin/sh\n";
+        assert_eq!(user_name(passwd, 0).as_deref(), Some("root"));
+        assert_eq!(user_name(passwd, 1000).as_deref(), Some("ops"));
+        assert_eq!(user_name(passwd, 42), None);
+    }
 }

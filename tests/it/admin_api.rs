@@ -737,8 +737,11 @@ async fn audit_returns_admin_changes_without_secrets_and_filters_by_user() {
     let admin: Vec<&Value> = recs.iter().filter(|r| r["kind"] == "admin").collect();
     let actions: Vec<&str> = admin.iter().map(|r| r["action"].as_str().unwrap()).collect();
     assert_eq!(actions, ["user.create", "key.add", "user.update"], "{records:#}");
+    // The caller: its address and which token (a fingerprint, never the token).
+    let fingerprint = format!("sha256:{}", hex::encode(&<sha2::Sha256 as sha2::Digest>::digest(TOKEN.as_bytes())[..4]));
     for r in &admin {
         assert_eq!(r["actor"], "admin-api");
+        assert_eq!((r["client"].as_str(), r["token"].as_str()), (Some("127.0.0.1"), Some(fingerprint.as_str())), "{r}");
         assert_eq!(r["target"], "aud");
         assert!(r["time"].is_string());
     }

@@ -355,11 +355,19 @@ async fn roles_users_and_keys_commands_work_in_text_and_json_through_credentials
         ],
         "{audit}"
     );
+    // `cli:<the user the process runs as>`, from its uid: not $USER, which anyone sets.
+    let me = std::process::Command::new("id").arg("-un").output().unwrap();
+    let me = format!("cli:{}", String::from_utf8(me.stdout).unwrap().trim());
     for r in &records {
         assert_eq!(r["kind"], "admin");
-        assert!(r["actor"].as_str().unwrap().starts_with("cli:"), "{r}");
+        assert_eq!(r["actor"], me.as_str(), "{r}");
     }
     assert!(!audit.contains(&token1) && !audit.contains("ghk_") && !audit.contains(h["secret"].as_str().unwrap()));
+    let spoofed = run_cli_with(&[], &[("USER", "mallory")], &f.k(&["roles", "set", "spoof", "--rule", "GET /x"])).await;
+    assert!(spoofed.status.success(), "{}", stderr(&spoofed));
+    let audit = std::fs::read_to_string(&f.audit).unwrap();
+    let last: Value = serde_json::from_str(audit.lines().last().unwrap()).unwrap();
+    assert_eq!((last["action"].as_str(), last["actor"].as_str()), (Some("roles set"), Some(me.as_str())));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
