@@ -36,6 +36,7 @@ pub struct Metrics {
     open_connections: IntGaugeVec,
     reloads: IntCounterVec,
     reloads_held: IntCounter,
+    reload_failing: IntGauge,
     last_reload: IntGauge,
     users: IntGauge,
     keys: IntGauge,
@@ -48,6 +49,7 @@ pub struct ScrapeState {
     pub reloads_ok: u64,
     pub reloads_failed: u64,
     pub reloads_held: u64,
+    pub reload_failing: bool,
     pub last_good_unix: u64,
     pub users: usize,
     pub keys: usize,
@@ -140,6 +142,11 @@ impl Metrics {
                 r.register(Box::new(c.clone()))?;
                 c
             },
+            reload_failing: gauge(
+                &r,
+                "gatehouse_credentials_reload_failing",
+                "1 while the last credentials reload failed or was held back (the last good snapshot serves), 0 once one succeeds.",
+            )?,
             last_reload: gauge(
                 &r,
                 "gatehouse_credentials_last_reload_timestamp_seconds",
@@ -225,6 +232,7 @@ impl Metrics {
         catch_up(&self.reloads.with_label_values(&["success"]), s.reloads_ok);
         catch_up(&self.reloads.with_label_values(&["failure"]), s.reloads_failed);
         catch_up(&self.reloads_held, s.reloads_held);
+        self.reload_failing.set(i64::from(s.reload_failing));
         catch_up(&self.audit_dropped.with_label_values(&["queue_full"]), s.audit_dropped.queue_full);
         catch_up(&self.audit_dropped.with_label_values(&["write_failed"]), s.audit_dropped.write_failed);
         self.last_reload.set(i64::try_from(s.last_good_unix).unwrap_or(i64::MAX));

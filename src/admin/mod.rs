@@ -163,6 +163,7 @@ impl Admin {
                     reloads_ok: c.reloads_ok.load(Relaxed),
                     reloads_failed: c.reloads_failed.load(Relaxed),
                     reloads_held: c.reloads_held.load(Relaxed),
+                    reload_failing: c.failing.load(Relaxed),
                     last_good_unix: c.last_good_unix.load(Relaxed),
                     users: snap.user_count(),
                     keys: snap.key_count(),

@@ -17,7 +17,7 @@ use super::snapshot::Snapshot;
 use crate::config::{Config, ConfigErrors, RateLimitConfig};
 use arc_swap::ArcSwap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -36,6 +36,9 @@ pub struct Credentials {
     pub reloads_failed: AtomicU64,
     /// Of the failed reloads, those held back as a mass removal of users.
     pub reloads_held: AtomicU64,
+    /// The last reload failed (or was held): true until one succeeds. An alert on it stays
+    /// firing for as long as the file is broken, not for a window after the edit.
+    pub failing: AtomicBool,
     pub last_good_unix: AtomicU64,
 }
 
@@ -203,6 +206,7 @@ impl Credentials {
             reloads_ok: AtomicU64::new(0),
             reloads_failed: AtomicU64::new(0),
             reloads_held: AtomicU64::new(0),
+            failing: AtomicBool::new(false),
             last_good_unix: AtomicU64::new(unix_now()),
         }
     }
@@ -233,6 +237,7 @@ impl Credentials {
                 if removal == Removal::Guarded && is_mass_removal(old, new) {
                     self.reloads_failed.fetch_add(1, Ordering::Relaxed);
                     self.reloads_held.fetch_add(1, Ordering::Relaxed);
+                    self.failing.store(true, Ordering::Relaxed);
                     let e = super::problem(
                         &source.path,
                         format!(
@@ -247,12 +252,14 @@ impl Credentials {
                 tracing::info!(users = snap.user_count(), keys = snap.key_count(), "credentials reloaded");
                 let old = self.current.swap(Arc::new(snap));
                 self.reloads_ok.fetch_add(1, Ordering::Relaxed);
+                self.failing.store(false, Ordering::Relaxed);
                 self.last_good_unix.store(unix_now(), Ordering::Relaxed);
                 retire(old);
                 Ok(())
             }
             Err(e) => {
                 self.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                self.failing.store(true, Ordering::Relaxed);
                 tracing::error!(error = %e, "credentials reload failed; the previous credentials stay in force");
                 Err(e)
             }

@@ -284,14 +284,19 @@ async fn a_file_that_takes_away_every_user_is_held_until_a_reload_allows_it() {
     let keys: Vec<ApiKey> = ["a", "b", "c"].iter().map(|u| creds.api_user(u)).collect();
     let gw = config(&creds, &up).admin("admin-test-token-0123456789abcdef").start().await;
     let admin = gw.admin();
-    let held = || async {
-        let text = admin.get("/metrics").await.text();
-        text.lines()
-            .find_map(|l| l.strip_prefix("gatehouse_credentials_reloads_held_total "))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or_else(|| panic!("no gatehouse_credentials_reloads_held_total in:\n{text}"))
+    let metric = |name: &'static str| {
+        let admin = &admin;
+        async move {
+            let text = admin.get("/metrics").await.text();
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+        }
     };
-    assert_eq!(held().await, 0);
+    let held = || metric("gatehouse_credentials_reloads_held_total");
+    let failing = || metric("gatehouse_credentials_reload_failing");
+    assert_eq!((held().await, failing().await), (0, 0));
 
     for u in ["a", "b", "c"] {
         creds.remove_user(u);
@@ -311,12 +316,13 @@ async fn a_file_that_takes_away_every_user_is_held_until_a_reload_allows_it() {
     assert_eq!(refused.status, 400, "{}", refused.text());
     let message = refused.json()["message"].as_str().unwrap_or_default().to_string();
     assert!(message.contains("keeps 0 of the 3 users") && message.contains("allow_mass_removal=true"), "{message}");
-    assert_eq!(held().await, 2);
+    assert_eq!((held().await, failing().await), (2, 1));
     assert_eq!(status_now(gw.addr(), &keys[0]).await, 200);
 
     let allowed = admin.call("POST", "/admin/v1/reload?allow_mass_removal=true", None).await;
     assert_eq!(allowed.status, 200, "{}", allowed.text());
     assert_eq!(allowed.json(), serde_json::json!({"reloaded": true, "users": 0, "keys": 0}));
+    assert_eq!((held().await, failing().await), (2, 0), "a good reload clears the failing gauge");
     assert_unauthorized(
         &H1::new().get_with(&gw.url("/api/x"), &[("x-api-key", &keys[1].token)]).await,
         "Invalid API key",
