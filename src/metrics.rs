@@ -200,9 +200,10 @@ impl Metrics {
         let reason = match e {
             GateError::Unauthorized(f) => Some(f.reason()),
             GateError::Forbidden(d) => Some(d.reason()),
-            GateError::TooManyRequests { scope: LimitScope::ClientIp | LimitScope::ReplayCache, .. } => {
-                Some("rate_limited")
-            }
+            // Named as in the audit record: a client over its failed-authentication budget
+            // and a full replay cache call for different responses.
+            GateError::TooManyRequests { scope: LimitScope::ClientIp, .. } => Some("client_ip_rate_limited"),
+            GateError::TooManyRequests { scope: LimitScope::ReplayCache, .. } => Some("replay_cache_full"),
             GateError::TooManyRequests { scope: LimitScope::Key, .. } => {
                 self.rate_limited.with_label_values(&[user.unwrap_or("")]).inc();
                 None

@@ -100,7 +100,11 @@ async fn failed_authentications_are_limited_per_client_ip_before_any_key_lookup(
         let r = client.get_with(&gw.url(&format!("/random/{i}")), &[("x-api-key", unknown(i + 100))]).await;
         assert_eq!(r.status, 429, "request {i}: {}", r.text());
     }
-    let after = series(&client.get(&gw.admin_url("/metrics")).await.text());
+    let text = client.get(&gw.admin_url("/metrics")).await.text();
+    let after = series(&text);
+    let refusals =
+        text.lines().find_map(|l| l.strip_prefix("gatehouse_auth_failures_total{reason=\"client_ip_rate_limited\"} "));
+    assert!(refusals.is_some_and(|n| n.trim().parse::<u64>().is_ok_and(|n| n >= 10_000)), "{text}");
     let gatehouse = |s: &std::collections::BTreeSet<String>| -> Vec<String> {
         s.iter().filter(|x| x.starts_with("gatehouse_")).cloned().collect()
     };
