@@ -459,6 +459,12 @@ impl Output {
             return write_counting(&mut std::io::stdout().lock(), &mut self.torn, &self.buf)
                 .map_err(|(n, e)| (n, format!("stdout: {e}")));
         };
+        // A file deleted under the gateway (an `rm`, a rotation without `postrotate`) would
+        // swallow every record written to it until the once-a-second check: one `fstat`
+        // per batch sees it first, and the batch goes to a new file at the path instead.
+        if self.open.as_ref().is_some_and(|o| o.file.metadata().is_ok_and(|m| m.nlink() == 0)) {
+            self.open = None;
+        }
         if self.open.is_none() {
             let opened = open_append(path).and_then(|f| Ok(Open { ino: f.metadata()?.ino(), file: f }));
             match opened {

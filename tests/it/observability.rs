@@ -266,3 +266,31 @@ async fn the_audit_log_survives_logrotate_rename_and_copytruncate() {
     assert!(!text.contains('\0'), "append mode leaves no hole after a truncation");
     assert!(!text.contains("/after-rename\""), "the truncated records are gone from the live file");
 }
+
+/// An audit file deleted under the gateway (an `rm`, a rotation without `postrotate`)
+/// loses nothing: the next batch sees it is gone and writes to a new file at the path,
+/// instead of into the deleted one until the once-a-second check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_after_the_audit_file_is_deleted_go_to_a_new_file() {
+    const N: usize = 20;
+    let up = TestUpstream::start().await;
+    let mut creds = Creds::new();
+    let key = creds.api_user("erp");
+    let gw = start(&creds, &up, "").await;
+    let client = H1::new();
+    let h = [("x-api-key", key.token.as_str())];
+    assert_eq!(client.get_with(&gw.url("/before"), &h).await.status, 200);
+    poll("the first record", async || gw.audit_records().iter().any(|r| r["path"] == "/before").then_some(())).await;
+
+    std::fs::remove_file(gw.audit_path()).unwrap();
+    for i in 0..N {
+        assert_eq!(client.get_with(&gw.url(&format!("/after/{i}")), &h).await.status, 200);
+    }
+    let after = |r: &serde_json::Value| r["path"].as_str().is_some_and(|p| p.starts_with("/after/"));
+    poll("every record in the new file", async || {
+        (gw.audit_records().iter().filter(|r| after(r)).count() == N).then_some(())
+    })
+    .await;
+    let text = client.get(&gw.admin_url("/metrics")).await.text();
+    assert_eq!(dropped(&text, "write_failed"), Some(0.0), "{text}");
+}
