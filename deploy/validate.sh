@@ -20,6 +20,9 @@ for step in "${steps[@]}"; do
       # Built-in kinds against the schemas kubernetes-validate ships (offline); it only
       # warns on a custom resource, which validate-crds.py checks against schemas/.
       python3 -m kubernetes_validate --strict --quiet deploy/kubernetes/*.yaml deploy/kubernetes/examples/*.yaml
+      # and against the oldest version the README supports (preStop's sleep action is on
+      # by default from 1.30)
+      python3 -m kubernetes_validate --strict --quiet --kubernetes-version 1.30 deploy/kubernetes/*.yaml deploy/kubernetes/examples/*.yaml
       python3 deploy/kubernetes/validate-crds.py deploy/kubernetes/*.yaml
       # `kubectl apply -f deploy/kubernetes/` must never carry a Secret: it would replace
       # the operator's real credentials and admin token with example data.
