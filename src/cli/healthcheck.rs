@@ -9,16 +9,42 @@ pub struct HealthcheckArgs {
     /// Plain-HTTP URL to GET.
     #[arg(long, default_value = "http://127.0.0.1:9901/healthz")]
     url: http::Uri,
+    /// GET `/healthz` on the admin listener this config names, instead of `--url` (an
+    /// unspecified address such as 0.0.0.0 is asked on loopback): the image's health
+    /// check follows the config rather than a port written into the Dockerfile.
+    #[arg(long, conflicts_with = "url")]
+    config: Option<std::path::PathBuf>,
     /// Give up after this long (e.g. 3s).
     #[arg(long, default_value = "3s")]
     timeout: String,
 }
 
-pub fn run(a: HealthcheckArgs) -> ExitCode {
+pub fn run(mut a: HealthcheckArgs) -> ExitCode {
+    if let Some(path) = &a.config {
+        match admin_url(path) {
+            Ok(url) => a.url = url,
+            Err(e) => return super::store_args::fail("healthcheck", e),
+        }
+    }
     match check(&a) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => super::store_args::fail("healthcheck", e),
     }
+}
+
+/// `http://<admin.address>/healthz` of the config at `path`.
+fn admin_url(path: &std::path::Path) -> Result<http::Uri, String> {
+    let config = crate::config::Config::load(path).map_err(|e| e.to_string())?;
+    let admin = config.admin.ok_or_else(|| format!("{}: no admin listener (admin.address)", path.display()))?;
+    let mut addr = admin.address;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    format!("http://{addr}/healthz").parse().map_err(|e| format!("{addr}: {e}"))
 }
 
 fn check(a: &HealthcheckArgs) -> Result<(), String> {

@@ -234,11 +234,16 @@ async fn the_dockerfile_runs_gatehouse_as_non_root_and_its_health_check_command_
     let user = final_stage.iter().find_map(|l| l.strip_prefix("USER ")).expect("final stage sets no USER");
     assert!(!["root", "0", "0:0"].contains(&user), "USER {user}");
     assert!(final_stage.contains(&r#"ENTRYPOINT ["gatehouse"]"#), "{final_stage:?}");
-    assert!(text.contains("cargo build --release --locked"));
+    assert!(text.contains("cargo build --profile dist --locked") && text.contains("target/dist/gatehouse"));
     let health = text.split("HEALTHCHECK").nth(1).expect("no HEALTHCHECK");
-    let url = health.split('"').find(|s| s.starts_with("http://")).expect("no URL in HEALTHCHECK");
-    assert!(health.contains(r#"CMD ["gatehouse", "healthcheck", "--url""#), "{health}");
-    assert!(url.ends_with("/healthz"));
+    assert!(
+        health.contains(r#"CMD ["gatehouse", "healthcheck", "--config", "/etc/gatehouse/gatehouse.yaml"]"#),
+        "{health}"
+    );
+    assert!(
+        text.contains(r#"CMD ["serve", "--config", "/etc/gatehouse/gatehouse.yaml"]"#),
+        "the check reads the config serve runs"
+    );
 
     // The command the health check runs: 0 against a live admin listener, else one line, 1.
     let gw = GatewayProcess::serve(&TestGateway::builder().admin("admin-test-token-0123456789abcdef")).await;
@@ -253,4 +258,25 @@ async fn the_dockerfile_runs_gatehouse_as_non_root_and_its_health_check_command_
         assert_eq!(out.status.code(), Some(1), "{url}: {err}");
         assert!(err.starts_with("gatehouse healthcheck: ") && err.lines().count() == 1, "{err:?}");
     }
+
+    // --config: the admin address the config names (0.0.0.0 asked on loopback); a config
+    // without an admin listener is one line and exit 1.
+    let dir = tempfile::tempdir().unwrap();
+    let config = |admin: &str| {
+        let path = dir.path().join(format!("gatehouse-{}.yaml", admin.len()));
+        let yaml = format!(
+            "listeners:\n  - address: 127.0.0.1:0\n    name: main\n{admin}routes:\n  - name: api\n    \
+             path_prefix: /\n    upstream: http://127.0.0.1:9\n    allow_anonymous: true\n"
+        );
+        std::fs::write(&path, yaml).unwrap();
+        path.display().to_string()
+    };
+    let any = config(&format!("admin:\n  address: 0.0.0.0:{}\n", gw.admin_addr().port()));
+    let out = run_cli(&["healthcheck", "--config", &any]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let none = config("");
+    let out = run_cli(&["healthcheck", "--config", &none]).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("no admin listener") && err.lines().count() == 1, "{err:?}");
 }
