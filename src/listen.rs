@@ -89,8 +89,10 @@ impl Server {
         let usage = Arc::new(Usage::load(config.usage_state.clone()));
         let audit = Arc::new(crate::audit::Audit::start(&config.audit_log));
         let route_names: Vec<Arc<str>> = config.routes.iter().map(|r| Arc::from(r.name.as_str())).collect();
-        let metrics =
-            Arc::new(Metrics::new(route_names.iter()).map_err(|e| StartError::Admin(format!("metrics: {e}")))?);
+        let metrics = Arc::new(
+            Metrics::new(route_names.iter(), config.metrics_per_user_series)
+                .map_err(|e| StartError::Admin(format!("metrics: {e}")))?,
+        );
         let admin = match &config.admin {
             None => None,
             Some(a) => {

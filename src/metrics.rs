@@ -13,6 +13,7 @@ use prometheus::{
 };
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 const LATENCY_BUCKETS: &[f64] =
     &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
@@ -41,7 +42,22 @@ pub struct Metrics {
     users: IntGauge,
     keys: IntGauge,
     audit_dropped: IntCounterVec,
+    /// With `metrics.per_user_series`, the users that have series of their own.
+    per_user: Option<PerUser>,
 }
+
+/// The first `max` API users seen get a `user` label value of their own; every other one
+/// is counted as `_other`, so 100,000 users cannot make 100,000 series per family.
+#[derive(Debug)]
+struct PerUser {
+    max: usize,
+    named: dashmap::DashSet<Arc<str>>,
+    /// `named.len()` without visiting every shard on each request.
+    count: AtomicUsize,
+}
+
+/// The `user` label value of everyone past the bound (and of anonymous requests: "").
+const OTHER_USERS: &str = "_other";
 
 /// What a scrape reads from the rest of the gateway.
 #[derive(Debug, Clone, Copy)]
@@ -76,7 +92,12 @@ fn histogram(r: &Registry, name: &str, help: &str) -> Result<HistogramVec, prome
 
 impl Metrics {
     /// Registers every family; `routes` and `listeners` are the configured names.
-    pub fn new<'a>(routes: impl Iterator<Item = &'a Arc<str>>) -> Result<Metrics, prometheus::Error> {
+    /// `per_user_series`: how many API users get a `user` label value of their own (0: no
+    /// `user` label at all).
+    pub fn new<'a>(
+        routes: impl Iterator<Item = &'a Arc<str>>,
+        per_user_series: usize,
+    ) -> Result<Metrics, prometheus::Error> {
         let r = Registry::new();
         let request_duration =
             histogram(&r, "gatehouse_request_duration_seconds", "Time from request head to response head, by route.")?;
@@ -112,8 +133,12 @@ impl Metrics {
             requests: counter(
                 &r,
                 "gatehouse_requests_total",
-                "Requests, by route, API user, status class and outcome.",
-                &["route", "user", "status_class", "outcome"],
+                "Requests, by route, status class and outcome (and API user, with metrics.per_user_series).",
+                if per_user_series > 0 {
+                    &["route", "user", "status_class", "outcome"]
+                } else {
+                    &["route", "status_class", "outcome"]
+                },
             )?,
             auth_failures: counter(
                 &r,
@@ -124,8 +149,8 @@ impl Metrics {
             rate_limited: counter(
                 &r,
                 "gatehouse_rate_limited_total",
-                "Requests refused by a key's rate limit, by API user.",
-                &["user"],
+                "Requests refused by a key's rate limit (by API user, with metrics.per_user_series).",
+                if per_user_series > 0 { &["user"] } else { &[] },
             )?,
             upstream_errors: counter(
                 &r,
@@ -158,7 +183,29 @@ impl Metrics {
             open_connections,
             audit_dropped,
             registry: r,
+            per_user: (per_user_series > 0).then(|| PerUser {
+                max: per_user_series,
+                named: dashmap::DashSet::new(),
+                count: Default::default(),
+            }),
         })
+    }
+
+    /// The `user` label value for `user`: `None` without per-user series; the user's id
+    /// while within the bound, else `_other`; `""` for anonymous requests.
+    fn user_label<'a>(&self, user: Option<&'a Arc<str>>) -> Option<&'a str> {
+        let p = self.per_user.as_ref()?;
+        let Some(user) = user else { return Some("") };
+        if p.named.contains(user) {
+            return Some(user);
+        }
+        // Two requests racing here may both add a user: the bound is exceeded by at most
+        // one per worker thread, never without limit.
+        if p.count.load(Ordering::Relaxed) < p.max && p.named.insert(user.clone()) {
+            p.count.fetch_add(1, Ordering::Relaxed);
+            return Some(user);
+        }
+        Some(if p.named.contains(user) { user } else { OTHER_USERS })
     }
 
     /// The open-connections gauge of one listener (resolved once per listener).
@@ -177,7 +224,7 @@ impl Metrics {
         to_head: f64,
         body_failure: Option<&'static str>,
     ) {
-        let (route, user, error) = (out.route.as_ref(), out.user.as_deref(), out.error);
+        let (route, error) = (out.route.as_ref(), out.error);
         let class = match status {
             100..=199 => "1xx",
             200..=299 => "2xx",
@@ -186,7 +233,10 @@ impl Metrics {
             _ => "5xx",
         };
         let route_name = route.map_or("", |r| r);
-        self.requests.with_label_values(&[route_name, user.unwrap_or(""), class, outcome]).inc();
+        match self.user_label(out.user.as_ref()) {
+            Some(u) => self.requests.with_label_values(&[route_name, u, class, outcome]).inc(),
+            None => self.requests.with_label_values(&[route_name, class, outcome]).inc(),
+        }
         if let Some(m) = route.and_then(|r| self.routes.get(r)) {
             m.duration.observe(to_head);
             if let Some(u) = out.upstream_latency {
@@ -205,7 +255,10 @@ impl Metrics {
             GateError::TooManyRequests { scope: LimitScope::ClientIp, .. } => Some("client_ip_rate_limited"),
             GateError::TooManyRequests { scope: LimitScope::ReplayCache, .. } => Some("replay_cache_full"),
             GateError::TooManyRequests { scope: LimitScope::Key, .. } => {
-                self.rate_limited.with_label_values(&[user.unwrap_or("")]).inc();
+                match self.user_label(out.user.as_ref()) {
+                    Some(u) => self.rate_limited.with_label_values(&[u]).inc(),
+                    None => self.rate_limited.with_label_values::<&str>(&[]).inc(),
+                }
                 None
             }
             GateError::Upstream(UpstreamFailure::Connect) => {

@@ -36,7 +36,18 @@ pub struct FileConfig {
     pub trusted_proxies: Vec<Spanned<String>>,
     #[serde(default)]
     pub identity_headers: Option<Spanned<FileIdentityHeaders>>,
+    #[serde(default)]
+    pub metrics: FileMetrics,
     pub routes: Vec<FileRoute>,
+}
+
+/// `metrics:`: what the Prometheus metrics break down by.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileMetrics {
+    /// How many API users get series of their own (a `user` label); 0: no `user` label.
+    #[serde(default)]
+    pub per_user_series: usize,
 }
 
 #[derive(Debug, Deserialize)]

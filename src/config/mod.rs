@@ -38,6 +38,8 @@ pub struct Config {
     pub limits: Limits,
     pub trusted_proxies: Vec<IpNet>,
     pub identity_headers: IdentityHeaders,
+    /// API users with series of their own in the metrics (`user` label); 0: none, no label.
+    pub metrics_per_user_series: usize,
     pub routes: Vec<RouteConfig>,
 }
 
@@ -355,6 +357,7 @@ impl Validator {
             limits,
             trusted_proxies,
             identity_headers,
+            metrics_per_user_series: f.metrics.per_user_series,
             routes,
         }
     }

@@ -58,9 +58,11 @@ async fn metrics_expose_every_family_with_configured_labels_and_pass_promtool() 
         assert!(text.contains(&format!("# TYPE {f} ")), "{f} missing from:\n{text}");
     }
     let v = |s: &str| value(&text, s).unwrap_or_else(|| panic!("{s} missing from:\n{text}"));
-    assert_eq!(v(r#"gatehouse_requests_total{outcome="forwarded",route="api",status_class="2xx",user="erp"}"#), 1.0);
-    assert_eq!(v(r#"gatehouse_requests_total{outcome="rejected",route="api",status_class="4xx",user="erp"}"#), 1.0);
-    assert_eq!(v(r#"gatehouse_rate_limited_total{user="erp"}"#), 1.0);
+    // No `user` label by default: 100,000 API users must not make 100,000 series.
+    assert!(!text.contains("user=\""), "a user label without metrics.per_user_series:\n{text}");
+    assert_eq!(v(r#"gatehouse_requests_total{outcome="forwarded",route="api",status_class="2xx"}"#), 1.0);
+    assert_eq!(v(r#"gatehouse_requests_total{outcome="rejected",route="api",status_class="4xx"}"#), 2.0);
+    assert_eq!(v("gatehouse_rate_limited_total"), 1.0);
     assert_eq!(v(r#"gatehouse_auth_failures_total{reason="missing"}"#), 1.0);
     assert_eq!(v("gatehouse_credentials_users"), 2.0);
     assert_eq!(v(r#"gatehouse_request_duration_seconds_count{route="api"}"#), 4.0);
@@ -293,4 +295,29 @@ async fn records_after_the_audit_file_is_deleted_go_to_a_new_file() {
     .await;
     let text = client.get(&gw.admin_url("/metrics")).await.text();
     assert_eq!(dropped(&text, "write_failed"), Some(0.0), "{text}");
+}
+
+/// With `metrics.per_user_series: 1` the first API user seen gets series of its own, every
+/// other one is `_other`, and anonymous requests are `""`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_user_series_are_opt_in_and_bounded() {
+    let up = TestUpstream::start().await;
+    let mut creds = Creds::new();
+    let first = creds.api_user("first");
+    let second = creds.api_user("second");
+    let third = creds.api_user("third");
+    let gw = start(&creds, &up, "metrics:\n  per_user_series: 1\n").await;
+    let client = H1::new();
+    for k in [&first, &second, &third, &first] {
+        assert_eq!(client.get_with(&gw.url("/a"), &[("x-api-key", k.token.as_str())]).await.status, 200);
+    }
+    assert_eq!(client.get(&gw.url("/a")).await.status, 401);
+    let text = client.get(&gw.admin_url("/metrics")).await.text();
+    let v = |s: &str| value(&text, s).unwrap_or_else(|| panic!("{s} missing from:\n{text}"));
+    let forwarded = |user: &str| {
+        format!(r#"gatehouse_requests_total{{outcome="forwarded",route="api",status_class="2xx",user="{user}"}}"#)
+    };
+    assert_eq!((v(&forwarded("first")), v(&forwarded("_other"))), (2.0, 2.0));
+    assert_eq!(v(r#"gatehouse_requests_total{outcome="rejected",route="api",status_class="4xx",user=""}"#), 1.0);
+    assert!(!text.contains("user=\"second\"") && !text.contains("user=\"third\""), "{text}");
 }
