@@ -129,6 +129,16 @@ impl Metrics {
         r.register(Box::new(open_connections.clone()))?;
         #[cfg(target_os = "linux")]
         r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        // Always 1; the labels say which build is running (a rollout's progress, a fleet's
+        // versions at a glance).
+        let build_info = IntGaugeVec::new(
+            Opts::new("gatehouse_build_info", "The running build: version, git commit and compiler (value 1)."),
+            &["version", "commit", "rustc"],
+        )?;
+        r.register(Box::new(build_info.clone()))?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), env!("GATEHOUSE_COMMIT"), env!("GATEHOUSE_RUSTC")])
+            .set(1);
         Ok(Metrics {
             requests: counter(
                 &r,

@@ -19,6 +19,7 @@ const FAMILIES: &[&str] = &[
     "gatehouse_open_connections",
     "gatehouse_upstream_errors_total",
     "gatehouse_audit_dropped_total",
+    "gatehouse_build_info",
 ];
 
 async fn poll<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
@@ -65,6 +66,11 @@ async fn metrics_expose_every_family_with_configured_labels_and_pass_promtool() 
     assert_eq!(v("gatehouse_rate_limited_total"), 1.0);
     assert_eq!(v(r#"gatehouse_auth_failures_total{reason="missing"}"#), 1.0);
     assert_eq!(v("gatehouse_credentials_users"), 2.0);
+    // The build: this crate's version, a commit (this is a git checkout), the compiler.
+    let build = text.lines().find(|l| l.starts_with("gatehouse_build_info{")).unwrap_or_else(|| panic!("{text}"));
+    assert!(build.ends_with("} 1"), "{build}");
+    assert!(build.contains(&format!("version=\"{}\"", env!("CARGO_PKG_VERSION"))), "{build}");
+    assert!(build.contains("rustc=\"1.") && !build.contains("commit=\"\""), "{build}");
     assert_eq!(v(r#"gatehouse_request_duration_seconds_count{route="api"}"#), 4.0);
     assert_eq!(v(r#"gatehouse_upstream_errors_total{kind="connect",route="api"}"#), 1.0);
     assert_eq!(v(r#"gatehouse_upstream_duration_seconds_count{route="api"}"#), 1.0);
