@@ -68,15 +68,7 @@ pub enum Denial {
 }
 
 impl Denial {
-    /// The metric label (`forbidden` or `proxied_user_denied`).
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Denial::NotGranted => "forbidden",
-            Denial::ProxiedNotAllowed | Denial::ProxiedNotListed | Denial::ProxiedAnonymous => "proxied_user_denied",
-        }
-    }
-
-    /// The precise reason, for the log and audit record.
+    /// The precise reason, for the log, the audit record and the metric label.
     pub fn detail(&self) -> &'static str {
         match self {
             Denial::NotGranted => "not_granted",
@@ -88,7 +80,7 @@ impl Denial {
 }
 
 /// Why authentication failed. Clients see only [`AuthFailure::client_message`], which
-/// folds every key-state problem into one message (SPEC §3.4); logs and metrics get the
+/// folds every key-state problem into one message (SPEC §3.4); logs, audit and metrics get the
 /// true reason.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthFailure {
@@ -118,24 +110,8 @@ pub enum AuthFailure {
 }
 
 impl AuthFailure {
-    /// The metric label (`gatehouse_auth_failures_total{reason}`): a fixed, small set.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            AuthFailure::Missing => "missing",
-            AuthFailure::TwoCredentials
-            | AuthFailure::MalformedToken
-            | AuthFailure::UnknownKey
-            | AuthFailure::WrongMethod => "invalid_key",
-            AuthFailure::Revoked => "revoked",
-            AuthFailure::Expired => "expired",
-            AuthFailure::Inactive | AuthFailure::Retired => "inactive",
-            AuthFailure::SignatureMissing | AuthFailure::BadSignature => "bad_signature",
-            AuthFailure::StaleTimestamp => "stale_timestamp",
-            AuthFailure::Replay => "replay",
-        }
-    }
-
-    /// The precise reason, for the log and the audit record.
+    /// The precise reason, for the log, the audit record and the metric label
+    /// (`gatehouse_auth_failures_total{reason}`): a fixed, small set.
     pub fn detail(&self) -> &'static str {
         match self {
             AuthFailure::Missing => "missing",

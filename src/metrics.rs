@@ -258,8 +258,9 @@ impl Metrics {
         }
         let Some(e) = error else { return };
         let reason = match e {
-            GateError::Unauthorized(f) => Some(f.reason()),
-            GateError::Forbidden(d) => Some(d.reason()),
+            // The audit record's reasons, one vocabulary: a small fixed set either way.
+            GateError::Unauthorized(f) => Some(f.detail()),
+            GateError::Forbidden(d) => Some(d.detail()),
             // Named as in the audit record: a client over its failed-authentication budget
             // and a full replay cache call for different responses.
             GateError::TooManyRequests { scope: LimitScope::ClientIp, .. } => Some("client_ip_rate_limited"),

@@ -318,12 +318,17 @@ async fn per_user_series_are_opt_in_and_bounded() {
         assert_eq!(client.get_with(&gw.url("/a"), &[("x-api-key", k.token.as_str())]).await.status, 200);
     }
     assert_eq!(client.get(&gw.url("/a")).await.status, 401);
+    let unknown = Creds::new().api_user("nobody");
+    assert_eq!(client.get_with(&gw.url("/b"), &[("x-api-key", unknown.token.as_str())]).await.status, 401);
     let text = client.get(&gw.admin_url("/metrics")).await.text();
     let v = |s: &str| value(&text, s).unwrap_or_else(|| panic!("{s} missing from:\n{text}"));
+    // Refusal reasons are the audit record's.
+    assert_eq!(v(r#"gatehouse_auth_failures_total{reason="unknown_key"}"#), 1.0);
+    assert!(!text.contains("invalid_key"), "{text}");
     let forwarded = |user: &str| {
         format!(r#"gatehouse_requests_total{{outcome="forwarded",route="api",status_class="2xx",user="{user}"}}"#)
     };
     assert_eq!((v(&forwarded("first")), v(&forwarded("_other"))), (2.0, 2.0));
-    assert_eq!(v(r#"gatehouse_requests_total{outcome="rejected",route="api",status_class="4xx",user=""}"#), 1.0);
+    assert_eq!(v(r#"gatehouse_requests_total{outcome="rejected",route="api",status_class="4xx",user=""}"#), 2.0);
     assert!(!text.contains("user=\"second\"") && !text.contains("user=\"third\""), "{text}");
 }
