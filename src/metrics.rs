@@ -258,13 +258,12 @@ impl Metrics {
         }
         let Some(e) = error else { return };
         let reason = match e {
-            // The audit record's reasons, one vocabulary: a small fixed set either way.
-            GateError::Unauthorized(f) => Some(f.detail()),
-            GateError::Forbidden(d) => Some(d.detail()),
-            // Named as in the audit record: a client over its failed-authentication budget
-            // and a full replay cache call for different responses.
-            GateError::TooManyRequests { scope: LimitScope::ClientIp, .. } => Some("client_ip_rate_limited"),
-            GateError::TooManyRequests { scope: LimitScope::ReplayCache, .. } => Some("replay_cache_full"),
+            // The audit record's reason (`GateError::reason`), one vocabulary for both.
+            GateError::Unauthorized(_)
+            | GateError::Forbidden(_)
+            | GateError::TooManyRequests { scope: LimitScope::ClientIp | LimitScope::ReplayCache, .. } => {
+                Some(e.reason())
+            }
             GateError::TooManyRequests { scope: LimitScope::Key, .. } => {
                 match self.user_label(out.user.as_ref()) {
                     Some(u) => self.rate_limited.with_label_values(&[u]).inc(),
