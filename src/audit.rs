@@ -24,6 +24,9 @@ use time::format_description::well_known::Rfc3339;
 use tokio::sync::{mpsc, oneshot};
 
 const QUEUE: usize = 16_384;
+/// The longest `User-Agent` a record keeps: enough for any real client's, and a hostile
+/// one cannot make every record 8 KiB.
+pub const USER_AGENT_MAX: usize = 256;
 /// How often the writer takes what the queue holds (the queue holds QUEUE / BATCH =
 /// 1.6 M records a second: well over any rate one gateway reaches).
 const BATCH: Duration = Duration::from_millis(10);
@@ -41,6 +44,10 @@ pub struct RequestRecord<'a> {
     pub route: Option<&'a str>,
     pub method: &'a str,
     pub path: Option<&'a str>,
+    /// The client's `User-Agent`, cut to [`USER_AGENT_MAX`] bytes.
+    pub user_agent: Option<&'a str>,
+    /// The upstream target (`host:port`) the request was sent to, or last tried.
+    pub upstream: Option<&'a str>,
     pub status: u16,
     pub duration_ms: f64,
     /// Body bytes sent to the client (for a tunnel, every byte the upstream sent).
@@ -75,6 +82,8 @@ impl RequestRecord<'_> {
         o.push_str(",\"method\":");
         json_str(&mut o, self.method);
         json_field(&mut o, "path", self.path);
+        json_field(&mut o, "user_agent", self.user_agent);
+        json_field(&mut o, "upstream", self.upstream);
         o.push_str(",\"status\":");
         push_u16(&mut o, self.status);
         if self.duration_ms.is_finite() {
@@ -566,6 +575,8 @@ mod tests {
             route: None,
             method: "GET",
             path: Some(text),
+            user_agent: Some(text),
+            upstream: None,
             status: 503,
             duration_ms,
             bytes_sent: 12345,

@@ -44,7 +44,8 @@ pub trait Carrier: Reporter {
 /// Serves one request on a proxy listener. Never fails: every error becomes a §5 response.
 pub async fn handle<C: Carrier>(carrier: C, req: Request<Incoming>) -> Response<Body> {
     let request_id = request::request_id(req.headers());
-    let out = Outcome::start(request_id.clone(), req.method().clone(), carrier.info().peer_ip.clone());
+    let mut out = Outcome::start(request_id.clone(), req.method().clone(), carrier.info().peer_ip.clone());
+    out.user_agent = req.headers().get(http::header::USER_AGENT).cloned();
     let mut report = Report::new(carrier, out);
     let res = match handle_inner(&report.carrier, req, &mut report.out).await {
         Ok((res, None)) => res,
@@ -106,7 +107,7 @@ async fn handle_inner<C: Carrier>(
         authn::Caller::Anonymous => None,
     };
     let outbound = rewrite::request(parsed, &permit, conn, gw.is_trusted_proxy(conn.peer.ip()), &gw.identity_headers);
-    let fwd = forward::send(carrier.upstream(), outbound).await?;
+    let fwd = forward::send(carrier.upstream(), outbound, &mut out.upstream).await?;
     out.upstream_latency = Some(fwd.upstream_latency);
     Ok((rewrite::response(fwd.response, &out.request_id, quota), fwd.switched))
 }

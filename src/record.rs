@@ -14,6 +14,7 @@ use crate::error::GateError;
 use crate::state::Gateway;
 use crate::tunnel::{TunnelEnd, Tunnelled};
 use bytes::Bytes;
+use http::uri::Authority;
 use http::{HeaderValue, Method, Response, StatusCode};
 use http_body::{Body as _, Frame, SizeHint};
 use std::pin::Pin;
@@ -44,6 +45,10 @@ pub struct Outcome {
     /// authenticate and so must not move the key's usage or `last_used_at`.
     pub refused_key: Option<Arc<Key>>,
     pub proxied_user: Option<HeaderValue>,
+    /// The client's `User-Agent` (a clone shares the request's buffer: no copy).
+    pub user_agent: Option<HeaderValue>,
+    /// The upstream target the request went to, or the last one tried when none answered.
+    pub upstream: Option<Authority>,
     /// The role rule that granted the request.
     pub grant: Option<Grant>,
     pub error: Option<GateError>,
@@ -72,6 +77,8 @@ impl Outcome {
             key: None,
             refused_key: None,
             proxied_user: None,
+            user_agent: None,
+            upstream: None,
             grant: None,
             error: None,
             upstream_latency: None,
@@ -249,6 +256,10 @@ fn finish(gw: &Gateway, out: &Outcome, ending: Ending) {
     let elapsed = out.started.elapsed().as_secs_f64();
     let to_head = out.to_head.map_or(elapsed, |d| d.as_secs_f64());
     gw.metrics.observe(out, status, outcome, to_head, ending.upstream_error_kind());
+    let user_agent = out.user_agent.as_ref().map(|v| {
+        let b = v.as_bytes();
+        String::from_utf8_lossy(&b[..b.len().min(crate::audit::USER_AGENT_MAX)])
+    });
     let record = RequestRecord {
         kind: "request",
         time: crate::audit::now_rfc3339(),
@@ -260,6 +271,8 @@ fn finish(gw: &Gateway, out: &Outcome, ending: Ending) {
         route: out.route.as_deref(),
         method: out.method.as_str(),
         path: out.path.as_deref(),
+        user_agent: user_agent.as_deref(),
+        upstream: out.upstream.as_ref().map(Authority::as_str),
         status,
         duration_ms: (elapsed * 1e6).round() / 1e3,
         bytes_sent: out.bytes_sent,

@@ -107,10 +107,21 @@ async fn every_request_and_admin_change_gets_one_audit_record_without_secrets() 
     let gw = start(&creds, &up, "").await;
     let client = H1::new();
     assert_eq!(
-        client.get_with(&gw.url("/api/v1/x?token=leak"), &[("x-api-key", key.token.as_str())]).await.status,
+        client
+            .get_with(
+                &gw.url("/api/v1/x?token=leak"),
+                &[("x-api-key", key.token.as_str()), ("user-agent", "erp-sync/4.2 (+https://erp.example)")]
+            )
+            .await
+            .status,
         200
     );
-    assert_eq!(client.get_with(&gw.url("/api/v1/x"), &[("x-api-key", "ghk_nope")]).await.status, 401);
+    // A hostile User-Agent is kept only to its first 256 bytes.
+    let long_agent = "x".repeat(4000);
+    assert_eq!(
+        client.get_with(&gw.url("/api/v1/x"), &[("x-api-key", "ghk_nope"), ("user-agent", &long_agent)]).await.status,
+        401
+    );
     let created = client
         .request(
             "POST",
@@ -136,12 +147,16 @@ async fn every_request_and_admin_change_gets_one_audit_record_without_secrets() 
     assert_eq!(ok["status"], 200);
     assert_eq!(ok["outcome"], "forwarded");
     assert_eq!(ok["client"], "127.0.0.1");
+    assert_eq!(ok["user_agent"], "erp-sync/4.2 (+https://erp.example)");
+    assert_eq!(ok["upstream"].as_str(), up.url().strip_prefix("http://"), "the target the request went to");
     assert!(ok["request_id"].as_str().is_some_and(|s| !s.is_empty()) && ok["duration_ms"].is_number());
     let bad = &records[1];
     assert_eq!(
         (bad["status"].as_u64(), bad["outcome"].as_str(), bad["reason"].as_str()),
         (Some(401), Some("rejected"), Some("malformed_token"))
     );
+    assert_eq!(bad["user_agent"].as_str(), Some(&long_agent[..256]));
+    assert!(bad["upstream"].is_null(), "a refused request went to no upstream: {bad}");
     let admin = &records[2];
     assert_eq!(
         (admin["kind"].as_str(), admin["actor"].as_str(), admin["action"].as_str()),
@@ -151,6 +166,24 @@ async fn every_request_and_admin_change_gets_one_audit_record_without_secrets() 
     assert_eq!(admin["changes"]["organization"], "acme");
     let file = std::fs::read_to_string(gw.audit_path()).unwrap();
     assert!(!file.contains(&key.token) && !file.contains("leak") && !file.contains(ADMIN_TOKEN), "{file}");
+}
+
+/// a request no upstream answered names the target it last tried
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_request_names_the_upstream_target_it_tried() {
+    let up = TestUpstream::with(crate::support::upstream::Mode::Refused).await;
+    let mut creds = Creds::new();
+    let key = creds.api_user("erp");
+    let gw = start(&creds, &up, "").await;
+    let res = H1::new().get_with(&gw.url("/api/v1/x"), &[("x-api-key", key.token.as_str())]).await;
+    assert_eq!(res.status, 502, "{}", res.text());
+    let r = poll("the record", async || gw.audit_records().into_iter().next()).await;
+    assert_eq!(
+        (r["status"].as_u64(), r["reason"].as_str(), r["upstream"].as_str()),
+        (Some(502), Some("upstream_connect"), up.url().strip_prefix("http://")),
+        "{r}"
+    );
+    assert!(r["user_agent"].is_null(), "no User-Agent sent, none recorded: {r}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
