@@ -42,6 +42,9 @@ pub struct Metrics {
     users: IntGauge,
     keys: IntGauge,
     audit_dropped: IntCounterVec,
+    /// Proxied requests between their head and their report.
+    pub in_flight: InFlight,
+    in_flight_gauge: IntGauge,
     /// With `metrics.per_user_series`, the users that have series of their own.
     per_user: Option<PerUser>,
 }
@@ -54,6 +57,50 @@ struct PerUser {
     named: dashmap::DashSet<Arc<str>>,
     /// `named.len()` without visiting every shard on each request.
     count: AtomicUsize,
+}
+
+/// Requests in flight, counted without a cache line that every core writes per request:
+/// each thread adds to a shard of its own and a scrape sums the shards. A request may end
+/// on another thread than it began (its task moved): one shard then goes below zero and
+/// the sum is still right.
+#[derive(Debug, Default)]
+pub struct InFlight {
+    shards: [Shard; SHARDS],
+}
+
+/// One counter per cache line (128 bytes: adjacent-line prefetch pairs 64-byte lines).
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Shard(std::sync::atomic::AtomicI64);
+
+const SHARDS: usize = 16;
+
+thread_local! {
+    /// This thread's shard, handed out round-robin on first use.
+    static SHARD: usize = {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS
+    };
+}
+
+impl InFlight {
+    fn shard(&self) -> &std::sync::atomic::AtomicI64 {
+        &self.shards[SHARD.with(|s| *s)].0
+    }
+
+    pub fn started(&self) {
+        self.shard().fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn finished(&self) {
+        self.shard().fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// The sum over shards; never negative, though a scrape racing a request's start and
+    /// end on two threads could read an end without its start.
+    pub fn get(&self) -> i64 {
+        self.shards.iter().map(|s| s.0.load(Ordering::Relaxed)).sum::<i64>().max(0)
+    }
 }
 
 /// The `user` label value of everyone past the bound (and of anonymous requests: "").
@@ -187,6 +234,12 @@ impl Metrics {
                 "gatehouse_credentials_last_reload_timestamp_seconds",
                 "Unix time of the last good credentials load.",
             )?,
+            in_flight: InFlight::default(),
+            in_flight_gauge: gauge(
+                &r,
+                "gatehouse_requests_in_flight",
+                "Proxied requests received and not yet finished (response sent, failed, or client gone; a WebSocket tunnel until it closes).",
+            )?,
             users: gauge(&r, "gatehouse_credentials_users", "API users in the credential snapshot.")?,
             keys: gauge(&r, "gatehouse_credentials_keys", "Keys in the credential snapshot.")?,
             routes,
@@ -302,6 +355,7 @@ impl Metrics {
         self.last_reload.set(i64::try_from(s.last_good_unix).unwrap_or(i64::MAX));
         self.users.set(i64::try_from(s.users).unwrap_or(i64::MAX));
         self.keys.set(i64::try_from(s.keys).unwrap_or(i64::MAX));
+        self.in_flight_gauge.set(self.in_flight.get());
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()

@@ -144,7 +144,9 @@ pub struct Report<R: Reporter> {
 }
 
 impl<R: Reporter> Report<R> {
+    /// Counts the request in flight until it is reported.
     pub fn new(carrier: R, out: Outcome) -> Report<R> {
+        carrier.gateway().metrics.in_flight.started();
         Report { carrier, out, done: false }
     }
 
@@ -181,6 +183,7 @@ impl<R: Reporter> Report<R> {
 
     fn finish(&mut self, ending: Ending) {
         if !std::mem::replace(&mut self.done, true) {
+            self.carrier.gateway().metrics.in_flight.finished();
             finish(self.carrier.gateway(), &self.out, ending);
         }
     }

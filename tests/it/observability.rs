@@ -1,6 +1,6 @@
 //! Metrics exposition and the audit log (SPEC §8).
 
-use crate::observability_support::{ADMIN_TOKEN, start, start_with_audit_log, value};
+use crate::observability_support::{ADMIN_TOKEN, start, start_to, start_with_audit_log, value};
 use crate::support::client::H1;
 use crate::support::creds::Creds;
 use crate::support::upstream::TestUpstream;
@@ -20,6 +20,7 @@ const FAMILIES: &[&str] = &[
     "gatehouse_upstream_errors_total",
     "gatehouse_audit_dropped_total",
     "gatehouse_build_info",
+    "gatehouse_requests_in_flight",
 ];
 
 async fn poll<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
@@ -184,6 +185,84 @@ async fn a_failed_request_names_the_upstream_target_it_tried() {
         "{r}"
     );
     assert!(r["user_agent"].is_null(), "no User-Agent sent, none recorded: {r}");
+}
+
+/// Reads from `conn` into `buf` until `buf` holds `pattern`.
+async fn read_until(conn: &mut tokio::net::TcpStream, buf: &mut Vec<u8>, pattern: &[u8]) {
+    use tokio::io::AsyncReadExt;
+    while !buf.windows(pattern.len()).any(|w| w == pattern) {
+        let mut chunk = [0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut chunk)).await.unwrap().unwrap();
+        assert!(n > 0, "closed before {:?}: {:?}", String::from_utf8_lossy(pattern), String::from_utf8_lossy(buf));
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// requests count as in flight from their head until they are finished: while the
+/// upstream holds them, and while their body is still streaming
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_flight_counts_requests_until_their_response_is_sent() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An upstream that answers nothing until released: each connection reports its
+    // request head, then waits; released, it sends a head and half of a body, waits for
+    // a second release, then the rest.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (heads_tx, mut heads) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let (release_tx, release) = tokio::sync::watch::channel(0u8);
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let (heads_tx, mut release) = (heads_tx.clone(), release.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let mut chunk = [0u8; 1024];
+                    let n = s.read(&mut chunk).await.unwrap();
+                    assert!(n > 0, "the gateway closed before sending a head");
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                heads_tx.send(()).unwrap();
+                release.wait_for(|r| *r >= 1).await.unwrap();
+                s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nok").await.unwrap();
+                release.wait_for(|r| *r >= 2).await.unwrap();
+                s.write_all(b"ok").await.unwrap();
+            });
+        }
+    });
+    let mut creds = Creds::new();
+    let key = creds.api_user("erp");
+    let gw = start_to(&creds, &url, "", None).await;
+    let in_flight = async || {
+        let text = H1::new()
+            .get_with(&gw.admin_url("/metrics"), &[("authorization", format!("Bearer {ADMIN_TOKEN}").as_str())])
+            .await
+            .text();
+        value(&text, "gatehouse_requests_in_flight")
+    };
+    assert_eq!(in_flight().await, Some(0.0));
+    let addr = gw.addr;
+    let mut conns = Vec::new();
+    for _ in 0..5 {
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let head = format!("GET /api/v1/x HTTP/1.1\r\nhost: gw\r\nx-api-key: {}\r\n\r\n", key.token);
+        conn.write_all(head.as_bytes()).await.unwrap();
+        conns.push((conn, Vec::new()));
+    }
+    for _ in 0..5 {
+        heads.recv().await.unwrap();
+    }
+    assert_eq!(in_flight().await, Some(5.0), "five requests held by the upstream");
+    release_tx.send(1).unwrap();
+    for (conn, buf) in &mut conns {
+        read_until(conn, buf, b"\r\n\r\nok").await;
+    }
+    assert_eq!(in_flight().await, Some(5.0), "heads sent, bodies still streaming");
+    release_tx.send(2).unwrap();
+    for (conn, buf) in &mut conns {
+        read_until(conn, buf, b"okok").await;
+    }
+    poll("no request in flight", async || (in_flight().await == Some(0.0)).then_some(())).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -49,6 +49,11 @@ pub async fn start(creds: &Creds, up: &TestUpstream, extra: &str) -> Running {
 
 /// `start`, with the audit log at `audit_log` instead of `audit_path()`.
 pub async fn start_with_audit_log(creds: &Creds, up: &TestUpstream, extra: &str, audit_log: Option<&str>) -> Running {
+    start_to(creds, &up.url(), extra, audit_log).await
+}
+
+/// `start_with_audit_log`, in front of the upstream at `upstream_url`.
+pub async fn start_to(creds: &Creds, upstream_url: &str, extra: &str, audit_log: Option<&str>) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     std::fs::create_dir(d.join("audit")).unwrap();
@@ -59,8 +64,7 @@ pub async fn start_with_audit_log(creds: &Creds, up: &TestUpstream, extra: &str,
     let yaml = format!(
         "listeners:\n  - address: 127.0.0.1:0\n    name: main\nadmin:\n  address: 127.0.0.1:0\n  token_file: {d}/admin.token\n\
          credentials: {d}/credentials.yaml\nmaster_key: {d}/master.key\naudit_log: {audit_log}\n{extra}\
-         routes:\n  - name: api\n    path_prefix: /\n    upstream: {}\n",
-        up.url(),
+         routes:\n  - name: api\n    path_prefix: /\n    upstream: {upstream_url}\n",
         d = d.display()
     );
     let path = d.join("gatehouse.yaml");
