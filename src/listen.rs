@@ -13,6 +13,7 @@
 //! `limits.shutdown_grace` for them.
 
 use crate::admin::Admin;
+use crate::authn::replay::ReplayCache;
 use crate::config::{Config, Limits};
 use crate::credentials::reload::Credentials;
 use crate::metrics::Metrics;
@@ -88,10 +89,16 @@ impl Server {
         let credentials = Arc::new(Credentials::load(config)?);
         let usage = Arc::new(Usage::load(config.usage_state.clone()));
         let audit = Arc::new(crate::audit::Audit::start(&config.audit_log));
+        let replay = Arc::new(ReplayCache::new(config.auth.replay_cache_entries));
         let route_names: Vec<Arc<str>> = config.routes.iter().map(|r| Arc::from(r.name.as_str())).collect();
         let metrics = Arc::new(
-            Metrics::new(route_names.iter(), config.metrics_per_user_series)
-                .map_err(|e| StartError::Admin(format!("metrics: {e}")))?,
+            Metrics::new(
+                route_names.iter(),
+                config.metrics_per_user_series,
+                listeners.iter().filter_map(|b| Some((b.name.clone(), b.tls.as_ref()?.1.clone()))).collect(),
+                replay.clone(),
+            )
+            .map_err(|e| StartError::Admin(format!("metrics: {e}")))?,
         );
         let admin = match &config.admin {
             None => None,
@@ -105,7 +112,7 @@ impl Server {
             }
         };
         Ok(Server {
-            gw: Arc::new(Gateway::new(config, credentials, usage, audit, metrics)),
+            gw: Arc::new(Gateway::new(config, credentials, usage, audit, metrics, replay)),
             listeners,
             admin,
             limits: config.limits.clone(),

@@ -6,8 +6,10 @@
 //! Per-route histograms and per-listener gauges are resolved once at start; a request
 //! updates them without looking up a label set.
 
+use crate::authn::replay::ReplayCache;
 use crate::error::{GateError, LimitScope, UpstreamFailure};
 use crate::record::Outcome;
+use crate::tls::CertResolver;
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
@@ -47,6 +49,20 @@ pub struct Metrics {
     in_flight_gauge: IntGauge,
     /// With `metrics.per_user_series`, the users that have series of their own.
     per_user: Option<PerUser>,
+    /// The TLS listeners' certificates, read at each scrape.
+    tls: Vec<TlsSeries>,
+    replay: Arc<ReplayCache>,
+    replay_entries: IntGauge,
+}
+
+/// One TLS listener's series, resolved at start.
+#[derive(Debug)]
+struct TlsSeries {
+    resolver: Arc<CertResolver>,
+    expiry: IntGauge,
+    failing: IntGauge,
+    reloads_ok: IntCounter,
+    reloads_failed: IntCounter,
 }
 
 /// The first `max` API users seen get a `user` label value of their own; every other one
@@ -141,11 +157,58 @@ impl Metrics {
     /// Registers every family; `routes` and `listeners` are the configured names.
     /// `per_user_series`: how many API users get a `user` label value of their own (0: no
     /// `user` label at all).
+    /// `tls`: each TLS listener's name and certificate resolver.
     pub fn new<'a>(
         routes: impl Iterator<Item = &'a Arc<str>>,
         per_user_series: usize,
+        tls: Vec<(Arc<str>, Arc<CertResolver>)>,
+        replay: Arc<ReplayCache>,
     ) -> Result<Metrics, prometheus::Error> {
         let r = Registry::new();
+        // The bound is configuration: set once, so an alert can divide by it.
+        gauge(
+            &r,
+            "gatehouse_replay_cache_capacity",
+            "Signatures the HMAC replay cache holds at most (auth.hmac.replay_cache_entries).",
+        )?
+        .set(i64::try_from(replay.capacity()).unwrap_or(i64::MAX));
+        let replay_entries = gauge(
+            &r,
+            "gatehouse_replay_cache_entries",
+            "Signatures the HMAC replay cache holds now; at capacity, new signed requests are refused (429 replay_cache_full).",
+        )?;
+        let expiry = IntGaugeVec::new(
+            Opts::new(
+                "gatehouse_tls_certificate_expiry_timestamp_seconds",
+                "notAfter (Unix time) of the certificate a TLS listener serves.",
+            ),
+            &["listener"],
+        )?;
+        r.register(Box::new(expiry.clone()))?;
+        let failing = IntGaugeVec::new(
+            Opts::new(
+                "gatehouse_tls_reload_failing",
+                "1 while a TLS listener's last certificate reload failed (the previous certificate serves), 0 once one succeeds.",
+            ),
+            &["listener"],
+        )?;
+        r.register(Box::new(failing.clone()))?;
+        let tls_reloads = counter(
+            &r,
+            "gatehouse_tls_reloads_total",
+            "Certificate reloads of a TLS listener, by result.",
+            &["listener", "result"],
+        )?;
+        let tls = tls
+            .into_iter()
+            .map(|(name, resolver)| TlsSeries {
+                resolver,
+                expiry: expiry.with_label_values(&[&name]),
+                failing: failing.with_label_values(&[&name]),
+                reloads_ok: tls_reloads.with_label_values(&[&*name, "success"]),
+                reloads_failed: tls_reloads.with_label_values(&[&*name, "failure"]),
+            })
+            .collect();
         let request_duration =
             histogram(&r, "gatehouse_request_duration_seconds", "Time from request head to response head, by route.")?;
         let upstream_duration =
@@ -251,6 +314,9 @@ impl Metrics {
                 named: dashmap::DashSet::new(),
                 count: Default::default(),
             }),
+            tls,
+            replay,
+            replay_entries,
         })
     }
 
@@ -356,6 +422,14 @@ impl Metrics {
         self.users.set(i64::try_from(s.users).unwrap_or(i64::MAX));
         self.keys.set(i64::try_from(s.keys).unwrap_or(i64::MAX));
         self.in_flight_gauge.set(self.in_flight.get());
+        self.replay_entries.set(i64::try_from(self.replay.held()).unwrap_or(i64::MAX));
+        for t in &self.tls {
+            let s = t.resolver.status();
+            t.expiry.set(s.not_after.load(Ordering::Relaxed));
+            t.failing.set(i64::from(s.reload_failing.load(Ordering::Relaxed)));
+            catch_up(&t.reloads_ok, s.reloads_ok.load(Ordering::Relaxed));
+            catch_up(&t.reloads_failed, s.reloads_failed.load(Ordering::Relaxed));
+        }
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()

@@ -21,7 +21,7 @@ pub struct Gateway {
     trusted_proxies: Vec<IpNet>,
     pub credentials: Arc<Credentials>,
     pub auth: AuthConfig,
-    pub replay: ReplayCache,
+    pub replay: Arc<ReplayCache>,
     pub identity_headers: IdentityHeaders,
     pub usage: Arc<Usage>,
     pub audit: Arc<Audit>,
@@ -37,6 +37,7 @@ impl Gateway {
         usage: Arc<Usage>,
         audit: Arc<Audit>,
         metrics: Arc<Metrics>,
+        replay: Arc<ReplayCache>,
     ) -> Gateway {
         Gateway {
             routes: RouteTable::new(&config.routes),
@@ -44,7 +45,7 @@ impl Gateway {
             trusted_proxies: config.trusted_proxies.clone(),
             credentials,
             auth: config.auth.clone(),
-            replay: ReplayCache::new(config.auth.replay_cache_entries),
+            replay,
             identity_headers: config.identity_headers.clone(),
             usage,
             audit,

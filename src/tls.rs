@@ -13,6 +13,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 use tokio_rustls::TlsAcceptor;
 
@@ -35,11 +36,24 @@ pub struct TlsError {
     pub reason: String,
 }
 
+/// What the metrics say about a listener's certificate: read at each scrape.
+#[derive(Debug, Default)]
+pub struct CertStatus {
+    /// The serving certificate's notAfter (Unix seconds).
+    pub not_after: AtomicI64,
+    pub reloads_ok: AtomicU64,
+    pub reloads_failed: AtomicU64,
+    /// Set by a failed reload, cleared by a good one: the files on disk are not what is
+    /// served, and whatever the operator put there (a renewed certificate) is not in force.
+    pub reload_failing: AtomicBool,
+}
+
 /// Serves the current certificate for every handshake.
 #[derive(Debug)]
 pub struct CertResolver {
     files: TlsFiles,
     current: ArcSwap<CertifiedKey>,
+    status: CertStatus,
     /// The files' fingerprint just before the first load: a change made before the
     /// watcher starts is still seen.
     baseline: u64,
@@ -54,9 +68,25 @@ impl ResolvesServerCert for CertResolver {
 impl CertResolver {
     /// Re-reads the files; on failure the last good certificate stays in service.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let key = load(&self.files)?;
-        self.current.store(Arc::new(key));
-        Ok(())
+        match load(&self.files) {
+            Ok((key, not_after)) => {
+                self.current.store(Arc::new(key));
+                self.status.not_after.store(not_after, Ordering::Relaxed);
+                self.status.reloads_ok.fetch_add(1, Ordering::Relaxed);
+                self.status.reload_failing.store(false, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                self.status.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                self.status.reload_failing.store(true, Ordering::Relaxed);
+                Err(e)
+            }
+        }
+    }
+
+    /// The certificate's state, for the metrics.
+    pub fn status(&self) -> &CertStatus {
+        &self.status
     }
 
     /// The files this resolver serves.
@@ -81,7 +111,8 @@ impl CertResolver {
     }
 }
 
-fn load(files: &TlsFiles) -> Result<CertifiedKey, TlsError> {
+/// The certificate and key, and the leaf certificate's notAfter (Unix seconds).
+fn load(files: &TlsFiles) -> Result<(CertifiedKey, i64), TlsError> {
     let err = |p: &std::path::Path, reason: String| TlsError { path: p.display().to_string(), reason };
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
         .map_err(|e| err(&files.cert, e.to_string()))?
@@ -90,15 +121,24 @@ fn load(files: &TlsFiles) -> Result<CertifiedKey, TlsError> {
     if chain.is_empty() {
         return Err(err(&files.cert, "no certificate in file".into()));
     }
+    let not_after = x509_parser::parse_x509_certificate(&chain[0])
+        .map_err(|e| err(&files.cert, format!("unreadable certificate: {e}")))?
+        .1
+        .validity()
+        .not_after
+        .timestamp();
     let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| err(&files.key, e.to_string()))?;
-    CertifiedKey::from_der(chain, key, &provider()).map_err(|e| err(&files.key, e.to_string()))
+    let key = CertifiedKey::from_der(chain, key, &provider()).map_err(|e| err(&files.key, e.to_string()))?;
+    Ok((key, not_after))
 }
 
 /// Builds the acceptor (TLS 1.2 and 1.3, ALPN h2 then http/1.1) and its resolver.
 pub fn acceptor(files: &TlsFiles) -> Result<(TlsAcceptor, Arc<CertResolver>), TlsError> {
     let baseline = crate::watch::fingerprint(&[files.cert.clone(), files.key.clone()]);
+    let (key, not_after) = load(files)?;
+    let status = CertStatus { not_after: AtomicI64::new(not_after), ..CertStatus::default() };
     let resolver =
-        Arc::new(CertResolver { current: ArcSwap::from_pointee(load(files)?), files: files.clone(), baseline });
+        Arc::new(CertResolver { current: ArcSwap::from_pointee(key), files: files.clone(), baseline, status });
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsError { path: files.cert.display().to_string(), reason: e.to_string() })?

@@ -162,6 +162,17 @@ impl ReplayCache {
         Seen::Full
     }
 
+    /// Entries counted against the overall bound (some may have expired and wait for
+    /// their shard's next purge), without taking a lock: for the metrics.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// The overall bound.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     /// Signatures currently held.
     pub fn len(&self) -> usize {
         self.shards.iter().map(|s| lock(s).len()).sum()

@@ -346,3 +346,48 @@ async fn a_signed_body_exactly_max_body_is_forwarded_whole() {
     assert_eq!((seen.body_bytes, seen.body_end), (MAX_BODY as u64, BodyEnd::Complete));
     assert_eq!(seen.body_prefix, body);
 }
+
+/// a replay cache at its bound refuses new signatures with 429 `replay_cache_full` (its own
+/// reason, in the audit record and the metrics, never the per-IP limit's), and the
+/// metrics show how full it is
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_replay_cache_refuses_with_its_own_reason_and_shows_in_the_metrics() {
+    let up = TestUpstream::start().await;
+    let mut creds = Creds::new();
+    let key = creds.hmac_user("signer");
+    let gw = TestGateway::builder()
+        .credentials(&creds)
+        .auth_hmac("replay_cache_entries", "3")
+        .admin("admin-test-token-0123456789abcdef")
+        .route(RouteSpec::new("api", "/api/").to(&up).authenticated())
+        .start()
+        .await;
+    let client = H1::new();
+    let metrics = async || gw.admin().get("/metrics").await.text();
+    let value = |text: &str, series: &str| {
+        text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse::<f64>().ok())
+    };
+    let text = metrics().await;
+    assert_eq!(value(&text, "gatehouse_replay_cache_capacity"), Some(3.0));
+    assert_eq!(value(&text, "gatehouse_replay_cache_entries"), Some(0.0));
+    for i in 0..3 {
+        let target = format!("/api/x?n={i}");
+        let res = client.request("GET", &gw.url(&target), &key.headers("GET", &target, b""), Vec::new()).await;
+        assert_eq!(res.status, 200, "{}", res.text());
+    }
+    let res = client.request("GET", &gw.url("/api/x?n=3"), &key.headers("GET", "/api/x?n=3", b""), Vec::new()).await;
+    assert_error(&res, 429, "rate_limit_error", "Rate limit exceeded");
+    assert_eq!(res.header("retry-after"), "1");
+    assert_eq!(up.count(), 3, "the refused request never reached the upstream");
+    let text = metrics().await;
+    assert_eq!(value(&text, "gatehouse_replay_cache_entries"), Some(3.0), "{text}");
+    assert_eq!(value(&text, r#"gatehouse_auth_failures_total{reason="replay_cache_full"}"#), Some(1.0), "{text}");
+    assert_eq!(value(&text, r#"gatehouse_auth_failures_total{reason="client_ip_rate_limited"}"#), None, "{text}");
+    let records = gw.audit_of("/api/x", 4).await;
+    let refused = records.iter().find(|r| r["status"] == 429).expect("the 429's record");
+    assert_eq!(
+        (refused["reason"].as_str(), refused["key_id"].as_str()),
+        (Some("replay_cache_full"), Some(key.key_id.as_str())),
+        "{refused}"
+    );
+}

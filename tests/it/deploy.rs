@@ -71,6 +71,7 @@ async fn exposed() -> BTreeSet<String> {
     let gw = TestGateway::builder()
         .credentials(&creds)
         .admin("admin-test-token-0123456789abcdef")
+        .tls()
         .route(RouteSpec::new("api", "/api/").to(&up).authenticated())
         .route(RouteSpec::new("down", "/down/").to(&down).authenticated())
         .start()
@@ -137,8 +138,10 @@ async fn alerts_and_dashboard_name_only_metrics_a_real_scrape_exposes() {
         assert!(used.len() >= at_least, "{file} names only {used:?}");
     }
 
-    // Every alert: a `for`, a severity, its texts, and a runbook section that exists.
+    // Every alert: a `for`, a severity, its texts, and a runbook section that exists, under
+    // one base URL (deploy/prometheus/set-runbook-base.sh sets it).
     let anchors = runbook_anchors();
+    let mut bases = BTreeSet::new();
     let rules = alerts["groups"][0]["rules"].as_array().unwrap();
     assert!(rules.len() >= 5);
     for r in rules {
@@ -149,9 +152,12 @@ async fn alerts_and_dashboard_name_only_metrics_a_real_scrape_exposes() {
             assert!(r["annotations"][a].is_string(), "{name}: no {a}");
         }
         let url = r["annotations"]["runbook_url"].as_str().unwrap();
-        let anchor = url.strip_prefix("docs/runbook.md#").unwrap_or_else(|| panic!("{name}: {url}"));
+        let (base, anchor) = url.split_once('#').unwrap_or_else(|| panic!("{name}: no #section in {url}"));
+        assert!(base.starts_with("https://"), "{name}: runbook_url is not a full URL: {url}");
+        bases.insert(base);
         assert!(anchors.contains(anchor), "{name}: docs/runbook.md has no section #{anchor}: {anchors:?}");
     }
+    assert_eq!(bases.len(), 1, "every runbook_url under one base: {bases:?}");
 
     // Every panel queries through the ${DS_PROMETHEUS} input.
     assert!(dashboard["schemaVersion"].as_u64().unwrap() >= 36);

@@ -329,3 +329,71 @@ async fn a_file_that_takes_away_every_user_is_held_until_a_reload_allows_it() {
     );
     assert_eq!(up.count(), 3 + 1, "only the requests made while the old file was in force went upstream");
 }
+
+/// A certificate for `localhost` valid until `not_after`, as (cert PEM, key PEM).
+fn cert_until(not_after: time::OffsetDateTime) -> (String, String) {
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    params.not_after = not_after;
+    let key = rcgen::KeyPair::generate().unwrap();
+    (params.self_signed(&key).unwrap().pem(), key.serialize_pem())
+}
+
+/// the served certificate's expiry and its reloads are metrics: a broken file keeps the
+/// old certificate serving with `gatehouse_tls_reload_failing` 1 until a good file lands
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_certificate_expiry_and_reload_failures_are_metrics() {
+    use crate::support::client::{h1_over, tls_connect};
+    let up = TestUpstream::start().await;
+    let creds = Creds::new();
+    let gw = config(&creds, &up).tls().admin("admin-test-token-0123456789abcdef").start().await;
+    let admin = gw.admin();
+    let metric = |series: &'static str| {
+        let admin = &admin;
+        async move {
+            let text = admin.get("/metrics").await.text();
+            text.lines()
+                .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+                .and_then(|v| v.trim().parse::<i64>().ok())
+                .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+        }
+    };
+    let expiry = || metric(r#"gatehouse_tls_certificate_expiry_timestamp_seconds{listener="tls"}"#);
+    let failing = || metric(r#"gatehouse_tls_reload_failing{listener="tls"}"#);
+    let failures = || metric(r#"gatehouse_tls_reloads_total{listener="tls",result="failure"}"#);
+    // rcgen's default notAfter: 4096-01-01.
+    let default_end = time::macros::datetime!(4096-01-01 0:00 UTC).unix_timestamp();
+    assert_eq!((expiry().await, failing().await, failures().await), (default_end, 0, 0));
+    let old_cert = gw.cert_pem().to_string();
+    let get = async |cert: &str| {
+        let io = tls_connect(gw.tls_addr(), cert, b"http/1.1").await;
+        let req = http::Request::get("/api/x").header("host", "localhost").body(crate::support::client::empty());
+        h1_over(io, req.unwrap()).await.status
+    };
+    assert_eq!(get(&old_cert).await, 401);
+
+    let dir = gw.written().dir.path();
+    std::fs::write(dir.join("cert.pem"), "-----BEGIN CERTIFICATE-----\nnot base64 !\n-----END CERTIFICATE-----\n")
+        .unwrap();
+    within(POLL_LIMIT, "the failed reload in the metrics", async {
+        while failing().await != 1 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(failures().await >= 1);
+    assert_eq!(expiry().await, default_end, "the old certificate still serves");
+    assert_eq!(get(&old_cert).await, 401, "handshakes still succeed with the old certificate");
+
+    let end = time::macros::datetime!(2031-05-17 12:00 UTC);
+    let (cert, key) = cert_until(end);
+    // The key first: a new certificate beside the old key would be a (brief) mismatch.
+    std::fs::write(dir.join("key.pem"), &key).unwrap();
+    std::fs::write(dir.join("cert.pem"), &cert).unwrap();
+    within(POLL_LIMIT, "the renewed certificate in the metrics", async {
+        while (failing().await, expiry().await) != (0, end.unix_timestamp()) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(get(&cert).await, 401, "the renewed certificate serves");
+}
