@@ -6,7 +6,7 @@
 # What it does
 #   1. installs wrk, nginx and curl with apt-get when they are missing (apt-get update once);
 #   2. builds the gateway (cargo build --release);
-#   3. starts an upstream: its own nginx instance, configured like ../shared/bench/peers.sh's
+#   3. starts an upstream: its own nginx instance, configured like benches/peers.sh's
 #      (fixed 200 JSON body, keep-alive, its own temp prefix, pid and log files) on a free port;
 #   4. writes a gatehouse.yaml with one anonymous route to it into a temp dir, starts
 #      `gatehouse --log-format json serve --config …` on 127.0.0.1:0 and reads the bound address
@@ -40,7 +40,7 @@
 # Layout: the steps are functions (install_tools, build_gateway, start_upstream,
 # write_gateway_config, start_gateway, run_target, report) called in order from main at the
 # bottom, so that other modes can reuse them, e.g. handing the gateway command and its config to
-# ../shared/bench/peers.sh as GATEWAY_CMD / GATEWAY_URL.
+# benches/peers.sh as GATEWAY_CMD / GATEWAY_URL.
 set -uo pipefail
 
 DURATION=${DURATION:-10s}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# load.sh - Gatehouse side by side with nginx doing its job (../shared/bench/peers.sh), in one run.
+# load.sh - Gatehouse side by side with nginx doing its job (benches/peers.sh), in one run.
 #
 # What it does
 #   1. builds the release binary (SKIP_BUILD=1 to reuse it);
@@ -9,21 +9,21 @@
 #      gatehouse.yaml with one route /  -> the peers script's upstream, metrics (admin listener)
 #      and the audit log (a file) on, and a rate limit that never triggers (nginx-key's
 #      limit_req is set the same way, so both pay for the check);
-#   3. runs ../shared/bench/peers.sh with GATEWAY_CMD / GATEWAY_URL / GATEWAY_KEY /
+#   3. runs benches/peers.sh with GATEWAY_CMD / GATEWAY_URL / GATEWAY_KEY /
 #      GATEWAY_HMAC_*, which starts everything, checks it, load-tests each target with wrk and
 #      prints the table (ratios to direct, CPU µs per request per process, p50/p99, PSS).
 #
 # Usage
-#   bash benches/load.sh                      # ROUNDS=3 by default, as issue 8 asks
+#   bash benches/load.sh                      # ROUNDS=3 by default
 #   ROUNDS=1 DURATION=5s bash benches/load.sh # a quick look
 #   USERS=100000 bash benches/load.sh         # the large-snapshot figure
 #
 # Settings: USERS=1000, SKIP_BUILD=0, GATEWAY_PORT=18090, BASE_PORT=18080 (the upstream), plus
-# every setting of ../shared/bench/peers.sh (DURATION, ROUNDS, CONNS, …), passed through.
+# every setting of benches/peers.sh (DURATION, ROUNDS, CONNS, …), passed through.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-PEERS=${PEERS:-$ROOT/../shared/bench/peers.sh}
+PEERS=${PEERS:-$ROOT/benches/peers.sh}
 USERS=${USERS:-1000}
 SKIP_BUILD=${SKIP_BUILD:-0}
 BASE_PORT=${BASE_PORT:-18080}

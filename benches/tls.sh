@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # tls.sh - Gatehouse's TLS listener beside an nginx TLS proxy doing the same job, in one run.
 #
-# ../shared/bench/peers.sh measures plain HTTP only. This script terminates TLS in both:
+# benches/peers.sh measures plain HTTP only. This script terminates TLS in both:
 #   - nginx-key-tls: nginx configured like peers.sh's nginx-key (X-API-Key looked up in a `map`
 #     of 1 000 keys, 401 JSON otherwise, per-key limit_req that never triggers, identity header,
 #     credential headers stripped, keep-alive pool to the upstream) on a TLS listener

@@ -1,4 +1,4 @@
-//! The audit log (SPEC §8): one JSON line per request and one per admin change, to a
+//! The audit log (docs/operations.md): one JSON line per request and one per admin change, to a
 //! file or stdout.
 //!
 //! Off the request path: records go through a bounded channel to one writer task. When

@@ -1,4 +1,4 @@
-//! [authorize] Whether the caller may make this request (SPEC §1 "permission", "proxied
+//! \[authorize\] Whether the caller may make this request (docs/authorization.md: "permission", "proxied
 //! user").
 //!
 //! The only way to obtain a [`Permit`], and `rewrite` needs one to build the upstream
@@ -92,7 +92,7 @@ pub fn authorize(caller: Caller, parsed: &Parsed) -> Result<Permit, GateError> {
     Ok(Permit { caller, proxied_user: None, granted_by: Some(grant) })
 }
 
-/// The one `X-Proxied-User`, checked to be a valid user id (SPEC §1 charset, ≤ 64).
+/// The one `X-Proxied-User`, checked to be a valid user id (docs/concepts.md: the id alphabet, ≤ 64).
 fn proxied_user(parsed: &Parsed) -> Result<Option<(&str, &HeaderValue)>, GateError> {
     let mut all = parsed.parts.headers.get_all(X_PROXIED_USER).iter();
     let Some(v) = all.next() else { return Ok(None) };

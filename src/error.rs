@@ -1,4 +1,4 @@
-//! The one place where a failure becomes a status code and a SPEC §5 JSON body.
+//! The one place where a failure becomes a status code and a docs/errors.md JSON body.
 //!
 //! Every step returns `GateError`; `into_response` is exhaustive, so a new variant does
 //! not compile until it has a status, a code and a message.
@@ -80,7 +80,7 @@ impl Denial {
 }
 
 /// Why authentication failed. Clients see only [`AuthFailure::client_message`], which
-/// folds every key-state problem into one message (SPEC §3.4); logs, audit and metrics get the
+/// folds every key-state problem into one message (docs/authentication.md); logs, audit and metrics get the
 /// true reason.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthFailure {
@@ -130,7 +130,7 @@ impl AuthFailure {
         }
     }
 
-    /// What the client is told (SPEC §5).
+    /// What the client is told (docs/errors.md).
     pub fn client_message(&self) -> &'static str {
         match self {
             AuthFailure::Missing => "API key is missing",
@@ -223,7 +223,7 @@ impl GateError {
         self.parts().0
     }
 
-    /// The SPEC §5 response: JSON body, `X-Request-Id`, never cached.
+    /// The docs/errors.md response: JSON body, `X-Request-Id`, never cached.
     pub fn into_response(self, request_id: &HeaderValue) -> Response<Body> {
         let (status, code, message) = self.parts();
         let mut res = error_response(status, code, message, request_id);
@@ -240,7 +240,7 @@ impl GateError {
     }
 }
 
-/// Builds a §5 JSON error response. Also used for the errors hyper itself answers.
+/// Builds a JSON error response (docs/errors.md). Also used for the errors hyper itself answers.
 pub fn error_response(status: StatusCode, code: &str, message: &str, request_id: &HeaderValue) -> Response<Body> {
     let mut res = Response::new(Body::full(error_json(code, message, request_id.to_str().unwrap_or_default())));
     *res.status_mut() = status;
@@ -251,7 +251,7 @@ pub fn error_response(status: StatusCode, code: &str, message: &str, request_id:
     res
 }
 
-/// The §5 body, fields in the order the SPEC shows them.
+/// The error body, fields in the order docs/errors.md shows them.
 pub fn error_json(code: &str, message: &str, request_id: &str) -> String {
     #[derive(serde::Serialize)]
     struct ErrorBody<'a> {
@@ -268,7 +268,7 @@ mod tests {
     use super::*;
     use http_body_util::BodyExt;
 
-    /// each error maps to the SPEC §5 status and code, with the request id in header and body
+    /// each error maps to the docs/errors.md status and code, with the request id in header and body
     #[tokio::test]
     async fn errors_map_to_spec_table() {
         let id = HeaderValue::from_static("req-1");

@@ -1,4 +1,4 @@
-//! [forward] Sends the rewritten request to one of the route's upstreams on the worker's
+//! \[forward\] Sends the rewritten request to one of the route's upstreams on the worker's
 //! connection pool, under the route's timeout, and maps what went wrong to
 //! 502/504/413/400.
 

@@ -1,4 +1,4 @@
-//! [forward] HTTP/1.1 to the upstream, on the wire: the request head the gateway writes,
+//! \[forward\] HTTP/1.1 to the upstream, on the wire: the request head the gateway writes,
 //! the response head it parses (httparse, as hyper does), and the response body framing.
 //!
 //! Only the upstream side is here; clients are still served by hyper. Both directions are

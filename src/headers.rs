@@ -28,7 +28,7 @@ pub const CACHE_CONTROL: HeaderName = http::header::CACHE_CONTROL;
 /// The settings of an h2c upgrade (RFC 7540 §3.2.1): meaningful on one hop only.
 pub const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 
-/// The prefix of every identity header Gatehouse sets (SPEC §4). A client-sent header
+/// The prefix of every identity header Gatehouse sets (docs/identity-headers.md). A client-sent header
 /// with this prefix, in any spelling, never reaches an upstream.
 pub const IDENTITY_PREFIX: &str = "x-gatehouse-";
 

@@ -1,5 +1,5 @@
 //! [rate-limit] Per-key GCRA limits, and the per-client-IP budget for failed
-//! authentication (SPEC §6).
+//! authentication (docs/authorization.md#rate-limits).
 //!
 //! Per key: each key has its own governor limiter with its effective quota (key
 //! override, else user override, else the config default). A reload that changes one

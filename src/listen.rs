@@ -1,4 +1,4 @@
-//! [accept] Listeners, connection limits, TLS handshakes, per-connection protocol limits
+//! \[accept\] Listeners, connection limits, TLS handshakes, per-connection protocol limits
 //! and graceful drain.
 //!
 //! Threads: the accept loops, the admin listener and background tasks run on the main
@@ -6,7 +6,7 @@
 //! thread with a single-threaded runtime per core, round-robin), which drives it and its
 //! upstream requests to the end. A request then never moves between threads, and each
 //! worker's upstream pool is its own: no cross-core wake-ups or pool lock on the hot path
-//! (issue 8 measured this against tokio's work-stealing scheduler).
+//! (measured against tokio's work-stealing scheduler: see benches/README.md).
 //!
 //! Shutdown: listeners close first (new connections are refused), every connection is
 //! told to finish its in-flight requests and close, and the process waits at most

@@ -3,8 +3,8 @@
 //! When hyper cannot parse an HTTP/1 request head (bad request line, bad header,
 //! conflicting `Content-Length`, obs-fold, headers too large, URI too long) it writes a
 //! bare status line with an empty body and closes the connection, before any of our code
-//! sees a request. SPEC §5 wants every error as JSON with a request id, so this transport
-//! wrapper recognises that automatic response and writes a §5 response in its place.
+//! sees a request. docs/errors.md promises every error as JSON with a request id, so this transport
+//! wrapper recognises that automatic response and writes a JSON error response (docs/errors.md) in its place.
 //!
 //! Recognising it is unambiguous: every response the gateway itself produces carries
 //! `X-Request-Id` (`rewrite::response`, `error::error_response`); hyper's automatic head
@@ -142,7 +142,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for JsonParseErrors<S> {
 mod tests {
     use super::*;
 
-    /// hyper's automatic 400 is replaced by a §5 JSON response that closes the connection
+    /// hyper's automatic 400 is replaced by a JSON error response (docs/errors.md) that closes the connection
     #[test]
     fn hyper_auto_400_is_replaced() {
         let head = b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\ndate: Mon, 23 Nov 2026 09:11:03 GMT\r\n\r\n";

@@ -1,5 +1,5 @@
 //! Request-path normalisation: the path that is routed, authorised and forwarded is one
-//! and the same canonical string (SPEC §4).
+//! and the same canonical string (docs/identity-headers.md).
 //!
 //! Percent-encoded unreserved characters are decoded, `.` and `..` segments resolved,
 //! empty segments (`//`) merged, and every other byte that is not a plain path character

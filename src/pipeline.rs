@@ -41,7 +41,7 @@ pub trait Carrier: Reporter {
     fn tunnel_slot(&self) -> &TunnelSlot;
 }
 
-/// Serves one request on a proxy listener. Never fails: every error becomes a §5 response.
+/// Serves one request on a proxy listener. Never fails: every error becomes a JSON error response (docs/errors.md).
 pub async fn handle<C: Carrier>(carrier: C, req: Request<Incoming>) -> Response<Body> {
     let request_id = request::request_id(req.headers());
     let mut out = Outcome::start(request_id.clone(), req.method().clone(), carrier.info().peer_ip.clone());

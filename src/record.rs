@@ -1,4 +1,4 @@
-//! [record] The one place that reports on a finished request. Metrics and the audit log
+//! \[record\] The one place that reports on a finished request. Metrics and the audit log
 //! are written from here, from the [`Outcome`] the pipeline filled in.
 //!
 //! A request is finished when its response has gone out whole, failed part way, or the

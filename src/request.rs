@@ -1,4 +1,4 @@
-//! [parse] From a raw hyper request to a [`Parsed`] one: request id, host, normalised
+//! \[parse\] From a raw hyper request to a [`Parsed`] one: request id, host, normalised
 //! path, route, and a body bounded by the configured limit.
 
 use crate::body::Body;

@@ -1,9 +1,9 @@
-//! [rewrite] The request as the upstream will see it, and the response as the client
+//! \[rewrite\] The request as the upstream will see it, and the response as the client
 //! will see it.
 //!
 //! Order matters: headers named in `Connection` are removed *before* Gatehouse adds its
 //! own, and `Connection` itself is dropped, so a client can never make the upstream
-//! discard a header the gateway set (SPEC §4).
+//! discard a header the gateway set (docs/identity-headers.md).
 
 use crate::authn::Caller;
 use crate::authz::Permit;
@@ -37,7 +37,7 @@ pub struct Outbound {
     pub client_upgrade: Option<OnUpgrade>,
 }
 
-/// The headers the gateway adds to a request (see [`Outbound::added`]).
+/// The headers the gateway adds to a request (see `Outbound::added`).
 pub type Added = SmallVec<[(HeaderName, HeaderValue); 16]>;
 
 /// Builds the upstream request from an authorised one.
@@ -65,7 +65,7 @@ pub fn request(p: Parsed, permit: &Permit, conn: &ConnInfo, trusted_peer: bool, 
     let mut added = Added::new();
     forwarding.apply(&mut added, conn, host);
     added.push((X_REQUEST_ID, request_id));
-    // SPEC §4: who the caller is, from the snapshot; the client's copies are gone.
+    // docs/identity-headers.md: who the caller is, from the snapshot; the client's copies are gone.
     if let Caller::User(id) = permit.caller() {
         let u = &id.key.user.headers;
         added.push((names.user.clone(), u.user.clone()));
@@ -122,7 +122,7 @@ pub fn response(mut res: Response<Body>, request_id: &HeaderValue, quota: Option
 
 /// The one protocol a client may switch to through the gateway. Anything else a client
 /// lists in `Upgrade` is dropped: `h2c` above all, whose upgraded stream would carry
-/// requests that no rule ever checks (SPEC §4).
+/// requests that no rule ever checks (docs/identity-headers.md).
 pub const WEBSOCKET: &str = "websocket";
 
 /// `Connection: upgrade` and `websocket` among the protocols of every `Upgrade` line (a
@@ -206,7 +206,7 @@ fn is_hop_by_hop(n: &HeaderName) -> bool {
     HOP_BY_HOP.contains(n)
 }
 
-/// Identity and forwarding headers in every spelling (the SPEC's and the configured
+/// Identity and forwarding headers in every spelling (the documented and the configured
 /// names), and credentials unless the route forwards them.
 fn is_protected(n: &HeaderName, forward_credentials: bool, names: &IdentityHeaders) -> bool {
     match headers::classify(n.as_str()) {

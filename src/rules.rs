@@ -1,4 +1,4 @@
-//! The `METHODS PATH-PATTERN` rule grammar (SPEC §1): parsed once when a snapshot is
+//! The `METHODS PATH-PATTERN` rule grammar (docs/concepts.md): parsed once when a snapshot is
 //! built, matched per request against the normalised path.
 //!
 //! `GET /api/v1/accounts/**`, `GET,POST /api/v1/orders/*`, `* /public/**`. `*` matches

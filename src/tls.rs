@@ -1,4 +1,4 @@
-//! [TLS] rustls server configuration with certificates that reload in place.
+//! \[TLS\] rustls server configuration with certificates that reload in place.
 //!
 //! The acceptor is built once; the certificate lives behind an `ArcSwap` in our own
 //! resolver, so a reload swaps one pointer and open connections are untouched. A

@@ -1,4 +1,4 @@
-//! [forward] A protocol switch (WebSocket) joined end to end: the client's upgraded
+//! \[forward\] A protocol switch (WebSocket) joined end to end: the client's upgraded
 //! connection and the upstream's, byte for byte, until both sides have closed, neither
 //! has sent anything for the idle time, or a shutdown's grace period is over.
 //!

@@ -1,4 +1,4 @@
-//! [forward] The upstream connections of one connection worker: HTTP/1.1 connections
+//! \[forward\] The upstream connections of one connection worker: HTTP/1.1 connections
 //! kept alive and reused, last-in first-out, per target, and the exchange of one request
 //! and its response on one of them.
 //!

@@ -1,4 +1,4 @@
-//! Per-key usage: requests, errors, rate-limited requests and `last_used_at` (SPEC §8).
+//! Per-key usage: requests, errors, rate-limited requests and `last_used_at` (docs/operations.md).
 //!
 //! Counted in memory with atomics (one map lookup per authenticated request; entries
 //! exist only for keys that authenticated, so attacker input cannot grow the map) and

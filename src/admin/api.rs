@@ -1,4 +1,4 @@
-//! `/admin/v1/…` handlers: JSON in, JSON out, SPEC §5 error shape. Every change goes
+//! `/admin/v1/…` handlers: JSON in, JSON out, docs/errors.md error shape. Every change goes
 //! through `Store::update` (lock, validate, atomic write) and is then loaded into the
 //! live snapshot before the response, so it is in force on the next request.
 
@@ -248,7 +248,7 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Result<(StatusCode, Val
             let v = change(admin, store, &by, Change { action: "key.add", target: id, changes }, |c| {
                 let hmac = ops::user(c, id)?.auth_method == AuthMethod::Hmac;
                 let (view, secret) = ops::add_key(c, id, &b.label, b.expires_at, || store.master_key())?;
-                // The only response that ever contains a token or secret (SPEC §7).
+                // The only response that ever contains a token or secret (docs/admin.md).
                 Ok(if hmac {
                     j!({"key": view, "secret": secret.expose()})
                 } else {

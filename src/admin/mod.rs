@@ -1,4 +1,4 @@
-//! The admin listener (SPEC §7): `/healthz`, `/readyz`, and `/admin/v1/…` behind a
+//! The admin listener (docs/admin.md): `/healthz`, `/readyz`, and `/admin/v1/…` behind a
 //! bearer token, on its own address (127.0.0.1 in the examples). Admin paths are never
 //! served on a proxy listener: this is a different service on a different socket.
 //!

@@ -1,4 +1,4 @@
-//! HMAC-SHA256 request signatures (SPEC §3.2), byte-for-byte the scheme integrators use:
+//! HMAC-SHA256 request signatures (docs/authentication.md#hmac-signatures), byte-for-byte the scheme integrators use:
 //!
 //! ```text
 //! hex(HMAC-SHA256(secret, timestamp + METHOD + path?query + body))

@@ -1,4 +1,4 @@
-//! [authenticate] Who is calling (SPEC §3).
+//! \[authenticate\] Who is calling (docs/authentication.md).
 //!
 //! 1. Find the one credential: `X-API-Key`, `Authorization: Bearer <t>` or a bare
 //!    `Authorization: <t>`. Two different ones, or a repeated header, is a 401 — never

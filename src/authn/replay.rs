@@ -1,4 +1,4 @@
-//! The replay cache for HMAC signatures (SPEC §3.2).
+//! The replay cache for HMAC signatures (docs/authentication.md#hmac-signatures).
 //!
 //! Keyed on the key id and the decoded signature (so a case-flipped hex string is the
 //! same signature). An entry lives until its timestamp leaves the freshness window; after

@@ -66,6 +66,9 @@ enum Command {
         /// Port of the demo's proxy listener.
         #[arg(long, default_value_t = 8080)]
         port: u16,
+        /// Port of the demo's admin listener (health, metrics, admin API).
+        #[arg(long, default_value_t = 9901)]
+        admin_port: u16,
     },
 }
 
@@ -86,7 +89,7 @@ pub fn run() -> ExitCode {
     match cli.command {
         Command::Serve { config } => serve::run(&config),
         Command::CheckConfig { config } => check_config::run(&config),
-        Command::Demo { port } => demo::run(port),
+        Command::Demo { port, admin_port } => demo::run(port, admin_port),
         Command::Sign(args) => sign::run(args),
         Command::Users(args) => users::run(args),
         Command::Keys(args) => keys::run(args),

@@ -1,5 +1,5 @@
 //! `gatehouse sign`: the three HMAC headers for one request, for integrators testing
-//! their client (SPEC §2, §3.2).
+//! their client (docs/authentication.md#hmac-signatures).
 
 use crate::authn::sign_hex;
 use std::path::PathBuf;

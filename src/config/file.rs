@@ -136,7 +136,7 @@ pub struct FileLimits {
     pub shutdown_grace: Option<Dur>,
 }
 
-/// Names of the identity headers sent upstream; each defaults to the SPEC's.
+/// Names of the identity headers sent upstream; each defaults to the documented one (docs/identity-headers.md).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileIdentityHeaders {

@@ -1,4 +1,4 @@
-//! `gatehouse.yaml`: `file.rs` (serde shape) → [`validate`] → [`Config`] (runtime types
+//! `gatehouse.yaml`: `file.rs` (serde shape) → `validate.rs` → [`Config`] (runtime types
 //! that cannot hold a bad value).
 //!
 //! Every problem carries the file, line, column and reason, and `check-config` prints
@@ -43,7 +43,7 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
 }
 
-/// The names of the identity headers Gatehouse sets upstream (SPEC §4 by default).
+/// The names of the identity headers Gatehouse sets upstream (docs/identity-headers.md by default).
 /// Client-sent copies of each, in any spelling, are removed on every route.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdentityHeaders {
@@ -120,11 +120,11 @@ pub struct RateLimitConfig {
 }
 
 impl RateLimitConfig {
-    /// The per-key rate when the config names none (README "Configuration").
+    /// The per-key rate when the config names none (docs/configuration.md).
     pub const DEFAULT: RateLimitConfig = RateLimitConfig { per_second: 50, burst: 100 };
 }
 
-/// Client-side abuse limits (README "Limits").
+/// Client-side abuse limits (docs/configuration.md).
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_connections: usize,

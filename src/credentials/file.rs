@@ -1,4 +1,4 @@
-//! The serde shape of `credentials.yaml` (SPEC §1), read and written.
+//! The serde shape of `credentials.yaml` (docs/concepts.md), read and written.
 //!
 //! `Spanned` fields keep their line for validation messages and serialise as plain
 //! values, so the same structs are used by the CLI and admin API to write the file.

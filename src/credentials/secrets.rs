@@ -94,7 +94,7 @@ pub fn new_hmac_secret() -> Result<Secret, getrandom::Error> {
 }
 
 /// A new random public key id with `prefix` (`ak_`, `hk_`): 25 lower-case base36
-/// characters (128 bits), inside the SPEC's id alphabet.
+/// characters (128 bits), inside the id alphabet of docs/concepts.md.
 pub fn new_key_id(prefix: &str) -> Result<String, getrandom::Error> {
     Ok(format!("{prefix}{}", encode(&random_bytes::<16>()?, 25, BASE36)))
 }
@@ -266,7 +266,7 @@ mod tests {
         assert!(!is_well_formed_token("ghk_nope"));
     }
 
-    /// key ids are valid SPEC ids
+    /// key ids are valid ids (docs/concepts.md)
     #[test]
     fn key_ids_fit_the_id_alphabet() {
         let id = new_key_id("hk_").unwrap();

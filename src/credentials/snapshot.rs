@@ -19,13 +19,13 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::path::Path;
 use std::sync::Arc;
 
-/// A team or role name can be joined with `,` into `X-Gatehouse-Teams` / `-Roles` (SPEC §4)
+/// A team or role name can be joined with `,` into `X-Gatehouse-Teams` / `-Roles` (docs/identity-headers.md)
 /// without one name reading as several: non-empty, no comma, no space at either end.
 fn is_joinable_name(s: &str) -> bool {
     !s.is_empty() && !s.contains(',') && s.trim() == s
 }
 
-/// A user id, key id or proxied-user id: `[a-z0-9][a-z0-9_.-]{0,63}` (SPEC §1).
+/// A user id, key id or proxied-user id: `[a-z0-9][a-z0-9_.-]{0,63}` (docs/concepts.md).
 pub fn is_valid_id(s: &str) -> bool {
     let b = s.as_bytes();
     (1..=64).contains(&b.len())

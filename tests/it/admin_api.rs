@@ -1,6 +1,6 @@
-//! The admin listener (SPEC §7; README "Admin API"): every endpoint of the README's
+//! The admin listener (docs/admin.md): every endpoint of the README's
 //! table against a running gateway with a real upstream, every bad input as the exact
-//! §5 error body, and the proxy request right after each change reflecting it. Also the
+//! documented error body, and the proxy request right after each change reflecting it. Also the
 //! OpenAPI document: served, parseable, and naming every route the router handles.
 
 use crate::support::client::H1;

@@ -1,6 +1,6 @@
-//! API-key authentication (SPEC §3.1, §3.3–3.5; README "Authentication"): the header
+//! API-key authentication (docs/authentication.md): the header
 //! forms that are accepted, what the upstream sees, and every bad credential as the
-//! exact §5 401 with nothing forwarded.
+//! exact documented 401 with nothing forwarded.
 
 use crate::support::client::H1;
 use crate::support::creds::{ApiKey, Creds, HmacKey, unix_now};
@@ -265,7 +265,7 @@ async fn an_empty_or_split_bearer_token_is_invalid_api_key() {
     .await;
 }
 
-/// SPEC §3.3: the method is the user's `auth_method`, never the request's choice.
+/// docs/authentication.md: the method is the user's `auth_method`, never the request's choice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_credential_of_the_other_method_is_invalid_api_key() {
     let fx = fixture().await;

@@ -1,6 +1,6 @@
-//! HMAC-signed requests (SPEC §3.2; README "HMAC signatures", "Replay protection"):
+//! HMAC-signed requests (docs/authentication.md):
 //! what is accepted, what the upstream receives, and every bad signature, timestamp,
-//! replay and oversized body as the exact §5 error with nothing forwarded.
+//! replay and oversized body as the exact documented error with nothing forwarded.
 
 use crate::support::client::H1;
 use crate::support::creds::{Creds, Headers, HmacKey, unix_now};
@@ -151,8 +151,8 @@ async fn an_upper_case_hex_signature_is_accepted() {
     assert_eq!(fx.up.only_request().body_prefix, b"data");
 }
 
-/// The signed path is the request target exactly as sent (SPEC §3.2); what is forwarded
-/// is its normalised form (README "Paths").
+/// The signed path is the request target exactly as sent (docs/authentication.md#hmac-signatures); what is forwarded
+/// is its normalised form (docs/authorization.md#paths).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_target_is_signed_exactly_as_sent_even_when_it_is_not_normalised() {
     let fx = fixture().await;

@@ -1,6 +1,6 @@
-//! Authorization (SPEC §1 "permission", "proxied user"; §4 paths; README "Authorization",
+//! Authorization (docs/authorization.md,
 //! "Paths"): role rules, `allowed_endpoints`, path tricks against an allow-list, and
-//! `X-Proxied-User`. Every refusal is the exact §5 body with nothing forwarded; every
+//! `X-Proxied-User`. Every refusal is the exact documented body with nothing forwarded; every
 //! success is checked against what the recording upstream really received.
 
 use crate::support::client::{H1, empty, h2_over, tls_connect};

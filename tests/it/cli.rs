@@ -1,4 +1,4 @@
-//! `gatehouse users|keys|roles` (SPEC §2; README "Managing API users"): the real
+//! `gatehouse users|keys|roles` (docs/admin.md): the real
 //! binary on a credentials file in a temporary directory, found through `--credentials`
 //! or `--config`; text and `--json` output; every failure one line on stderr and exit 1;
 //! a running gateway picking each change up by itself; two processes writing at once;

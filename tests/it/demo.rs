@@ -96,6 +96,26 @@ async fn demo_credentials_and_printed_commands_work() {
     assert_eq!(missing.status, 401);
     assert_eq!(missing.json()["message"], "API key is missing");
 
+    // the printed 403: a path no rule of the demo role grants
+    assert!(out.contains(&format!("curl -s -H 'X-API-Key: {token}' {base}/internal/report")), "{out}");
+    let denied = client.get_with(&format!("{base}/internal/report"), &[("x-api-key", token.as_str())]).await;
+    assert_eq!(denied.status, 403, "{}", denied.text());
+    assert_eq!(denied.json()["code"], "permission_error");
+
+    // the printed metrics command's admin listener, and one audit line per request on stdout
+    let metrics_url = out.split_whitespace().find(|w| w.ends_with("/metrics")).unwrap_or_else(|| panic!("{out}"));
+    let metrics = client.get(metrics_url).await;
+    assert_eq!(metrics.status, 200);
+    let metrics = metrics.text();
+    assert!(
+        metrics.lines().any(|l| l.starts_with("gatehouse_requests_total{") && l.contains("status_class=\"4xx\"")),
+        "{metrics}"
+    );
+    let audit = crate::support::eventually(STEP, "the 403's audit line on stdout", || {
+        demo.stdout().lines().any(|l| l.contains(r#""path":"/internal/report""#) && l.contains(r#""status":403"#))
+    });
+    audit.await;
+
     demo.sigterm();
     assert_eq!(demo.wait(STEP).await.code(), Some(0), "{}", demo.stderr());
 }

@@ -1,4 +1,4 @@
-//! The files under `deploy/` against the gateway they deploy (issue 6 and 7): the alert
+//! The files under `deploy/` against the gateway they deploy: the alert
 //! rules and the dashboard name only metrics a real scrape shows (a renamed metric fails
 //! here), every alert has its runbook section, the Kubernetes config loads and fits the
 //! Deployment's mounts and grace period, the Dockerfile's health check is a command the

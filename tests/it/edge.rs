@@ -152,7 +152,7 @@ async fn read_head(conn: &mut RawConn) -> String {
 
 /// `Upgrade: websocket` plus a second `Upgrade: h2c` line: only `websocket` goes
 /// upstream, and an upstream that switches to h2c anyway gets no tunnel: the client gets
-/// the §5 502 and the upstream's connection is closed with nothing sent after the head.
+/// the documented 502 and the upstream's connection is closed with nothing sent after the head.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2c_hidden_in_a_second_upgrade_line_never_reaches_the_upstream_and_its_101_is_a_502() {
     let up =

@@ -1,4 +1,4 @@
-//! The SPEC §5 errors the pipeline answers itself: 400, 404, 413, 502, 504, each as the
+//! The docs/errors.md errors the pipeline answers itself: 400, 404, 413, 502, 504, each as the
 //! exact JSON body, and what the upstream saw (usually nothing).
 
 use crate::support::client::{H1, generated};
@@ -87,7 +87,7 @@ async fn a_body_exactly_at_the_limit_is_forwarded() {
 }
 
 /// A body of unknown length is counted as it streams: the upstream may see the start of
-/// the request, but never a complete one, and the client gets the §5 413.
+/// the request, but never a complete one, and the client gets the documented 413.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunked_body_over_the_limit_gets_413_and_no_complete_request_reaches_the_upstream() {
     let up = TestUpstream::start().await;
@@ -127,7 +127,7 @@ async fn through(mode: Mode, timeout: &str) -> (Reply, Duration, TestUpstream) {
     (res, started.elapsed(), up)
 }
 
-/// SPEC: a 502 must come back within 1 s of asking.
+/// docs/errors.md: a 502 comes back at once when the upstream refuses.
 const FAST_502: Duration = Duration::from_secs(1);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,4 +1,4 @@
-//! Identity headers (SPEC §4; README "What the upstream sees"): a client can never choose
+//! Identity headers (docs/identity-headers.md): a client can never choose
 //! its own identity. Whatever spelling, count or `Connection` trick it sends, the upstream
 //! sees exactly one value per identity header, the gateway's own, or none at all on an
 //! anonymous request. Also with the header names changed under `identity_headers:`.
@@ -284,7 +284,7 @@ async fn configured_identity_header_names_are_set_and_their_forgeries_stripped()
     assert_eq!(up.count(), 3);
 }
 
-/// Refusals keep their §5 shape with custom names too, and forward nothing.
+/// Refusals keep their documented shape with custom names too, and forward nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_custom_names_a_refused_request_still_forwards_nothing() {
     let up = TestUpstream::start().await;

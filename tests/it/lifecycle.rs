@@ -1,4 +1,4 @@
-//! The API-user lifecycle end to end (issue 5 acceptance): a key rotated under live traffic
+//! The API-user lifecycle end to end: a key rotated under live traffic
 //! without one failed request, and `last_used_at` kept across a restart of the gateway.
 
 use crate::support::STEP;

@@ -114,7 +114,7 @@ async fn with_headers(gw: &TestGateway, n: usize) -> crate::support::Reply {
 }
 
 /// `limits.max_headers`: at the default (100) and a configured 20, one header over the
-/// limit is the §5 431 and never reaches the upstream; at the limit the request passes.
+/// limit is the documented 431 and never reaches the upstream; at the limit the request passes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_with_more_headers_than_max_headers_is_refused_with_431() {
     for (configured, max) in [(None, 100), (Some("20"), 20)] {

@@ -15,6 +15,7 @@ mod cli;
 mod config;
 mod demo;
 mod differential;
+mod docs;
 mod deploy;
 mod edge;
 mod errors;

@@ -1,4 +1,4 @@
-//! `gatehouse master-key rotate` (issue 7, acceptance 3): every HMAC secret re-sealed
+//! `gatehouse master-key rotate`: every HMAC secret re-sealed
 //! under a new master key while a real gateway serves signed requests, none of which
 //! fails; afterwards the new key file alone opens the credentials and the old key opens
 //! nothing. A read-only credentials file refuses the rotation and keeps both files.

@@ -1,4 +1,4 @@
-//! Metrics exposition and the audit log (SPEC §8).
+//! Metrics exposition and the audit log (docs/operations.md).
 
 use crate::observability_support::{ADMIN_TOKEN, start, start_to, start_with_audit_log, value};
 use crate::support::client::H1;

@@ -1,5 +1,5 @@
 //! Forwarding: protocols in and out, streaming bodies, the headers the upstream sees
-//! (SPEC §4), routing and load balancing.
+//! (docs/identity-headers.md), routing and load balancing.
 
 use crate::support::client::{H1, alpn_of, empty, full, generated, h1_over, h2_over, tls_connect};
 use crate::support::gateway::{RouteSpec, TestGateway};
@@ -321,7 +321,7 @@ async fn set_headers_with_environment_values_reach_the_upstream_and_override_the
         .start()
         .await;
 
-    // (A client `Authorization` would be a credential, verified since issue 3.)
+    // (A client `Authorization` would be a credential, verified.)
     let req = Request::get(gw.url("/set")).header("x-backend-tenant", "client-chosen").body(empty()).unwrap();
     let res = H1::new().send(req).await;
 

@@ -1,4 +1,4 @@
-//! Per-key rate limits and the per-IP failed-authentication budget (SPEC §6).
+//! Per-key rate limits and the per-IP failed-authentication budget (docs/authorization.md#rate-limits).
 
 use crate::observability_support::{series, start};
 use crate::support::client::H1;

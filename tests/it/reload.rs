@@ -1,4 +1,4 @@
-//! Hot reload of the credentials file (SPEC §2; README "Credentials file"): an edited
+//! Hot reload of the credentials file (docs/configuration.md#credentials-file): an edited
 //! file is in force well under a second after the write; a broken file changes nothing
 //! and the next good one applies; SIGHUP reloads; a kubelet `..data` symlink swap is
 //! seen, and seen again on the next swap.
@@ -12,7 +12,7 @@ use crate::support::{assert_unauthorized, within};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-/// SPEC: a good file is in force "well under a second after the write" (the watcher's
+/// docs/configuration.md: a good file is in force "well under a second after the write" (the watcher's
 /// debounce is 200 ms).
 const IN_FORCE: Duration = Duration::from_secs(1);
 /// How long a poll waits before failing: long enough that a slow machine fails on the

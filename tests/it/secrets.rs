@@ -1,5 +1,5 @@
-//! No token or signing secret is ever written anywhere but to the client it was made for
-//! (issue 3, acceptance 4): not to the credentials file, not to the logs (debug
+//! No token or signing secret is ever written anywhere but to the client it was made for:
+//! not to the credentials file, not to the logs (debug
 //! included), not into an error body. The file holds a digest and a sealed secret.
 
 use crate::support::client::H1;

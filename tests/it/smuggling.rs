@@ -1,4 +1,4 @@
-//! Request smuggling and malformed HTTP/1: every ambiguous head is refused with a §5
+//! Request smuggling and malformed HTTP/1: every ambiguous head is refused with a documented
 //! JSON 400 and a closed connection before anything reaches the upstream.
 
 use crate::support::assert_error;
@@ -9,7 +9,7 @@ use std::time::Duration;
 
 const MALFORMED: &str = "Malformed HTTP request";
 
-/// Sends each raw request on its own connection and asserts the §5 400, the closed
+/// Sends each raw request on its own connection and asserts the documented 400, the closed
 /// connection, and an upstream that saw nothing.
 async fn assert_refused(cases: &[&[u8]]) {
     let up = TestUpstream::start().await;

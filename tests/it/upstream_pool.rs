@@ -148,7 +148,7 @@ async fn a_pooled_connection_the_upstream_closed_is_replaced_unnoticed() {
 
 /// The upstream closes a pooled connection just as a request arrives on it. A GET is
 /// sent again on a new connection and the client gets its 200; a POST may already have
-/// been acted on, so it is not sent twice: the client gets the §5 502.
+/// been acted on, so it is not sent twice: the client gets the documented 502.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_lost_on_a_closing_pooled_connection_is_resent_only_when_safe() {
     let (addr, accepted, heads) = raw_upstream(Then::DropNextRequest).await;

@@ -167,7 +167,7 @@ async fn informational_answers_before_the_final_one_are_skipped() {
     assert_eq!(&res.body[..], b"done");
 }
 
-/// Answers the gateway cannot trust are the §5 502, never passed on: two different
+/// Answers the gateway cannot trust are the documented 502, never passed on: two different
 /// lengths, a malformed length, a head over `limits.max_header_bytes`, not HTTP at all,
 /// a `101` to a request that asked for no upgrade, more than 16 `1xx` in a row.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

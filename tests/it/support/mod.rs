@@ -83,8 +83,8 @@ impl Reply {
     }
 }
 
-/// Asserts a SPEC §5 error response exactly: the status, `Content-Type: application/json`,
-/// an `X-Request-Id` header, and the body byte for byte with the fields in SPEC order and
+/// Asserts a docs/errors.md error response exactly: the status, `Content-Type: application/json`,
+/// an `X-Request-Id` header, and the body byte for byte with the fields in the documented order and
 /// the same request id. Returns the request id.
 pub fn assert_error(reply: &Reply, status: u16, code: &str, message: &str) -> String {
     assert_eq!(reply.status.as_u16(), status, "status; body: {}", reply.text());
@@ -101,7 +101,7 @@ pub fn assert_error(reply: &Reply, status: u16, code: &str, message: &str) -> St
     id
 }
 
-/// Asserts a SPEC §5 401 exactly (see [`assert_error`]) with the `WWW-Authenticate`
+/// Asserts a docs/errors.md 401 exactly (see [`assert_error`]) with the `WWW-Authenticate`
 /// challenge README documents. Returns the request id.
 pub fn assert_unauthorized(reply: &Reply, message: &str) -> String {
     let id = assert_error(reply, 401, "authentication_error", message);

@@ -143,7 +143,9 @@ impl GatewayProcess {
 
     /// Like [`GatewayProcess::demo`], with extra environment variables.
     pub async fn demo_with_env(port: u16, env: &[(&str, &str)]) -> GatewayProcess {
-        Self::spawn(&["--log-format", "json", "demo", "--port", &port.to_string()], 1, env).await
+        let admin = super::free_port().to_string();
+        Self::spawn(&["--log-format", "json", "demo", "--port", &port.to_string(), "--admin-port", &admin], 1, env)
+            .await
     }
 
     async fn spawn(args: &[&str], listeners: usize, env: &[(&str, &str)]) -> GatewayProcess {
