@@ -6,22 +6,22 @@
 
 use bytes::Bytes;
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
-use gatehouse::authn::replay::ReplayCache;
-use gatehouse::authn::{Caller, authenticate, sign_hex};
-use gatehouse::body::Body;
 use gatehouse::config::RouteConfig;
 use gatehouse::config::{AuthConfig, IdentityHeaders, RateLimitConfig};
 use gatehouse::credentials::secrets::MasterKey;
 use gatehouse::credentials::snapshot::Snapshot;
 use gatehouse::credentials::{mint_api_key, mint_hmac_key};
-use gatehouse::headers;
-use gatehouse::limit::RateLimits;
-use gatehouse::path;
-use gatehouse::request;
-use gatehouse::request::{ConnInfo, Parsed};
-use gatehouse::rewrite;
-use gatehouse::route::Route;
-use gatehouse::route::RouteTable;
+use gatehouse::pipeline::authn::replay::ReplayCache;
+use gatehouse::pipeline::authn::{Caller, authenticate, sign_hex};
+use gatehouse::pipeline::limit::RateLimits;
+use gatehouse::pipeline::request;
+use gatehouse::pipeline::request::{ConnInfo, Parsed};
+use gatehouse::pipeline::rewrite;
+use gatehouse::pipeline::route::Route;
+use gatehouse::pipeline::route::RouteTable;
+use gatehouse::wire::body::Body;
+use gatehouse::wire::headers;
+use gatehouse::wire::path;
 use http::HeaderMap;
 use http::{HeaderValue, Request};
 use std::hint::black_box;
@@ -252,13 +252,13 @@ fn bench_authz(c: &mut Criterion) {
     let user = snap.by_id("k").unwrap().user.clone();
     assert_eq!(user.roles.iter().map(|r| r.rules.len()).sum::<usize>(), 50);
     let (method, hit, miss) = (http::Method::POST, "/api/v4/res9/42/items/7", "/api/v9/res1/42/items/7");
-    assert!(gatehouse::authz::permits(&user, &method, hit).is_some());
+    assert!(gatehouse::pipeline::authz::permits(&user, &method, hit).is_some());
     let mut g = c.benchmark_group("authz");
     g.bench_function("permits_50_rules_last", |b| {
-        b.iter(|| gatehouse::authz::permits(&user, black_box(&method), black_box(hit)))
+        b.iter(|| gatehouse::pipeline::authz::permits(&user, black_box(&method), black_box(hit)))
     });
     g.bench_function("permits_50_rules_none", |b| {
-        b.iter(|| gatehouse::authz::permits(&user, black_box(&method), black_box(miss)))
+        b.iter(|| gatehouse::pipeline::authz::permits(&user, black_box(&method), black_box(miss)))
     });
     g.finish();
 }
@@ -284,7 +284,7 @@ fn bench_limit_rewrite(c: &mut Criterion) {
     let authorised = || {
         let mut p = parsed(&route, "GET", "/api/v1/orders/1", &headers, Bytes::new());
         let caller = now_or_never(authenticate(&snap, &mut p, &auth, &replay, 1_800_000_000)).unwrap();
-        let permit = gatehouse::authz::authorize(caller, &p).unwrap();
+        let permit = gatehouse::pipeline::authz::authorize(caller, &p).unwrap();
         (p, permit)
     };
     let (_, permit) = authorised();

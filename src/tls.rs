@@ -97,7 +97,7 @@ impl CertResolver {
     /// Reloads whenever the files change, until the process ends.
     pub fn spawn_reloader(self: Arc<Self>) {
         let paths = vec![self.files.cert.clone(), self.files.key.clone()];
-        let mut changes = crate::watch::watch_since(paths, Duration::from_secs(60), self.baseline);
+        let mut changes = crate::fs::watch::watch_since(paths, Duration::from_secs(60), self.baseline);
         tokio::spawn(async move {
             while changes.recv().await.is_some() {
                 match self.reload() {
@@ -134,7 +134,7 @@ fn load(files: &TlsFiles) -> Result<(CertifiedKey, i64), TlsError> {
 
 /// Builds the acceptor (TLS 1.2 and 1.3, ALPN h2 then http/1.1) and its resolver.
 pub fn acceptor(files: &TlsFiles) -> Result<(TlsAcceptor, Arc<CertResolver>), TlsError> {
-    let baseline = crate::watch::fingerprint(&[files.cert.clone(), files.key.clone()]);
+    let baseline = crate::fs::watch::fingerprint(&[files.cert.clone(), files.key.clone()]);
     let (key, not_after) = load(files)?;
     let status = CertStatus { not_after: AtomicI64::new(not_after), ..CertStatus::default() };
     let resolver =

@@ -5,12 +5,12 @@
 //! listener serves `/metrics` and the admin API.
 
 use super::{runtime, shutdown_signal};
+use crate::cli::echo;
 use crate::config::Config;
 use crate::credentials::file::{AuthMethod, FileCredentials};
 use crate::credentials::ops::{self, UserFields};
 use crate::credentials::{load_or_create_master_key, mint_api_key, mint_hmac_key};
-use crate::echo;
-use crate::listen::Server;
+use crate::server::listen::Server;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::process::ExitCode;

@@ -2,6 +2,7 @@
 
 mod check_config;
 mod demo;
+pub mod echo;
 mod healthcheck;
 mod keys;
 mod master_key;

@@ -2,7 +2,7 @@
 
 use super::{EXIT_CONFIG, runtime, shutdown_signal};
 use crate::config::Config;
-use crate::listen::{Server, StartError};
+use crate::server::listen::{Server, StartError};
 use std::path::Path;
 use std::process::ExitCode;
 

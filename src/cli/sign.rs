@@ -1,7 +1,7 @@
 //! `gatehouse sign`: the three HMAC headers for one request, for integrators testing
 //! their client (docs/authentication.md#hmac-signatures).
 
-use crate::authn::sign_hex;
+use crate::pipeline::authn::sign_hex;
 use std::path::PathBuf;
 use std::process::ExitCode;
 

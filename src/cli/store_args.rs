@@ -1,10 +1,10 @@
 //! What the `users`, `keys` and `roles` commands share: where the credentials file is,
 //! and how results and failures are printed.
 
-use crate::audit::AdminRecord;
 use crate::config::{AuditSink, Config, RateLimitConfig, units};
 use crate::credentials::file::FileRateLimit;
 use crate::credentials::store::{Store, StoreError};
+use crate::pipeline::audit::AdminRecord;
 use serde_json::Value;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -41,7 +41,7 @@ impl Ctx {
         let Some(sink) = &self.audit else { return };
         let actor = format!("cli:{}", os_user());
         let record = AdminRecord::new(&actor, command, target, changes);
-        if let Err(e) = crate::audit::append_now(sink, &record) {
+        if let Err(e) = crate::pipeline::audit::append_now(sink, &record) {
             eprintln!("gatehouse {command}: warning: change made, but not recorded in the audit log: {e}");
         }
     }
@@ -75,13 +75,13 @@ impl StoreArgs {
         if let Some(path) = &self.credentials {
             let master = self.master_key.clone().unwrap_or_else(|| path.with_file_name("master.key"));
             let store = Store::new(path.clone(), master, RateLimitConfig::DEFAULT);
-            return Ok(Ctx { store, usage: crate::usage::state_path(path), audit: None });
+            return Ok(Ctx { store, usage: crate::config::usage_state_path(path), audit: None });
         }
         let config = Config::load(&self.config).map_err(|e| e.to_string())?;
         let path = config
             .credentials
             .ok_or_else(|| format!("{} names no credentials file; pass --credentials PATH", self.config.display()))?;
-        let usage = config.usage_state.unwrap_or_else(|| crate::usage::state_path(&path));
+        let usage = config.usage_state.unwrap_or_else(|| crate::config::usage_state_path(&path));
         Ok(Ctx { store: Store::new(path, config.master_key, config.rate_limit), usage, audit: Some(config.audit_log) })
     }
 }

@@ -153,7 +153,7 @@ pub fn run(a: UsersArgs) -> ExitCode {
             .map(|()| print(json, &serde_json::json!({"deleted": id}), changed("deleted", &id))),
         UsersCommand::Show { id } => match ctx.store.read().and_then(|c| ops::user(&c, &id).map(ops::user_view)) {
             Ok(mut v) => {
-                ops::add_usage(&mut v, &crate::usage::read_state(&ctx.usage));
+                crate::pipeline::usage::add_usage(&mut v, &crate::pipeline::usage::read_state(&ctx.usage));
                 Ok(print(json, &v, || serde_json::to_string_pretty(&v).unwrap_or_default()))
             }
             Err(e) => Err(fail("users show", e)),

@@ -57,7 +57,7 @@ pub struct IdentityHeaders {
 
 impl Default for IdentityHeaders {
     fn default() -> Self {
-        use crate::headers::*;
+        use crate::wire::headers::*;
         IdentityHeaders {
             user: X_GATEHOUSE_USER,
             key_id: X_GATEHOUSE_KEY_ID,
@@ -301,8 +301,7 @@ impl Validator {
 
         let credentials = f.credentials.map(|c| c.value);
         // A read-only credentials mount (Kubernetes Secret) needs the state elsewhere.
-        let usage_state =
-            credentials.as_ref().map(|c| f.usage_state.clone().unwrap_or_else(|| crate::usage::state_path(c)));
+        let usage_state = credentials.as_ref().map(|c| f.usage_state.clone().unwrap_or_else(|| usage_state_path(c)));
         let audit_log = match f.audit_log.as_deref() {
             None | Some("stdout") | Some("-") => AuditSink::Stdout,
             Some(p) => AuditSink::File(PathBuf::from(p)),
@@ -370,8 +369,9 @@ impl Validator {
             None => default,
             Some(s) => match HeaderName::from_bytes(s.as_bytes()) {
                 Ok(n)
-                    if !crate::headers::HOP_BY_HOP.contains(&n)
-                        && crate::headers::classify(n.as_str()) != crate::headers::Protected::Credential =>
+                    if !crate::wire::headers::HOP_BY_HOP.contains(&n)
+                        && crate::wire::headers::classify(n.as_str())
+                            != crate::wire::headers::Protected::Credential =>
                 {
                     n
                 }
@@ -502,7 +502,7 @@ impl Validator {
             // the connection's own); a second copy from the route could split the request.
             if name == http::header::HOST
                 || name == http::header::CONTENT_LENGTH
-                || crate::headers::HOP_BY_HOP.contains(&name)
+                || crate::wire::headers::HOP_BY_HOP.contains(&name)
             {
                 self.at(&v.referenced, format!("set_headers.{k}: the gateway sets {name} itself; a route cannot"));
                 continue;
@@ -557,6 +557,13 @@ fn parse_str(text: &str) -> Result<Config, ConfigErrors> {
         text,
         &std::collections::HashMap::from([("UP".to_string(), "tok".to_string())]),
     )
+}
+
+/// Where the usage state of a credentials file lives: `<name>.usage.json` beside it.
+pub fn usage_state_path(credentials: &Path) -> PathBuf {
+    let mut name = credentials.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".usage.json");
+    credentials.with_file_name(name)
 }
 
 #[cfg(test)]

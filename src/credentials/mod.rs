@@ -5,6 +5,7 @@
 pub mod file;
 pub mod ops;
 pub mod reload;
+pub mod rules;
 pub mod secrets;
 pub mod snapshot;
 pub mod store;
@@ -17,6 +18,11 @@ use snapshot::Snapshot;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
+
+/// Key ids come from the credentials file, not from clients (these maps are reached only
+/// after authentication): a fast seeded hash is enough, where SipHash cost more than the
+/// map lookup itself.
+pub type KeyIdHasher = foldhash::fast::RandomState;
 
 /// Reads and validates the credentials file.
 pub fn load(path: &Path, master: Option<&MasterKey>, default_rate: RateLimitConfig) -> Result<Snapshot, ConfigErrors> {

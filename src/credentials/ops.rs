@@ -198,7 +198,8 @@ pub fn delete_role(c: &mut FileCredentials, name: &str) -> Result<(), StoreError
     c.roles.remove(name).map(|_| ()).ok_or_else(|| not_found(format!("no role {name:?}")))
 }
 
-fn ts(t: &OffsetDateTime) -> Value {
+/// A timestamp as the views show it (RFC 3339).
+pub fn ts(t: &OffsetDateTime) -> Value {
     t.format(&Rfc3339).map_or(Value::Null, Value::String)
 }
 
@@ -212,49 +213,6 @@ pub fn key_view(k: &FileKey) -> Value {
         "expires_at": k.expires_at.as_ref().map(ts),
         "revoked_at": k.revoked_at.as_ref().map(ts),
         "rate_limit": k.rate_limit.map(|r| json!({"per_second": r.per_second, "burst": r.burst})),
-    })
-}
-
-/// Adds each key's usage (`requests`, `errors`, `rate_limited`, `last_used_at`) to a
-/// user view.
-pub fn add_usage(view: &mut Value, usage: &std::collections::BTreeMap<String, crate::usage::KeyUsageRecord>) {
-    if let Some(keys) = view["keys"].as_array_mut() {
-        for k in keys {
-            let r = k["id"].as_str().and_then(|id| usage.get(id)).cloned().unwrap_or_default();
-            k["requests"] = r.requests.into();
-            k["errors"] = r.errors.into();
-            k["rate_limited"] = r.rate_limited.into();
-            k["last_used_at"] = unix_ts(r.last_used_at);
-        }
-    }
-}
-
-fn unix_ts(t: Option<i64>) -> Value {
-    t.and_then(|t| OffsetDateTime::from_unix_timestamp(t).ok()).as_ref().map_or(Value::Null, ts)
-}
-
-/// A user's usage: totals over its keys, and each key's.
-pub fn usage_view(u: &FileUser, usage: &std::collections::BTreeMap<String, crate::usage::KeyUsageRecord>) -> Value {
-    let mut total = crate::usage::KeyUsageRecord::default();
-    let mut keys = serde_json::Map::new();
-    for k in &u.keys {
-        let r = usage.get(&k.id.value).cloned().unwrap_or_default();
-        total.requests += r.requests;
-        total.errors += r.errors;
-        total.rate_limited += r.rate_limited;
-        total.last_used_at = total.last_used_at.max(r.last_used_at);
-        keys.insert(
-            k.id.value.clone(),
-            json!({"requests": r.requests, "errors": r.errors, "rate_limited": r.rate_limited, "last_used_at": unix_ts(r.last_used_at)}),
-        );
-    }
-    json!({
-        "user": u.id.value,
-        "requests": total.requests,
-        "errors": total.errors,
-        "rate_limited": total.rate_limited,
-        "last_used_at": unix_ts(total.last_used_at),
-        "keys": keys,
     })
 }
 

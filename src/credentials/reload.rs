@@ -184,7 +184,7 @@ impl Credentials {
             tracing::warn!("no credentials file configured: only routes with allow_anonymous serve requests");
             return Ok(Credentials::fixed(Snapshot::empty()));
         };
-        let baseline = crate::watch::fingerprint(&[path.clone(), config.master_key.clone()]);
+        let baseline = crate::fs::watch::fingerprint(&[path.clone(), config.master_key.clone()]);
         let source = Source {
             path: path.clone(),
             master_key: config.master_key.clone(),
@@ -270,7 +270,7 @@ impl Credentials {
     pub fn spawn_reloader(self: Arc<Self>) {
         let Some(source) = &self.source else { return };
         let mut changes =
-            crate::watch::watch_since(vec![source.path.clone(), source.master_key.clone()], POLL, source.baseline);
+            crate::fs::watch::watch_since(vec![source.path.clone(), source.master_key.clone()], POLL, source.baseline);
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .map_err(|e| tracing::warn!(error = %e, "cannot listen for SIGHUP"))
             .ok();

@@ -8,7 +8,7 @@
 use super::file::{AuthMethod, FileCredentials, FileKey, FileRole, FileUser, Status};
 use super::secrets::{MasterKey, TokenDigest};
 use crate::config::{ConfigErrors, Problem, RateLimitConfig, yaml_problem};
-use crate::rules::Rule;
+use crate::credentials::rules::Rule;
 use hmac::{Hmac, KeyInit};
 use http::HeaderValue;
 use serde_saphyr::Location;
@@ -480,7 +480,7 @@ impl<'a> Builder<'a> {
         if let Some(hit) = self.cache.get(text) {
             return hit.clone();
         }
-        let value = crate::headers::number(n);
+        let value = crate::wire::headers::number(n);
         self.cache.insert(text.to_string(), value.clone());
         value
     }

@@ -13,8 +13,8 @@
 use super::file::FileCredentials;
 use super::secrets::{MasterKey, OpenError};
 use super::snapshot::Snapshot;
-use crate::atomic_file::write_durably;
 use crate::config::{ConfigErrors, RateLimitConfig};
+use crate::fs::atomic_file::write_durably;
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 
@@ -207,7 +207,7 @@ fn refuse_read_only(path: &Path) -> Result<(), StoreError> {
 /// Creates and removes a temporary file beside `path`: proves the directory can take the
 /// atomic write before a change that spans two files starts.
 fn probe_dir(path: &Path) -> Result<(), StoreError> {
-    let dir = crate::atomic_file::parent_dir(path);
+    let dir = crate::fs::atomic_file::parent_dir(path);
     tempfile::Builder::new().prefix(".gatehouse-probe-").tempfile_in(dir).map(drop).map_err(io(dir))
 }
 

@@ -72,13 +72,13 @@ impl Fx {
 /// also `&["reload"][..]`), and `(&Method::GET, "/admin/v1/openapi.yaml")` (api.rs).
 fn routes_from_router() -> BTreeSet<(String, String)> {
     let mut out = BTreeSet::new();
-    let mod_rs = include_str!("../../src/admin/mod.rs");
+    let mod_rs = include_str!("../../src/server/admin/mod.rs");
     for (method, rest) in after_each(mod_rs, "(\"") {
         if let Some((path, _)) = rest.strip_prefix(", \"").and_then(|r| r.split_once("\")")) {
             out.insert((method.to_string(), path.to_string()));
         }
     }
-    let api_rs = include_str!("../../src/admin/api.rs");
+    let api_rs = include_str!("../../src/server/admin/api.rs");
     for (method, rest) in after_each(api_rs, "Method::") {
         let rest = rest.trim_start_matches(", ").trim_start_matches('&');
         if let Some(list) = rest.strip_prefix('[').and_then(|r| r.split_once(']')).map(|(l, _)| l) {

@@ -272,7 +272,7 @@ async fn a_credential_of_the_other_method_is_invalid_api_key() {
     let t = fx.key.token.as_str();
     let now = unix_now().to_string();
     // A signature that is even valid for the token used as a secret: still refused.
-    let sig = gatehouse::authn::sign_hex(t, &now, "GET", "/api/x", b"");
+    let sig = gatehouse::pipeline::authn::sign_hex(t, &now, "GET", "/api/x", b"");
     fx.refused(
         &[
             (

@@ -129,7 +129,10 @@ async fn a_signature_computed_by_hand_like_the_python_client_is_accepted() {
     let body = r#"{"name":"Zoë","emoji":"🦀"}"#;
     let ts = unix_now().to_string();
     let sig = python_style_signature(&fx.key.secret, &ts, "post", "/api/v1/people?team=a", body);
-    assert_eq!(sig, gatehouse::authn::sign_hex(&fx.key.secret, &ts, "POST", "/api/v1/people?team=a", body.as_bytes()));
+    assert_eq!(
+        sig,
+        gatehouse::pipeline::authn::sign_hex(&fx.key.secret, &ts, "POST", "/api/v1/people?team=a", body.as_bytes())
+    );
 
     let headers = [("x-api-key", fx.key.key_id.clone()), ("x-timestamp", ts), ("x-signature", sig)];
     let res = fx.send("POST", "/api/v1/people?team=a", &headers, body.as_bytes()).await;
@@ -169,7 +172,7 @@ async fn a_bad_signature_is_invalid_signature_and_nothing_is_forwarded() {
     let (ts, id) = (unix_now().to_string(), fx.key.key_id.clone());
     let with = |sig: String| vec![("x-api-key", id.clone()), ("x-timestamp", ts.clone()), ("x-signature", sig)];
     let sign = |method: &str, target: &str, body: &[u8]| fx.key.sign(&ts, method, target, body);
-    let wrong_secret = gatehouse::authn::sign_hex("ghs_not-the-secret", &ts, "POST", "/api/o?x=1", b"{}");
+    let wrong_secret = gatehouse::pipeline::authn::sign_hex("ghs_not-the-secret", &ts, "POST", "/api/o?x=1", b"{}");
     let others_secret = fx.other.sign(&ts, "POST", "/api/o?x=1", b"{}");
 
     let cases: Vec<(&str, &str, Headers, &[u8])> = vec![

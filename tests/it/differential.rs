@@ -1,4 +1,4 @@
-//! Differential tests of the gateway's own HTTP/1.1 client (src/h1.rs, src/upstream.rs).
+//! Differential tests of the gateway's own HTTP/1.1 client (src/wire/h1.rs, src/wire/upstream.rs).
 //!
 //! Responses: generated and mutated upstream responses (status lines, header blocks, both
 //! framings, chunk sizes and extensions, trailers, 1xx runs, close-delimited bodies,
@@ -23,8 +23,8 @@
 use crate::support::gateway::{RouteSpec, TestGateway};
 use crate::support::raw::RawConn;
 use bytes::Bytes;
-use gatehouse::h1::WireError;
-use gatehouse::upstream::{SendError, read_response};
+use gatehouse::wire::h1::WireError;
+use gatehouse::wire::upstream::{SendError, read_response};
 use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
@@ -575,7 +575,7 @@ enum Verdict {
 fn judge(case: &Case, ours: &Result<Got, SendError>, theirs: &Result<Got, String>) -> Verdict {
     match (ours, theirs) {
         (Ok(g), _) if g.status == StatusCode::SWITCHING_PROTOCOLS => {
-            // read_response hands a 101 on; forward.rs answers it 502 unless the client
+            // read_response hands a 101 on; pipeline/forward.rs answers it 502 unless the client
             // asked for exactly that switch, and these requests never ask.
             match theirs {
                 Ok(_) => Verdict::Stricter("101 the gateway did not ask for"),

@@ -11,7 +11,7 @@ use crate::support::upstream::{Seen, TestUpstream};
 use crate::support::{Reply, assert_error};
 use crate::support::{STEP, within};
 use gatehouse::config::Config;
-use gatehouse::listen::Server;
+use gatehouse::server::listen::Server;
 use http::Request;
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -20,6 +20,7 @@ mod deploy;
 mod edge;
 mod errors;
 mod identity_headers;
+mod layers;
 mod lifecycle;
 mod master_key;
 mod limits;

@@ -5,7 +5,7 @@
 use crate::support::creds::{Creds, write_master_key};
 use crate::support::upstream::TestUpstream;
 use gatehouse::config::Config;
-use gatehouse::listen::Server;
+use gatehouse::server::listen::Server;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use tokio::sync::oneshot;

@@ -111,7 +111,7 @@ async fn no_token_or_secret_reaches_the_file_the_logs_or_an_error_body() {
         let body = br#"{"order":42}"#.to_vec();
         let good = h.headers("POST", "/api/orders?x=1", &body);
         let mut wrong = h.headers("POST", "/api/orders?x=1", &body);
-        wrong[2].1 = gatehouse::authn::sign_hex("ghs_wrong", &wrong[1].1, "POST", "/api/orders?x=1", &body);
+        wrong[2].1 = gatehouse::pipeline::authn::sign_hex("ghs_wrong", &wrong[1].1, "POST", "/api/orders?x=1", &body);
         let stale = h.headers_at(unix_now() - 3600, "POST", "/api/orders?x=1", &body);
         let big = vec![b'x'; 2048];
         vec![

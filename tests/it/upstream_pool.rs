@@ -1,4 +1,4 @@
-//! The connection workers' upstream pools (src/upstream.rs): a connection is reused once
+//! The connection workers' upstream pools (src/wire/upstream.rs): a connection is reused once
 //! its response has been read to the end, never after a response the client abandoned,
 //! and a pooled connection the upstream closed while idle is replaced without the client
 //! seeing an error.

@@ -1,4 +1,4 @@
-//! What the gateway makes of an upstream's HTTP/1.1 (src/h1.rs, src/upstream.rs): every
+//! What the gateway makes of an upstream's HTTP/1.1 (src/wire/h1.rs, src/wire/upstream.rs): every
 //! way of delimiting a response body, informational responses, and the answers it must
 //! not trust (conflicting lengths, an oversized head), against a scripted upstream that
 //! writes exactly the bytes each test gives it.

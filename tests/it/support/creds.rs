@@ -42,9 +42,9 @@ pub struct HmacKey {
 }
 
 impl HmacKey {
-    /// The hex signature of one request (`gatehouse::authn::sign_hex`).
+    /// The hex signature of one request (`gatehouse::pipeline::authn::sign_hex`).
     pub fn sign(&self, ts: &str, method: &str, target: &str, body: &[u8]) -> String {
-        gatehouse::authn::sign_hex(&self.secret, ts, method, target, body)
+        gatehouse::pipeline::authn::sign_hex(&self.secret, ts, method, target, body)
     }
 
     /// The three headers of a request signed now.

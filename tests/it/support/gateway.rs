@@ -8,7 +8,7 @@ use super::client::H1;
 use super::creds::{Creds, write_atomic, write_master_key};
 use super::upstream::TestUpstream;
 use gatehouse::config::Config;
-use gatehouse::listen::Server;
+use gatehouse::server::listen::Server;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

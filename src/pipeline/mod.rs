@@ -7,16 +7,33 @@
 //!
 //! `handle` only maps errors and hands the response to its [`Report`]; `handle_inner`
 //! calls the steps in order and uses `?` on each. A step never calls another step.
+//!
+//! This folder is the per-request policy: each step's module, the error mapping, the
+//! gateway's shared state, and what `record` writes to (usage, metrics, audit log). It
+//! builds on `wire`, `config`, `credentials` and `tls`, and nothing below imports it.
 
-use crate::body::Body;
-use crate::error::GateError;
-use crate::record::{Outcome, Report, Reporter};
-use crate::request::{self, ConnInfo};
-use crate::tunnel::{self, Switched};
-use crate::upstream::Upstream;
-use crate::{authn, authz, forward, rewrite};
+pub mod audit;
+pub mod authn;
+pub mod authz;
+pub mod error;
+pub mod forward;
+pub mod limit;
+pub mod metrics;
+pub mod record;
+pub mod request;
+pub mod rewrite;
+pub mod route;
+pub mod state;
+pub mod usage;
+
+use crate::pipeline::error::GateError;
+use crate::pipeline::record::{Outcome, Report, Reporter};
+use crate::wire::body::Body;
+use crate::wire::tunnel::{self, Switched};
+use crate::wire::upstream::Upstream;
 use http::{Request, Response};
 use hyper::body::Incoming;
+use request::ConnInfo;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::watch;
@@ -27,7 +44,7 @@ pub type Tunnel = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// Where a connection keeps the tunnel it is to run after its `101` (at most one).
 pub type TunnelSlot = Arc<Mutex<Option<Tunnel>>>;
 
-/// The client connection a request came on, as the pipeline needs it (`listen.rs`
+/// The client connection a request came on, as the pipeline needs it (`server/listen.rs`
 /// implements it). The request's [`Report`] holds it until the request is reported.
 pub trait Carrier: Reporter {
     /// The connection worker's upstream pool.

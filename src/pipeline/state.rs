@@ -1,13 +1,13 @@
 //! The long-lived handles every request shares.
 
-use crate::audit::Audit;
-use crate::authn::replay::ReplayCache;
 use crate::config::{AuthConfig, Config, IdentityHeaders, Limits};
 use crate::credentials::reload::Credentials;
-use crate::limit::RateLimits;
-use crate::metrics::Metrics;
-use crate::route::RouteTable;
-use crate::usage::Usage;
+use crate::pipeline::audit::Audit;
+use crate::pipeline::authn::replay::ReplayCache;
+use crate::pipeline::limit::RateLimits;
+use crate::pipeline::metrics::Metrics;
+use crate::pipeline::route::RouteTable;
+use crate::pipeline::usage::Usage;
 use ipnet::IpNet;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -66,7 +66,7 @@ impl Gateway {
             return peer;
         }
         let hops: Vec<IpAddr> = headers
-            .get_all(crate::headers::X_FORWARDED_FOR)
+            .get_all(crate::wire::headers::X_FORWARDED_FOR)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))

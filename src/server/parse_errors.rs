@@ -10,7 +10,7 @@
 //! `X-Request-Id` (`rewrite::response`, `error::error_response`); hyper's automatic head
 //! never does.
 
-use crate::error::error_json;
+use crate::pipeline::error::error_json;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};

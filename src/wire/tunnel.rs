@@ -3,10 +3,10 @@
 //! has sent anything for the idle time, or a shutdown's grace period is over.
 //!
 //! A tunnel stays inside every bound a connection has: it runs in its client
-//! connection's task (`listen.rs`), so it holds that connection's `max_connections` slot
+//! connection's task (`server/listen.rs`), so it holds that connection's `max_connections` slot
 //! and its place in `gatehouse_open_connections` until it closes.
 
-use crate::upstream::Conn;
+use crate::wire::upstream::Conn;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -18,7 +18,11 @@
 //!   empty list element (`chunked,`), and any `Transfer-Encoding` on an HTTP/1.0 response;
 //! - a status outside 100-599 is an error (RFC 9110 §15).
 
-use crate::headers::list_elements;
+use crate::wire::headers::list_elements;
+
+/// Headers the gateway adds to a response at most (the request id and the two quota
+/// headers): a response's header map is sized with room for them.
+pub const RESPONSE_HEADERS_ADDED: usize = 3;
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
@@ -195,7 +199,7 @@ pub fn parse_response_head(
         .collect();
     let head = buf.split_to(len).freeze();
     // With room for what the gateway adds on the way back: growing the map would rehash it.
-    let mut headers = HeaderMap::with_capacity(spans.len() + crate::rewrite::RESPONSE_HEADERS_ADDED);
+    let mut headers = HeaderMap::with_capacity(spans.len() + RESPONSE_HEADERS_ADDED);
     for (n, nl, v, vl) in spans {
         let name = HeaderName::from_bytes(&head[n..n + nl]).map_err(|_| WireError::Head)?;
         let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl)).map_err(|_| WireError::Head)?;

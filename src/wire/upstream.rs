@@ -2,17 +2,16 @@
 //! kept alive and reused, last-in first-out, per target, and the exchange of one request
 //! and its response on one of them.
 //!
-//! Each worker has its own pool on its own single-threaded runtime (see `listen.rs`), and
+//! Each worker has its own pool on its own single-threaded runtime (see `server/listen.rs`), and
 //! the request's own task writes the request and reads the response (`h1.rs` holds the
 //! wire format): no connection task, no channel between tasks, no cross-thread wake-up
 //! per request. A connection goes back to the pool when its response body has been read
 //! to the end (see [`UpstreamBody`]); a response dropped half-read closes it. Idle
-//! connections are kept per target slot (see `route.rs`): an index, not a hashed name.
+//! connections are kept per target slot (see `balance.rs`): an index, not a hashed name.
 
-use crate::body::{Body, BodyError};
-use crate::config::Limits;
-use crate::h1::{self, Decoded, Decoder, RequestFraming, WireError};
-use crate::route::Target;
+use crate::wire::balance::Target;
+use crate::wire::body::{Body, BodyError};
+use crate::wire::h1::{self, Decoded, Decoder, RequestFraming, WireError};
 use bytes::{Bytes, BytesMut};
 use http::uri::Authority;
 use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode};
@@ -149,12 +148,11 @@ impl From<std::io::Error> for Failed {
 
 impl Upstream {
     /// An empty pool.
-    pub fn new(limits: &Limits) -> Arc<Upstream> {
-        Arc::new(Upstream {
-            idle: Mutex::new(Vec::new()),
-            connect_timeout: limits.upstream_connect_timeout,
-            max_head: limits.max_header_bytes,
-        })
+    /// An empty pool. `connect_timeout`: for a new connection; `max_head`: the longest
+    /// response head accepted (`limits.upstream_connect_timeout` and
+    /// `limits.max_header_bytes` of the config).
+    pub fn new(connect_timeout: Duration, max_head: usize) -> Arc<Upstream> {
+        Arc::new(Upstream { idle: Mutex::new(Vec::new()), connect_timeout, max_head })
     }
 
     /// Sends `req` (origin-form URI) with the gateway's `added` headers to `target`, whose

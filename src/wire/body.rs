@@ -4,7 +4,7 @@
 //! of body the gateway handles is visible here. Bodies stream; nothing is buffered
 //! except what a variant holds in full (`Full`).
 
-pub use crate::upstream::UpstreamBody;
+pub use crate::wire::upstream::UpstreamBody;
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
@@ -26,7 +26,7 @@ pub enum Body {
     Limited { inner: Incoming, remaining: u64 },
     /// A streamed upstream response that fails if the upstream stalls for `idle`.
     Upstream(UpstreamBody),
-    /// An upstream response that reports its request when it ends (`record.rs`).
+    /// An upstream response that reports its request when it ends (`pipeline/record.rs`).
     Reported(Pin<Box<dyn http_body::Body<Data = Bytes, Error = BodyError> + Send>>),
 }
 
@@ -62,7 +62,7 @@ pub enum BodyError {
     /// The upstream sent nothing for longer than the route timeout.
     UpstreamStalled,
     /// The upstream's body is not valid HTTP/1.1, or ended early.
-    UpstreamWire(crate::h1::WireError),
+    UpstreamWire(crate::wire::h1::WireError),
     /// Reading the upstream's body failed.
     UpstreamIo(std::io::Error),
 }

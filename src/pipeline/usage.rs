@@ -6,8 +6,11 @@
 //! seconds and at shutdown — never into `credentials.yaml`, so counting needs no lock
 //! and no write per request. Loaded back at start, so it survives restarts.
 
+use crate::credentials::file::FileUser;
+use crate::credentials::ops::ts;
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -43,19 +46,12 @@ struct StateFile {
 /// All keys' usage.
 #[derive(Debug, Default)]
 pub struct Usage {
-    keys: DashMap<Arc<str>, Arc<KeyUsage>, crate::limit::KeyIdHasher>,
+    keys: DashMap<Arc<str>, Arc<KeyUsage>, crate::credentials::KeyIdHasher>,
     path: Option<PathBuf>,
     /// The total request count the state file holds: every recorded request adds one, so
     /// an unchanged total means nothing to write. Derived at flush time rather than
     /// flagged per request (a flag every request writes is a cache line all cores share).
     written: AtomicU64,
-}
-
-/// Where the usage state of a credentials file lives: `<name>.usage.json` beside it.
-pub fn state_path(credentials: &Path) -> PathBuf {
-    let mut name = credentials.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(".usage.json");
-    credentials.with_file_name(name)
 }
 
 /// Reads a state file; missing or unreadable reads as empty.
@@ -135,7 +131,7 @@ impl Usage {
         }
         // An error here must not become an empty file written over the counts.
         let body = serde_json::to_vec_pretty(&StateFile { keys }).map_err(std::io::Error::other)?;
-        crate::atomic_file::write_durably(path, &body, None)?;
+        crate::fs::atomic_file::write_durably(path, &body, None)?;
         self.written.store(total, Ordering::Relaxed);
         Ok(())
     }
@@ -169,6 +165,49 @@ impl Usage {
             }
         });
     }
+}
+
+/// Adds each key's usage (`requests`, `errors`, `rate_limited`, `last_used_at`) to a
+/// user view.
+pub fn add_usage(view: &mut Value, usage: &BTreeMap<String, KeyUsageRecord>) {
+    if let Some(keys) = view["keys"].as_array_mut() {
+        for k in keys {
+            let r = k["id"].as_str().and_then(|id| usage.get(id)).cloned().unwrap_or_default();
+            k["requests"] = r.requests.into();
+            k["errors"] = r.errors.into();
+            k["rate_limited"] = r.rate_limited.into();
+            k["last_used_at"] = unix_ts(r.last_used_at);
+        }
+    }
+}
+
+fn unix_ts(t: Option<i64>) -> Value {
+    t.and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok()).as_ref().map_or(Value::Null, ts)
+}
+
+/// A user's usage: totals over its keys, and each key's.
+pub fn usage_view(u: &FileUser, usage: &BTreeMap<String, KeyUsageRecord>) -> Value {
+    let mut total = KeyUsageRecord::default();
+    let mut keys = serde_json::Map::new();
+    for k in &u.keys {
+        let r = usage.get(&k.id.value).cloned().unwrap_or_default();
+        total.requests += r.requests;
+        total.errors += r.errors;
+        total.rate_limited += r.rate_limited;
+        total.last_used_at = total.last_used_at.max(r.last_used_at);
+        keys.insert(
+            k.id.value.clone(),
+            json!({"requests": r.requests, "errors": r.errors, "rate_limited": r.rate_limited, "last_used_at": unix_ts(r.last_used_at)}),
+        );
+    }
+    json!({
+        "user": u.id.value,
+        "requests": total.requests,
+        "errors": total.errors,
+        "rate_limited": total.rate_limited,
+        "last_used_at": unix_ts(total.last_used_at),
+        "keys": keys,
+    })
 }
 
 #[cfg(test)]

@@ -12,19 +12,19 @@
 //! told to finish its in-flight requests and close, and the process waits at most
 //! `limits.shutdown_grace` for them.
 
-use crate::admin::Admin;
-use crate::authn::replay::ReplayCache;
 use crate::config::{Config, Limits};
 use crate::credentials::reload::Credentials;
-use crate::metrics::Metrics;
-use crate::parse_errors::JsonParseErrors;
+use crate::pipeline::authn::replay::ReplayCache;
+use crate::pipeline::metrics::Metrics;
+use crate::pipeline::record::Reporter;
+use crate::pipeline::request::ConnInfo;
+use crate::pipeline::state::Gateway;
+use crate::pipeline::usage::Usage;
 use crate::pipeline::{self, Carrier, TunnelSlot};
-use crate::record::Reporter;
-use crate::request::ConnInfo;
-use crate::state::Gateway;
+use crate::server::admin::Admin;
+use crate::server::parse_errors::JsonParseErrors;
 use crate::tls::{self, CertResolver, TlsError};
-use crate::upstream::Upstream;
-use crate::usage::Usage;
+use crate::wire::upstream::Upstream;
 use hyper::rt::{Read, Write};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -88,7 +88,7 @@ impl Server {
         }
         let credentials = Arc::new(Credentials::load(config)?);
         let usage = Arc::new(Usage::load(config.usage_state.clone()));
-        let audit = Arc::new(crate::audit::Audit::start(&config.audit_log));
+        let audit = Arc::new(crate::pipeline::audit::Audit::start(&config.audit_log));
         let replay = Arc::new(ReplayCache::new(config.auth.replay_cache_entries));
         let route_names: Vec<Arc<str>> = config.routes.iter().map(|r| Arc::from(r.name.as_str())).collect();
         let metrics = Arc::new(
@@ -163,7 +163,7 @@ impl Server {
             if let Ok(addr) = tcp.local_addr() {
                 tracing::info!(address = %addr, "admin listening");
             }
-            tokio::spawn(crate::admin::serve(tcp, service, shared.limits.header_read_timeout, stop_rx.clone()));
+            tokio::spawn(crate::server::admin::serve(tcp, service, shared.limits.header_read_timeout, stop_rx.clone()));
         }
         shutdown.await;
         tracing::info!("shutting down: refusing new connections, draining in-flight requests");
@@ -304,7 +304,7 @@ async fn worker(
     mut stop: watch::Receiver<bool>,
     mut hard_stop: watch::Receiver<bool>,
 ) {
-    let upstream = Upstream::new(&shared.limits);
+    let upstream = Upstream::new(shared.limits.upstream_connect_timeout, shared.limits.max_header_bytes);
     upstream.spawn_evictor();
     // The worker's own copy of the stop signal: a connection checks it every time it
     // wakes, and a channel shared by every connection of every worker would make each

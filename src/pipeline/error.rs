@@ -3,8 +3,8 @@
 //! Every step returns `GateError`; `into_response` is exhaustive, so a new variant does
 //! not compile until it has a status, a code and a message.
 
-use crate::body::Body;
-use crate::headers::{CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE, X_REQUEST_ID};
+use crate::wire::body::Body;
+use crate::wire::headers::{CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE, X_REQUEST_ID};
 use http::{HeaderValue, Response, StatusCode};
 
 /// Why a request failed, as the pipeline knows it.

@@ -1,12 +1,12 @@
 //! \[parse\] From a raw hyper request to a [`Parsed`] one: request id, host, normalised
 //! path, route, and a body bounded by the configured limit.
 
-use crate::body::Body;
 use crate::config::Limits;
-use crate::error::{BadRequest, GateError};
-use crate::headers::{CONTENT_LENGTH, HOST, X_REQUEST_ID, list_elements};
-use crate::path;
-use crate::route::{Route, RouteTable};
+use crate::pipeline::error::{BadRequest, GateError};
+use crate::pipeline::route::{Route, RouteTable};
+use crate::wire::body::Body;
+use crate::wire::headers::{CONTENT_LENGTH, HOST, X_REQUEST_ID, list_elements};
+use crate::wire::path;
 use http::header::TRANSFER_ENCODING;
 use http::request::Parts;
 use http::uri::{Authority, PathAndQuery};

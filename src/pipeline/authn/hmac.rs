@@ -9,12 +9,12 @@
 //! replay, so forged requests cannot fill the replay cache.
 
 use super::replay::{ReplayCache, Seen};
-use crate::body::Body;
 use crate::config::AuthConfig;
 use crate::credentials::snapshot::Key;
-use crate::error::{AuthFailure, BadRequest, GateError};
-use crate::headers::{CONTENT_LENGTH, X_SIGNATURE, X_TIMESTAMP};
-use crate::request::Parsed;
+use crate::pipeline::error::{AuthFailure, BadRequest, GateError};
+use crate::pipeline::request::Parsed;
+use crate::wire::body::Body;
+use crate::wire::headers::{CONTENT_LENGTH, X_SIGNATURE, X_TIMESTAMP};
 use bytes::{Bytes, BytesMut};
 use hmac::{Hmac, KeyInit, Mac};
 use http::HeaderMap;
@@ -92,7 +92,7 @@ pub(super) async fn verify(
             Seen::Full => {
                 return Err(GateError::TooManyRequests {
                     retry_after_secs: 1,
-                    scope: crate::error::LimitScope::ReplayCache,
+                    scope: crate::pipeline::error::LimitScope::ReplayCache,
                 });
             }
         }
@@ -135,7 +135,7 @@ async fn read_body(parsed: &mut Parsed, max: u64) -> Result<Bytes, GateError> {
     let read = async {
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| match e {
-                crate::body::BodyError::TooLarge => GateError::PayloadTooLarge,
+                crate::wire::body::BodyError::TooLarge => GateError::PayloadTooLarge,
                 _ => GateError::BadRequest(BadRequest::Body),
             })?;
             if let Some(d) = frame.data_ref() {

@@ -5,12 +5,12 @@
 //! request: "forwarded without a decision" cannot be written. Rules are matched against
 //! the normalised path, which is also the path forwarded.
 
-use crate::authn::Caller;
+use crate::credentials::rules;
 use crate::credentials::snapshot::{Role, User, is_valid_id};
-use crate::error::{BadRequest, Denial, GateError};
-use crate::headers::X_PROXIED_USER;
-use crate::request::Parsed;
-use crate::rules;
+use crate::pipeline::authn::Caller;
+use crate::pipeline::error::{BadRequest, Denial, GateError};
+use crate::pipeline::request::Parsed;
+use crate::wire::headers::X_PROXIED_USER;
 use http::{HeaderValue, Method};
 use std::sync::Arc;
 
@@ -111,8 +111,8 @@ fn proxied_user(parsed: &Parsed) -> Result<Option<(&str, &HeaderValue)>, GateErr
 mod tests {
     use super::*;
     use crate::credentials::file::{AuthMethod, Status};
+    use crate::credentials::rules::Rule;
     use crate::credentials::snapshot::UserHeaders;
-    use crate::rules::Rule;
     use std::collections::HashSet;
 
     fn user(roles: &[&[&str]], allowed: &[&str]) -> User {

@@ -5,17 +5,17 @@
 //! own, and `Connection` itself is dropped, so a client can never make the upstream
 //! discard a header the gateway set (docs/identity-headers.md).
 
-use crate::authn::Caller;
-use crate::authz::Permit;
-use crate::body::Body;
 use crate::config::IdentityHeaders;
-use crate::headers::{
+use crate::pipeline::authn::Caller;
+use crate::pipeline::authz::Permit;
+use crate::pipeline::limit::Quota;
+use crate::pipeline::request::{ConnInfo, Parsed};
+use crate::pipeline::route::Route;
+use crate::wire::body::Body;
+use crate::wire::headers::{
     self, HOP_BY_HOP, HOST, Protected, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_RATELIMIT_LIMIT,
     X_RATELIMIT_REMAINING, X_REQUEST_ID,
 };
-use crate::limit::Quota;
-use crate::request::{ConnInfo, Parsed};
-use crate::route::Route;
 use http::header::{CONNECTION, COOKIE, UPGRADE};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version};
 use hyper::upgrade::OnUpgrade;
@@ -98,10 +98,6 @@ pub fn request(p: Parsed, permit: &Permit, conn: &ConnInfo, trusted_peer: bool, 
     Outbound { request: Request::from_parts(parts, body), added, route, client_upgrade }
 }
 
-/// Headers [`response`] adds at most: the request id and the two quota headers. The
-/// upstream side sizes a response's header map with room for them (`h1.rs`).
-pub const RESPONSE_HEADERS_ADDED: usize = 3;
-
 /// Cleans an upstream response for the client and adds the key's quota.
 pub fn response(mut res: Response<Body>, request_id: &HeaderValue, quota: Option<Quota>) -> Response<Body> {
     // A 101 keeps `Connection`/`Upgrade`: they are what switches the protocol.
@@ -111,7 +107,7 @@ pub fn response(mut res: Response<Body>, request_id: &HeaderValue, quota: Option
         let listed = connection_listed(h);
         remove_where(h, |n| is_hop_by_hop(n) || (n != UPGRADE && listed.contains(n)));
     }
-    h.reserve(RESPONSE_HEADERS_ADDED);
+    h.reserve(crate::wire::h1::RESPONSE_HEADERS_ADDED);
     h.insert(X_REQUEST_ID, request_id.clone());
     if let Some(q) = quota {
         h.insert(X_RATELIMIT_LIMIT, q.limit);

@@ -6,9 +6,8 @@
 //! Per-route histograms and per-listener gauges are resolved once at start; a request
 //! updates them without looking up a label set.
 
-use crate::authn::replay::ReplayCache;
-use crate::error::{GateError, LimitScope, UpstreamFailure};
-use crate::record::Outcome;
+use crate::pipeline::authn::replay::ReplayCache;
+use crate::pipeline::error::{GateError, LimitScope, UpstreamFailure};
 use crate::tls::CertResolver;
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
@@ -122,6 +121,16 @@ impl InFlight {
 /// The `user` label value of everyone past the bound (and of anonymous requests: "").
 const OTHER_USERS: &str = "_other";
 
+/// What the metrics need of a finished request (the record step's `Outcome` holds more).
+#[derive(Debug, Clone, Copy)]
+pub struct Observed<'a> {
+    pub route: Option<&'a Arc<str>>,
+    /// The authenticated user, for the opt-in `user` label.
+    pub user: Option<&'a Arc<str>>,
+    pub error: Option<GateError>,
+    pub upstream_latency: Option<std::time::Duration>,
+}
+
 /// What a scrape reads from the rest of the gateway.
 #[derive(Debug, Clone, Copy)]
 pub struct ScrapeState {
@@ -132,7 +141,7 @@ pub struct ScrapeState {
     pub last_good_unix: u64,
     pub users: usize,
     pub keys: usize,
-    pub audit_dropped: crate::audit::DroppedCounts,
+    pub audit_dropped: crate::pipeline::audit::DroppedCounts,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec, prometheus::Error> {
@@ -347,13 +356,13 @@ impl Metrics {
     /// when its body failed after the head.
     pub fn observe(
         &self,
-        out: &Outcome,
+        out: Observed<'_>,
         status: u16,
         outcome: &'static str,
         to_head: f64,
         body_failure: Option<&'static str>,
     ) {
-        let (route, error) = (out.route.as_ref(), out.error);
+        let (route, error) = (out.route, out.error);
         let class = match status {
             100..=199 => "1xx",
             200..=299 => "2xx",
@@ -362,7 +371,7 @@ impl Metrics {
             _ => "5xx",
         };
         let route_name = route.map_or("", |r| r);
-        match self.user_label(out.user.as_ref()) {
+        match self.user_label(out.user) {
             Some(u) => self.requests.with_label_values(&[route_name, u, class, outcome]).inc(),
             None => self.requests.with_label_values(&[route_name, class, outcome]).inc(),
         }
@@ -384,7 +393,7 @@ impl Metrics {
                 Some(e.reason())
             }
             GateError::TooManyRequests { scope: LimitScope::Key, .. } => {
-                match self.user_label(out.user.as_ref()) {
+                match self.user_label(out.user) {
                     Some(u) => self.rate_limited.with_label_values(&[u]).inc(),
                     None => self.rate_limited.with_label_values::<&str>(&[]).inc(),
                 }

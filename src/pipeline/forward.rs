@@ -2,11 +2,11 @@
 //! connection pool, under the route's timeout, and maps what went wrong to
 //! 502/504/413/400.
 
-use crate::body::{Body, BodyError};
-use crate::error::{BadRequest, GateError, UpstreamFailure};
-use crate::rewrite::{self, Outbound};
-use crate::tunnel::Switched;
-use crate::upstream::{Answer, SendError, Upstream};
+use crate::pipeline::error::{BadRequest, GateError, UpstreamFailure};
+use crate::pipeline::rewrite::{self, Outbound};
+use crate::wire::body::{Body, BodyError};
+use crate::wire::tunnel::Switched;
+use crate::wire::upstream::{Answer, SendError, Upstream};
 use http::Response;
 use http::uri::Authority;
 use http_body::Body as _;
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 pub struct Forwarded {
     pub response: Response<Body>,
     pub upstream_latency: Duration,
-    /// A protocol switch to join once the `101` is sent (see `tunnel.rs`).
+    /// A protocol switch to join once the `101` is sent (see `wire/tunnel.rs`).
     pub switched: Option<Switched>,
 }
 

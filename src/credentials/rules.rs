@@ -82,7 +82,7 @@ impl FromStr for Rule {
                 "" => return Err(format!("rule {s:?}: empty path segment (`//`)")),
                 "." | ".." => return Err(format!("rule {s:?}: `.` and `..` segments never match a normalised path")),
                 lit => {
-                    let canonical = crate::path::normalise(&format!("/{lit}")).ok().is_some_and(|n| n == format!("/{lit}"));
+                    let canonical = crate::wire::path::normalise(&format!("/{lit}")).ok().is_some_and(|n| n == format!("/{lit}"));
                     if lit.contains('*') || !canonical {
                         return Err(format!(
                             "rule {s:?}: segment {lit:?} is not a plain path segment (write it as requests arrive after normalisation; `*` only as a whole segment)"
@@ -207,7 +207,7 @@ mod tests {
 
     mod property {
         use super::*;
-        use crate::path::normalise;
+        use crate::wire::path::normalise;
         use proptest::prelude::*;
 
         /// Segments an attacker would try, plus random short ones.

@@ -6,13 +6,14 @@
 //! request until then (into its response body, or its tunnel), and reports exactly once,
 //! whichever way it ends; dropped unreported, it reports the client gone.
 
-use crate::audit::RequestRecord;
-use crate::authz::Grant;
-use crate::body::{Body, BodyError, UpstreamBody};
 use crate::credentials::snapshot::Key;
-use crate::error::GateError;
-use crate::state::Gateway;
-use crate::tunnel::{TunnelEnd, Tunnelled};
+use crate::pipeline::audit::RequestRecord;
+use crate::pipeline::authz::Grant;
+use crate::pipeline::error::GateError;
+use crate::pipeline::metrics::Observed;
+use crate::pipeline::state::Gateway;
+use crate::wire::body::{Body, BodyError, UpstreamBody};
+use crate::wire::tunnel::{TunnelEnd, Tunnelled};
 use bytes::Bytes;
 use http::uri::Authority;
 use http::{HeaderValue, Method, Response, StatusCode};
@@ -129,7 +130,7 @@ impl Ending {
 }
 
 /// Reaches the gateway a request is reported to. The client connection that carried the
-/// request implements it (`listen.rs`): a body or tunnel that outlives the request's
+/// request implements it (`server/listen.rs`): a body or tunnel that outlives the request's
 /// task holds its connection, whose count only that connection's core writes, instead of
 /// a clone of the gateway's `Arc`, which every core's requests would write.
 pub trait Reporter: Send + Sync + Unpin + 'static {
@@ -258,14 +259,20 @@ fn finish(gw: &Gateway, out: &Outcome, ending: Ending) {
     // One clock reading for the audit record and the log line.
     let elapsed = out.started.elapsed().as_secs_f64();
     let to_head = out.to_head.map_or(elapsed, |d| d.as_secs_f64());
-    gw.metrics.observe(out, status, outcome, to_head, ending.upstream_error_kind());
+    let observed = Observed {
+        route: out.route.as_ref(),
+        user: out.user.as_ref(),
+        error: out.error,
+        upstream_latency: out.upstream_latency,
+    };
+    gw.metrics.observe(observed, status, outcome, to_head, ending.upstream_error_kind());
     let user_agent = out.user_agent.as_ref().map(|v| {
         let b = v.as_bytes();
-        String::from_utf8_lossy(&b[..b.len().min(crate::audit::USER_AGENT_MAX)])
+        String::from_utf8_lossy(&b[..b.len().min(crate::pipeline::audit::USER_AGENT_MAX)])
     });
     let record = RequestRecord {
         kind: "request",
-        time: crate::audit::now_rfc3339(),
+        time: crate::pipeline::audit::now_rfc3339(),
         request_id: out.request_id.to_str().unwrap_or_default(),
         client: out.client.to_str().unwrap_or_default(),
         user: out.user.as_deref().or(out.refused_key.as_ref().map(|k| &*k.user.id)),

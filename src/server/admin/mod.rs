@@ -7,15 +7,15 @@
 
 mod api;
 
-use crate::audit::Audit;
-use crate::body::Body;
 use crate::config::{AdminConfig, Config};
 use crate::credentials::reload::Credentials;
 use crate::credentials::store::Store;
-use crate::error::error_response;
-use crate::metrics::{Metrics, ScrapeState};
-use crate::request;
-use crate::usage::Usage;
+use crate::pipeline::audit::Audit;
+use crate::pipeline::error::error_response;
+use crate::pipeline::metrics::{Metrics, ScrapeState};
+use crate::pipeline::request;
+use crate::pipeline::usage::Usage;
+use crate::wire::body::Body;
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -197,7 +197,7 @@ impl Admin {
             _ => error_response(StatusCode::NOT_FOUND, "not_found", "No such admin endpoint", &id),
         };
         let mut res = res;
-        res.headers_mut().insert(crate::headers::X_REQUEST_ID, id);
+        res.headers_mut().insert(crate::wire::headers::X_REQUEST_ID, id);
         res
     }
 }

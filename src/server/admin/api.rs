@@ -3,13 +3,13 @@
 //! live snapshot before the response, so it is in force on the next request.
 
 use super::{Admin, Peer, json};
-use crate::audit::AdminRecord;
-use crate::body::Body;
 use crate::credentials::file::{AuthMethod, FileRateLimit, Status};
 use crate::credentials::ops::{self, UserFields};
 use crate::credentials::reload::Removal;
 use crate::credentials::store::{Store, StoreError};
-use crate::error::error_response;
+use crate::pipeline::audit::AdminRecord;
+use crate::pipeline::error::error_response;
+use crate::wire::body::Body;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
@@ -146,7 +146,7 @@ async fn body<T: for<'de> Deserialize<'de> + Default>(req: Request<Incoming>) ->
 
 /// The OpenAPI 3.1 document of this API, as written in `docs/` (a test checks that every
 /// route below is in it).
-const OPENAPI: &str = include_str!("../../docs/admin-api.yaml");
+const OPENAPI: &str = include_str!("../../../docs/admin-api.yaml");
 
 /// Routes and runs one authorised `/admin/v1` call.
 pub(super) async fn handle(admin: &Admin, req: Request<Incoming>, id: &HeaderValue) -> Response<Body> {
@@ -210,12 +210,12 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Result<(StatusCode, Val
         }
         (Method::GET, ["users", id]) => {
             let mut v = ops::user_view(ops::user(&read(store)?, id)?);
-            ops::add_usage(&mut v, &admin.usage.snapshot());
+            crate::pipeline::usage::add_usage(&mut v, &admin.usage.snapshot());
             (StatusCode::OK, v)
         }
         (Method::GET, ["users", id, "usage"]) => {
             let c = read(store)?;
-            (StatusCode::OK, ops::usage_view(ops::user(&c, id)?, &admin.usage.snapshot()))
+            (StatusCode::OK, crate::pipeline::usage::usage_view(ops::user(&c, id)?, &admin.usage.snapshot()))
         }
         (Method::PATCH, ["users", id]) => {
             let mut b: UserBody = body(req).await?;

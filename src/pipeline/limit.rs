@@ -11,8 +11,9 @@
 //! *before* any key lookup until the budget refills. Both maps are keyed by attacker
 //! input, so both are capped and pruned.
 
+use crate::credentials::KeyIdHasher;
 use crate::credentials::snapshot::{Key, RateLimit, Snapshot};
-use crate::error::{GateError, LimitScope};
+use crate::pipeline::error::{GateError, LimitScope};
 use dashmap::DashMap;
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
@@ -25,11 +26,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 type KeyLimiter = RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformationMiddleware>;
-
-/// Key ids come from the credentials file, not from clients (these maps are reached only
-/// after authentication): a fast seeded hash is enough, where SipHash cost more than the
-/// map lookup itself.
-pub type KeyIdHasher = foldhash::fast::RandomState;
 
 /// Client IPs tracked at most (failed-auth budget and blocks each).
 const MAX_TRACKED_IPS: usize = 100_000;
