@@ -23,9 +23,7 @@ use std::path::{Path, PathBuf};
 pub enum StoreError {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
-    #[error(
-        "{path} is read-only here ({source}); change the source file and redeploy it (see README \"Managing API users\")"
-    )]
+    #[error("{path} is read-only here ({source}); change the source file and redeploy it (see docs/admin.md)")]
     ReadOnly { path: PathBuf, source: std::io::Error },
     #[error("{0}")]
     Invalid(ConfigErrors),

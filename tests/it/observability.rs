@@ -76,28 +76,22 @@ async fn metrics_expose_every_family_with_configured_labels_and_pass_promtool() 
     assert_eq!(v(r#"gatehouse_upstream_errors_total{kind="connect",route="api"}"#), 1.0);
     assert_eq!(v(r#"gatehouse_upstream_duration_seconds_count{route="api"}"#), 1.0);
 
-    // CI installs Debian's prometheus package for promtool (.ci/run).
-    if let Ok(out) = std::process::Command::new("promtool").arg("--version").output()
-        && out.status.success()
-    {
-        let mut child = std::process::Command::new("promtool")
-            .args(["check", "metrics"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        std::io::Write::write_all(&mut child.stdin.take().unwrap(), text.as_bytes()).unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "promtool check metrics failed:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    } else {
-        eprintln!("promtool not installed: exposition not linted");
-    }
+    // Debian's prometheus package (installed by .ci/run) has promtool.
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("promtool does not run ({e}): `bash .ci/run` installs it"));
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -327,6 +327,12 @@ fn listening(log: &str) -> Vec<SocketAddr> {
 ///   directory is bind-mounted read-only over itself, so every write in it fails with
 ///   EROFS exactly as on a read-only mount; the test itself, outside that namespace, can
 ///   still read (and check) the files. Needs CAP_SYS_ADMIN, probed first.
+/// - as root without mount namespaces (a container without CAP_SYS_ADMIN): the
+///   directory and its files are given to the unprivileged `nobody` (65534), the
+///   directory gets `chmod 0555`, and the processes run as `nobody` through `setpriv`,
+///   so the kernel refuses their writes (EACCES) as it would on a real machine. Never a
+///   skip: a test that could not make the directory read-only would prove nothing.
+///   `GATEHOUSE_TEST_NO_UNSHARE=1` takes this path on a machine that has namespaces.
 /// - as any other user: `chmod 0555` on the directory (EACCES), restored on drop.
 pub struct ReadOnlyDir {
     dir: std::path::PathBuf,
@@ -363,12 +369,8 @@ impl ReadOnlyDir {
             .output()
             .map_err(|e| format!("unshare: {e}"))?;
         let _ = std::fs::remove_file(dir.join(".probe"));
-        if !out.status.success() {
-            return Err(format!(
-                "cannot bind-mount {shown} read-only in a mount namespace ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
+        if !out.status.success() || std::env::var_os("GATEHOUSE_TEST_NO_UNSHARE").is_some() {
+            return Ok(ReadOnlyDir::as_nobody(dir));
         }
         let wrapper = ["unshare", "-m", "sh", "-c", &format!("{mount} && exec \"$0\" \"$@\"")];
         Ok(ReadOnlyDir {
@@ -377,6 +379,34 @@ impl ReadOnlyDir {
             restore: None,
             how: "read-only bind mount (unshare -m)",
         })
+    }
+
+    /// Root without mount namespaces: the directory (and everything in it) belongs to
+    /// `nobody`, mode 0555, and the processes run as `nobody`.
+    fn as_nobody(dir: &Path) -> ReadOnlyDir {
+        use std::os::unix::fs::PermissionsExt;
+        const NOBODY: u32 = 65534;
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            std::os::unix::fs::lchown(&d, Some(NOBODY), Some(NOBODY)).unwrap();
+            for e in std::fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() && !p.is_symlink() {
+                    stack.push(p);
+                } else {
+                    std::os::unix::fs::lchown(&p, Some(NOBODY), Some(NOBODY)).unwrap();
+                }
+            }
+        }
+        let restore = std::fs::metadata(dir).unwrap().permissions();
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o555)).unwrap();
+        let wrapper = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"];
+        ReadOnlyDir {
+            dir: dir.into(),
+            wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
+            restore: Some(restore),
+            how: "chmod 0555, run as nobody (setpriv)",
+        }
     }
 
     /// The command prefix to run `gatehouse` through (see [`run_cli_with`]).
