@@ -10,7 +10,6 @@ use crate::support::upstream::{Mode, TestUpstream};
 use crate::support::{MIB, STEP, within};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -78,7 +77,7 @@ async fn a_connection_whose_response_was_abandoned_is_never_reused() {
 /// What a raw test upstream does after answering a connection's first request.
 #[derive(Clone, Copy)]
 enum Then {
-    /// Closes the connection 50 ms later, without saying so (no `Connection: close`),
+    /// Closes the connection right after answering, without saying so (no `Connection: close`),
     /// like a backend with a short keep-alive timeout.
     CloseSoon,
     /// Reads the next request and closes without answering: the close crosses the
@@ -87,16 +86,17 @@ enum Then {
 }
 
 /// A raw HTTP/1.1 upstream answering `200 ok` once per connection, then doing `then`.
-/// Counts connections and request heads.
-async fn raw_upstream(then: Then) -> (std::net::SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+/// Counts connections, request heads and connections it closed after answering.
+async fn raw_upstream(then: Then) -> (std::net::SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (accepted, heads) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let (a, h) = (accepted.clone(), heads.clone());
+    let (accepted, heads, closed) = (Arc::default(), Arc::default(), Arc::<AtomicUsize>::default());
+    let (a, h, cl): (Arc<AtomicUsize>, Arc<AtomicUsize>, _) =
+        (Arc::clone(&accepted), Arc::clone(&heads), closed.clone());
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
             a.fetch_add(1, Ordering::SeqCst);
-            let h = h.clone();
+            let (h, cl) = (h.clone(), cl.clone());
             tokio::spawn(async move {
                 let mut head = Vec::new();
                 let mut buf = [0u8; 4096];
@@ -112,7 +112,8 @@ async fn raw_upstream(then: Then) -> (std::net::SocketAddr, Arc<AtomicUsize>, Ar
                     if answered {
                         let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
                         if let Then::CloseSoon = then {
-                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            drop(stream);
+                            cl.fetch_add(1, Ordering::SeqCst);
                             return;
                         }
                     }
@@ -120,7 +121,7 @@ async fn raw_upstream(then: Then) -> (std::net::SocketAddr, Arc<AtomicUsize>, Ar
             });
         }
     });
-    (addr, accepted, heads)
+    (addr, accepted, heads, closed)
 }
 
 async fn gateway_to(addr: std::net::SocketAddr) -> TestGateway {
@@ -131,7 +132,7 @@ async fn gateway_to(addr: std::net::SocketAddr) -> TestGateway {
 /// opens a new one, and the client sees only 200s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pooled_connection_the_upstream_closed_is_replaced_unnoticed() {
-    let (addr, accepted, _) = raw_upstream(Then::CloseSoon).await;
+    let (addr, accepted, _, closed) = raw_upstream(Then::CloseSoon).await;
     let gw = gateway_to(addr).await;
     let mut conn = RawConn::connect(gw.addr()).await;
 
@@ -140,7 +141,8 @@ async fn a_pooled_connection_the_upstream_closed_is_replaced_unnoticed() {
         let res = within(STEP, "response", conn.read_response()).await;
         assert_eq!(res.status, 200, "request {i}: {}", res.text());
         assert_eq!(&res.body[..], b"ok");
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        // The upstream has closed that connection before the next request comes.
+        crate::support::eventually(STEP, "the upstream's close", || closed.load(Ordering::SeqCst) == i + 1).await;
     }
 
     assert_eq!(accepted.load(Ordering::SeqCst), 5);
@@ -151,7 +153,7 @@ async fn a_pooled_connection_the_upstream_closed_is_replaced_unnoticed() {
 /// been acted on, so it is not sent twice: the client gets the documented 502.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_lost_on_a_closing_pooled_connection_is_resent_only_when_safe() {
-    let (addr, accepted, heads) = raw_upstream(Then::DropNextRequest).await;
+    let (addr, accepted, heads, _) = raw_upstream(Then::DropNextRequest).await;
     let gw = gateway_to(addr).await;
     let mut conn = RawConn::connect(gw.addr()).await;
 
@@ -175,7 +177,7 @@ async fn a_request_lost_on_a_closing_pooled_connection_is_resent_only_when_safe(
 /// client gets its 200, not a 502.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_signed_get_lost_on_a_closing_pooled_connection_is_resent() {
-    let (addr, accepted, heads) = raw_upstream(Then::DropNextRequest).await;
+    let (addr, accepted, heads, _) = raw_upstream(Then::DropNextRequest).await;
     let mut creds = Creds::new();
     let key = creds.hmac_user("signer");
     let gw = TestGateway::builder()

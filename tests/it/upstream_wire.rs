@@ -23,12 +23,15 @@ struct Scripted {
     addr: SocketAddr,
     connections: Arc<AtomicUsize>,
     heads: Arc<Mutex<Vec<String>>>,
+    /// `later` bytes written so far (on the wire, so readable by the gateway at once).
+    strays: Arc<AtomicUsize>,
 }
 
 struct Answer {
     bytes: Vec<u8>,
     close: bool,
-    /// Written 50 ms after the answer, unasked.
+    /// Written 50 ms after the answer, unasked: bytes that arrive on their own on a
+    /// connection the gateway holds idle.
     later: Option<Vec<u8>>,
 }
 
@@ -47,14 +50,15 @@ impl Scripted {
         let connections = Arc::new(AtomicUsize::new(0));
         let heads = Arc::new(Mutex::new(Vec::new()));
         let script = Arc::new(Mutex::new(script.into_iter()));
-        let (c, h) = (connections.clone(), heads.clone());
+        let strays = Arc::new(AtomicUsize::new(0));
+        let (c, h, st) = (connections.clone(), heads.clone(), strays.clone());
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 c.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(serve(stream, script.clone(), h.clone()));
+                tokio::spawn(serve(stream, script.clone(), h.clone(), st.clone()));
             }
         });
-        Scripted { addr, connections, heads }
+        Scripted { addr, connections, heads, strays }
     }
 
     fn connections(&self) -> usize {
@@ -73,7 +77,12 @@ impl Scripted {
     }
 }
 
-async fn serve(mut stream: TcpStream, script: Arc<Mutex<std::vec::IntoIter<Answer>>>, heads: Arc<Mutex<Vec<String>>>) {
+async fn serve(
+    mut stream: TcpStream,
+    script: Arc<Mutex<std::vec::IntoIter<Answer>>>,
+    heads: Arc<Mutex<Vec<String>>>,
+    strays: Arc<AtomicUsize>,
+) {
     let mut buf = Vec::new();
     loop {
         let Some(end) = read_head_end(&mut stream, &mut buf).await else { return };
@@ -88,6 +97,7 @@ async fn serve(mut stream: TcpStream, script: Arc<Mutex<std::vec::IntoIter<Answe
             if stream.write_all(&later).await.is_err() {
                 return;
             }
+            strays.fetch_add(1, Ordering::SeqCst);
         }
     }
 }
@@ -228,7 +238,11 @@ async fn bytes_an_upstream_sends_on_an_idle_connection_never_answer_the_next_req
     let mut conn = RawConn::connect(gw.addr()).await;
     conn.send(GET).await;
     assert_eq!(&conn.read_response().await.body[..], b"first");
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // The stray bytes are on the idle pooled connection before the next request goes.
+    crate::support::eventually(crate::support::STEP, "the stray bytes written", || {
+        up.strays.load(Ordering::SeqCst) == 1
+    })
+    .await;
     conn.send(GET).await;
     let res = conn.read_response().await;
     assert_eq!((res.status.as_u16(), &res.body[..]), (200, &b"second"[..]), "{}", res.text());
