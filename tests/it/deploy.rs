@@ -101,26 +101,6 @@ async fn exposed() -> BTreeSet<String> {
     names
 }
 
-/// GitHub-style anchors of the headings of docs/runbook.md.
-fn runbook_anchors() -> BTreeSet<String> {
-    read("docs/runbook.md")
-        .lines()
-        .filter_map(|l| l.strip_prefix('#'))
-        .map(|h| {
-            h.trim_start_matches('#')
-                .trim()
-                .to_lowercase()
-                .chars()
-                .filter_map(|c| match c {
-                    ' ' => Some('-'),
-                    c if c.is_alphanumeric() || c == '-' || c == '_' => Some(c),
-                    _ => None,
-                })
-                .collect()
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alerts_and_dashboard_name_only_metrics_a_real_scrape_exposes() {
     let exposed = exposed().await;
@@ -140,7 +120,7 @@ async fn alerts_and_dashboard_name_only_metrics_a_real_scrape_exposes() {
 
     // Every alert: a `for`, a severity, its texts, and a runbook section that exists, under
     // one base URL (deploy/prometheus/set-runbook-base.sh sets it).
-    let anchors = runbook_anchors();
+    let anchors = crate::docs::anchors(&read("docs/runbook.md"));
     let mut bases = BTreeSet::new();
     let rules = alerts["groups"][0]["rules"].as_array().unwrap();
     assert!(rules.len() >= 5);

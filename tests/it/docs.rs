@@ -57,7 +57,8 @@ fn prose(text: &str) -> (Vec<(usize, &str)>, bool) {
     (out, fence.is_none())
 }
 
-fn anchors(text: &str) -> BTreeSet<String> {
+/// The anchors of a Markdown page's headings.
+pub fn anchors(text: &str) -> BTreeSet<String> {
     prose(text).0.iter().filter_map(|(_, l)| l.strip_prefix('#')).map(|h| anchor(h.trim_start_matches('#'))).collect()
 }
 
