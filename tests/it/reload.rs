@@ -277,6 +277,15 @@ async fn an_idle_gateway_does_not_keep_rereading_its_credentials() {
 /// A file that would take away every user (an emptied Secret, a truncated copy) is held
 /// back: counted, refused with the reason by `POST /admin/v1/reload`, the previous
 /// credentials keep serving; `?allow_mass_removal=true` applies it.
+/// The value of one series in the gateway's metrics (panics when it is not there).
+async fn scrape(admin: &crate::support::gateway::AdminClient, series: &str) -> i64 {
+    let text = admin.get("/metrics").await.text();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse::<i64>().ok())
+        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_that_takes_away_every_user_is_held_until_a_reload_allows_it() {
     let up = TestUpstream::start().await;
@@ -284,16 +293,7 @@ async fn a_file_that_takes_away_every_user_is_held_until_a_reload_allows_it() {
     let keys: Vec<ApiKey> = ["a", "b", "c"].iter().map(|u| creds.api_user(u)).collect();
     let gw = config(&creds, &up).admin("admin-test-token-0123456789abcdef").start().await;
     let admin = gw.admin();
-    let metric = |name: &'static str| {
-        let admin = &admin;
-        async move {
-            let text = admin.get("/metrics").await.text();
-            text.lines()
-                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
-        }
-    };
+    let metric = |series: &'static str| scrape(&admin, series);
     let held = || metric("gatehouse_credentials_reloads_held_total");
     let failing = || metric("gatehouse_credentials_reload_failing");
     assert_eq!((held().await, failing().await), (0, 0));
@@ -347,16 +347,7 @@ async fn tls_certificate_expiry_and_reload_failures_are_metrics() {
     let creds = Creds::new();
     let gw = config(&creds, &up).tls().admin("admin-test-token-0123456789abcdef").start().await;
     let admin = gw.admin();
-    let metric = |series: &'static str| {
-        let admin = &admin;
-        async move {
-            let text = admin.get("/metrics").await.text();
-            text.lines()
-                .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-                .and_then(|v| v.trim().parse::<i64>().ok())
-                .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
-        }
-    };
+    let metric = |series: &'static str| scrape(&admin, series);
     let expiry = || metric(r#"gatehouse_tls_certificate_expiry_timestamp_seconds{listener="tls"}"#);
     let failing = || metric(r#"gatehouse_tls_reload_failing{listener="tls"}"#);
     let failures = || metric(r#"gatehouse_tls_reloads_total{listener="tls",result="failure"}"#);
