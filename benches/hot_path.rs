@@ -291,7 +291,7 @@ fn bench_limit_rewrite(c: &mut Criterion) {
     let Caller::User(identity) = permit.caller() else { panic!("the bench key is a user's") };
     let key = identity.key.clone();
 
-    let limits = RateLimits::new(60);
+    let limits = RateLimits::new(60, gatehouse::pipeline::clock::Clock::system());
     let mut g = c.benchmark_group("limit");
     g.bench_function("check_key", |b| b.iter(|| limits.check_key(black_box(&key)).unwrap()));
     g.finish();

@@ -13,19 +13,23 @@
 
 use crate::credentials::KeyIdHasher;
 use crate::credentials::snapshot::{Key, RateLimit, Snapshot};
+use crate::pipeline::clock::Clock;
 use crate::pipeline::error::{GateError, LimitScope};
 use dashmap::DashMap;
-use governor::clock::{Clock, DefaultClock};
-use governor::middleware::StateInformationMiddleware;
+use governor::clock::Clock as _;
+use governor::middleware::{NoOpMiddleware, StateInformationMiddleware};
+use governor::nanos::Nanos;
+use governor::state::keyed::DefaultKeyedStateStore;
 use governor::state::{InMemoryState, NotKeyed};
-use governor::{DefaultKeyedRateLimiter, Quota as GovQuota, RateLimiter};
+use governor::{Quota as GovQuota, RateLimiter};
 use http::HeaderValue;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-type KeyLimiter = RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformationMiddleware>;
+type KeyLimiter = RateLimiter<NotKeyed, InMemoryState, Clock, StateInformationMiddleware>;
+type IpLimiter = RateLimiter<u128, DefaultKeyedStateStore<u128>, Clock, NoOpMiddleware<Nanos>>;
 
 /// Client IPs tracked at most (failed-auth budget and blocks each).
 const MAX_TRACKED_IPS: usize = 100_000;
@@ -43,9 +47,10 @@ pub struct Quota {
 #[derive(Debug)]
 pub struct RateLimits {
     keys: DashMap<Arc<str>, (RateLimit, KeyLimiter), KeyIdHasher>,
-    failed: DefaultKeyedRateLimiter<u128>,
-    blocked: DashMap<u128, Instant>,
-    clock: DefaultClock,
+    failed: IpLimiter,
+    /// Blocked client IPs, until this time on `clock` (its `elapsed`).
+    blocked: DashMap<u128, Duration>,
+    clock: Clock,
 }
 
 fn nonzero(n: u32) -> NonZeroU32 {
@@ -70,14 +75,15 @@ fn ip_key(ip: IpAddr) -> u128 {
 }
 
 impl RateLimits {
-    /// Limits with a failed-authentication budget of `failed_per_minute` per client IP.
-    pub fn new(failed_per_minute: u32) -> RateLimits {
+    /// Limits with a failed-authentication budget of `failed_per_minute` per client IP,
+    /// on `clock`.
+    pub fn new(failed_per_minute: u32, clock: Clock) -> RateLimits {
         let q = GovQuota::per_minute(nonzero(failed_per_minute)).allow_burst(nonzero(failed_per_minute));
         RateLimits {
             keys: DashMap::default(),
-            failed: RateLimiter::keyed(q),
+            failed: RateLimiter::new(q, DefaultKeyedStateStore::default(), clock.clone()),
             blocked: DashMap::new(),
-            clock: DefaultClock::default(),
+            clock,
         }
     }
 
@@ -85,7 +91,7 @@ impl RateLimits {
     pub fn check_ip(&self, ip: IpAddr) -> Result<(), GateError> {
         let k = ip_key(ip);
         let Some(until) = self.blocked.get(&k).map(|u| *u) else { return Ok(()) };
-        let now = Instant::now();
+        let now = self.clock.elapsed();
         if until <= now {
             self.blocked.remove(&k);
             return Ok(());
@@ -102,7 +108,7 @@ impl RateLimits {
         if let Err(not_until) = self.failed.check_key(&k) {
             let wait = not_until.wait_time_from(self.clock.now());
             if self.blocked.len() < MAX_TRACKED_IPS || self.blocked.contains_key(&k) {
-                self.blocked.insert(k, Instant::now() + wait);
+                self.blocked.insert(k, self.clock.elapsed() + wait);
             }
         }
     }
@@ -118,7 +124,8 @@ impl RateLimits {
             return self.take(&e.1, key);
         }
         let q = GovQuota::per_second(nonzero(rate.per_second)).allow_burst(nonzero(rate.burst));
-        let limiter = RateLimiter::direct(q).with_middleware::<StateInformationMiddleware>();
+        let limiter =
+            RateLimiter::direct_with_clock(q, self.clock.clone()).with_middleware::<StateInformationMiddleware>();
         let entry = self.keys.entry(key.id.clone()).insert((rate, limiter));
         self.take(&entry.1, key)
     }
@@ -138,7 +145,7 @@ impl RateLimits {
         self.keys.retain(|id, _| snap.by_id(id).is_some());
         self.failed.retain_recent();
         self.failed.shrink_to_fit();
-        let now = Instant::now();
+        let now = self.clock.elapsed();
         self.blocked.retain(|_, until| *until > now);
         self.blocked.shrink_to_fit();
     }
@@ -168,20 +175,25 @@ mod tests {
     /// after the budget, the IP is refused before authentication, with a Retry-After
     #[test]
     fn failed_auth_budget_blocks_the_ip() {
-        let l = RateLimits::new(3);
+        let clock = Clock::system();
+        let l = RateLimits::new(3, clock.clone());
         let ip: IpAddr = "192.0.2.7".parse().unwrap();
         for _ in 0..3 {
             assert!(l.check_ip(ip).is_ok());
             l.charge_failure(ip);
         }
         l.charge_failure(ip);
-        match l.check_ip(ip) {
-            Err(GateError::TooManyRequests { retry_after_secs, scope: LimitScope::ClientIp }) => {
-                assert!(retry_after_secs >= 1)
-            }
+        let wait = match l.check_ip(ip) {
+            Err(GateError::TooManyRequests { retry_after_secs, scope: LimitScope::ClientIp }) => retry_after_secs,
             other => panic!("{other:?}"),
-        }
+        };
+        // 3 a minute: the next failure is allowed 20 s after the burst.
+        assert_eq!(wait, 20);
         assert!(l.check_ip("192.0.2.8".parse().unwrap()).is_ok());
+        clock.advance(Duration::from_secs(19));
+        assert!(l.check_ip(ip).is_err(), "still blocked a second before Retry-After");
+        clock.advance(Duration::from_secs(1));
+        assert!(l.check_ip(ip).is_ok(), "free again at Retry-After");
     }
 
     /// Retry-After rounds up to whole seconds, never 0
@@ -209,7 +221,7 @@ mod tests {
         };
         let rate = crate::config::RateLimitConfig { per_second: 1, burst: 1 };
         let both = Snapshot::parse(std::path::Path::new("t.yaml"), &yaml(&["a", "b"]), None, rate).unwrap();
-        let l = RateLimits::new(60);
+        let l = RateLimits::new(60, Clock::system());
         assert!(l.check_key(both.by_id("a").unwrap()).is_ok());
         assert!(l.check_key(both.by_id("b").unwrap()).is_ok());
         assert!(l.check_key(both.by_id("a").unwrap()).is_err(), "burst 1 used up");

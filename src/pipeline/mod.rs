@@ -15,6 +15,7 @@
 pub mod audit;
 pub mod authn;
 pub mod authz;
+pub mod clock;
 pub mod error;
 pub mod forward;
 pub mod limit;

@@ -4,6 +4,7 @@ use crate::config::{AuthConfig, Config, IdentityHeaders, Limits};
 use crate::credentials::reload::Credentials;
 use crate::pipeline::audit::Audit;
 use crate::pipeline::authn::replay::ReplayCache;
+use crate::pipeline::clock::Clock;
 use crate::pipeline::limit::RateLimits;
 use crate::pipeline::metrics::Metrics;
 use crate::pipeline::route::RouteTable;
@@ -11,7 +12,6 @@ use crate::pipeline::usage::Usage;
 use ipnet::IpNet;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Everything a request needs, built once at start.
 #[derive(Debug)]
@@ -27,6 +27,8 @@ pub struct Gateway {
     pub audit: Arc<Audit>,
     pub rate_limits: RateLimits,
     pub metrics: Arc<Metrics>,
+    /// Time for everything a request's outcome depends on (see `clock.rs`).
+    pub clock: Clock,
 }
 
 impl Gateway {
@@ -38,6 +40,7 @@ impl Gateway {
         audit: Arc<Audit>,
         metrics: Arc<Metrics>,
         replay: Arc<ReplayCache>,
+        clock: Clock,
     ) -> Gateway {
         Gateway {
             routes: RouteTable::new(&config.routes),
@@ -49,14 +52,15 @@ impl Gateway {
             identity_headers: config.identity_headers.clone(),
             usage,
             audit,
-            rate_limits: RateLimits::new(config.auth.failed_per_ip_per_minute),
+            rate_limits: RateLimits::new(config.auth.failed_per_ip_per_minute, clock.clone()),
             metrics,
+            clock,
         }
     }
 
     /// Wall-clock unix seconds, the clock HMAC timestamps are checked against.
     pub fn unix_now(&self) -> i64 {
-        SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+        self.clock.unix_now()
     }
 
     /// The client's address: the peer, or — when the peer is a trusted proxy — the

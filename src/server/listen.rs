@@ -15,6 +15,7 @@
 use crate::config::{Config, Limits};
 use crate::credentials::reload::Credentials;
 use crate::pipeline::authn::replay::ReplayCache;
+use crate::pipeline::clock::Clock;
 use crate::pipeline::metrics::Metrics;
 use crate::pipeline::record::Reporter;
 use crate::pipeline::request::ConnInfo;
@@ -78,6 +79,11 @@ pub struct ListenerInfo {
 impl Server {
     /// Loads certificates and binds every listener. Nothing accepts until [`Server::run`].
     pub async fn bind(config: &Config) -> Result<Server, StartError> {
+        Server::bind_with_clock(config, Clock::system()).await
+    }
+
+    /// [`Server::bind`] on `clock`: tests move it forward instead of sleeping.
+    pub async fn bind_with_clock(config: &Config, clock: Clock) -> Result<Server, StartError> {
         let mut listeners = Vec::with_capacity(config.listeners.len());
         for l in &config.listeners {
             let tls = l.tls.as_ref().map(tls::acceptor).transpose()?;
@@ -112,7 +118,7 @@ impl Server {
             }
         };
         Ok(Server {
-            gw: Arc::new(Gateway::new(config, credentials, usage, audit, metrics, replay)),
+            gw: Arc::new(Gateway::new(config, credentials, usage, audit, metrics, replay, clock)),
             listeners,
             admin,
             limits: config.limits.clone(),

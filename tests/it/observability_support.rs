@@ -5,6 +5,7 @@
 use crate::support::creds::{Creds, write_master_key};
 use crate::support::upstream::TestUpstream;
 use gatehouse::config::Config;
+use gatehouse::pipeline::clock::Clock;
 use gatehouse::server::listen::Server;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -16,6 +17,8 @@ pub struct Running {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     pub dir: tempfile::TempDir,
+    /// The gateway's clock: move it forward instead of sleeping.
+    pub clock: Clock,
     _stop: oneshot::Sender<()>,
 }
 
@@ -52,8 +55,17 @@ pub async fn start_with_audit_log(creds: &Creds, up: &TestUpstream, extra: &str,
     start_to(creds, &up.url(), extra, audit_log).await
 }
 
+/// `start`, on a [`Clock::manual`]: time moves only by `Running::clock.advance`.
+pub async fn start_on_manual_clock(creds: &Creds, up: &TestUpstream, extra: &str) -> Running {
+    start_on(creds, &up.url(), extra, None, Clock::manual()).await
+}
+
 /// `start_with_audit_log`, in front of the upstream at `upstream_url`.
 pub async fn start_to(creds: &Creds, upstream_url: &str, extra: &str, audit_log: Option<&str>) -> Running {
+    start_on(creds, upstream_url, extra, audit_log, Clock::system()).await
+}
+
+async fn start_on(creds: &Creds, upstream_url: &str, extra: &str, audit_log: Option<&str>, clock: Clock) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     std::fs::create_dir(d.join("audit")).unwrap();
@@ -70,14 +82,14 @@ pub async fn start_to(creds: &Creds, upstream_url: &str, extra: &str, audit_log:
     let path = d.join("gatehouse.yaml");
     std::fs::write(&path, &yaml).unwrap();
     let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
-    let server = Server::bind(&config).await.unwrap();
+    let server = Server::bind_with_clock(&config, clock.clone()).await.unwrap();
     let addr = server.listeners()[0].addr;
     let admin = server.admin_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(server.run(async {
         let _ = stopped.await;
     }));
-    Running { addr, admin, dir, _stop: stop }
+    Running { addr, admin, dir, clock, _stop: stop }
 }
 
 /// The series of a Prometheus text exposition (name and labels, without values).

@@ -1,6 +1,6 @@
 //! Per-key rate limits and the per-IP failed-authentication budget (docs/authorization.md#rate-limits).
 
-use crate::observability_support::{series, start};
+use crate::observability_support::{series, start, start_on_manual_clock};
 use crate::support::client::H1;
 use crate::support::creds::Creds;
 use crate::support::upstream::TestUpstream;
@@ -30,7 +30,7 @@ async fn a_key_over_its_limit_gets_429_with_retry_after_and_passes_again_after_w
     let mut creds = Creds::new();
     let key = creds.api_user("slow");
     creds.user("slow").rate_limit = rate(1, 1);
-    let gw = start(&creds, &up, "").await;
+    let gw = start_on_manual_clock(&creds, &up, "").await;
     let h = [("x-api-key", key.token.as_str())];
     let client = H1::new();
 
@@ -44,33 +44,41 @@ async fn a_key_over_its_limit_gets_429_with_retry_after_and_passes_again_after_w
     assert_eq!(up.count(), 1, "the limited request never reached the upstream");
 
     let wait: u64 = second.headers["retry-after"].to_str().unwrap().parse().unwrap();
-    tokio::time::sleep(Duration::from_secs(wait)).await;
+    assert_eq!(wait, 1, "1 a second: the next request is allowed within a second");
+    gw.clock.advance(Duration::from_secs(wait));
     let third = client.get_with(&gw.url("/a"), &h).await;
     assert_eq!(third.status, 200, "after Retry-After the key passes again: {}", third.text());
     assert_eq!(up.count(), 2);
 }
 
-/// per_second 10, burst 10: from a cold start, 3 s of requests let 10 + 10 × 3 = 40 through
+/// per_second 10, burst 10: from a cold start, 3 s of requests let exactly 10 + 10 × 3 =
+/// 40 through (the gateway's clock stands still but for 10 ms steps between requests,
+/// so the count does not depend on how fast this machine sends them)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limit_accuracy_at_10_per_second_with_burst_10_over_3_seconds() {
     let up = TestUpstream::start().await;
     let mut creds = Creds::new();
     let key = creds.api_user("busy");
     creds.user("busy").rate_limit = rate(10, 10);
-    let gw = start(&creds, &up, "").await;
+    let gw = start_on_manual_clock(&creds, &up, "").await;
     let h = [("x-api-key", key.token.as_str())];
     let client = H1::new();
-    let started = Instant::now();
     let (mut passed, mut limited) = (0, 0);
-    while started.elapsed() < Duration::from_secs(3) {
-        match client.get_with(&gw.url("/a"), &h).await.status.as_u16() {
-            200 => passed += 1,
-            429 => limited += 1,
-            other => panic!("unexpected status {other}"),
+    // Two requests per 10 ms step over 300 steps (602 requests in 3 s of gateway time):
+    // always more than the limit lets through.
+    for step in 0..=300 {
+        if step > 0 {
+            gw.clock.advance(Duration::from_millis(10));
+        }
+        for _ in 0..2 {
+            match client.get_with(&gw.url("/a"), &h).await.status.as_u16() {
+                200 => passed += 1,
+                429 => limited += 1,
+                other => panic!("unexpected status {other}"),
+            }
         }
     }
-    assert!((35..=45).contains(&passed), "{passed} passed, {limited} limited");
-    assert!(limited > 0);
+    assert_eq!((passed, limited), (40, 562));
     assert_eq!(up.count(), passed);
 }
 
