@@ -394,3 +394,40 @@ async fn a_full_replay_cache_refuses_with_its_own_reason_and_shows_in_the_metric
         "{refused}"
     );
 }
+
+/// a signature is remembered for exactly its window: once the gateway's clock has moved
+/// past the window the same request is stale (no longer a replay), and the cache holds
+/// only live signatures (the gateway's clock is driven, not waited for)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signature_is_remembered_for_its_window_and_no_longer() {
+    use crate::observability_support::{ADMIN_TOKEN, start_on_manual_clock, value};
+    let up = TestUpstream::start().await;
+    let mut creds = Creds::new();
+    let key = creds.hmac_user("signer");
+    let gw = start_on_manual_clock(&creds, &up, "auth:\n  hmac:\n    max_skew: 30s\n").await;
+    let client = H1::new();
+    let send = async |ts: i64| {
+        let h = key.headers_at(ts, "GET", "/api/x", b"");
+        client.request("GET", &gw.url("/api/x"), &h, Vec::new()).await
+    };
+    let held = async || {
+        let auth = format!("Bearer {ADMIN_TOKEN}");
+        let text = client.get_with(&gw.admin_url("/metrics"), &[("authorization", auth.as_str())]).await.text();
+        value(&text, "gatehouse_replay_cache_entries")
+    };
+    let t0 = gw.clock.unix_now();
+    assert_eq!(send(t0).await.status, 200);
+    assert_unauthorized(&send(t0).await, "Replayed request");
+    assert_eq!(held().await, Some(1.0));
+
+    // 30 s later the signature is still in its window, and still a replay.
+    gw.clock.advance(std::time::Duration::from_secs(30));
+    assert_unauthorized(&send(t0).await, "Replayed request");
+    // A second more and it is out of the window: stale, whatever the cache holds.
+    gw.clock.advance(std::time::Duration::from_secs(1));
+    assert_unauthorized(&send(t0).await, "Request timestamp is outside the allowed window");
+    // A request signed now is accepted, and the expired signature is gone from the cache.
+    assert_eq!(send(gw.clock.unix_now()).await.status, 200);
+    assert_eq!(held().await, Some(1.0), "only the live signature is held");
+    assert_eq!(up.count(), 2);
+}
