@@ -338,6 +338,9 @@ pub struct ReadOnlyDir {
     dir: std::path::PathBuf,
     wrapper: Vec<String>,
     restore: Option<std::fs::Permissions>,
+    /// Run as nobody: a copy of the binary that nobody can reach (the build directory may
+    /// sit under a home only root can enter).
+    _binary: Option<tempfile::TempDir>,
     /// How the directory was made read-only, for failure messages.
     pub how: &'static str,
 }
@@ -359,7 +362,13 @@ impl ReadOnlyDir {
         if euid() != 0 {
             let restore = std::fs::metadata(dir).unwrap().permissions();
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o555)).unwrap();
-            return Ok(ReadOnlyDir { dir: dir.into(), wrapper: vec![], restore: Some(restore), how: "chmod 0555" });
+            return Ok(ReadOnlyDir {
+                dir: dir.into(),
+                wrapper: vec![],
+                restore: Some(restore),
+                _binary: None,
+                how: "chmod 0555",
+            });
         }
         let mount = format!("mount --bind -o ro '{shown}' '{shown}'");
         // The probe: the mount works, and a write under it then fails.
@@ -377,6 +386,7 @@ impl ReadOnlyDir {
             dir: dir.into(),
             wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
             restore: None,
+            _binary: None,
             how: "read-only bind mount (unshare -m)",
         })
     }
@@ -400,11 +410,19 @@ impl ReadOnlyDir {
         }
         let restore = std::fs::metadata(dir).unwrap().permissions();
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o555)).unwrap();
-        let wrapper = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"];
+        let binary = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(binary.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let copy = binary.path().join("gatehouse");
+        std::fs::copy(BIN, &copy).unwrap();
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // `sh -c SCRIPT BIN ARGS…`: the harness's binary path lands in $0, unused.
+        let script = format!("exec '{}' \"$@\"", copy.display());
+        let wrapper = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--", "sh", "-c", &script];
         ReadOnlyDir {
             dir: dir.into(),
             wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
             restore: Some(restore),
+            _binary: Some(binary),
             how: "chmod 0555, run as nobody (setpriv)",
         }
     }
