@@ -8,7 +8,6 @@ use crate::wire::body::{Body, BodyError};
 use crate::wire::tunnel::Switched;
 use crate::wire::upstream::{Answer, SendError, Upstream};
 use http::Response;
-use http::uri::Authority;
 use http_body::Body as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,13 +23,10 @@ pub struct Forwarded {
 
 /// Forwards `out`. A connection refused by one target is retried once on another when
 /// the request has no body (nothing was sent, so the retry is safe whatever the method).
-/// `tried` is set to each target as it is tried: the one that answered, or on failure the
-/// last one, for the request's record.
-pub async fn send(
-    upstream: &Arc<Upstream>,
-    out: Outbound,
-    tried: &mut Option<Authority>,
-) -> Result<Forwarded, GateError> {
+/// `tried` is set to the slot of each target as it is tried: the one that answered, or on
+/// failure the last one, for the request's record (a slot, not the name: copying the
+/// name would touch a reference count every core shares, on every request).
+pub async fn send(upstream: &Arc<Upstream>, out: Outbound, tried: &mut Option<usize>) -> Result<Forwarded, GateError> {
     let Outbound { mut request, added, route, client_upgrade } = out;
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + route.timeout;
@@ -38,7 +34,7 @@ pub async fn send(
     let mut may_retry = route.upstreams.len() > 1 && request.body().is_end_stream();
     let (response, answer) = loop {
         let target = route.upstreams.pick().ok_or(GateError::Upstream(UpstreamFailure::Connect))?;
-        *tried = Some(target.authority.clone());
+        *tried = Some(target.slot);
         match tokio::time::timeout_at(deadline, upstream.send(target, request, &added, route.timeout)).await {
             Err(_) => return Err(GateError::UpstreamTimeout),
             Ok(Ok(sent)) => break sent,

@@ -48,8 +48,9 @@ pub struct Outcome {
     pub proxied_user: Option<HeaderValue>,
     /// The client's `User-Agent` (a clone shares the request's buffer: no copy).
     pub user_agent: Option<HeaderValue>,
-    /// The upstream target the request went to, or the last one tried when none answered.
-    pub upstream: Option<Authority>,
+    /// The slot of the upstream target the request went to, or of the last one tried
+    /// when none answered (`RouteTable::target` names it).
+    pub upstream: Option<usize>,
     /// The role rule that granted the request.
     pub grant: Option<Grant>,
     pub error: Option<GateError>,
@@ -282,7 +283,7 @@ fn finish(gw: &Gateway, out: &Outcome, ending: Ending) {
         method: out.method.as_str(),
         path: out.path.as_deref(),
         user_agent: user_agent.as_deref(),
-        upstream: out.upstream.as_ref().map(Authority::as_str),
+        upstream: out.upstream.and_then(|slot| gw.routes.target(slot)).map(Authority::as_str),
         status,
         duration_ms: (elapsed * 1e6).round() / 1e3,
         bytes_sent: out.bytes_sent,

@@ -59,6 +59,8 @@ impl Route {
 #[derive(Debug)]
 pub struct RouteTable {
     routes: Vec<Arc<Route>>,
+    /// Every route's targets by slot, for the audit record to name one from its slot.
+    by_slot: Vec<http::uri::Authority>,
 }
 
 impl RouteTable {
@@ -68,7 +70,15 @@ impl RouteTable {
         let mut slots = 0;
         let mut routes: Vec<Arc<Route>> = configs.iter().map(|c| Arc::new(Route::new(c, &mut slots))).collect();
         routes.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()).then(b.host.is_some().cmp(&a.host.is_some())));
-        RouteTable { routes }
+        let mut targets: Vec<_> = routes.iter().flat_map(|r| r.upstreams.targets()).collect();
+        targets.sort_by_key(|t| t.slot);
+        let by_slot = targets.into_iter().map(|t| t.authority.clone()).collect();
+        RouteTable { routes, by_slot }
+    }
+
+    /// The target in `slot` (see `Target::slot`).
+    pub fn target(&self, slot: usize) -> Option<&http::uri::Authority> {
+        self.by_slot.get(slot)
     }
 
     /// The route for `host` (without port) and a normalised `path`.

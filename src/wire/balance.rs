@@ -50,6 +50,11 @@ impl Upstreams {
         Upstreams { targets, next: AtomicUsize::new(0), epoch: Instant::now() }
     }
 
+    /// The targets, in configuration order.
+    pub fn targets(&self) -> impl Iterator<Item = &Target> {
+        self.targets.iter()
+    }
+
     /// How many targets the route has.
     pub fn len(&self) -> usize {
         self.targets.len()

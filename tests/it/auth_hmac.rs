@@ -367,9 +367,7 @@ async fn a_full_replay_cache_refuses_with_its_own_reason_and_shows_in_the_metric
         .await;
     let client = H1::new();
     let metrics = async || gw.admin().get("/metrics").await.text();
-    let value = |text: &str, series: &str| {
-        text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse::<f64>().ok())
-    };
+    let value = crate::observability_support::value;
     let text = metrics().await;
     assert_eq!(value(&text, "gatehouse_replay_cache_capacity"), Some(3.0));
     assert_eq!(value(&text, "gatehouse_replay_cache_entries"), Some(0.0));

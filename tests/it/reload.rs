@@ -280,10 +280,8 @@ async fn an_idle_gateway_does_not_keep_rereading_its_credentials() {
 /// The value of one series in the gateway's metrics (panics when it is not there).
 async fn scrape(admin: &crate::support::gateway::AdminClient, series: &str) -> i64 {
     let text = admin.get("/metrics").await.text();
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse::<i64>().ok())
-        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+    let v = crate::observability_support::value(&text, series).unwrap_or_else(|| panic!("no {series} in:\n{text}"));
+    v as i64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
