@@ -17,7 +17,7 @@
 //!
 //! The folders are layers, lowest first; a module imports only from its own layer and
 //! the ones below (`tests/it/layers.rs` fails the build otherwise):
-//! `fs` → `wire` → `config` → `credentials` → `tls` → `pipeline` → `server` → `cli`.
+//! `fs` → `wire` → `config` → `credentials` → `tls` → `shared` → `pipeline` → `server` → `cli`.
 
 #![forbid(unsafe_code)]
 
@@ -26,6 +26,7 @@ pub mod wire;
 pub mod config;
 pub mod credentials;
 pub mod tls;
+pub mod shared;
 pub mod pipeline;
 pub mod server;
 pub mod cli;

@@ -32,6 +32,20 @@ pub fn run(config_path: &Path) -> ExitCode {
             None
         }
     };
+    if let Some(shared) = &config.shared_state {
+        // Reached the way `serve` reaches it: URL, TLS, AUTH and a first heartbeat.
+        let reached = match super::runtime() {
+            Ok(rt) => rt.block_on(crate::shared::Shared::connect(shared, config.auth.max_skew)).map(|_| ()),
+            Err(code) => return code,
+        };
+        match reached {
+            Ok(()) => println!("{}: ok (shared state in Redis at {})", config_path.display(), shared.describe()),
+            Err(e) => {
+                eprintln!("{}: {e}", config_path.display());
+                failed = true;
+            }
+        }
+    }
     if failed {
         return ExitCode::from(EXIT_CONFIG);
     }

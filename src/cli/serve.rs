@@ -27,9 +27,10 @@ pub fn run(config_path: &Path) -> ExitCode {
                 // credentials file is a configuration error, like the config file itself.
                 return match e {
                     StartError::Bind { .. } => ExitCode::FAILURE,
-                    StartError::Tls(_) | StartError::Credentials(_) | StartError::Admin(_) => {
-                        ExitCode::from(EXIT_CONFIG)
-                    }
+                    StartError::Tls(_)
+                    | StartError::Credentials(_)
+                    | StartError::Admin(_)
+                    | StartError::SharedState(_) => ExitCode::from(EXIT_CONFIG),
                 };
             }
         };

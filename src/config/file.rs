@@ -38,6 +38,9 @@ pub struct FileConfig {
     pub identity_headers: Option<Spanned<FileIdentityHeaders>>,
     #[serde(default)]
     pub metrics: FileMetrics,
+    /// Redis shared by several gateways; absent: per-process state.
+    #[serde(default)]
+    pub shared_state: Option<Spanned<super::shared_state::FileSharedState>>,
     pub routes: Vec<FileRoute>,
 }
 

@@ -7,6 +7,7 @@
 
 pub mod env;
 mod file;
+pub mod shared_state;
 pub mod units;
 
 use file::{FileConfig, FileRoute};
@@ -40,6 +41,8 @@ pub struct Config {
     pub identity_headers: IdentityHeaders,
     /// API users with series of their own in the metrics (`user` label); 0: none, no label.
     pub metrics_per_user_series: usize,
+    /// `shared_state:`; `None`: replay records, limits and usage are per process.
+    pub shared_state: Option<shared_state::SharedStateConfig>,
     pub routes: Vec<RouteConfig>,
 }
 
@@ -339,6 +342,10 @@ impl Validator {
             })
             .collect();
 
+        let shared_state = f.shared_state.and_then(|s| {
+            let mut at = |loc: &Location, m: String| self.at(loc, m);
+            shared_state::validate(s.value, env, &mut at, &s.referenced)
+        });
         let identity_headers = f.identity_headers.map_or_else(IdentityHeaders::default, |h| self.identity(h));
         let mut names = HashSet::new();
         let mut keys = HashSet::new();
@@ -357,6 +364,7 @@ impl Validator {
             trusted_proxies,
             identity_headers,
             metrics_per_user_series: f.metrics.per_user_series,
+            shared_state,
             routes,
         }
     }

@@ -26,6 +26,9 @@ pub enum GateError {
     Upstream(UpstreamFailure),
     /// 504: the upstream did not answer within the route's timeout.
     UpstreamTimeout,
+    /// 503: a guarantee needs the shared state (Redis) and it cannot answer
+    /// (`shared_state.on_unavailable.replay: reject`).
+    SharedStateUnavailable,
 }
 
 /// What made a request unacceptable (400).
@@ -177,6 +180,7 @@ impl GateError {
             GateError::Upstream(UpstreamFailure::Connect) => "upstream_connect",
             GateError::Upstream(UpstreamFailure::Protocol) => "upstream_protocol",
             GateError::UpstreamTimeout => "upstream_timeout",
+            GateError::SharedStateUnavailable => "shared_state_unavailable",
         }
     }
 
@@ -215,6 +219,11 @@ impl GateError {
             GateError::UpstreamTimeout => {
                 (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", "Upstream service timed out")
             }
+            GateError::SharedStateUnavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shared_state_unavailable",
+                "Replay protection is unavailable; retry with a new signature",
+            ),
         }
     }
 
@@ -233,6 +242,9 @@ impl GateError {
             }
             GateError::TooManyRequests { retry_after_secs, .. } => {
                 res.headers_mut().insert(RETRY_AFTER, HeaderValue::from(retry_after_secs));
+            }
+            GateError::SharedStateUnavailable => {
+                res.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}
         }

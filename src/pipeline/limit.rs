@@ -57,13 +57,13 @@ fn nonzero(n: u32) -> NonZeroU32 {
     NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN)
 }
 
-fn retry_after(wait: Duration) -> u32 {
+pub(crate) fn retry_after(wait: Duration) -> u32 {
     // Whole seconds, rounded up: a client that waits exactly this long gets through.
     u32::try_from(wait.as_millis().div_ceil(1000)).unwrap_or(u32::MAX).max(1)
 }
 
 /// The limiter key of a client address: IPv4 as is, IPv6 by its /64.
-fn ip_key(ip: IpAddr) -> u128 {
+pub(crate) fn ip_key(ip: IpAddr) -> u128 {
     match ip {
         IpAddr::V4(v4) => u128::from(v4.to_bits()),
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
@@ -106,16 +106,26 @@ impl RateLimits {
             self.failed.retain_recent();
         }
         if let Err(not_until) = self.failed.check_key(&k) {
-            let wait = not_until.wait_time_from(self.clock.now());
-            if self.blocked.len() < MAX_TRACKED_IPS || self.blocked.contains_key(&k) {
-                self.blocked.insert(k, self.clock.elapsed() + wait);
-            }
+            self.block(ip, not_until.wait_time_from(self.clock.now()));
+        }
+    }
+
+    /// Blocks `ip` for `wait`: the fleet's shared budget said it is over.
+    pub fn block(&self, ip: IpAddr, wait: Duration) {
+        let k = ip_key(ip);
+        if self.blocked.len() < MAX_TRACKED_IPS || self.blocked.contains_key(&k) {
+            self.blocked.insert(k, self.clock.elapsed() + wait);
         }
     }
 
     /// Takes one request from `key`'s quota.
     pub fn check_key(&self, key: &Key) -> Result<Quota, GateError> {
-        let rate = key.rate_limit;
+        self.check_key_at(key, key.rate_limit)
+    }
+
+    /// Takes one request from `key`'s quota at `rate` (the fallback's share of it while
+    /// the fleet's shared state is away).
+    pub fn check_key_at(&self, key: &Key, rate: RateLimit) -> Result<Quota, GateError> {
         // Checked under the map's read guard; that guard is gone before `entry`, which
         // would deadlock on the same shard.
         if let Some(e) = self.keys.get(&key.id)

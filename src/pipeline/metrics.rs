@@ -166,14 +166,21 @@ impl Metrics {
     /// Registers every family; `routes` and `listeners` are the configured names.
     /// `per_user_series`: how many API users get a `user` label value of their own (0: no
     /// `user` label at all).
-    /// `tls`: each TLS listener's name and certificate resolver.
+    /// `tls`: each TLS listener's name and certificate resolver. `shared`: the
+    /// shared-state families, with `shared_state:`.
     pub fn new<'a>(
         routes: impl Iterator<Item = &'a Arc<str>>,
         per_user_series: usize,
         tls: Vec<(Arc<str>, Arc<CertResolver>)>,
         replay: Arc<ReplayCache>,
+        shared: Option<&crate::shared::SharedMetrics>,
     ) -> Result<Metrics, prometheus::Error> {
         let r = Registry::new();
+        // Shared state's families are its own (it updates them); registered here so one
+        // scrape shows them.
+        for c in shared.map(|s| s.collectors()).unwrap_or_default() {
+            r.register(c)?;
+        }
         // The bound is configuration: set once, so an alert can divide by it.
         gauge(
             &r,
@@ -411,7 +418,10 @@ impl Metrics {
                 self.upstream_errors.with_label_values(&[route_name, "timeout"]).inc();
                 None
             }
-            GateError::BadRequest(_) | GateError::NoRoute | GateError::PayloadTooLarge => None,
+            GateError::BadRequest(_)
+            | GateError::NoRoute
+            | GateError::PayloadTooLarge
+            | GateError::SharedStateUnavailable => None,
         };
         if let Some(reason) = reason {
             self.auth_failures.with_label_values(&[reason]).inc();

@@ -17,6 +17,7 @@ pub mod authn;
 pub mod authz;
 pub mod clock;
 pub mod error;
+pub mod fleet;
 pub mod forward;
 pub mod limit;
 pub mod metrics;
@@ -102,11 +103,20 @@ async fn handle_inner<C: Carrier>(
     // The per-IP failed-auth budget: checked before any key lookup, charged on failure.
     let client = gw.client_ip(conn.peer.ip(), &parsed.parts.headers);
     gw.rate_limits.check_ip(client)?;
-    let caller = match authn::authenticate(&snap, &mut parsed, &gw.auth, &gw.replay, gw.unix_now()).await {
+    // With shared state a signature is recorded against replays with the key's limit,
+    // in one round trip to Redis (`fleet.rs`).
+    let replay = match &gw.shared {
+        None => authn::ReplayCheck::Here(&gw.replay),
+        Some(_) => authn::ReplayCheck::Deferred,
+    };
+    let caller = match authn::authenticate(&snap, &mut parsed, &gw.auth, replay, gw.unix_now()).await {
         Ok(caller) => caller,
         Err(refused) => {
             if matches!(refused.error, GateError::Unauthorized(_)) {
-                gw.rate_limits.charge_failure(client);
+                match &gw.shared {
+                    None => gw.rate_limits.charge_failure(client),
+                    Some(shared) => fleet::charge_failure(gw, shared, client).await,
+                }
             }
             out.refused_key = refused.key;
             return Err(refused.error);
@@ -121,7 +131,10 @@ async fn handle_inner<C: Carrier>(
     out.proxied_user = permit.proxied_user().cloned();
     out.grant = permit.granted_by().cloned();
     let quota = match permit.caller() {
-        authn::Caller::User(id) => Some(gw.rate_limits.check_key(&id.key)?),
+        authn::Caller::User(id) => Some(match &gw.shared {
+            None => gw.rate_limits.check_key(&id.key)?,
+            Some(shared) => fleet::admit(gw, shared, id, client).await?,
+        }),
         authn::Caller::Anonymous => None,
     };
     let outbound = rewrite::request(parsed, &permit, conn, gw.is_trusted_proxy(conn.peer.ip()), &gw.identity_headers);

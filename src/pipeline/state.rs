@@ -9,6 +9,7 @@ use crate::pipeline::limit::RateLimits;
 use crate::pipeline::metrics::Metrics;
 use crate::pipeline::route::RouteTable;
 use crate::pipeline::usage::Usage;
+use crate::shared::Shared;
 use ipnet::IpNet;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -29,6 +30,8 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     /// Time for everything a request's outcome depends on (see `clock.rs`).
     pub clock: Clock,
+    /// `shared_state:`: replay records, limits and usage shared with the fleet in Redis.
+    pub shared: Option<Arc<Shared>>,
 }
 
 impl Gateway {
@@ -55,7 +58,14 @@ impl Gateway {
             rate_limits: RateLimits::new(config.auth.failed_per_ip_per_minute, clock.clone()),
             metrics,
             clock,
+            shared: None,
         }
+    }
+
+    /// Shares replay records, limits and usage with the fleet through `shared`.
+    pub fn with_shared(mut self, shared: Option<Arc<Shared>>) -> Gateway {
+        self.shared = shared;
+        self
     }
 
     /// Wall-clock unix seconds, the clock HMAC timestamps are checked against.

@@ -8,6 +8,7 @@
 
 use crate::credentials::file::FileUser;
 use crate::credentials::ops::ts;
+use crate::shared::{Shared, Unavailable, UsageRow};
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -52,6 +53,9 @@ pub struct Usage {
     /// an unchanged total means nothing to write. Derived at flush time rather than
     /// flagged per request (a flag every request writes is a cache line all cores share).
     written: AtomicU64,
+    /// With shared state: what this gateway has added to the fleet's totals in Redis.
+    /// Locked across the write, so two flushes never send the same requests twice.
+    sent: tokio::sync::Mutex<BTreeMap<String, KeyUsageRecord>>,
 }
 
 /// Reads a state file; missing or unreadable reads as empty.
@@ -78,7 +82,7 @@ impl Usage {
             keys.insert(Arc::from(key.as_str()), Arc::new(k));
         }
         let written = AtomicU64::new(on_disk.values().map(|r| r.requests).sum());
-        Usage { keys, path, written }
+        Usage { keys, path, written, sent: Default::default() }
     }
 
     /// Counts one request made with `key` of `user`.
@@ -162,6 +166,93 @@ impl Usage {
                     }
                     Err(_) => {}
                 }
+            }
+        });
+    }
+}
+
+impl Usage {
+    /// What this gateway counted that is not yet in `sent`.
+    fn unsent(&self, sent: &BTreeMap<String, KeyUsageRecord>) -> BTreeMap<String, UsageRow> {
+        let mut out = BTreeMap::new();
+        for (id, now) in self.snapshot() {
+            let before = sent.get(&id).cloned().unwrap_or_default();
+            let last = now.last_used_at.unwrap_or(0);
+            if now.requests == before.requests && last <= before.last_used_at.unwrap_or(0) {
+                continue;
+            }
+            out.insert(
+                id,
+                UsageRow {
+                    user: now.user,
+                    requests: now.requests - before.requests,
+                    errors: now.errors.saturating_sub(before.errors),
+                    rate_limited: now.rate_limited.saturating_sub(before.rate_limited),
+                    last_used: last,
+                },
+            );
+        }
+        out
+    }
+
+    /// Adds what this gateway counted since its last flush to the fleet's totals.
+    pub async fn flush_shared(&self, shared: &Shared) -> Result<(), Unavailable> {
+        let mut sent = self.sent.lock().await;
+        let delta = self.unsent(&sent);
+        if delta.is_empty() {
+            return Ok(());
+        }
+        shared.add_usage(&delta).await?;
+        for (id, d) in delta {
+            let r = sent.entry(id).or_default();
+            r.user = d.user;
+            r.requests += d.requests;
+            r.errors += d.errors;
+            r.rate_limited += d.rate_limited;
+            r.last_used_at = r.last_used_at.max(Some(d.last_used));
+        }
+        Ok(())
+    }
+
+    /// The fleet's usage: Redis's totals plus what this gateway has not flushed yet.
+    pub async fn fleet_view(&self, shared: &Shared) -> Result<BTreeMap<String, KeyUsageRecord>, Unavailable> {
+        let sent = self.sent.lock().await;
+        let mut all: BTreeMap<String, KeyUsageRecord> = shared
+            .read_usage()
+            .await?
+            .into_iter()
+            .map(|(id, r)| {
+                let last = (r.last_used > 0).then_some(r.last_used);
+                let rec = KeyUsageRecord {
+                    user: r.user,
+                    requests: r.requests,
+                    errors: r.errors,
+                    rate_limited: r.rate_limited,
+                    last_used_at: last,
+                };
+                (id, rec)
+            })
+            .collect();
+        for (id, d) in self.unsent(&sent) {
+            let r = all.entry(id).or_default();
+            if r.user.is_empty() {
+                r.user = d.user;
+            }
+            r.requests += d.requests;
+            r.errors += d.errors;
+            r.rate_limited += d.rate_limited;
+            r.last_used_at = r.last_used_at.max((d.last_used > 0).then_some(d.last_used));
+        }
+        Ok(all)
+    }
+
+    /// Flushes to the fleet's totals every `every` until the process ends. A failed flush
+    /// keeps its counts for the next one (the breaker's log line says Redis is away).
+    pub fn spawn_shared_flusher(self: Arc<Self>, shared: Arc<Shared>, every: std::time::Duration) {
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let _ = self.flush_shared(&shared).await;
             }
         });
     }

@@ -24,6 +24,7 @@ use crate::pipeline::usage::Usage;
 use crate::pipeline::{self, Carrier, TunnelSlot};
 use crate::server::admin::Admin;
 use crate::server::parse_errors::JsonParseErrors;
+
 use crate::tls::{self, CertResolver, TlsError};
 use crate::wire::upstream::Upstream;
 use hyper::rt::{Read, Write};
@@ -50,6 +51,8 @@ pub enum StartError {
     Credentials(#[from] crate::config::ConfigErrors),
     #[error("{0}")]
     Admin(String),
+    #[error("{0}")]
+    SharedState(#[from] crate::shared::ConnectError),
 }
 
 /// A bound listener, not yet accepting.
@@ -93,7 +96,22 @@ impl Server {
             listeners.push(Bound { tcp, name: Arc::from(l.name.as_str()), addr, tls });
         }
         let credentials = Arc::new(Credentials::load(config)?);
-        let usage = Arc::new(Usage::load(config.usage_state.clone()));
+        let shared = match &config.shared_state {
+            None => {
+                tracing::info!(
+                    "no shared_state configured: replay protection, rate limits and usage are per process (right for one gateway; several need shared_state, docs/shared-state.md)"
+                );
+                None
+            }
+            Some(s) => {
+                let shared = crate::shared::Shared::connect(s, config.auth.max_skew).await?;
+                tracing::info!(redis = %shared.describe(), gateways = shared.live_gateways(), "shared state in Redis: replay protection, rate limits and usage are fleet-wide");
+                Some(shared)
+            }
+        };
+        // With shared state the fleet's usage lives in Redis, not in a file of this pod's.
+        let usage_file = if shared.is_some() { None } else { config.usage_state.clone() };
+        let usage = Arc::new(Usage::load(usage_file));
         let audit = Arc::new(crate::pipeline::audit::Audit::start(&config.audit_log));
         let replay = Arc::new(ReplayCache::new(config.auth.replay_cache_entries));
         let route_names: Vec<Arc<str>> = config.routes.iter().map(|r| Arc::from(r.name.as_str())).collect();
@@ -103,14 +121,23 @@ impl Server {
                 config.metrics_per_user_series,
                 listeners.iter().filter_map(|b| Some((b.name.clone(), b.tls.as_ref()?.1.clone()))).collect(),
                 replay.clone(),
+                shared.as_ref().map(|s| &s.metrics),
             )
             .map_err(|e| StartError::Admin(format!("metrics: {e}")))?,
         );
         let admin = match &config.admin {
             None => None,
             Some(a) => {
-                let service = Admin::new(config, a, credentials.clone(), usage.clone(), audit.clone(), metrics.clone())
-                    .map_err(StartError::Admin)?;
+                let service = Admin::new(
+                    config,
+                    a,
+                    credentials.clone(),
+                    usage.clone(),
+                    audit.clone(),
+                    metrics.clone(),
+                    shared.clone(),
+                )
+                .map_err(StartError::Admin)?;
                 let tcp = TcpListener::bind(a.address)
                     .await
                     .map_err(|source| StartError::Bind { addr: a.address, source })?;
@@ -118,7 +145,7 @@ impl Server {
             }
         };
         Ok(Server {
-            gw: Arc::new(Gateway::new(config, credentials, usage, audit, metrics, replay, clock)),
+            gw: Arc::new(Gateway::new(config, credentials, usage, audit, metrics, replay, clock).with_shared(shared)),
             listeners,
             admin,
             limits: config.limits.clone(),
@@ -146,6 +173,10 @@ impl Server {
         let (stop_tx, stop_rx) = watch::channel(false);
         gw.credentials.clone().spawn_reloader();
         gw.usage.clone().spawn_flusher(Duration::from_secs(5));
+        if let Some(s) = &gw.shared {
+            s.clone().spawn();
+            gw.usage.clone().spawn_shared_flusher(s.clone(), Duration::from_secs(1));
+        }
         // Drop limiter state of keys gone from the snapshot and of idle client IPs.
         let pruned = gw.clone();
         tokio::spawn(async move {
@@ -192,6 +223,11 @@ impl Server {
         // Counts of the requests just drained must survive the restart.
         if let Err(e) = shared.gw.usage.flush() {
             tracing::error!(error = %e, "cannot write the usage state file at shutdown");
+        }
+        if let Some(s) = &shared.gw.shared
+            && shared.gw.usage.flush_shared(s).await.is_err()
+        {
+            tracing::error!(redis = %s.describe(), "cannot add this gateway's last usage counts to Redis at shutdown");
         }
         // The last records (requests that ended during the drain, tunnels closed at its
         // end) may still be queued: the writer task ends with the runtime, after this.

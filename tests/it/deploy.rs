@@ -68,9 +68,13 @@ async fn exposed() -> BTreeSet<String> {
         serde_saphyr::Location::UNKNOWN,
     ));
     let other = creds.api_user("other");
+    // With shared state, so that its families (and the panels and alerts on them) count.
+    let redis = format!("redis://127.0.0.1:{}", crate::support::redis::shared().await);
     let gw = TestGateway::builder()
         .credentials(&creds)
         .admin("admin-test-token-0123456789abcdef")
+        .shared_state("redis", &redis)
+        .shared_state("key_prefix", &format!("\"{}\"", crate::support::redis::unique_prefix("exposed")))
         .tls()
         .route(RouteSpec::new("api", "/api/").to(&up).authenticated())
         .route(RouteSpec::new("down", "/down/").to(&down).authenticated())
@@ -154,7 +158,10 @@ fn the_kubernetes_config_loads_and_fits_the_deployment() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gatehouse.yaml");
     std::fs::write(&path, cm["data"]["gatehouse.yaml"].as_str().unwrap()).unwrap();
-    let config = gatehouse::config::Config::load(&path).unwrap_or_else(|e| panic!("the ConfigMap's config: {e}"));
+    let env: std::collections::HashMap<String, String> =
+        [("GATEHOUSE_REDIS_PASSWORD".to_string(), "from-the-secret".to_string())].into();
+    let config =
+        gatehouse::config::Config::load_with_env(&path, &env).unwrap_or_else(|e| panic!("the ConfigMap's config: {e}"));
 
     let d = yaml("deploy/kubernetes/deployment.yaml");
     let pod = &d["spec"]["template"]["spec"];
@@ -199,7 +206,13 @@ fn the_kubernetes_config_loads_and_fits_the_deployment() {
     assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
     assert_ne!(pod["securityContext"]["runAsUser"], 0);
-    assert_eq!(d["spec"]["replicas"], 2);
+    // Three replicas, sharing state through Redis, its password from a Secret.
+    assert_eq!(d["spec"]["replicas"], 3);
+    let shared = config.shared_state.as_ref().expect("the ConfigMap shares state through Redis");
+    assert_eq!(shared.password.as_ref().map(|p| p.0.as_str()), Some("from-the-secret"));
+    let redis_env = c["env"].as_array().unwrap().iter().find(|e| e["name"] == "GATEHOUSE_REDIS_PASSWORD").unwrap();
+    assert_eq!(redis_env["valueFrom"]["secretKeyRef"]["name"], "gatehouse-redis");
+    assert_eq!(yaml("deploy/kubernetes/hpa.yaml")["spec"]["minReplicas"], 3);
 
     // The systemd unit waits longer than the drain, and reloads with SIGHUP.
     let unit = read("deploy/systemd/gatehouse.service");

@@ -30,6 +30,7 @@ mod proxy;
 mod rate_limit;
 mod reload;
 mod secrets;
+mod shared_state;
 mod shutdown;
 mod smuggling;
 mod upstream_pool;

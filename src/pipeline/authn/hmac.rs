@@ -9,6 +9,7 @@
 //! replay, so forged requests cannot fill the replay cache.
 
 use super::replay::{ReplayCache, Seen};
+use super::{ReplayCheck, Signature};
 use crate::config::AuthConfig;
 use crate::credentials::snapshot::Key;
 use crate::pipeline::error::{AuthFailure, BadRequest, GateError};
@@ -49,9 +50,9 @@ pub(super) async fn verify(
     mac: &Hmac<Sha256>,
     parsed: &mut Parsed,
     auth: &AuthConfig,
-    replay: &ReplayCache,
+    replay: ReplayCheck<'_>,
     now: i64,
-) -> Result<(), GateError> {
+) -> Result<Option<Signature>, GateError> {
     let h = &parsed.parts.headers;
     let ts_text = one(h, &X_TIMESTAMP).ok_or(fail(AuthFailure::StaleTimestamp))?;
     let ts = parse_timestamp(ts_text).ok_or(fail(AuthFailure::StaleTimestamp))?;
@@ -81,23 +82,30 @@ pub(super) async fn verify(
     mac.verify_slice(&sig).map_err(|_| fail(AuthFailure::BadSignature))?;
     parsed.body = Body::Full(Some(body));
 
-    if auth.replay_protection {
-        // A signature is acceptable while its timestamp is in the window: remember it
-        // until then, and no longer.
-        let rate = key.rate_limit;
-        let cap = u64::from(rate.burst) + u64::from(rate.per_second) * (2 * skew as u64 + 1);
-        match replay.record(&key.id, &sig, ts + skew + 1, cap, now) {
-            Seen::Fresh => {}
-            Seen::Replay => return Err(fail(AuthFailure::Replay)),
-            Seen::Full => {
-                return Err(GateError::TooManyRequests {
-                    retry_after_secs: 1,
-                    scope: crate::pipeline::error::LimitScope::ReplayCache,
-                });
-            }
-        }
+    if !auth.replay_protection {
+        return Ok(None);
     }
-    Ok(())
+    // A signature is acceptable while its timestamp is in the window: remember it
+    // until then, and no longer.
+    let rate = key.rate_limit;
+    let cap = u64::from(rate.burst) + u64::from(rate.per_second) * (2 * skew as u64 + 1);
+    let signature = Signature { bytes: sig, timestamp: ts, expires_at: ts + skew + 1, per_key_cap: cap };
+    match replay {
+        ReplayCheck::Here(cache) => record_here(cache, &key.id, &signature, now).map(|()| None),
+        ReplayCheck::Deferred => Ok(Some(signature)),
+    }
+}
+
+/// Records `signature` in this process's replay cache: a replay is a 401, a full cache a 429.
+pub fn record_here(cache: &ReplayCache, key_id: &str, signature: &Signature, now: i64) -> Result<(), GateError> {
+    match cache.record(key_id, &signature.bytes, signature.expires_at, signature.per_key_cap, now) {
+        Seen::Fresh => Ok(()),
+        Seen::Replay => Err(fail(AuthFailure::Replay)),
+        Seen::Full => Err(GateError::TooManyRequests {
+            retry_after_secs: 1,
+            scope: crate::pipeline::error::LimitScope::ReplayCache,
+        }),
+    }
 }
 
 fn one<'a>(h: &'a HeaderMap, name: &http::HeaderName) -> Option<&'a str> {

@@ -25,7 +25,7 @@ use http::HeaderMap;
 use replay::ReplayCache;
 use std::sync::Arc;
 
-pub use hmac::{canonical_string, sign_hex};
+pub use hmac::{canonical_string, record_here, sign_hex};
 
 /// The caller, as far as authentication could tell.
 #[derive(Debug, Clone)]
@@ -40,6 +40,30 @@ pub enum Caller {
 #[derive(Debug, Clone)]
 pub struct Identity {
     pub key: Arc<Key>,
+    /// A verified signature whose replay check was deferred ([`ReplayCheck::Deferred`]):
+    /// the limit step records it in shared state with the key's admission.
+    pub signature: Option<Signature>,
+}
+
+/// Where a verified signature is recorded against replays.
+#[derive(Debug, Clone, Copy)]
+pub enum ReplayCheck<'a> {
+    /// Here and now, in this process's cache.
+    Here(&'a ReplayCache),
+    /// By the limit step, in the same shared-state round trip as the key's rate limit.
+    Deferred,
+}
+
+/// A verified signature not yet recorded against replays.
+#[derive(Debug, Clone, Copy)]
+pub struct Signature {
+    pub bytes: [u8; 32],
+    /// The signed timestamp, unix seconds.
+    pub timestamp: i64,
+    /// When it leaves the freshness window, unix seconds.
+    pub expires_at: i64,
+    /// How many signatures the key can legitimately have in one window.
+    pub per_key_cap: u64,
 }
 
 /// A refused request, and the key it named when the gateway could tell which one
@@ -67,7 +91,7 @@ pub async fn authenticate(
     snap: &Snapshot,
     parsed: &mut Parsed,
     auth: &AuthConfig,
-    replay: &ReplayCache,
+    replay: ReplayCheck<'_>,
     now: i64,
 ) -> Result<Caller, Refused> {
     let headers = &parsed.parts.headers;
@@ -91,7 +115,7 @@ pub async fn authenticate(
     .ok_or(fail(AuthFailure::UnknownKey))?
     .clone();
     match check_key(&key, by_token, signed, parsed, auth, replay, now).await {
-        Ok(()) => Ok(Caller::User(Identity { key })),
+        Ok(signature) => Ok(Caller::User(Identity { key, signature })),
         Err(error) => Err(Refused { error, key: Some(key) }),
     }
 }
@@ -104,12 +128,12 @@ async fn check_key(
     signed: bool,
     parsed: &mut Parsed,
     auth: &AuthConfig,
-    replay: &ReplayCache,
+    replay: ReplayCheck<'_>,
     now: i64,
-) -> Result<(), GateError> {
+) -> Result<Option<Signature>, GateError> {
     check_state(key, now).map_err(fail)?;
     match (&key.credential, by_token, signed) {
-        (KeyCredential::Token, true, false) => Ok(()),
+        (KeyCredential::Token, true, false) => Ok(None),
         (KeyCredential::Token, true, true) => Err(fail(AuthFailure::WrongMethod)),
         // An api_key key's public id is not a credential.
         (KeyCredential::Token, false, _) => Err(fail(AuthFailure::WrongMethod)),

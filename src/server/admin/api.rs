@@ -43,6 +43,22 @@ impl From<StoreError> for ApiError {
     }
 }
 
+/// Every key's usage: this gateway's, or with shared state the fleet's.
+async fn usage_now(
+    admin: &Admin,
+) -> Result<std::collections::BTreeMap<String, crate::pipeline::usage::KeyUsageRecord>, ApiError> {
+    match &admin.shared {
+        None => Ok(admin.usage.snapshot()),
+        Some(s) => admin.usage.fleet_view(s).await.map_err(|_| {
+            ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shared_state_unavailable",
+                "Usage is kept in the shared state, which is unavailable".into(),
+            )
+        }),
+    }
+}
+
 fn bad(msg: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, "invalid_request", msg.into())
 }
@@ -210,12 +226,13 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Result<(StatusCode, Val
         }
         (Method::GET, ["users", id]) => {
             let mut v = ops::user_view(ops::user(&read(store)?, id)?);
-            crate::pipeline::usage::add_usage(&mut v, &admin.usage.snapshot());
+            crate::pipeline::usage::add_usage(&mut v, &usage_now(admin).await?);
             (StatusCode::OK, v)
         }
         (Method::GET, ["users", id, "usage"]) => {
             let c = read(store)?;
-            (StatusCode::OK, crate::pipeline::usage::usage_view(ops::user(&c, id)?, &admin.usage.snapshot()))
+            let usage = usage_now(admin).await?;
+            (StatusCode::OK, crate::pipeline::usage::usage_view(ops::user(&c, id)?, &usage))
         }
         (Method::PATCH, ["users", id]) => {
             let mut b: UserBody = body(req).await?;

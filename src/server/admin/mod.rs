@@ -33,6 +33,8 @@ pub struct Admin {
     usage: Arc<Usage>,
     audit: Arc<Audit>,
     metrics: Arc<Metrics>,
+    /// With `shared_state:`, where the fleet's usage is read.
+    shared: Option<Arc<crate::shared::Shared>>,
     store: Option<Store>,
     /// SHA-256 of the admin token: compared in constant time, never kept in clear.
     token_digest: Option<[u8; 32]>,
@@ -108,6 +110,7 @@ impl Admin {
         usage: Arc<Usage>,
         audit: Arc<Audit>,
         metrics: Arc<Metrics>,
+        shared: Option<Arc<crate::shared::Shared>>,
     ) -> Result<Admin, String> {
         let token = read_token(admin)?;
         if token.is_none() {
@@ -120,6 +123,7 @@ impl Admin {
             usage,
             audit,
             metrics,
+            shared,
             store,
             token_fingerprint: digest.as_ref().map(fingerprint),
             token_digest: digest,

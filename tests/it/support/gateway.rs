@@ -139,6 +139,8 @@ pub struct GatewayConfig {
     admin: Option<AdminSpec>,
     rate_limit: Option<(u32, u32)>,
     identity_headers: Vec<(String, String)>,
+    shared_state: Vec<(String, String)>,
+    failed_per_ip_per_minute: Option<u32>,
 }
 
 /// The admin listener of the test config: always `127.0.0.1:0`; the token, when there is
@@ -247,6 +249,18 @@ impl GatewayConfig {
         self
     }
 
+    /// A `shared_state:` entry, e.g. `("redis", "redis://127.0.0.1:6379")`.
+    pub fn shared_state(mut self, name: &str, value: &str) -> Self {
+        self.shared_state.push((name.into(), value.into()));
+        self
+    }
+
+    /// `auth.failed_per_ip_per_minute`.
+    pub fn failed_per_ip_per_minute(mut self, n: u32) -> Self {
+        self.failed_per_ip_per_minute = Some(n);
+        self
+    }
+
     /// An `auth.hmac` entry, e.g. `("max_skew", "30s")`.
     pub fn auth_hmac(mut self, name: &str, value: &str) -> Self {
         self.auth_hmac.push((name.into(), value.into()));
@@ -330,8 +344,20 @@ impl GatewayConfig {
                 q(&dir.join("master.key").display().to_string())
             ));
         }
+        if !self.shared_state.is_empty() {
+            y.push_str("shared_state:\n");
+            for (k, v) in &self.shared_state {
+                y.push_str(&format!("  {k}: {v}\n"));
+            }
+        }
+        if !self.auth_hmac.is_empty() || self.failed_per_ip_per_minute.is_some() {
+            y.push_str("auth:\n");
+            if let Some(n) = self.failed_per_ip_per_minute {
+                y.push_str(&format!("  failed_per_ip_per_minute: {n}\n"));
+            }
+        }
         if !self.auth_hmac.is_empty() {
-            y.push_str("auth:\n  hmac:\n");
+            y.push_str("  hmac:\n");
             for (k, v) in &self.auth_hmac {
                 y.push_str(&format!("    {k}: {v}\n"));
             }

@@ -6,6 +6,7 @@ pub mod creds;
 pub mod gateway;
 pub mod process;
 pub mod raw;
+pub mod redis;
 pub mod upstream;
 
 use bytes::Bytes;

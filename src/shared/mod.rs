@@ -1,0 +1,480 @@
+//! State that every gateway of a fleet shares through Redis (docs/shared-state.md):
+//! replay records, per-key rate limits, the per-IP failed-authentication budget, usage
+//! counts and which gateways are alive.
+//!
+//! This layer knows Redis — the connection, the scripts, the key names, the circuit
+//! breaker — and nothing of requests: the pipeline asks it questions (admit this key,
+//! charge this IP) and chooses what to do when it cannot answer.
+//!
+//! Key names, all under `shared_state.key_prefix` (`P`), each operation within one hash
+//! tag so that under Redis Cluster it runs on one node:
+//!
+//! | key | holds |
+//! |---|---|
+//! | `P{k:KEY_ID}:rate` | the key's GCRA bucket |
+//! | `P{k:KEY_ID}:sig:HASH` | one accepted signature (its SHA-256, first 16 bytes), until its window ends |
+//! | `P{ip:HEX}:fail` | a client network's failed-authentication bucket |
+//! | `P{fleet}:usage` | usage counts and `last_used` of every key |
+//! | `P{fleet}:gateways` | gateways alive (sorted by last heartbeat) |
+//! | `P{fleet}:epoch` | set once; a different value means Redis lost its data |
+
+pub mod breaker;
+pub mod conn;
+pub mod scripts;
+
+use crate::config::shared_state::{ReplayFallback, SharedStateConfig};
+use breaker::Breaker;
+use conn::Conn;
+use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts};
+use redis::Script;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+/// How often a gateway announces itself, and how long a silent one still counts.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+const GONE_AFTER: Duration = Duration::from_secs(5);
+
+/// What Redis decided for one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Admitted {
+        remaining: u32,
+    },
+    Limited {
+        wait: Duration,
+    },
+    /// The signature was accepted before, by this gateway or another.
+    Replayed,
+}
+
+/// Redis could not answer in time (or the breaker is open): the caller falls back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unavailable;
+
+/// A signature to record with the key's admission.
+#[derive(Debug, Clone, Copy)]
+pub struct SignatureRecord<'a> {
+    pub signature: &'a [u8; 32],
+    /// Its signed timestamp, unix seconds.
+    pub timestamp: i64,
+    /// How long it stays acceptable from now.
+    pub ttl: Duration,
+}
+
+/// One key's usage as Redis keeps it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UsageRow {
+    pub user: String,
+    pub requests: u64,
+    pub errors: u64,
+    pub rate_limited: u64,
+    /// Unix seconds; 0: never.
+    pub last_used: i64,
+}
+
+/// The shared-state metrics; `pipeline::metrics` registers them.
+#[derive(Debug, Clone)]
+pub struct SharedMetrics {
+    pub up: IntGauge,
+    pub gateways: IntGauge,
+    pub op_duration: HistogramVec,
+    pub op_errors: IntCounterVec,
+    pub fallbacks: IntCounterVec,
+    pub data_lost: IntCounter,
+}
+
+impl SharedMetrics {
+    fn new() -> prometheus::Result<SharedMetrics> {
+        let m = SharedMetrics {
+            up: IntGauge::new(
+                "gatehouse_shared_state_up",
+                "1 while this gateway uses Redis for shared state; 0 while it falls back (shared_state.on_unavailable).",
+            )?,
+            gateways: IntGauge::new(
+                "gatehouse_shared_state_gateways",
+                "Gateways that announced themselves in Redis in the last 5 s (fallback limits divide by it).",
+            )?,
+            op_duration: HistogramVec::new(
+                HistogramOpts::new("gatehouse_shared_state_op_duration_seconds", "Time of one Redis operation, by op.")
+                    .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25]),
+                &["op"],
+            )?,
+            op_errors: IntCounterVec::new(
+                Opts::new(
+                    "gatehouse_shared_state_errors_total",
+                    "Redis operations that failed, by op and kind (timeout, error, breaker_open).",
+                ),
+                &["op", "kind"],
+            )?,
+            fallbacks: IntCounterVec::new(
+                Opts::new(
+                    "gatehouse_shared_state_fallbacks_total",
+                    "Requests decided without Redis, by reason (replay_rejected, replay_local, rate_limit_local, failed_auth_local).",
+                ),
+                &["reason"],
+            )?,
+            data_lost: IntCounter::new(
+                "gatehouse_shared_state_data_lost_total",
+                "Times Redis was found without the fleet's data (restarted empty, flushed).",
+            )?,
+        };
+        // Every series from the start at 0, so `rate()` and alerts see the first event.
+        for reason in ["replay_rejected", "replay_local", "rate_limit_local", "failed_auth_local"] {
+            m.fallbacks.with_label_values(&[reason]);
+        }
+        for op in ["admit", "failed_auth", "usage", "heartbeat"] {
+            for kind in ["timeout", "error", "breaker_open"] {
+                m.op_errors.with_label_values(&[op, kind]);
+            }
+        }
+        Ok(m)
+    }
+
+    /// Every family, for registration.
+    pub fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        vec![
+            Box::new(self.up.clone()),
+            Box::new(self.gateways.clone()),
+            Box::new(self.op_duration.clone()),
+            Box::new(self.op_errors.clone()),
+            Box::new(self.fallbacks.clone()),
+            Box::new(self.data_lost.clone()),
+        ]
+    }
+}
+
+/// The fleet's shared state.
+pub struct Shared {
+    conn: Conn,
+    prefix: String,
+    op_timeout: Duration,
+    pub replay_fallback: ReplayFallback,
+    breaker: Breaker,
+    /// Gateways last seen alive (at least 1: this one).
+    live: AtomicU32,
+    /// This gateway's id in the fleet's heartbeat set.
+    node: String,
+    /// The fleet's epoch as first read; a different one later means Redis lost its data.
+    epoch: Mutex<Option<String>>,
+    /// Signatures with a timestamp before this (unix seconds) may have been accepted
+    /// before Redis lost its data: Redis cannot vouch for them (see `fence`).
+    fence: AtomicI64,
+    /// The HMAC freshness window, seconds: how far a fence reaches.
+    max_skew: i64,
+    admit: Script,
+    add_usage: Script,
+    heartbeat: Script,
+    pub metrics: SharedMetrics,
+    /// The description for logs (URLs without passwords).
+    describe: String,
+    /// When an outage was last logged (one line per outage, one per minute at most).
+    last_logged: Mutex<Option<Instant>>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").field("redis", &self.describe).field("prefix", &self.prefix).finish_non_exhaustive()
+    }
+}
+
+/// Why start-up could not use Redis.
+#[derive(Debug, thiserror::Error)]
+#[error("shared_state: cannot use Redis at {endpoint}: {reason}")]
+pub struct ConnectError {
+    endpoint: String,
+    reason: String,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// An id for this gateway or a new epoch. Not a secret; uniqueness is what matters.
+fn random_id() -> String {
+    let mut b = [0u8; 12];
+    if getrandom::fill(&mut b).is_err() {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        b[..8].copy_from_slice(&(t.as_nanos() as u64).to_le_bytes());
+        b[8..].copy_from_slice(&std::process::id().to_le_bytes());
+    }
+    hex(&b)
+}
+
+/// `PREFIX{TAG ID}REST`: everything of one operation shares the braces' hash tag. A `}`
+/// inside `id` ends the tag early, but at the same place in every key of the operation.
+fn key(prefix: &str, tag: &str, id: &str, rest: &str) -> String {
+    let mut k = String::with_capacity(prefix.len() + tag.len() + id.len() + rest.len() + 2);
+    k.push_str(prefix);
+    k.push('{');
+    k.push_str(tag);
+    k.push_str(id);
+    k.push('}');
+    k.push_str(rest);
+    k
+}
+
+impl Shared {
+    /// Connects and runs a first heartbeat: a wrong URL, a refused password or a TLS
+    /// mismatch is an error here, at start-up. `max_skew` is the HMAC window.
+    pub async fn connect(cfg: &SharedStateConfig, max_skew: Duration) -> Result<Arc<Shared>, ConnectError> {
+        let fail = |reason: String| ConnectError { endpoint: cfg.describe(), reason };
+        let opened = tokio::time::timeout(Duration::from_secs(5), Conn::open(cfg))
+            .await
+            .map_err(|_| fail("no answer within 5s".into()))?;
+        let conn = opened.map_err(|e| fail(e.to_string()))?;
+        let shared = Shared {
+            conn,
+            prefix: cfg.key_prefix.clone(),
+            op_timeout: cfg.op_timeout,
+            replay_fallback: cfg.replay_fallback,
+            breaker: Breaker::new(),
+            live: AtomicU32::new(1),
+            node: random_id(),
+            epoch: Mutex::new(None),
+            fence: AtomicI64::new(0),
+            max_skew: i64::try_from(max_skew.as_secs()).unwrap_or(i64::MAX),
+            admit: Script::new(scripts::ADMIT),
+            add_usage: Script::new(scripts::ADD_USAGE),
+            heartbeat: Script::new(scripts::HEARTBEAT),
+            metrics: SharedMetrics::new().map_err(|e| fail(format!("metrics: {e}")))?,
+            describe: cfg.describe(),
+            last_logged: Mutex::new(None),
+        };
+        shared.beat().await.map_err(|e| fail(e.to_string()))?;
+        shared.metrics.up.set(1);
+        Ok(Arc::new(shared))
+    }
+
+    /// Where Redis is, for logs.
+    pub fn describe(&self) -> &str {
+        &self.describe
+    }
+
+    /// Gateways last seen alive, at least 1.
+    pub fn live_gateways(&self) -> u32 {
+        self.live.load(Ordering::Relaxed).max(1)
+    }
+
+    /// True when a signature with this timestamp cannot be checked in Redis because
+    /// Redis lost its data while it could still be replayed.
+    pub fn fenced(&self, timestamp: i64) -> bool {
+        timestamp < self.fence.load(Ordering::Relaxed)
+    }
+
+    fn key(&self, tag: &str, id: &str, rest: &str) -> String {
+        key(&self.prefix, tag, id, rest)
+    }
+
+    /// Runs one operation under the breaker and the operation timeout, timing it.
+    async fn op<T, F>(&self, name: &'static str, f: F) -> Result<T, Unavailable>
+    where
+        F: Future<Output = redis::RedisResult<T>>,
+    {
+        if !self.breaker.closed() {
+            self.metrics.op_errors.with_label_values(&[name, "breaker_open"]).inc();
+            return Err(Unavailable);
+        }
+        let started = Instant::now();
+        let result = tokio::time::timeout(self.op_timeout, f).await;
+        self.metrics.op_duration.with_label_values(&[name]).observe(started.elapsed().as_secs_f64());
+        let err = match result {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) => {
+                self.metrics.op_errors.with_label_values(&[name, "error"]).inc();
+                e.to_string()
+            }
+            Err(_) => {
+                self.metrics.op_errors.with_label_values(&[name, "timeout"]).inc();
+                format!("no answer within {:?}", self.op_timeout)
+            }
+        };
+        if self.breaker.failed() {
+            self.metrics.up.set(0);
+            self.log_outage(&err);
+        }
+        Err(Unavailable)
+    }
+
+    fn log_outage(&self, err: &str) {
+        let mut last = self.last_logged.lock().unwrap_or_else(PoisonError::into_inner);
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(60)) {
+            return;
+        }
+        *last = Some(Instant::now());
+        tracing::error!(redis = %self.describe, error = %err, "shared state unavailable: falling back (shared_state.on_unavailable) until Redis answers again");
+    }
+
+    /// Takes one request from a key's bucket (`per_second`, `burst`), recording its
+    /// signature first when there is one. One round trip.
+    pub async fn admit(
+        &self,
+        key_id: &str,
+        per_second: u32,
+        burst: u32,
+        signature: Option<SignatureRecord<'_>>,
+    ) -> Result<Admission, Unavailable> {
+        let mut inv = self.admit.prepare_invoke();
+        inv.key(self.key("k:", key_id, ":rate"));
+        let ttl_ms = signature.map_or(0, |s| u64::try_from(s.ttl.as_millis()).unwrap_or(u64::MAX).max(1));
+        if let Some(s) = signature {
+            let digest = Sha256::digest(s.signature);
+            inv.key(self.key("k:", key_id, &format!(":sig:{}", hex(&digest[..16]))));
+        }
+        let step = 1_000_000 / u64::from(per_second.max(1));
+        inv.arg(step).arg(burst.max(1)).arg(ttl_ms);
+        let (code, n): (i64, i64) = self.op("admit", self.conn.run(&inv)).await?;
+        Ok(match code {
+            1 => Admission::Admitted { remaining: u32::try_from(n).unwrap_or(0) },
+            0 => Admission::Limited { wait: Duration::from_micros(u64::try_from(n).unwrap_or(0)) },
+            _ => Admission::Replayed,
+        })
+    }
+
+    /// Charges one failed authentication to a client network (`ip`: its limiter key) with
+    /// a budget of `per_minute`. `Some(wait)`: over budget, blocked for `wait`.
+    pub async fn charge_failure(&self, ip: u128, per_minute: u32) -> Result<Option<Duration>, Unavailable> {
+        let mut inv = self.admit.prepare_invoke();
+        inv.key(self.key("ip:", &format!("{ip:x}"), ":fail"));
+        let per_minute = per_minute.max(1);
+        inv.arg(60_000_000 / u64::from(per_minute)).arg(per_minute).arg(0);
+        let (code, n): (i64, i64) = self.op("failed_auth", self.conn.run(&inv)).await?;
+        Ok((code == 0).then(|| Duration::from_micros(u64::try_from(n).unwrap_or(0))))
+    }
+
+    /// Adds usage deltas (key id → row) to the fleet's totals.
+    pub async fn add_usage(&self, deltas: &BTreeMap<String, UsageRow>) -> Result<(), Unavailable> {
+        let rows: Vec<_> = deltas.iter().collect();
+        // Bounded scripts: a fleet with 100,000 keys writes in a few calls, not one huge one.
+        for chunk in rows.chunks(500) {
+            let mut inv = self.add_usage.prepare_invoke();
+            inv.key(self.key("fleet", "", ":usage"));
+            for (id, r) in chunk {
+                inv.arg(id.as_str())
+                    .arg(r.user.as_str())
+                    .arg(r.requests)
+                    .arg(r.errors)
+                    .arg(r.rate_limited)
+                    .arg(r.last_used);
+            }
+            let _: i64 = self.op("usage", self.conn.run(&inv)).await?;
+        }
+        Ok(())
+    }
+
+    /// Every key's usage, summed over the fleet.
+    pub async fn read_usage(&self) -> Result<BTreeMap<String, UsageRow>, Unavailable> {
+        let cmd = redis::cmd("HGETALL").arg(self.key("fleet", "", ":usage")).clone();
+        let fields: Vec<(String, String)> = self.op("usage", self.conn.query(&cmd)).await?;
+        let mut out: BTreeMap<String, UsageRow> = BTreeMap::new();
+        for (field, value) in fields {
+            let Some((id, what)) = field.rsplit_once('|') else { continue };
+            let row = out.entry(id.to_string()).or_default();
+            let n = || value.parse::<u64>().unwrap_or(0);
+            match what {
+                "user" => row.user = value.clone(),
+                "requests" => row.requests = n(),
+                "errors" => row.errors = n(),
+                "rate_limited" => row.rate_limited = n(),
+                "last_used" => row.last_used = value.parse().unwrap_or(0),
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+
+    /// Announces this gateway, counts the fleet, and checks the epoch.
+    async fn beat(&self) -> redis::RedisResult<()> {
+        let mut inv = self.heartbeat.prepare_invoke();
+        inv.key(self.key("fleet", "", ":gateways")).key(self.key("fleet", "", ":epoch"));
+        inv.arg(self.node.as_str()).arg(GONE_AFTER.as_millis() as u64).arg(random_id());
+        let started = Instant::now();
+        let (alive, epoch): (u32, String) =
+            tokio::time::timeout(self.op_timeout.max(Duration::from_millis(500)), self.conn.run(&inv))
+                .await
+                .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "heartbeat timed out")))??;
+        self.metrics.op_duration.with_label_values(&["heartbeat"]).observe(started.elapsed().as_secs_f64());
+        self.live.store(alive.max(1), Ordering::Relaxed);
+        self.metrics.gateways.set(i64::from(alive.max(1)));
+        let mut known = self.epoch.lock().unwrap_or_else(PoisonError::into_inner);
+        match known.as_deref() {
+            None => *known = Some(epoch),
+            Some(k) if k == epoch => {}
+            Some(_) => {
+                // Redis restarted without its data (or was flushed): signatures accepted
+                // before are forgotten. Any of them is at most `max_skew` old plus
+                // `max_skew` ahead, so nothing signed before now + max_skew can be vouched
+                // for: those go to the replay fallback until the window has passed.
+                let now = time::OffsetDateTime::now_utc().unix_timestamp();
+                self.fence.store(now + self.max_skew, Ordering::Relaxed);
+                self.metrics.data_lost.inc();
+                tracing::error!(redis = %self.describe, fence_seconds = self.max_skew, "Redis lost the fleet's shared state (restarted empty or flushed): signed requests use the replay fallback until the HMAC window has passed");
+                *known = Some(epoch);
+            }
+        }
+        Ok(())
+    }
+
+    /// Heartbeats every second; while the breaker is open, probes every 200 ms and
+    /// closes it once Redis answers (after the epoch check).
+    pub fn spawn(self: Arc<Self>) {
+        tokio::spawn(async move {
+            let mut last_beat = Instant::now();
+            loop {
+                let open = !self.breaker.closed();
+                tokio::time::sleep(if open { breaker::PROBE_EVERY } else { HEARTBEAT_EVERY }).await;
+                if !open && last_beat.elapsed() < HEARTBEAT_EVERY {
+                    continue;
+                }
+                match self.beat().await {
+                    Ok(()) => {
+                        last_beat = Instant::now();
+                        if !self.breaker.closed() {
+                            self.breaker.close();
+                            self.metrics.up.set(1);
+                            tracing::info!(redis = %self.describe, "shared state available again");
+                        }
+                    }
+                    Err(e) => {
+                        if self.breaker.failed() {
+                            self.metrics.up.set(0);
+                            self.log_outage(&e.to_string());
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// Counts a request decided without Redis.
+    pub fn fell_back(&self, reason: &'static str) {
+        self.metrics.fallbacks.with_label_values(&[reason]).inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// the two keys of one admission share a hash tag (one slot under Redis Cluster)
+    #[test]
+    fn keys_of_one_admission_share_a_hash_tag() {
+        fn tag(k: &str) -> &str {
+            let open = k.find('{').unwrap();
+            let close = k[open..].find('}').unwrap() + open;
+            &k[open + 1..close]
+        }
+        for id in ["ak_1", "ak_1}x", "{x}"] {
+            assert_eq!(tag(&key("gh:", "k:", id, ":rate")), tag(&key("gh:", "k:", id, ":sig:00")));
+        }
+        assert_eq!(key("gh:", "fleet", "", ":usage"), "gh:{fleet}:usage");
+        assert_eq!(hex(&[0, 15, 255]), "000fff");
+    }
+}

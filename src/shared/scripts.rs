@@ -1,0 +1,71 @@
+//! The Lua scripts the gateways run in Redis. Each touches keys of one hash tag only, so
+//! under Redis Cluster each runs on one node, and each is one round trip (`EVALSHA`,
+//! loaded on first use). Time is Redis's own (`TIME`): gateways' clocks may disagree, the
+//! one Redis clock cannot disagree with itself.
+
+/// GCRA (the algorithm of the in-process limiters) on one bucket, with an optional
+/// replay record first.
+///
+/// `KEYS[1]`: the bucket (its theoretical arrival time, microseconds); `KEYS[2]`, when
+/// given: the replay record of a signature.
+/// `ARGV[1]`: microseconds between requests at the sustained rate; `ARGV[2]`: burst;
+/// `ARGV[3]`: how long the replay record lives, milliseconds.
+///
+/// Returns `{1, remaining}` (admitted), `{0, wait_us}` (over the limit) or `{-1, 0}` (the
+/// signature was seen before). The replay record is written whether or not the bucket
+/// admits, as in process: a signature is spent once accepted as genuine.
+pub const ADMIT: &str = r"
+if #KEYS > 1 then
+  if not redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[3]) then
+    return {-1, 0}
+  end
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local step = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local new = tat + step
+local allow_at = new - step * burst
+if now < allow_at then
+  return {0, allow_at - now}
+end
+redis.call('SET', KEYS[1], string.format('%.0f', new), 'PX', math.ceil((new - now) / 1000) + 1)
+return {1, math.floor((now - allow_at) / step)}
+";
+
+/// Adds usage deltas to one hash and keeps the latest `last_used`.
+///
+/// `KEYS[1]`: the usage hash. `ARGV`: groups of six: key id, user, requests, errors,
+/// rate-limited, last used (unix seconds, 0: none).
+pub const ADD_USAGE: &str = r"
+for i = 1, #ARGV, 6 do
+  local k = ARGV[i]
+  redis.call('HSET', KEYS[1], k .. '|user', ARGV[i + 1])
+  redis.call('HINCRBY', KEYS[1], k .. '|requests', ARGV[i + 2])
+  redis.call('HINCRBY', KEYS[1], k .. '|errors', ARGV[i + 3])
+  redis.call('HINCRBY', KEYS[1], k .. '|rate_limited', ARGV[i + 4])
+  local seen = tonumber(redis.call('HGET', KEYS[1], k .. '|last_used') or '0')
+  if tonumber(ARGV[i + 5]) > seen then
+    redis.call('HSET', KEYS[1], k .. '|last_used', ARGV[i + 5])
+  end
+end
+return 1
+";
+
+/// One gateway's heartbeat: announces it, forgets gateways silent for `ARGV[2]` ms, and
+/// reads the fleet's epoch (set once by the first gateway to meet this Redis).
+///
+/// `KEYS[1]`: the sorted set of gateways; `KEYS[2]`: the epoch. `ARGV[1]`: this gateway's
+/// id; `ARGV[2]`: silence that counts as gone, ms; `ARGV[3]`: an epoch to set if none.
+/// Returns `{gateways alive, epoch}`.
+pub const HEARTBEAT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 2)
+redis.call('SET', KEYS[2], ARGV[3], 'NX')
+return {redis.call('ZCARD', KEYS[1]), redis.call('GET', KEYS[2])}
+";

@@ -1,0 +1,459 @@
+//! Several gateways sharing replay protection, rate limits and usage through a real Redis
+//! (docs/shared-state.md): what one gateway accepted every other refuses, limits hold for
+//! the fleet, usage is summed, and each fault of Redis gives the documented answer.
+
+use crate::support::client::H1;
+use crate::support::creds::{ApiKey, Creds, HmacKey};
+use crate::support::gateway::{GatewayConfig, RouteSpec};
+use crate::support::process::GatewayProcess;
+use crate::support::redis::{self, RedisCluster, RedisServer};
+use crate::support::upstream::TestUpstream;
+use crate::support::{Reply, STEP, assert_error, assert_unauthorized, within};
+use std::time::{Duration, Instant};
+
+/// A config for one gateway of a fleet on `redis` (a `redis:` URL or a cluster's seeds).
+fn fleet_config(creds: &Creds, up: &TestUpstream, redis: Redis<'_>, prefix: &str) -> GatewayConfig {
+    let c = GatewayConfig::new()
+        .credentials(creds)
+        .admin("admin-test-token-0123456789abcdef")
+        .route(RouteSpec::new("api", "/api/").to(up).authenticated())
+        .shared_state("key_prefix", &format!("\"{prefix}\""))
+        .shared_state("op_timeout", "200ms");
+    match redis {
+        Redis::One(url) => c.shared_state("redis", url),
+        Redis::Cluster(urls) => c.shared_state("redis_cluster", &format!("[{}]", urls.join(", "))),
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Redis<'a> {
+    One(&'a str),
+    Cluster(&'a [String]),
+}
+
+async fn signed(client: &H1, gw: &GatewayProcess, key: &HmacKey, ts: i64, target: &str) -> Reply {
+    client
+        .request("GET", &format!("http://{}{target}", gw.addr()), &key.headers_at(ts, "GET", target, b""), Vec::new())
+        .await
+}
+
+async fn start_fleet(config: &GatewayConfig, n: usize) -> Vec<GatewayProcess> {
+    let mut fleet = Vec::new();
+    for _ in 0..n {
+        fleet.push(GatewayProcess::serve(config).await);
+    }
+    fleet
+}
+
+/// A signature accepted by one gateway is refused by the two others; 1,000 distinct
+/// signatures round-robin over the three are each accepted exactly once.
+async fn replay_is_refused_fleet_wide(redis: Redis<'_>) {
+    let up = TestUpstream::start().await;
+    let mut creds = Creds::new();
+    let key = creds.hmac_user("signer");
+    let config = fleet_config(&creds, &up, redis, &redis::unique_prefix("replay"));
+    // 2,000 replays are 2,000 failed authentications from one client address.
+    let fleet = start_fleet(&config.rate_limit(10_000, 10_000).failed_per_ip_per_minute(100_000), 3).await;
+    let client = H1::new();
+    let now = crate::support::creds::unix_now();
+
+    let first = signed(&client, &fleet[0], &key, now, "/api/once").await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    for gw in &fleet[1..] {
+        assert_unauthorized(&signed(&client, gw, &key, now, "/api/once").await, "Replayed request");
+    }
+    assert_unauthorized(&signed(&client, &fleet[0], &key, now, "/api/once").await, "Replayed request");
+    assert_eq!(up.count(), 1, "the upstream saw a replay");
+
+    // 1,000 distinct signatures, each sent to all three gateways (its own first).
+    let mut accepted = 0;
+    for i in 0..1000 {
+        let target = format!("/api/n/{i}");
+        for j in 0..3 {
+            let gw = &fleet[(i + j) % 3];
+            let r = signed(&client, gw, &key, now, &target).await;
+            match (j, r.status.as_u16()) {
+                (0, 200) => accepted += 1,
+                (0, s) => panic!("signature {i} refused by its first gateway: {s} {}", r.text()),
+                (_, 401) => drop(assert_unauthorized(&r, "Replayed request")),
+                (_, s) => panic!("replay of signature {i} answered {s}: {}", r.text()),
+            };
+        }
+    }
+    assert_eq!(accepted, 1000);
+    assert_eq!(up.count(), 1001, "every signature forwarded exactly once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signature_accepted_by_one_gateway_is_refused_by_every_other() {
+    let port = redis::shared().await;
+    let url = format!("redis://127.0.0.1:{port}");
+    replay_is_refused_fleet_wide(Redis::One(&url)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signature_accepted_by_one_gateway_is_refused_by_every_other_on_a_redis_cluster() {
+    let cluster = RedisCluster::start().await;
+    replay_is_refused_fleet_wide(Redis::Cluster(&cluster.urls())).await;
+}
+
+/// Drives `key` at 40 requests a second for 10 s, round-robin over `gateways`; returns
+/// how many were admitted and checks that `X-RateLimit-Remaining` only falls until the
+/// first refusal (the burst being spent).
+async fn drive(gateways: &[String], key: &ApiKey) -> usize {
+    let client = H1::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(25));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let (mut admitted, mut refused_yet, mut last_remaining) = (0, false, u32::MAX);
+    for i in 0..400 {
+        tick.tick().await;
+        let url = format!("{}/api/drive", gateways[i % gateways.len()]);
+        let r = client.get_with(&url, &[("x-api-key", key.token.as_str())]).await;
+        match r.status.as_u16() {
+            200 => {
+                admitted += 1;
+                let remaining: u32 = r.header("x-ratelimit-remaining").parse().unwrap();
+                if !refused_yet {
+                    assert!(
+                        remaining <= last_remaining,
+                        "X-RateLimit-Remaining rose within the burst: {last_remaining} → {remaining}"
+                    );
+                }
+                last_remaining = remaining;
+            }
+            429 => {
+                assert_error(&r, 429, "rate_limit_error", "Rate limit exceeded");
+                refused_yet = true;
+            }
+            s => panic!("{s}: {}", r.text()),
+        }
+    }
+    admitted
+}
+
+/// One key at 20 req/s (burst 20) driven at twice that for 10 s: three gateways sharing
+/// Redis admit what one gateway alone admits, within 10 %.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_limit_holds_for_the_fleet_as_for_one_gateway() {
+    let up = TestUpstream::start().await;
+    let mut creds = Creds::new();
+    let key = creds.api_user("limited");
+    let alone = GatewayConfig::new()
+        .credentials(&creds)
+        .route(RouteSpec::new("api", "/api/").to(&up).authenticated())
+        .rate_limit(20, 20);
+    let one = GatewayProcess::serve(&alone).await;
+    let single = drive(&[one.url("")], &key).await;
+    drop(one);
+
+    let port = redis::shared().await;
+    let url = format!("redis://127.0.0.1:{port}");
+    let config = fleet_config(&creds, &up, Redis::One(&url), &redis::unique_prefix("limit")).rate_limit(20, 20);
+    let fleet = start_fleet(&config, 3).await;
+    let urls: Vec<String> = fleet.iter().map(|g| g.url("")).collect();
+    let shared = drive(&urls, &key).await;
+    println!("admitted in 10 s at 40 req/s: one gateway {single}, three sharing Redis {shared} (limit 20/s, burst 20)");
+    let ratio = shared as f64 / single as f64;
+    assert!((0.9..=1.1).contains(&ratio), "three gateways admitted {shared}, one alone {single} ({ratio:.3}×)");
+}
+
+/// Usage of one key spread over three gateways is summed in Redis, read the same from
+/// any gateway's admin API, and outlives the replacement of every gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_is_summed_over_the_fleet_and_survives_replacing_every_gateway() {
+    let up = TestUpstream::start().await;
+    let mut creds = Creds::new();
+    let key = creds.api_user("counted");
+    let port = redis::shared().await;
+    let url = format!("redis://127.0.0.1:{port}");
+    let config = fleet_config(&creds, &up, Redis::One(&url), &redis::unique_prefix("usage"));
+    let fleet = start_fleet(&config, 3).await;
+    let client = H1::new();
+    const N: u64 = 61;
+    let mut before_last = 0;
+    for i in 0..N as usize {
+        if i == N as usize - 1 {
+            before_last = crate::support::creds::unix_now();
+        }
+        let r = client.get_with(&fleet[i % 3].url("/api/u"), &[("x-api-key", key.token.as_str())]).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let after_last = crate::support::creds::unix_now();
+    let usage_path = "/admin/v1/users/counted/usage";
+    // Each gateway flushes every second: wait until every count has reached Redis.
+    for gw in &fleet {
+        within(STEP, "every gateway's counts in Redis", async {
+            while gw.admin().get(usage_path).await.json()["requests"] != N {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+    }
+    let last_used = |v: &serde_json::Value| {
+        let t = v["last_used_at"].as_str().unwrap().to_string();
+        time::OffsetDateTime::parse(&t, &time::format_description::well_known::Rfc3339).unwrap().unix_timestamp()
+    };
+    let seen = last_used(&fleet[0].admin().get(usage_path).await.json());
+    assert!(
+        (before_last..=after_last).contains(&seen),
+        "last_used_at {seen} is not the last request's ({before_last}..={after_last})"
+    );
+
+    // Replace every gateway (a rolling restart that ends with none of the old pods).
+    let written: Vec<_> = fleet.into_iter().map(GatewayProcess::into_written).collect();
+    let mut again = Vec::new();
+    for w in written {
+        again.push(GatewayProcess::serve_written(w, &[], &[]).await);
+    }
+    for gw in &again {
+        let v = gw.admin().get(usage_path).await.json();
+        assert_eq!(v["requests"], N, "{v}");
+        assert_eq!(last_used(&v), seen);
+    }
+}
+
+/// Scrapes one series from a gateway's metrics (0 when absent).
+async fn metric(gw: &GatewayProcess, series: &str) -> f64 {
+    let text = gw.admin().get("/metrics").await.text();
+    crate::observability_support::value(&text, series).unwrap_or(0.0)
+}
+
+/// Redis hangs mid-traffic: signed requests get the 503 body without waiting more than
+/// the operation timeout, API-key requests keep flowing under per-process limits (the
+/// key's limit divided by the gateways alive), the metrics say so; when Redis answers
+/// again the gateways go back to shared mode by themselves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_redis_fails_signed_requests_closed_and_keeps_api_keys_flowing_under_local_limits() {
+    let server = RedisServer::start().await;
+    let up = TestUpstream::start().await;
+    let mut creds = Creds::new();
+    let signer = creds.hmac_user("signer");
+    let key = creds.api_user("reader");
+    // 3 req/s, burst 30: divided by three gateways, 1 req/s and a burst of 10 each.
+    let config = fleet_config(&creds, &up, Redis::One(&server.url()), "fault:").rate_limit(3, 30);
+    let fleet = start_fleet(&config, 3).await;
+    let client = H1::new();
+    let now = crate::support::creds::unix_now();
+    assert_eq!(signed(&client, &fleet[0], &signer, now, "/api/before").await.status, 200);
+    // Each gateway counts the fleet at its heartbeat (every second).
+    within(STEP, "the first gateway to count three", async {
+        while metric(&fleet[0], "gatehouse_shared_state_gateways").await != 3.0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+
+    server.pause();
+    let started = Instant::now();
+    let r = within(STEP, "a signed request while Redis hangs", signed(&client, &fleet[0], &signer, now, "/api/during"))
+        .await;
+    let waited = started.elapsed();
+    assert_error(&r, 503, "shared_state_unavailable", "Replay protection is unavailable; retry with a new signature");
+    assert_eq!(r.header("retry-after"), "1");
+    println!("first signed request during the hang answered in {waited:?} (op_timeout 200ms)");
+    // The breaker is open now: the next ones do not wait at all, and still fail closed.
+    for gw in &fleet[..1] {
+        let r = signed(&client, gw, &signer, now, "/api/during2").await;
+        assert_error(
+            &r,
+            503,
+            "shared_state_unavailable",
+            "Replay protection is unavailable; retry with a new signature",
+        );
+    }
+    let forwarded = up.count();
+    let mut admitted = 0;
+    for _ in 0..15 {
+        let r = client.get_with(&fleet[0].url("/api/k"), &[("x-api-key", key.token.as_str())]).await;
+        match r.status.as_u16() {
+            200 => admitted += 1,
+            429 => drop(assert_error(&r, 429, "rate_limit_error", "Rate limit exceeded")),
+            s => panic!("{s}: {}", r.text()),
+        }
+    }
+    assert!((10..=12).contains(&admitted), "local fallback admitted {admitted} of 15 (burst 30 / 3 gateways = 10)");
+    assert_eq!(up.count(), forwarded + admitted, "no signed request reached the upstream during the hang");
+    assert_eq!(metric(&fleet[0], "gatehouse_shared_state_up").await, 0.0);
+    assert!(metric(&fleet[0], "gatehouse_shared_state_fallbacks_total{reason=\"replay_rejected\"}").await >= 2.0);
+    assert!(metric(&fleet[0], "gatehouse_shared_state_fallbacks_total{reason=\"rate_limit_local\"}").await >= 15.0);
+    assert_eq!(fleet[0].count_logged("shared state unavailable"), 1, "one log line per outage, not per request");
+
+    server.resume();
+    for gw in &fleet {
+        within(Duration::from_secs(5), "shared mode again within 5 s", async {
+            while metric(gw, "gatehouse_shared_state_up").await != 1.0 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+    }
+    let fresh = crate::support::creds::unix_now();
+    assert_eq!(signed(&client, &fleet[1], &signer, fresh, "/api/after").await.status, 200);
+    assert_unauthorized(&signed(&client, &fleet[2], &signer, fresh, "/api/after").await, "Replayed request");
+    // A signature accepted before the hang is still refused everywhere after it.
+    assert_unauthorized(&signed(&client, &fleet[2], &signer, now, "/api/before").await, "Replayed request");
+    fleet[0].logged("shared state available again", 1).await;
+}
+
+/// Redis killed and started again empty: a signature accepted before is not accepted
+/// after, by any gateway, while it is inside its window (Redis cannot vouch for it, so
+/// the replay fallback decides: here `reject`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_comes_back_empty_cannot_be_used_to_replay_an_earlier_signature() {
+    let mut server = RedisServer::start().await;
+    let up = TestUpstream::start().await;
+    let mut creds = Creds::new();
+    let signer = creds.hmac_user("signer");
+    let config = fleet_config(&creds, &up, Redis::One(&server.url()), "lost:").auth_hmac("max_skew", "3s");
+    let fleet = start_fleet(&config, 2).await;
+    let client = H1::new();
+    let then = crate::support::creds::unix_now();
+    assert_eq!(signed(&client, &fleet[0], &signer, then, "/api/x").await.status, 200);
+
+    server.restart().await;
+    for gw in &fleet {
+        within(STEP, "the gateway to find Redis without its data", async {
+            while metric(gw, "gatehouse_shared_state_data_lost_total").await < 1.0 {
+                // Traffic is what finds the dead connection (the heartbeat would too).
+                let _ = client.get_with(&gw.url("/api/ping"), &[("x-api-key", "nope")]).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+    }
+    let seen = up.count();
+    for gw in &fleet {
+        let r = signed(&client, gw, &signer, then, "/api/x").await;
+        assert_ne!(r.status, 200, "a replay was accepted after Redis lost its records");
+        if crate::support::creds::unix_now() - then <= 3 {
+            assert_error(
+                &r,
+                503,
+                "shared_state_unavailable",
+                "Replay protection is unavailable; retry with a new signature",
+            );
+        }
+    }
+    assert_eq!(up.count(), seen);
+    // Once the window of everything signed before the loss has passed, signing works again.
+    within(STEP, "fresh signatures to be accepted after the window", async {
+        loop {
+            let r = signed(&client, &fleet[1], &signer, crate::support::creds::unix_now(), "/api/y").await;
+            if r.status == 200 {
+                return;
+            }
+            assert_error(
+                &r,
+                503,
+                "shared_state_unavailable",
+                "Replay protection is unavailable; retry with a new signature",
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+}
+
+/// Redis refusing the password, nothing at the URL, or TLS against a plain Redis: both
+/// `check-config` and `serve` stop with exit 78 and the reason — never the password —
+/// and `serve` listens on nothing. The right password passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_cannot_be_used_stops_start_up_with_the_reason() {
+    use crate::support::process::run_cli_with;
+    let server = RedisServer::start_with(&["--requirepass", "the-right-redis-password"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = crate::support::free_port();
+    let closed = crate::support::free_port();
+    let config = |redis: &str| {
+        let yaml = format!(
+            "listeners:\n  - address: 127.0.0.1:{port}\nshared_state:\n  redis: {redis}\n  password_env: GH_TEST_REDIS_PASSWORD\nroutes: []\n"
+        );
+        let path = dir.path().join("gatehouse.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        path.display().to_string()
+    };
+    let wrong = [("GH_TEST_REDIS_PASSWORD", "a-wrong-password-for-redis")];
+    let cases = [
+        (server.url(), &wrong, "Password authentication failed"),
+        (format!("redis://127.0.0.1:{closed}"), &wrong, "Connection refused"),
+        (format!("rediss://127.0.0.1:{}", server.port), &wrong, "cannot use Redis at rediss://127.0.0.1"),
+    ];
+    for (url, env, reason) in cases {
+        let path = config(&url);
+        for command in ["check-config", "serve"] {
+            let out = run_cli_with(&[], env.as_slice(), &["--log-format", "json", command, "--config", &path]).await;
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(78), "{command} with {url}:\n{stderr}");
+            assert!(
+                stderr.contains("shared_state: cannot use Redis at") && stderr.contains(reason),
+                "{command} with {url}: no {reason:?} in:\n{stderr}"
+            );
+            assert!(!stderr.contains("a-wrong-password"), "the password is in the message:\n{stderr}");
+            assert!(!stderr.contains("\"listening\""), "{command} listened:\n{stderr}");
+        }
+        assert!(crate::support::connection_refused(std::net::SocketAddr::from(([127, 0, 0, 1], port))).await);
+    }
+    // An unset password variable is a configuration error with its line.
+    let path = config(&server.url());
+    let out = run_cli_with(&[], &[], &["check-config", "--config", &path]).await;
+    assert_eq!(out.status.code(), Some(78));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains(":5:17: shared_state.password_env: environment variable GH_TEST_REDIS_PASSWORD is not set"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The right one passes.
+    let out = run_cli_with(
+        &[],
+        &[("GH_TEST_REDIS_PASSWORD", "the-right-redis-password")],
+        &["check-config", "--config", &path],
+    )
+    .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains(&format!("ok (shared state in Redis at {})", server.url())), "{stdout}");
+}
+
+/// A flood of unknown keys writes to Redis only up to the client's failed-auth budget:
+/// after that the gateway refuses the client itself. Every key Gatehouse wrote is under
+/// its prefix, and none holds a secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_bad_credentials_cannot_fill_redis_and_every_key_is_under_the_prefix() {
+    let server = RedisServer::start().await;
+    let up = TestUpstream::start().await;
+    let mut creds = Creds::new();
+    let signer = creds.hmac_user("signer");
+    let key = creds.api_user("reader");
+    let config = fleet_config(&creds, &up, Redis::One(&server.url()), "flood:").failed_per_ip_per_minute(10);
+    let gw = GatewayProcess::serve(&config).await;
+    let client = H1::new();
+    // Real traffic first (the flood blocks this client).
+    assert_eq!(client.get_with(&gw.url("/api/ok"), &[("x-api-key", key.token.as_str())]).await.status, 200);
+    // A forged signature never reaches the replay records either.
+    let now = crate::support::creds::unix_now();
+    let mut forged = signer.headers_at(now, "GET", "/api/x", b"");
+    forged[2].1 = "0".repeat(64);
+    let _ = client.request("GET", &gw.url("/api/x"), &forged, Vec::new()).await;
+
+    for i in 0..200 {
+        let r = client.get_with(&gw.url("/api/x"), &[("x-api-key", format!("ghk_unknown{i}").as_str())]).await;
+        assert!(r.status == 401 || r.status == 429, "{}", r.status);
+    }
+    // 10 failures fit the budget, the 11th finds it spent; then the gateway refuses the
+    // client itself.
+    let charged = metric(&gw, "gatehouse_shared_state_op_duration_seconds_count{op=\"failed_auth\"}").await;
+    assert_eq!(charged, 11.0, "200 bad requests from one client made {charged} Redis writes");
+    assert_eq!(server.cli(&["--scan", "--pattern", "flood:{ip:*"]).await.lines().count(), 1);
+    // Every key in Redis: under the prefix, and no secret among them.
+    let keys = server.cli(&["--scan"]).await;
+    let keys: Vec<&str> = keys.lines().collect();
+    assert!(!keys.is_empty());
+    for k in &keys {
+        assert!(k.starts_with("flood:{"), "a key outside the prefix: {k}");
+        assert!(!k.contains(&key.token) && !k.contains(&signer.secret), "a secret in a key name: {k}");
+    }
+    assert!(!keys.iter().any(|k| k.contains(":sig:")), "a forged signature was recorded: {keys:?}");
+    let dump = server.cli(&["--no-raw", "hgetall", "flood:{fleet}:usage"]).await;
+    assert!(!dump.contains(&key.token) && !dump.contains("ghk_"), "{dump}");
+}

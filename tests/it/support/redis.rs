@@ -1,0 +1,201 @@
+//! Real `redis-server` processes on ephemeral 127.0.0.1 ports: one shared by the tests
+//! that only need a Redis (each with its own key prefix), and private ones for tests that
+//! stop, restart or cluster them. `.ci/run` installs Redis; a missing one fails the test.
+
+use super::{STEP, within};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use tempfile::TempDir;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+fn which(name: &str) -> PathBuf {
+    for dir in ["/usr/bin", "/usr/local/bin", "/usr/sbin"] {
+        let p = Path::new(dir).join(name);
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("{name} is not installed: `.ci/run` installs it (apt-get install redis-server redis-tools)");
+}
+
+/// One `redis-server`. Killed when dropped.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+    dir: TempDir,
+    extra: Vec<String>,
+}
+
+impl RedisServer {
+    /// A standalone server without persistence.
+    pub async fn start() -> RedisServer {
+        Self::start_with(&[]).await
+    }
+
+    /// A server with extra `redis-server` arguments (e.g. `--appendonly yes`).
+    pub async fn start_with(extra: &[&str]) -> RedisServer {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = RedisServer {
+            port: super::free_port(),
+            child: None,
+            dir,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        r.spawn().await;
+        r
+    }
+
+    /// Starts the process and waits for its "Ready to accept connections" line.
+    async fn spawn(&mut self) {
+        let mut c = Command::new(which("redis-server"));
+        c.arg("--port")
+            .arg(self.port.to_string())
+            .args(["--bind", "127.0.0.1", "--save", "", "--daemonize", "no", "--protected-mode", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args(&self.extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = c.spawn().unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut seen = String::new();
+        let ready = within(STEP, "redis-server to accept connections", async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                seen.push_str(&line);
+                seen.push('\n');
+                if line.contains("Ready to accept connections") {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        assert!(ready, "redis-server on port {} did not start:\n{seen}", self.port);
+        // Keep draining its output so it never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        self.child = Some(child);
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL, and waits for the process to be gone.
+    pub async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().await.unwrap();
+        }
+    }
+
+    /// Starts it again on the same port and directory (with `--appendonly yes` the data
+    /// written before comes back).
+    pub async fn restart(&mut self) {
+        self.kill().await;
+        self.spawn().await;
+    }
+
+    /// SIGSTOP: the process keeps its port but answers nothing (a hung Redis).
+    pub fn pause(&self) {
+        signal(self.child.as_ref().unwrap(), "STOP");
+    }
+
+    /// SIGCONT after [`RedisServer::pause`].
+    pub fn resume(&self) {
+        signal(self.child.as_ref().unwrap(), "CONT");
+    }
+
+    /// `redis-cli -p PORT ARGS…`, its stdout.
+    pub async fn cli(&self, args: &[&str]) -> String {
+        cli(self.port, args).await
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let pid = child.id().unwrap().to_string();
+    let ok = std::process::Command::new("kill").args([&format!("-{sig}"), &pid]).status().unwrap().success();
+    assert!(ok, "kill -{sig} {pid}");
+}
+
+/// `redis-cli -p PORT ARGS…`, its stdout.
+pub async fn cli(port: u16, args: &[&str]) -> String {
+    let out =
+        within(STEP, "redis-cli", Command::new(which("redis-cli")).arg("-p").arg(port.to_string()).args(args).output())
+            .await
+            .unwrap();
+    assert!(out.status.success(), "redis-cli {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The Redis every test of this binary may share. Tests keep apart by key prefix.
+pub async fn shared() -> u16 {
+    static PORT: OnceLock<u16> = OnceLock::new();
+    static SERVER: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    SERVER
+        .get_or_init(|| async {
+            // Started on a runtime of its own that lives as long as the test binary: each
+            // test's runtime ends with its test, and the server must outlive them all.
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                rt.block_on(async {
+                    let server = RedisServer::start().await;
+                    tx.send(server.port).unwrap();
+                    std::future::pending::<()>().await;
+                    drop(server);
+                });
+            });
+            PORT.set(rx.recv().unwrap()).unwrap();
+        })
+        .await;
+    *PORT.get().unwrap()
+}
+
+/// A key prefix no other test uses.
+pub fn unique_prefix(test: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!("t{}:{test}:", N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A three-node Redis Cluster (masters only), created with `redis-cli --cluster create`.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub async fn start() -> RedisCluster {
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            nodes.push(
+                RedisServer::start_with(&["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]).await,
+            );
+        }
+        let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        let mut args = vec!["--cluster", "create"];
+        args.extend(addrs.iter().map(String::as_str));
+        args.push("--cluster-yes");
+        cli(nodes[0].port, &args).await;
+        // `--cluster create` returns once slots are assigned; wait for every node to agree.
+        within(STEP, "the cluster to become ok", async {
+            loop {
+                let mut ok = true;
+                for n in &nodes {
+                    ok &= n.cli(&["cluster", "info"]).await.contains("cluster_state:ok");
+                }
+                if ok {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        RedisCluster { nodes }
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+}
