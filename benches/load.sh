@@ -18,8 +18,14 @@
 #   ROUNDS=1 DURATION=5s bash benches/load.sh # a quick look
 #   USERS=100000 bash benches/load.sh         # the large-snapshot figure
 #
-# Settings: USERS=1000, SKIP_BUILD=0, GATEWAY_PORT=18090, BASE_PORT=18080 (the upstream), plus
-# every setting of benches/peers.sh (DURATION, ROUNDS, CONNS, …), passed through.
+#   4. with SHARED=1 (the default): starts redis-server (Debian's; installed when missing) and
+#      the same gateway a second time with `shared_state:` in it (rows shared-key, shared-hmac);
+#      afterwards prints Redis's own count of commands per request it served (INFO
+#      commandstats over the usage it recorded) and its CPU time.
+#
+# Settings: USERS=1000, SKIP_BUILD=0, GATEWAY_PORT=18090, SHARED_PORT=18091, REDIS_PORT=18092,
+# BASE_PORT=18080 (the upstream), SHARED=1, plus every setting of benches/peers.sh (DURATION,
+# ROUNDS, CONNS, …), passed through.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -28,6 +34,9 @@ USERS=${USERS:-1000}
 SKIP_BUILD=${SKIP_BUILD:-0}
 BASE_PORT=${BASE_PORT:-18080}
 GATEWAY_PORT=${GATEWAY_PORT:-18090}
+SHARED_PORT=${SHARED_PORT:-18091}
+REDIS_PORT=${REDIS_PORT:-18092}
+SHARED=${SHARED:-1}
 export ROUNDS=${ROUNDS:-3} BASE_PORT
 BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/gatehouse
 
@@ -42,7 +51,12 @@ if [ "$SKIP_BUILD" != 1 ]; then
 fi
 
 WORK=$(mktemp -d /tmp/gatehouse-peers.XXXXXX)
-[ "${KEEP_WORK:-0}" = 1 ] || trap 'rm -rf "$WORK"' EXIT
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+  [ "${KEEP_WORK:-0}" = 1 ] || rm -rf "$WORK"
+}
+trap cleanup EXIT
 CREDS=$WORK/credentials.yaml
 source "$ROOT/benches/common.sh"
 
@@ -60,9 +74,51 @@ bench_config "$WORK/gatehouse.yaml" bench "$GATEWAY_PORT" "$BASE_PORT" "" "auth:
     replay_cache_entries: 3000000"
 "$BIN" check-config --config "$WORK/gatehouse.yaml" >/dev/null
 
+SHARED_ENV=()
+if [ "$SHARED" = 1 ]; then
+  if ! command -v redis-server >/dev/null 2>&1; then
+    [ "$(id -u)" = 0 ] || { log "redis-server is missing: install it, run as root, or SHARED=0"; exit 1; }
+    log "installing redis-server (Debian)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server redis-tools >/dev/null
+  fi
+  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --daemonize no \
+    --dir "$WORK" >"$WORK/redis.log" 2>&1 &
+  REDIS_PID=$!
+  PIDS+=("$REDIS_PID")
+  for _ in $(seq 50); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+  bench_config "$WORK/gatehouse-shared.yaml" shared "$SHARED_PORT" "$BASE_PORT" "" "shared_state:
+  redis: redis://127.0.0.1:$REDIS_PORT
+  key_prefix: \"bench:\""
+  # Its own audit log: two processes appending to one file would interleave.
+  sed -i "s#$WORK/audit.log#$WORK/audit-shared.log#" "$WORK/gatehouse-shared.yaml"
+  "$BIN" check-config --config "$WORK/gatehouse-shared.yaml" >/dev/null
+  # A known admin port, to read its operation counts after the run.
+  SHARED_ADMIN_PORT=$(bench_free_port)
+  sed -i "s#^  address: 127.0.0.1:0#  address: 127.0.0.1:$SHARED_ADMIN_PORT#" "$WORK/gatehouse-shared.yaml"
+  "$BIN" --log-format json serve --config "$WORK/gatehouse-shared.yaml" >"$WORK/shared.log" 2>&1 &
+  SHARED_PID=$!
+  PIDS+=("$SHARED_PID")
+  for _ in $(seq 100); do grep -q '"admin listening"' "$WORK/shared.log" && break; sleep 0.1; done
+  grep -q '"admin listening"' "$WORK/shared.log" || { tail -n 20 "$WORK/shared.log" >&2; exit 1; }
+  redis-cli -p "$REDIS_PORT" config resetstat >/dev/null
+  SHARED_ENV=(SHARED_URL=http://127.0.0.1:$SHARED_PORT SHARED_PID=$SHARED_PID)
+fi
+
 log "running $PEERS (ROUNDS=$ROUNDS)"
+env "${SHARED_ENV[@]}" \
 GATEWAY_URL=http://127.0.0.1:$GATEWAY_PORT GATEWAY_KEY=$KEY \
   GATEWAY_HMAC_KEY_ID=$HMAC_ID GATEWAY_HMAC_SECRET=$HMAC_SECRET \
   GATEWAY_CMD="$BIN --log-format json serve --config $WORK/gatehouse.yaml" \
   bash "$PEERS"
 log "audit log: $(wc -l <"$WORK/audit.log") records"
+if [ "$SHARED" = 1 ]; then
+  # Round trips: the shared gateway's own count of Redis operations (each one round trip),
+  # heartbeats and usage flushes included, over the requests it served.
+  curl -s "http://127.0.0.1:$SHARED_ADMIN_PORT/metrics" >"$WORK/shared.metrics"
+  served=$(awk '/^gatehouse_requests_total/ { n += $NF } END { print n + 0 }' "$WORK/shared.metrics")
+  ops=$(awk '/^gatehouse_shared_state_op_duration_seconds_count/ { n += $NF } END { print n + 0 }' "$WORK/shared.metrics")
+  grep '^gatehouse_shared_state_op_duration_seconds_count' "$WORK/shared.metrics" | sed 's/^/[load]   /' >&2
+  redis_cpu=$(awk '{ printf "%.1f", ($14 + $15) / '"$(getconf CLK_TCK)"' }' "/proc/$REDIS_PID/stat")
+  log "redis: $ops operations for $served requests served in shared mode = $(awk -v c="$ops" -v s="$served" 'BEGIN { printf "%.4f", s ? c / s : 0 }') round trips per request; redis-server CPU ${redis_cpu}s"
+  redis-cli -p "$REDIS_PORT" info commandstats | tr -d '\r' | grep -E '^cmdstat_(evalsha|eval|set):' | sed 's/^/[load]   /' >&2
+fi

@@ -58,6 +58,8 @@
 #   SKIP_INSTALL=0      1: never call apt-get
 #   KEEP_WORK=0         1: keep the temp dir (configs, wrk outputs, results.tsv)
 #   RESULTS_OUT=        also copy the final table to this file
+#   SHARED_URL= SHARED_CMD= SHARED_PID=   a second gateway (the same binary with shared_state:
+#                       in Redis), measured as shared-key / shared-hmac with the GATEWAY_* keys
 set -uo pipefail
 
 DURATION=${DURATION:-10s}
@@ -86,6 +88,9 @@ GATEWAY_HMAC_KEY_ID=${GATEWAY_HMAC_KEY_ID:-}
 GATEWAY_HMAC_SECRET=${GATEWAY_HMAC_SECRET:-}
 GATEWAY_CMD=${GATEWAY_CMD:-}
 GATEWAY_PID=${GATEWAY_PID:-}
+SHARED_URL=${SHARED_URL:-}
+SHARED_CMD=${SHARED_CMD:-}
+SHARED_PID=${SHARED_PID:-}
 
 UPSTREAM_PORT=$BASE_PORT
 KEY_PORT=$((BASE_PORT + 1))
@@ -118,6 +123,13 @@ if [ -n "$GATEWAY_URL" ]; then
   GATEWAY_URL=${GATEWAY_URL%/}
   [ -n "$GATEWAY_KEY" ] || [ -n "$GATEWAY_HMAC_KEY_ID" ] || die "GATEWAY_URL needs GATEWAY_KEY and/or GATEWAY_HMAC_KEY_ID + GATEWAY_HMAC_SECRET"
   if [ -n "$GATEWAY_HMAC_KEY_ID" ] && [ -z "$GATEWAY_HMAC_SECRET" ]; then die "GATEWAY_HMAC_KEY_ID needs GATEWAY_HMAC_SECRET"; fi
+fi
+
+if [ -n "$SHARED_URL" ]; then
+  [[ "$SHARED_URL" =~ ^http://127\.0\.0\.1:([0-9]+)/?$ ]] || die "SHARED_URL must be http://127.0.0.1:PORT"
+  SHARED_PORT=${BASH_REMATCH[1]}
+  SHARED_URL=${SHARED_URL%/}
+  [ -n "$GATEWAY_URL" ] || die "SHARED_URL needs GATEWAY_URL (its keys are the same)"
 fi
 
 # ---------------------------------------------------------------- 1. install (idempotent)
@@ -433,6 +445,20 @@ elif [ -n "$GATEWAY_URL" ]; then
   log "gateway at $GATEWAY_URL (pid ${GATEWAY_PID:-unknown: its CPU is not reported})"
 fi
 
+if [ -n "$SHARED_URL" ] && [ -z "$SHARED_CMD" ]; then
+  port_in_use "$SHARED_PORT" || die "nothing listens on $SHARED_URL"
+  [ -n "$SHARED_PID" ] || die "SHARED_URL without SHARED_CMD needs SHARED_PID"
+fi
+if [ -n "$SHARED_CMD" ]; then
+  [ -n "$SHARED_URL" ] || die "SHARED_CMD needs SHARED_URL"
+  port_in_use "$SHARED_PORT" && die "127.0.0.1:$SHARED_PORT is in use before SHARED_CMD started"
+  bash -c "exec $SHARED_CMD" > "$WORK/shared.log" 2>&1 &
+  SHARED_PID=$!
+  STARTED_PIDS+=("$SHARED_PID")
+  wait_port "$SHARED_PORT" 60 || { tail -n 20 "$WORK/shared.log" >&2; die "shared-state gateway did not listen on $SHARED_PORT within 60 s"; }
+  log "shared-state gateway started: pid $SHARED_PID (its output: $WORK/shared.log)"
+fi
+
 # ---------------------------------------------------------------- helpers: signing, CPU, wrk
 sign() { # secret ts method path [bodyfile]
   python3 - "$@" <<'PY'
@@ -686,9 +712,11 @@ all_targets() {
   bench_target nginx-hmac "$PEER_PID" "http://127.0.0.1:$HMAC_PORT" hmac "$PEER_HMAC_ID" "$PEER_HMAC_SECRET"
   if [ -n "$GATEWAY_URL" ] && [ -n "$GATEWAY_KEY" ]; then
     bench_target gateway-key "$GATEWAY_PID" "$GATEWAY_URL$BENCH_PATH" key "X-API-Key: $GATEWAY_KEY"
+    [ -n "$SHARED_URL" ] && bench_target shared-key "$SHARED_PID" "$SHARED_URL$BENCH_PATH" key "X-API-Key: $GATEWAY_KEY"
   fi
   if [ -n "$GATEWAY_URL" ] && [ -n "$GATEWAY_HMAC_KEY_ID" ]; then
     bench_target gateway-hmac "$GATEWAY_PID" "$GATEWAY_URL" hmac "$GATEWAY_HMAC_KEY_ID" "$GATEWAY_HMAC_SECRET"
+    [ -n "$SHARED_URL" ] && bench_target shared-hmac "$SHARED_PID" "$SHARED_URL" hmac "$GATEWAY_HMAC_KEY_ID" "$GATEWAY_HMAC_SECRET"
   fi
   return 0
 }
@@ -741,6 +769,8 @@ report() {
     if (has("direct-lua", "load") && has("gateway-hmac", "load")) printf "gateway-hmac / direct-lua  = %.2f\n", M("rps", "gateway-hmac", "load") / M("rps", "direct-lua", "load")
     if (has("gateway-key", "load") && has("nginx-key", "load")) printf "gateway-key  / nginx-key   = %.2f throughput; proxy CPU %.1f vs %.1f us/req\n", M("rps", "gateway-key", "load") / M("rps", "nginx-key", "load"), M("cpx", "gateway-key", "load"), M("cpx", "nginx-key", "load")
     if (has("gateway-hmac", "load") && has("nginx-hmac", "load")) printf "gateway-hmac / nginx-hmac  = %.2f throughput; proxy CPU %.1f vs %.1f us/req\n", M("rps", "gateway-hmac", "load") / M("rps", "nginx-hmac", "load"), M("cpx", "gateway-hmac", "load"), M("cpx", "nginx-hmac", "load")
+    if (has("shared-key", "load") && has("gateway-key", "load")) printf "shared-key   / gateway-key = %.2f throughput (shared_state in Redis vs in process); proxy CPU %.1f vs %.1f us/req\n", M("rps", "shared-key", "load") / M("rps", "gateway-key", "load"), M("cpx", "shared-key", "load"), M("cpx", "gateway-key", "load")
+    if (has("shared-hmac", "load") && has("gateway-hmac", "load")) printf "shared-hmac  / gateway-hmac = %.2f throughput; proxy CPU %.1f vs %.1f us/req\n", M("rps", "shared-hmac", "load") / M("rps", "gateway-hmac", "load"), M("cpx", "shared-hmac", "load"), M("cpx", "gateway-hmac", "load")
     if (ng > 0) {
       printf "-- light load (wrk -t1 -c%d: no queueing; added = this target minus its direct row)\n", lc
       printf "%-13s %9s %8s %8s %8s %10s %10s\n", "target", "req/s", "p50 ms", "p90 ms", "p99 ms", "added p50", "added p99"
@@ -751,7 +781,9 @@ report() {
         printf "%-13s %9.0f %8.3f %8.3f %8.3f %s %s\n", l, M("rps", l, "light"), M("p50", l, "light"), M("p90", l, "light"), M("p99", l, "light"), ap50, ap99
       }
     }
-    for (k = 1; k <= nl; k++) if (lorder[k] ~ /^gateway/ && M("wraps", lorder[k], "load") > 0) printf "note: %s ran out of pre-signed requests: its repeats are replays (raise the sizing in run_signed)\n", lorder[k]
+    if (has("shared-key", "light") && has("gateway-key", "light")) printf "shared-key p50 at light load: %+.3f ms over gateway-key\n", M("p50", "shared-key", "light") - M("p50", "gateway-key", "light")
+    if (has("shared-hmac", "light") && has("gateway-hmac", "light")) printf "shared-hmac p50 at light load: %+.3f ms over gateway-hmac\n", M("p50", "shared-hmac", "light") - M("p50", "gateway-hmac", "light")
+    for (k = 1; k <= nl; k++) if (lorder[k] ~ /^(gateway|shared)/ && M("wraps", lorder[k], "load") > 0) printf "note: %s ran out of pre-signed requests: its repeats are replays (raise the sizing in run_signed)\n", lorder[k]
     print "CPU us/req: up = upstream nginx, proxy = the target under test, rest = wrk + kernel + anything else on the box."
     print "proxy MB: proportional set size (PSS) of the proxy process(es) at the end of the saturation run; the nginx rows are one instance serving all four peers."
   }' "$RESULTS"

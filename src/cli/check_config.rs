@@ -35,7 +35,7 @@ pub fn run(config_path: &Path) -> ExitCode {
     if let Some(shared) = &config.shared_state {
         // Reached the way `serve` reaches it: URL, TLS, AUTH and a first heartbeat.
         let reached = match super::runtime() {
-            Ok(rt) => rt.block_on(crate::shared::Shared::connect(shared, config.auth.max_skew)).map(|_| ()),
+            Ok(rt) => rt.block_on(crate::shared::Shared::connect_tool(shared)).map(|_| ()),
             Err(code) => return code,
         };
         match reached {

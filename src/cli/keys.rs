@@ -75,7 +75,11 @@ pub fn run(a: KeysArgs) -> ExitCode {
         }
         KeysCommand::List { user } => match ctx.store.read().and_then(|c| ops::user(&c, &user).map(ops::user_view)) {
             Ok(mut v) => {
-                crate::pipeline::usage::add_usage(&mut v, &crate::pipeline::usage::read_state(&ctx.usage));
+                let usage = match ctx.usage() {
+                    Ok(u) => u,
+                    Err(e) => return fail("keys list", e),
+                };
+                crate::pipeline::usage::add_usage(&mut v, &usage);
                 let keys = v["keys"].take();
                 Ok(print(json, &keys, || {
                     let mut out = format!(

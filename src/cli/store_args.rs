@@ -31,10 +31,27 @@ pub struct Ctx {
     pub store: Store,
     /// The usage state file (`usage_state` of the config, else beside the credentials).
     pub usage: PathBuf,
+    /// With `shared_state:` in the config, usage is the fleet's, in Redis.
+    shared: Option<crate::config::shared_state::SharedStateConfig>,
     audit: Option<AuditSink>,
 }
 
 impl Ctx {
+    /// Every key's usage: the fleet's from Redis with `shared_state:`, else the state file.
+    pub fn usage(&self) -> Result<std::collections::BTreeMap<String, crate::pipeline::usage::KeyUsageRecord>, String> {
+        let Some(cfg) = &self.shared else { return Ok(crate::pipeline::usage::read_state(&self.usage)) };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+        rt.block_on(async {
+            let shared = crate::shared::Shared::connect_tool(cfg).await.map_err(|e| e.to_string())?;
+            crate::pipeline::usage::read_shared(&shared)
+                .await
+                .map_err(|_| format!("shared_state: Redis at {} did not answer in time", cfg.describe()))
+        })
+    }
+
     /// Appends an admin record (actor `cli:<os user>`) to the audit file, when the config
     /// names one; a failure is a warning: the change is made.
     pub fn record(&self, command: &str, target: &str, changes: Value) {
@@ -75,14 +92,19 @@ impl StoreArgs {
         if let Some(path) = &self.credentials {
             let master = self.master_key.clone().unwrap_or_else(|| path.with_file_name("master.key"));
             let store = Store::new(path.clone(), master, RateLimitConfig::DEFAULT);
-            return Ok(Ctx { store, usage: crate::config::usage_state_path(path), audit: None });
+            return Ok(Ctx { store, usage: crate::config::usage_state_path(path), shared: None, audit: None });
         }
         let config = Config::load(&self.config).map_err(|e| e.to_string())?;
         let path = config
             .credentials
             .ok_or_else(|| format!("{} names no credentials file; pass --credentials PATH", self.config.display()))?;
         let usage = config.usage_state.unwrap_or_else(|| crate::config::usage_state_path(&path));
-        Ok(Ctx { store: Store::new(path, config.master_key, config.rate_limit), usage, audit: Some(config.audit_log) })
+        Ok(Ctx {
+            store: Store::new(path, config.master_key, config.rate_limit),
+            usage,
+            shared: config.shared_state,
+            audit: Some(config.audit_log),
+        })
     }
 }
 

@@ -153,7 +153,11 @@ pub fn run(a: UsersArgs) -> ExitCode {
             .map(|()| print(json, &serde_json::json!({"deleted": id}), changed("deleted", &id))),
         UsersCommand::Show { id } => match ctx.store.read().and_then(|c| ops::user(&c, &id).map(ops::user_view)) {
             Ok(mut v) => {
-                crate::pipeline::usage::add_usage(&mut v, &crate::pipeline::usage::read_state(&ctx.usage));
+                let usage = match ctx.usage() {
+                    Ok(u) => u,
+                    Err(e) => return fail("users show", e),
+                };
+                crate::pipeline::usage::add_usage(&mut v, &usage);
                 Ok(print(json, &v, || serde_json::to_string_pretty(&v).unwrap_or_default()))
             }
             Err(e) => Err(fail("users show", e)),

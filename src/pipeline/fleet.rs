@@ -2,8 +2,9 @@
 //! client IP's failed-authentication budget decided in Redis for the whole fleet, and
 //! what each becomes while Redis cannot answer.
 //!
-//! One round trip per authenticated request: the key's GCRA bucket and, for a signed
-//! request, its replay record, in one script. Failed authentications cost one round
+//! At most one round trip per authenticated request: the key's fleet-wide GCRA bucket is
+//! spent through this gateway's lease of it (`shared/lease.rs`), and a signed request's
+//! replay record is written with it. Failed authentications cost one round
 //! trip each until the IP is over budget; from then on this gateway refuses it locally
 //! (`check_ip`) without asking Redis, so a flood of bad keys cannot write to Redis
 //! beyond the budget.

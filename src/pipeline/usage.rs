@@ -171,6 +171,24 @@ impl Usage {
     }
 }
 
+impl From<UsageRow> for KeyUsageRecord {
+    fn from(r: UsageRow) -> KeyUsageRecord {
+        let last_used_at = (r.last_used > 0).then_some(r.last_used);
+        KeyUsageRecord {
+            user: r.user,
+            requests: r.requests,
+            errors: r.errors,
+            rate_limited: r.rate_limited,
+            last_used_at,
+        }
+    }
+}
+
+/// The fleet's usage as Redis holds it (for tools: gateways add their unflushed counts).
+pub async fn read_shared(shared: &Shared) -> Result<BTreeMap<String, KeyUsageRecord>, Unavailable> {
+    Ok(shared.read_usage().await?.into_iter().map(|(id, r)| (id, KeyUsageRecord::from(r))).collect())
+}
+
 impl Usage {
     /// What this gateway counted that is not yet in `sent`.
     fn unsent(&self, sent: &BTreeMap<String, KeyUsageRecord>) -> BTreeMap<String, UsageRow> {

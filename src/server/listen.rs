@@ -182,7 +182,11 @@ impl Server {
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_secs(60)).await;
-                pruned.rate_limits.prune(&pruned.credentials.snapshot());
+                let snap = pruned.credentials.snapshot();
+                pruned.rate_limits.prune(&snap);
+                if let Some(shared) = &pruned.shared {
+                    shared.prune_leases(|id| snap.by_id(id).is_some());
+                }
             }
         });
         let shared = Arc::new(Shared { gw, http: http_builder(&limits), limits });

@@ -3,36 +3,40 @@
 //! loaded on first use). Time is Redis's own (`TIME`): gateways' clocks may disagree, the
 //! one Redis clock cannot disagree with itself.
 
-/// GCRA (the algorithm of the in-process limiters) on one bucket, with an optional
-/// replay record first.
+/// GCRA (the algorithm of the in-process limiters) on one bucket, taking up to `n`
+/// requests at once (a gateway's lease, see `lease.rs`), and for a signed request its
+/// replay record.
 ///
 /// `KEYS[1]`: the bucket (its theoretical arrival time, microseconds); `KEYS[2]`, when
 /// given: the replay record of a signature.
 /// `ARGV[1]`: microseconds between requests at the sustained rate; `ARGV[2]`: burst;
-/// `ARGV[3]`: how long the replay record lives, milliseconds.
+/// `ARGV[3]`: how long the replay record lives, milliseconds; `ARGV[4]`: `n`.
 ///
-/// Returns `{1, remaining}` (admitted), `{0, wait_us}` (over the limit) or `{-1, 0}` (the
-/// signature was seen before). The replay record is written whether or not the bucket
-/// admits, as in process: a signature is spent once accepted as genuine.
-pub const ADMIT: &str = r"
+/// Returns `{granted, remaining}` (1 ≤ granted ≤ n; remaining: what the bucket still
+/// holds), `{0, wait_us}` (nothing to grant) or `{-1, 0}` (the signature was accepted
+/// before). A request over its limit records no signature (it was not accepted, and a key
+/// sending far over its limit must not fill Redis with records); a replay takes nothing.
+pub const TAKE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local step = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local want = tonumber(ARGV[4])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local free = math.floor((now + step * burst - tat) / step)
+if free < 1 then
+  return {0, tat + step - step * burst - now}
+end
 if #KEYS > 1 then
   if not redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[3]) then
     return {-1, 0}
   end
 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local step = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tat < now then tat = now end
-local new = tat + step
-local allow_at = new - step * burst
-if now < allow_at then
-  return {0, allow_at - now}
-end
+local n = math.min(want, free)
+local new = tat + n * step
 redis.call('SET', KEYS[1], string.format('%.0f', new), 'PX', math.ceil((new - now) / 1000) + 1)
-return {1, math.floor((now - allow_at) / step)}
+return {n, free - n}
 ";
 
 /// Adds usage deltas to one hash and keeps the latest `last_used`.

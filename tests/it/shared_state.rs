@@ -210,6 +210,12 @@ async fn usage_is_summed_over_the_fleet_and_survives_replacing_every_gateway() {
         assert_eq!(v["requests"], N, "{v}");
         assert_eq!(last_used(&v), seen);
     }
+    // The CLI reads the same totals from Redis, through the gateway's config.
+    let config = again[0].written().path.display().to_string();
+    let out = crate::support::process::run_cli(&["users", "show", "counted", "--json", "--config", &config]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(shown["keys"][0]["requests"], N, "{shown}");
 }
 
 /// Scrapes one series from a gateway's metrics (0 when absent).
