@@ -463,3 +463,36 @@ async fn a_flood_of_bad_credentials_cannot_fill_redis_and_every_key_is_under_the
     let dump = server.cli(&["--no-raw", "hgetall", "flood:{fleet}:usage"]).await;
     assert!(!dump.contains(&key.token) && !dump.contains("ghk_"), "{dump}");
 }
+
+/// `rediss://` with the private CA that signed Redis's certificate (`tls_ca`): the fleet
+/// shares replay records over TLS. Without the CA, start-up stops with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_state_over_tls_with_a_private_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+    let (cert_path, key_path) = (dir.path().join("redis.crt"), dir.path().join("redis.key"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    let server = RedisServer::start_tls(&cert_path, &key_path).await;
+    let url = format!("rediss://127.0.0.1:{}", server.port);
+
+    let up = TestUpstream::start().await;
+    let mut creds = Creds::new();
+    let key = creds.hmac_user("signer");
+    let config = fleet_config(&creds, &up, Redis::One(&url), "secure:")
+        .shared_state("tls_ca", &format!("\"{}\"", cert_path.display()));
+    let fleet = start_fleet(&config, 2).await;
+    let client = H1::new();
+    let now = crate::support::creds::unix_now();
+    assert_eq!(signed(&client, &fleet[0], &key, now, "/api/tls").await.status, 200);
+    assert_unauthorized(&signed(&client, &fleet[1], &key, now, "/api/tls").await, "Replayed request");
+    assert_eq!(up.count(), 1);
+
+    // The same server without its CA: not trusted, and said so at start-up.
+    let written = fleet_config(&creds, &up, Redis::One(&url), "secure:").write();
+    let out =
+        crate::support::process::run_cli(&["check-config", "--config", &written.path.display().to_string()]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(stderr.contains(&format!("shared_state: cannot use Redis at {url}")), "{stderr}");
+}

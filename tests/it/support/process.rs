@@ -113,7 +113,7 @@ impl GatewayProcess {
     /// With an admin listener, also waits for its `admin listening` line.
     pub async fn serve_written(written: WrittenConfig, wrapper: &[&str], env: &[(&str, &str)]) -> GatewayProcess {
         let yaml = std::fs::read_to_string(&written.path).unwrap();
-        let listeners = if yaml.contains("tls:") { 2 } else { 1 };
+        let listeners = if yaml.contains("\n    tls: {") { 2 } else { 1 };
         let path = written.path.display().to_string();
         let args = ["--log-format", "json", "serve", "--config", &path];
         let mut p = Self::spawn_wrapped(wrapper, &args, listeners, env).await;
@@ -168,7 +168,7 @@ impl GatewayProcess {
         ];
         let mut p =
             GatewayProcess { child, pid, addrs: Vec::new(), admin: None, stderr, stdout, collectors, config: None };
-        let addrs = within(STEP, "gatehouse to log `listening`", async {
+        let waited = tokio::time::timeout(STEP, async {
             loop {
                 let addrs = listening(&p.stderr());
                 if addrs.len() >= listeners {
@@ -181,6 +181,9 @@ impl GatewayProcess {
             }
         })
         .await;
+        let addrs = waited.unwrap_or_else(|_| {
+            panic!("timed out after {STEP:?}: gatehouse {args:?} to log `listening`:\n{}", p.stderr())
+        });
         p.addrs = addrs;
         p
     }

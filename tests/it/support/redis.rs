@@ -48,6 +48,32 @@ impl RedisServer {
         r
     }
 
+    /// A server that speaks only TLS on its port, with `cert` and `key` (PEM files); clients
+    /// are not asked for certificates.
+    pub async fn start_tls(cert: &Path, key: &Path) -> RedisServer {
+        let dir = tempfile::tempdir().unwrap();
+        let port = super::free_port();
+        let extra = vec![
+            "--tls-port".to_string(),
+            port.to_string(),
+            "--tls-cert-file".to_string(),
+            cert.display().to_string(),
+            "--tls-key-file".to_string(),
+            key.display().to_string(),
+            "--tls-auth-clients".to_string(),
+            "no".to_string(),
+        ];
+        // `--port 0` comes after `--port PORT` in `spawn`: no plain-text port at all.
+        let mut r = RedisServer {
+            port,
+            child: None,
+            dir,
+            extra: [vec!["--port".to_string(), "0".to_string()], extra].concat(),
+        };
+        r.spawn().await;
+        r
+    }
+
     /// Starts the process and waits for its "Ready to accept connections" line.
     async fn spawn(&mut self) {
         let mut c = Command::new(which("redis-server"));
