@@ -224,6 +224,16 @@ async fn metric(gw: &GatewayProcess, series: &str) -> f64 {
     crate::observability_support::value(&text, series).unwrap_or(0.0)
 }
 
+/// Waits (at most `limit`) until a gateway's `series` reads `want`.
+async fn until_metric(gw: &GatewayProcess, series: &str, want: f64, limit: Duration) {
+    within(limit, &format!("{series} to read {want}"), async {
+        while metric(gw, series).await != want {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}
+
 /// Redis hangs mid-traffic: signed requests get the 503 body without waiting more than
 /// the operation timeout, API-key requests keep flowing under per-process limits (the
 /// key's limit divided by the gateways alive), the metrics say so; when Redis answers
@@ -242,12 +252,7 @@ async fn a_hung_redis_fails_signed_requests_closed_and_keeps_api_keys_flowing_un
     let now = crate::support::creds::unix_now();
     assert_eq!(signed(&client, &fleet[0], &signer, now, "/api/before").await.status, 200);
     // Each gateway counts the fleet at its heartbeat (every second).
-    within(STEP, "the first gateway to count three", async {
-        while metric(&fleet[0], "gatehouse_shared_state_gateways").await != 3.0 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
+    until_metric(&fleet[0], "gatehouse_shared_state_gateways", 3.0, STEP).await;
 
     server.pause();
     let started = Instant::now();
@@ -286,12 +291,7 @@ async fn a_hung_redis_fails_signed_requests_closed_and_keeps_api_keys_flowing_un
 
     server.resume();
     for gw in &fleet {
-        within(Duration::from_secs(5), "shared mode again within 5 s", async {
-            while metric(gw, "gatehouse_shared_state_up").await != 1.0 {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-        .await;
+        until_metric(gw, "gatehouse_shared_state_up", 1.0, Duration::from_secs(5)).await;
     }
     let fresh = crate::support::creds::unix_now();
     assert_eq!(signed(&client, &fleet[1], &signer, fresh, "/api/after").await.status, 200);
