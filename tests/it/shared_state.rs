@@ -496,3 +496,67 @@ async fn shared_state_over_tls_with_a_private_ca() {
     assert_eq!(out.status.code(), Some(78), "{stderr}");
     assert!(stderr.contains(&format!("shared_state: cannot use Redis at {url}")), "{stderr}");
 }
+
+/// The ACL user of docs/shared-state.md — only Gatehouse's commands, only its prefix — is
+/// enough for everything a gateway does: replay records, leases, the failed-auth budget,
+/// usage, the heartbeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acl_user_limited_to_gatehouse_commands_and_prefix_is_enough() {
+    let server = RedisServer::start().await;
+    let acl = [
+        "acl",
+        "setuser",
+        "gatehouse",
+        "on",
+        ">the-acl-password-for-gatehouse",
+        "resetkeys",
+        "~gh:*",
+        "-@all",
+        "+evalsha",
+        "+eval",
+        "+script|load",
+        "+ping",
+        "+time",
+        "+get",
+        "+set",
+        "+pexpire",
+        "+hget",
+        "+hset",
+        "+hincrby",
+        "+hgetall",
+        "+zadd",
+        "+zremrangebyscore",
+        "+zcard",
+    ];
+    assert_eq!(server.cli(&acl).await.trim(), "OK");
+    let up = TestUpstream::start().await;
+    let mut creds = Creds::new();
+    let signer = creds.hmac_user("signer");
+    let reader = creds.api_user("reader");
+    let url = format!("redis://gatehouse@127.0.0.1:{}", server.port);
+    let config =
+        fleet_config(&creds, &up, Redis::One(&url), "gh:").shared_state("password_env", "GH_TEST_REDIS_PASSWORD");
+    let env = [("GH_TEST_REDIS_PASSWORD", "the-acl-password-for-gatehouse")];
+    let a = GatewayProcess::serve_with_env(&config, &env).await;
+    let b = GatewayProcess::serve_with_env(&config, &env).await;
+    let client = H1::new();
+    let now = crate::support::creds::unix_now();
+    assert_eq!(signed(&client, &a, &signer, now, "/api/acl").await.status, 200);
+    assert_unauthorized(&signed(&client, &b, &signer, now, "/api/acl").await, "Replayed request");
+    assert_eq!(client.get_with(&b.url("/api/k"), &[("x-api-key", reader.token.as_str())]).await.status, 200);
+    assert_unauthorized(&client.get_with(&b.url("/api/k"), &[("x-api-key", "ghk_unknown")]).await, "Invalid API key");
+    within(STEP, "usage in Redis", async {
+        while b.admin().get("/admin/v1/users/reader/usage").await.json()["requests"] != 1 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    for gw in [&a, &b] {
+        assert_eq!(metric(gw, "gatehouse_shared_state_up").await, 1.0);
+        let errors = gw.admin().get("/metrics").await.text();
+        assert!(
+            !errors.lines().any(|l| l.starts_with("gatehouse_shared_state_errors_total") && !l.ends_with(" 0")),
+            "{errors}"
+        );
+    }
+}
