@@ -128,6 +128,11 @@ fn check_url(u: &str) -> Result<(), String> {
     if scheme != "redis" && scheme != "rediss" {
         return Err(format!("{:?}: the scheme must be redis:// or rediss://", redact_url(u)));
     }
+    // RESP3 connections reconnect by themselves after a Redis restart, before any command
+    // fails; the detection of a Redis that came back empty relies on that failure.
+    if rest.contains("protocol=") {
+        return Err(format!("{:?}: the protocol parameter is not supported (Gatehouse speaks RESP2)", redact_url(u)));
+    }
     let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
     if host.split(['/', ':']).next().is_none_or(str::is_empty) {
         return Err(format!("{:?} names no host", redact_url(u)));
@@ -229,5 +234,6 @@ mod tests {
         assert!(check_url("redis://").is_err());
         assert!(check_url("redis://u:p@").is_err());
         assert!(check_url("rediss://r.internal:6380/1").is_ok());
+        assert!(check_url("redis://r:6379/0?protocol=resp3").is_err());
     }
 }
