@@ -319,6 +319,16 @@ impl Shared {
                 std::cell::RefCell::new(std::collections::HashMap::new());
         }
         let cell = CONNS.with(|c| c.borrow_mut().entry(self.id).or_default().clone());
+        if let Some(conn) = cell.get() {
+            return Ok(conn.clone());
+        }
+        // First use on this thread: the connection is opened by a task of its own, so a
+        // request that gives up at `op_timeout` does not cancel it (TLS and AUTH to a
+        // remote Redis can take longer than one operation may); the next request finds it.
+        let (opening, cfg) = (cell.clone(), self.cfg.clone());
+        tokio::spawn(async move {
+            let _ = opening.get_or_try_init(|| Conn::open(&cfg)).await;
+        });
         cell.get_or_try_init(|| Conn::open(&self.cfg)).await.cloned()
     }
 
