@@ -560,3 +560,58 @@ async fn an_acl_user_limited_to_gatehouse_commands_and_prefix_is_enough() {
         );
     }
 }
+
+/// Opening a connection to Redis takes longer than an operation may (300 ms against an
+/// `op_timeout` of 50 ms, as TLS and AUTH to a distant Redis can): the first requests of a
+/// worker thread fall back, its connection keeps opening in the background, and then the
+/// gateway is in shared mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_slower_to_connect_than_an_operation_is_still_reached() {
+    let server = RedisServer::start().await;
+    // A TCP relay that holds each new connection for 300 ms before relaying it.
+    let relay = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_addr = relay.local_addr().unwrap();
+    let redis_port = server.port;
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = relay.accept().await {
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", redis_port)).await else { return };
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            });
+        }
+    });
+    let up = TestUpstream::start().await;
+    let mut creds = Creds::new();
+    let signer = creds.hmac_user("signer");
+    let url = format!("redis://{relay_addr}");
+    let config = GatewayConfig::new()
+        .credentials(&creds)
+        .admin("admin-test-token-0123456789abcdef")
+        .route(RouteSpec::new("api", "/api/").to(&up).authenticated())
+        .shared_state("redis", &url)
+        .shared_state("key_prefix", "\"slowconnect:\"")
+        .shared_state("op_timeout", "50ms");
+    let gw = GatewayProcess::serve(&config).await;
+    let client = H1::new();
+    let mut refused = 0;
+    within(STEP, "a signed request to be accepted in shared mode", async {
+        loop {
+            let r = signed(&client, &gw, &signer, crate::support::creds::unix_now(), &format!("/api/{refused}")).await;
+            if r.status == 200 {
+                return;
+            }
+            assert_error(
+                &r,
+                503,
+                "shared_state_unavailable",
+                "Replay protection is unavailable; retry with a new signature",
+            );
+            refused += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    println!("signed requests refused while the worker's connection opened: {refused}");
+    assert_eq!(metric(&gw, "gatehouse_shared_state_up").await, 1.0);
+}
