@@ -17,6 +17,7 @@
 //! | `P{fleet}:usage` | usage counts and `last_used` of every key |
 //! | `P{fleet}:gateways` | gateways alive (sorted by last heartbeat) |
 //! | `P{fleet}:epoch` | set once; a different value means Redis lost its data |
+//! | `P{eN}:epoch` | under Redis Cluster, the same on each master (`eN`: a tag in its slots) |
 
 pub mod breaker;
 pub mod conn;
@@ -169,8 +170,9 @@ pub struct Shared {
     live: AtomicU32,
     /// This gateway's id in the fleet's heartbeat set.
     node: String,
-    /// The fleet's epoch as first read; a different one later means Redis lost its data.
-    epoch: Mutex<Option<String>>,
+    /// Each epoch key as first read (the fleet's, and under Redis Cluster one per master);
+    /// a different value later means Redis lost its data.
+    epochs: Mutex<std::collections::HashMap<String, String>>,
     /// Signatures with a timestamp before this (unix seconds) may have been accepted
     /// before Redis lost its data: Redis cannot vouch for them (see `fence`).
     fence: AtomicI64,
@@ -181,6 +183,7 @@ pub struct Shared {
     /// This gateway's leases of keys' buckets (`lease.rs`); keys that authenticated only.
     leases: dashmap::DashMap<Arc<str>, Arc<Lease>, crate::credentials::KeyIdHasher>,
     heartbeat: Script,
+    set_epoch: Script,
     pub metrics: SharedMetrics,
     /// The description for logs (URLs without passwords).
     describe: String,
@@ -219,6 +222,23 @@ fn random_id() -> String {
         b[8..].copy_from_slice(&std::process::id().to_le_bytes());
     }
     hex(&b)
+}
+
+/// CRC16/XMODEM, the hash of Redis Cluster's key slots.
+fn crc16(data: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &b in data {
+        crc ^= u16::from(b) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
+        }
+    }
+    crc
+}
+
+/// A hash tag whose slot is in `start..=end` (a master's range).
+fn tag_in_slots(start: u16, end: u16) -> Option<String> {
+    (0..1_000_000u32).map(|n| format!("e{n}")).find(|t| (start..=end).contains(&(crc16(t.as_bytes()) % 16384)))
 }
 
 /// `PREFIX{TAG ID}REST`: everything of one operation shares the braces' hash tag. A `}`
@@ -264,13 +284,14 @@ impl Shared {
             breaker: Breaker::new(),
             live: AtomicU32::new(1),
             node: random_id(),
-            epoch: Mutex::new(None),
+            epochs: Mutex::new(std::collections::HashMap::new()),
             fence: AtomicI64::new(0),
             max_skew: i64::try_from(max_skew.as_secs()).unwrap_or(i64::MAX),
             take: Script::new(scripts::TAKE),
             leases: dashmap::DashMap::default(),
             add_usage: Script::new(scripts::ADD_USAGE),
             heartbeat: Script::new(scripts::HEARTBEAT),
+            set_epoch: Script::new(scripts::SET_EPOCH),
             metrics: SharedMetrics::new().map_err(|e| fail(format!("metrics: {e}")))?,
             describe: cfg.describe(),
             last_logged: Mutex::new(None),
@@ -545,23 +566,52 @@ impl Shared {
         self.metrics.op_duration.with_label_values(&["heartbeat"]).observe(started.elapsed().as_secs_f64());
         self.live.store(alive.max(1), Ordering::Relaxed);
         self.metrics.gateways.set(i64::from(alive.max(1)));
-        let mut known = self.epoch.lock().unwrap_or_else(PoisonError::into_inner);
-        match known.as_deref() {
-            None => *known = Some(epoch),
-            Some(k) if k == epoch => {}
-            Some(_) => {
-                // Redis restarted without its data (or was flushed): signatures accepted
-                // before are forgotten. Any of them is at most `max_skew` old plus
-                // `max_skew` ahead, so nothing signed before now + max_skew can be vouched
-                // for: those go to the replay fallback until the window has passed.
-                let now = time::OffsetDateTime::now_utc().unix_timestamp();
-                self.fence.store(now + self.max_skew, Ordering::Relaxed);
-                self.metrics.data_lost.inc();
-                tracing::error!(redis = %self.describe, fence_seconds = self.max_skew, "Redis lost the fleet's shared state (restarted empty or flushed): signed requests use the replay fallback until the HMAC window has passed");
-                *known = Some(epoch);
-            }
+        let mut lost = self.epoch_changed(&self.key("fleet", "", ":epoch"), epoch);
+        if matches!(self.conn, Conn::Cluster(_)) {
+            // The fleet's epoch lives on one node: every other node needs one of its own.
+            lost |= tokio::time::timeout(self.op_timeout.max(Duration::from_millis(500)), self.node_epochs_changed())
+                .await
+                .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "node epochs timed out")))??;
+        }
+        if lost {
+            // Redis (or a node of it) restarted without its data, or was flushed:
+            // signatures accepted before are forgotten. Any of them is at most `max_skew`
+            // old plus `max_skew` ahead, so nothing signed before now + max_skew can be
+            // vouched for: those go to the replay fallback until the window has passed.
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            self.fence.store(now + self.max_skew, Ordering::Relaxed);
+            self.metrics.data_lost.inc();
+            tracing::error!(redis = %self.describe, fence_seconds = self.max_skew, "Redis lost the fleet's shared state (restarted empty or flushed): signed requests use the replay fallback until the HMAC window has passed");
         }
         Ok(())
+    }
+
+    /// Records `seen` as the epoch under `key`; true when it differs from the one read
+    /// there before (the key was lost and set again).
+    fn epoch_changed(&self, key: &str, seen: String) -> bool {
+        let mut known = self.epochs.lock().unwrap_or_else(PoisonError::into_inner);
+        known.insert(key.to_string(), seen.clone()).is_some_and(|before| before != seen)
+    }
+
+    /// Under Redis Cluster: an epoch key on every master (a hash tag in one of its slot
+    /// ranges), each set once and read at each heartbeat; true when one was lost.
+    async fn node_epochs_changed(&self) -> redis::RedisResult<bool> {
+        let slots: Vec<redis::Value> = self.conn.query(&redis::cmd("CLUSTER").arg("SLOTS").clone()).await?;
+        let mut changed = false;
+        for range in slots {
+            let redis::Value::Array(items) = range else { continue };
+            let (Some(redis::Value::Int(start)), Some(redis::Value::Int(end))) = (items.first(), items.get(1)) else {
+                continue;
+            };
+            let (Ok(start), Ok(end)) = (u16::try_from(*start), u16::try_from(*end)) else { continue };
+            let Some(tag) = tag_in_slots(start, end) else { continue };
+            let key = self.key(&tag, "", ":epoch");
+            let mut inv = self.set_epoch.prepare_invoke();
+            inv.key(key.as_str()).arg(random_id());
+            let seen: String = self.conn.run(&inv).await?;
+            changed |= self.epoch_changed(&key, seen);
+        }
+        Ok(changed)
     }
 
     /// Heartbeats every second; while the breaker is open, probes every 200 ms and
@@ -617,6 +667,11 @@ mod tests {
             assert_eq!(tag(&key("gh:", "k:", id, ":rate")), tag(&key("gh:", "k:", id, ":sig:00")));
         }
         assert_eq!(key("gh:", "fleet", "", ":usage"), "gh:{fleet}:usage");
+        // Redis Cluster's own figures: CRC16 of "123456789", CLUSTER KEYSLOT foo.
+        assert_eq!(crc16(b"123456789"), 0x31C3);
+        assert_eq!(crc16(b"foo") % 16384, 12182);
+        let tag = tag_in_slots(5461, 10922).unwrap();
+        assert!((5461..=10922).contains(&(crc16(tag.as_bytes()) % 16384)));
         assert_eq!(hex(&[0, 15, 255]), "000fff");
     }
 }

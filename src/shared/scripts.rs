@@ -73,3 +73,10 @@ redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 2)
 redis.call('SET', KEYS[2], ARGV[3], 'NX')
 return {redis.call('ZCARD', KEYS[1]), redis.call('GET', KEYS[2])}
 ";
+
+/// Sets an epoch key once (`ARGV[1]`) and returns its value: the first gateway to meet
+/// this Redis sets it, every later read finds the same value until the data is lost.
+pub const SET_EPOCH: &str = r"
+redis.call('SET', KEYS[1], ARGV[1], 'NX')
+return redis.call('GET', KEYS[1])
+";

@@ -615,3 +615,74 @@ async fn a_redis_slower_to_connect_than_an_operation_is_still_reached() {
     println!("signed requests refused while the worker's connection opened: {refused}");
     assert_eq!(metric(&gw, "gatehouse_shared_state_up").await, 1.0);
 }
+
+/// Under Redis Cluster, the node holding a key's replay records restarts empty — not the
+/// node with the fleet's own epoch: the gateways notice (each master has an epoch of its
+/// own) and the signature accepted before is not accepted after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_node_that_comes_back_empty_cannot_be_used_to_replay_an_earlier_signature() {
+    let mut cluster = RedisCluster::start().await;
+    let up = TestUpstream::start().await;
+    let mut creds = Creds::new();
+    let signers: Vec<HmacKey> = (0..8).map(|i| creds.hmac_user(&format!("signer{i}"))).collect();
+    let urls = cluster.urls();
+    let config = fleet_config(&creds, &up, Redis::Cluster(&urls), "node:").auth_hmac("max_skew", "3s");
+    let fleet = start_fleet(&config, 2).await;
+    let client = H1::new();
+    let then = crate::support::creds::unix_now();
+    for s in &signers {
+        assert_eq!(signed(&client, &fleet[0], s, then, "/api/x").await.status, 200);
+    }
+    // The node of each key's records, and the node of the fleet's epoch.
+    let node_of = |pattern: String| {
+        let nodes = &cluster.nodes;
+        async move {
+            for (i, n) in nodes.iter().enumerate() {
+                if !n.cli(&["--scan", "--pattern", &pattern]).await.trim().is_empty() {
+                    return i;
+                }
+            }
+            panic!("no node holds {pattern}");
+        }
+    };
+    let fleet_node = node_of("node:{fleet}:epoch".into()).await;
+    let mut victim = None;
+    for s in &signers {
+        let n = node_of(format!("node:{{k:{}}}:*", s.key_id)).await;
+        if n != fleet_node {
+            victim = Some((s.clone(), n));
+            break;
+        }
+    }
+    let (signer, node) = victim.expect("eight keys, and all on the fleet's node");
+
+    cluster.nodes[node].restart().await;
+    within(STEP, "the cluster to be ok again", async {
+        loop {
+            let mut ok = true;
+            for n in &cluster.nodes {
+                ok &= n.cli(&["cluster", "info"]).await.contains("cluster_state:ok");
+            }
+            if ok {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    for gw in &fleet {
+        within(STEP, "the gateway to find the node without its data", async {
+            while metric(gw, "gatehouse_shared_state_data_lost_total").await < 1.0 {
+                let _ = client.get_with(&gw.url("/api/ping"), &[("x-api-key", "nope")]).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+    }
+    let seen = up.count();
+    for gw in &fleet {
+        let r = signed(&client, gw, &signer, then, "/api/x").await;
+        assert_ne!(r.status, 200, "a replay was accepted after its node lost its records");
+    }
+    assert_eq!(up.count(), seen);
+}
