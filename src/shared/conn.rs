@@ -30,6 +30,12 @@ impl std::fmt::Debug for Conn {
 /// How long opening a connection may take (start-up, and each reconnection).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// TCP_NODELAY on (the client's default is off): a command is written when it is ready,
+/// not held back while an earlier one is unacknowledged.
+fn tcp() -> redis::io::tcp::TcpSettings {
+    redis::io::tcp::TcpSettings::default().set_nodelay(true)
+}
+
 impl Conn {
     /// Connects (TCP, TLS, AUTH) and fails when any of it does: a wrong URL, a refused
     /// password or a TLS mismatch is found at start-up, not at the first request.
@@ -53,7 +59,8 @@ impl Conn {
         let response_timeout = cfg.op_timeout.max(Duration::from_millis(10)) * 4;
         match &cfg.endpoint {
             RedisEndpoint::Single(url) => {
-                let mut info = url.as_str().into_connection_info()?;
+                // Small commands from concurrent requests: no Nagle delay between them.
+                let mut info = url.as_str().into_connection_info()?.set_tcp_settings(tcp());
                 if let Some(p) = &cfg.password {
                     let settings = info.redis_settings().clone().set_password(&p.0);
                     info = info.set_redis_settings(settings);
@@ -73,6 +80,7 @@ impl Conn {
                 let mut b = redis::cluster::ClusterClient::builder(nodes.iter().map(String::as_str))
                     .connection_timeout(CONNECT_TIMEOUT)
                     .response_timeout(response_timeout)
+                    .tcp_settings(tcp())
                     .retries(1);
                 if let Some(p) = &cfg.password {
                     b = b.password(p.0.clone());
