@@ -224,6 +224,20 @@ async fn metric(gw: &GatewayProcess, series: &str) -> f64 {
     crate::observability_support::value(&text, series).unwrap_or(0.0)
 }
 
+/// Waits until every gateway of `fleet` has counted Redis losing its data. Traffic is what
+/// finds the broken connections (the heartbeat would too, within a second).
+async fn until_data_lost(fleet: &[GatewayProcess], client: &H1) {
+    for gw in fleet {
+        within(STEP, "the gateway to find Redis without its data", async {
+            while metric(gw, "gatehouse_shared_state_data_lost_total").await < 1.0 {
+                let _ = client.get_with(&gw.url("/api/ping"), &[("x-api-key", "nope")]).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+    }
+}
+
 /// Waits (at most `limit`) until a gateway's `series` reads `want`.
 async fn until_metric(gw: &GatewayProcess, series: &str, want: f64, limit: Duration) {
     within(limit, &format!("{series} to read {want}"), async {
@@ -317,16 +331,7 @@ async fn a_redis_that_comes_back_empty_cannot_be_used_to_replay_an_earlier_signa
     assert_eq!(signed(&client, &fleet[0], &signer, then, "/api/x").await.status, 200);
 
     server.restart().await;
-    for gw in &fleet {
-        within(STEP, "the gateway to find Redis without its data", async {
-            while metric(gw, "gatehouse_shared_state_data_lost_total").await < 1.0 {
-                // Traffic is what finds the dead connection (the heartbeat would too).
-                let _ = client.get_with(&gw.url("/api/ping"), &[("x-api-key", "nope")]).await;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-        .await;
-    }
+    until_data_lost(&fleet, &client).await;
     let seen = up.count();
     for gw in &fleet {
         let r = signed(&client, gw, &signer, then, "/api/x").await;
@@ -657,28 +662,8 @@ async fn a_cluster_node_that_comes_back_empty_cannot_be_used_to_replay_an_earlie
     let (signer, node) = victim.expect("eight keys, and all on the fleet's node");
 
     cluster.nodes[node].restart().await;
-    within(STEP, "the cluster to be ok again", async {
-        loop {
-            let mut ok = true;
-            for n in &cluster.nodes {
-                ok &= n.cli(&["cluster", "info"]).await.contains("cluster_state:ok");
-            }
-            if ok {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
-    for gw in &fleet {
-        within(STEP, "the gateway to find the node without its data", async {
-            while metric(gw, "gatehouse_shared_state_data_lost_total").await < 1.0 {
-                let _ = client.get_with(&gw.url("/api/ping"), &[("x-api-key", "nope")]).await;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-        .await;
-    }
+    cluster.wait_ok().await;
+    until_data_lost(&fleet, &client).await;
     let seen = up.count();
     for gw in &fleet {
         let r = signed(&client, gw, &signer, then, "/api/x").await;

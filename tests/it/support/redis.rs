@@ -205,10 +205,17 @@ impl RedisCluster {
         args.push("--cluster-yes");
         cli(nodes[0].port, &args).await;
         // `--cluster create` returns once slots are assigned; wait for every node to agree.
-        within(STEP, "the cluster to become ok", async {
+        let cluster = RedisCluster { nodes };
+        cluster.wait_ok().await;
+        cluster
+    }
+
+    /// Waits until every node reports `cluster_state:ok`.
+    pub async fn wait_ok(&self) {
+        within(STEP, "the cluster to be ok", async {
             loop {
                 let mut ok = true;
-                for n in &nodes {
+                for n in &self.nodes {
                     ok &= n.cli(&["cluster", "info"]).await.contains("cluster_state:ok");
                 }
                 if ok {
@@ -218,7 +225,6 @@ impl RedisCluster {
             }
         })
         .await;
-        RedisCluster { nodes }
     }
 
     pub fn urls(&self) -> Vec<String> {
