@@ -58,8 +58,9 @@
 #   SKIP_INSTALL=0      1: never call apt-get
 #   KEEP_WORK=0         1: keep the temp dir (configs, wrk outputs, results.tsv)
 #   RESULTS_OUT=        also copy the final table to this file
-#   SHARED_URL= SHARED_CMD= SHARED_PID=   a second gateway (the same binary with shared_state:
-#                       in Redis), measured as shared-key / shared-hmac with the GATEWAY_* keys
+#   SHARED_URL= SHARED_PID=   a second gateway, already running (the same binary with
+#                       shared_state: in Redis; load.sh starts it), measured as shared-key /
+#                       shared-hmac with the GATEWAY_* keys
 set -uo pipefail
 
 DURATION=${DURATION:-10s}
@@ -89,7 +90,6 @@ GATEWAY_HMAC_SECRET=${GATEWAY_HMAC_SECRET:-}
 GATEWAY_CMD=${GATEWAY_CMD:-}
 GATEWAY_PID=${GATEWAY_PID:-}
 SHARED_URL=${SHARED_URL:-}
-SHARED_CMD=${SHARED_CMD:-}
 SHARED_PID=${SHARED_PID:-}
 
 UPSTREAM_PORT=$BASE_PORT
@@ -130,6 +130,7 @@ if [ -n "$SHARED_URL" ]; then
   SHARED_PORT=${BASH_REMATCH[1]}
   SHARED_URL=${SHARED_URL%/}
   [ -n "$GATEWAY_URL" ] || die "SHARED_URL needs GATEWAY_URL (its keys are the same)"
+  [ -n "$SHARED_PID" ] || die "SHARED_URL needs SHARED_PID (its CPU is reported)"
 fi
 
 # ---------------------------------------------------------------- 1. install (idempotent)
@@ -445,18 +446,9 @@ elif [ -n "$GATEWAY_URL" ]; then
   log "gateway at $GATEWAY_URL (pid ${GATEWAY_PID:-unknown: its CPU is not reported})"
 fi
 
-if [ -n "$SHARED_URL" ] && [ -z "$SHARED_CMD" ]; then
+if [ -n "$SHARED_URL" ]; then
   port_in_use "$SHARED_PORT" || die "nothing listens on $SHARED_URL"
-  [ -n "$SHARED_PID" ] || die "SHARED_URL without SHARED_CMD needs SHARED_PID"
-fi
-if [ -n "$SHARED_CMD" ]; then
-  [ -n "$SHARED_URL" ] || die "SHARED_CMD needs SHARED_URL"
-  port_in_use "$SHARED_PORT" && die "127.0.0.1:$SHARED_PORT is in use before SHARED_CMD started"
-  bash -c "exec $SHARED_CMD" > "$WORK/shared.log" 2>&1 &
-  SHARED_PID=$!
-  STARTED_PIDS+=("$SHARED_PID")
-  wait_port "$SHARED_PORT" 60 || { tail -n 20 "$WORK/shared.log" >&2; die "shared-state gateway did not listen on $SHARED_PORT within 60 s"; }
-  log "shared-state gateway started: pid $SHARED_PID (its output: $WORK/shared.log)"
+  log "shared-state gateway at $SHARED_URL (pid $SHARED_PID)"
 fi
 
 # ---------------------------------------------------------------- helpers: signing, CPU, wrk

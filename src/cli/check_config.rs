@@ -33,7 +33,8 @@ pub fn run(config_path: &Path) -> ExitCode {
         }
     };
     if let Some(shared) = &config.shared_state {
-        // Reached the way `serve` reaches it: URL, TLS, AUTH and a first heartbeat.
+        // Reached the way `serve` reaches it (URL, TLS, AUTH, a script run), without
+        // counting as a gateway alive.
         let reached = match super::runtime() {
             Ok(rt) => rt.block_on(crate::shared::Shared::connect_tool(shared)).map(|_| ()),
             Err(code) => return code,

@@ -22,7 +22,7 @@ use crate::pipeline::authn::{self, Identity, Signature};
 use crate::pipeline::error::{AuthFailure, GateError, LimitScope};
 use crate::pipeline::limit::{Quota, ip_key, retry_after};
 use crate::pipeline::state::Gateway;
-use crate::shared::{Admission, Shared, SignatureRecord};
+use crate::shared::{Admission, Fallback, Shared, SignatureRecord};
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -41,7 +41,6 @@ pub async fn admit(gw: &Gateway, shared: &Shared, id: &Identity, client: IpAddr)
     }
     let record = in_redis.map(|s| SignatureRecord {
         signature: &s.bytes,
-        timestamp: s.timestamp,
         ttl: Duration::from_secs(u64::try_from(s.expires_at - now).unwrap_or(0).max(1)),
     });
     let rate = key.rate_limit;
@@ -59,7 +58,7 @@ pub async fn admit(gw: &Gateway, shared: &Shared, id: &Identity, client: IpAddr)
             if let Some(s) = in_redis {
                 replay_fallback(gw, shared, &key.id, s, now)?;
             }
-            shared.fell_back("rate_limit_local");
+            shared.fell_back(Fallback::RateLimitLocal);
             let live = shared.live_gateways();
             let share = RateLimit { per_second: (rate.per_second / live).max(1), burst: (rate.burst / live).max(1) };
             gw.rate_limits.check_key_at(key, share)
@@ -70,11 +69,11 @@ pub async fn admit(gw: &Gateway, shared: &Shared, id: &Identity, client: IpAddr)
 fn replay_fallback(gw: &Gateway, shared: &Shared, key_id: &str, s: &Signature, now: i64) -> Result<(), GateError> {
     match shared.replay_fallback {
         ReplayFallback::Reject => {
-            shared.fell_back("replay_rejected");
+            shared.fell_back(Fallback::ReplayRejected);
             Err(GateError::SharedStateUnavailable)
         }
         ReplayFallback::Local => {
-            shared.fell_back("replay_local");
+            shared.fell_back(Fallback::ReplayLocal);
             authn::record_here(&gw.replay, key_id, s, now)
         }
     }
@@ -87,7 +86,7 @@ pub async fn charge_failure(gw: &Gateway, shared: &Shared, client: IpAddr) {
         Ok(None) => {}
         Ok(Some(wait)) => gw.rate_limits.block(client, wait),
         Err(_) => {
-            shared.fell_back("failed_auth_local");
+            shared.fell_back(Fallback::FailedAuthLocal);
             gw.rate_limits.charge_failure(client);
         }
     }

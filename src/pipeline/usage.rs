@@ -171,6 +171,19 @@ impl Usage {
     }
 }
 
+impl KeyUsageRecord {
+    /// Adds a delta of the same key.
+    fn add(&mut self, d: UsageRow) {
+        if self.user.is_empty() {
+            self.user = d.user;
+        }
+        self.requests += d.requests;
+        self.errors += d.errors;
+        self.rate_limited += d.rate_limited;
+        self.last_used_at = self.last_used_at.max((d.last_used > 0).then_some(d.last_used));
+    }
+}
+
 impl From<UsageRow> for KeyUsageRecord {
     fn from(r: UsageRow) -> KeyUsageRecord {
         let last_used_at = (r.last_used > 0).then_some(r.last_used);
@@ -222,12 +235,7 @@ impl Usage {
         }
         shared.add_usage(&delta).await?;
         for (id, d) in delta {
-            let r = sent.entry(id).or_default();
-            r.user = d.user;
-            r.requests += d.requests;
-            r.errors += d.errors;
-            r.rate_limited += d.rate_limited;
-            r.last_used_at = r.last_used_at.max(Some(d.last_used));
+            sent.entry(id).or_default().add(d);
         }
         Ok(())
     }
@@ -235,31 +243,9 @@ impl Usage {
     /// The fleet's usage: Redis's totals plus what this gateway has not flushed yet.
     pub async fn fleet_view(&self, shared: &Shared) -> Result<BTreeMap<String, KeyUsageRecord>, Unavailable> {
         let sent = self.sent.lock().await;
-        let mut all: BTreeMap<String, KeyUsageRecord> = shared
-            .read_usage()
-            .await?
-            .into_iter()
-            .map(|(id, r)| {
-                let last = (r.last_used > 0).then_some(r.last_used);
-                let rec = KeyUsageRecord {
-                    user: r.user,
-                    requests: r.requests,
-                    errors: r.errors,
-                    rate_limited: r.rate_limited,
-                    last_used_at: last,
-                };
-                (id, rec)
-            })
-            .collect();
+        let mut all = read_shared(shared).await?;
         for (id, d) in self.unsent(&sent) {
-            let r = all.entry(id).or_default();
-            if r.user.is_empty() {
-                r.user = d.user;
-            }
-            r.requests += d.requests;
-            r.errors += d.errors;
-            r.rate_limited += d.rate_limited;
-            r.last_used_at = r.last_used_at.max((d.last_used > 0).then_some(d.last_used));
+            all.entry(id).or_default().add(d);
         }
         Ok(all)
     }

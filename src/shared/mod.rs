@@ -62,10 +62,15 @@ pub struct Unavailable;
 #[derive(Debug, Clone, Copy)]
 pub struct SignatureRecord<'a> {
     pub signature: &'a [u8; 32],
-    /// Its signed timestamp, unix seconds.
-    pub timestamp: i64,
     /// How long it stays acceptable from now.
     pub ttl: Duration,
+}
+
+impl SignatureRecord<'_> {
+    /// How long its record lives, in milliseconds (at least 1: `PX 0` is an error).
+    fn ttl_ms(&self) -> u64 {
+        u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX).max(1)
+    }
 }
 
 /// One key's usage as Redis keeps it.
@@ -79,20 +84,82 @@ pub struct UsageRow {
     pub last_used: i64,
 }
 
+/// A Redis operation, as the metrics name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// A lease, with a signature when there is one.
+    Admit,
+    /// A signature alone (`SET NX PX`).
+    Replay,
+    FailedAuth,
+    Usage,
+    Heartbeat,
+}
+
+impl Op {
+    const ALL: [Op; 5] = [Op::Admit, Op::Replay, Op::FailedAuth, Op::Usage, Op::Heartbeat];
+
+    fn label(self) -> &'static str {
+        match self {
+            Op::Admit => "admit",
+            Op::Replay => "replay",
+            Op::FailedAuth => "failed_auth",
+            Op::Usage => "usage",
+            Op::Heartbeat => "heartbeat",
+        }
+    }
+}
+
+/// Why a request was decided without Redis (`gatehouse_shared_state_fallbacks_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    ReplayRejected,
+    ReplayLocal,
+    RateLimitLocal,
+    FailedAuthLocal,
+}
+
+impl Fallback {
+    const ALL: [Fallback; 4] =
+        [Fallback::ReplayRejected, Fallback::ReplayLocal, Fallback::RateLimitLocal, Fallback::FailedAuthLocal];
+
+    fn label(self) -> &'static str {
+        match self {
+            Fallback::ReplayRejected => "replay_rejected",
+            Fallback::ReplayLocal => "replay_local",
+            Fallback::RateLimitLocal => "rate_limit_local",
+            Fallback::FailedAuthLocal => "failed_auth_local",
+        }
+    }
+}
+
+/// One operation's series, resolved at start: an operation updates them without looking
+/// up a label set.
+#[derive(Debug, Clone)]
+struct OpSeries {
+    duration: prometheus::Histogram,
+    timeout: IntCounter,
+    error: IntCounter,
+    breaker_open: IntCounter,
+}
+
 /// The shared-state metrics; `pipeline::metrics` registers them.
 #[derive(Debug, Clone)]
 pub struct SharedMetrics {
     pub up: IntGauge,
     pub gateways: IntGauge,
-    pub op_duration: HistogramVec,
-    pub op_errors: IntCounterVec,
-    pub fallbacks: IntCounterVec,
+    op_duration: HistogramVec,
+    op_errors: IntCounterVec,
+    fallbacks: IntCounterVec,
     pub data_lost: IntCounter,
+    /// By [`Op`] and by [`Fallback`], in the order of their `ALL`.
+    ops: Vec<OpSeries>,
+    fallback_series: Vec<IntCounter>,
 }
 
 impl SharedMetrics {
     fn new() -> prometheus::Result<SharedMetrics> {
-        let m = SharedMetrics {
+        let mut m = SharedMetrics {
             up: IntGauge::new(
                 "gatehouse_shared_state_up",
                 "1 while this gateway uses Redis for shared state; 0 while it falls back (shared_state.on_unavailable).",
@@ -127,17 +194,28 @@ impl SharedMetrics {
                 "gatehouse_shared_state_data_lost_total",
                 "Times Redis was found without the fleet's data (restarted empty, flushed).",
             )?,
+            ops: Vec::new(),
+            fallback_series: Vec::new(),
         };
-        // Every series from the start at 0, so `rate()` and alerts see the first event.
-        for reason in ["replay_rejected", "replay_local", "rate_limit_local", "failed_auth_local"] {
-            m.fallbacks.with_label_values(&[reason]);
-        }
-        for op in ["admit", "replay", "failed_auth", "usage", "heartbeat"] {
-            for kind in ["timeout", "error", "breaker_open"] {
-                m.op_errors.with_label_values(&[op, kind]);
-            }
-        }
+        // Every series exists from the start at 0, so `rate()` and alerts see the first event.
+        m.ops = Op::ALL
+            .iter()
+            .map(|op| {
+                let errors = |kind: &str| m.op_errors.with_label_values(&[op.label(), kind]);
+                OpSeries {
+                    duration: m.op_duration.with_label_values(&[op.label()]),
+                    timeout: errors("timeout"),
+                    error: errors("error"),
+                    breaker_open: errors("breaker_open"),
+                }
+            })
+            .collect();
+        m.fallback_series = Fallback::ALL.iter().map(|f| m.fallbacks.with_label_values(&[f.label()])).collect();
         Ok(m)
+    }
+
+    fn op(&self, op: Op) -> &OpSeries {
+        &self.ops[op as usize]
     }
 
     /// Every family, for registration.
@@ -301,7 +379,7 @@ impl Shared {
         } else {
             // A script run, as a gateway's first heartbeat is: ACLs that forbid EVALSHA fail here.
             let ping = Script::new("return redis.call('PING')");
-            tokio::time::timeout(Duration::from_secs(5), shared.conn.run::<String>(&ping.prepare_invoke()))
+            tokio::time::timeout(Duration::from_secs(5), shared.conn.clone().run::<String>(&ping.prepare_invoke()))
                 .await
                 .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "no answer within 5s")))
                 .and_then(|r| r.map(|_| ()))
@@ -354,11 +432,13 @@ impl Shared {
     }
 
     async fn run<T: redis::FromRedisValue>(&self, inv: &redis::ScriptInvocation<'_>) -> redis::RedisResult<T> {
-        self.local().await?.run(inv).await
+        let mut conn = self.local().await?;
+        conn.run(inv).await
     }
 
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
-        self.local().await?.query(cmd).await
+        let mut conn = self.local().await?;
+        conn.query(cmd).await
     }
 
     fn key(&self, tag: &str, id: &str, rest: &str) -> String {
@@ -366,31 +446,36 @@ impl Shared {
     }
 
     /// Runs one operation under the breaker and the operation timeout, timing it.
-    async fn op<T, F>(&self, name: &'static str, f: F) -> Result<T, Unavailable>
+    async fn op<T, F>(&self, op: Op, f: F) -> Result<T, Unavailable>
     where
         F: Future<Output = redis::RedisResult<T>>,
     {
+        let series = self.metrics.op(op);
         if !self.breaker.closed() {
-            self.metrics.op_errors.with_label_values(&[name, "breaker_open"]).inc();
+            series.breaker_open.inc();
             return Err(Unavailable);
         }
         let started = Instant::now();
         let result = tokio::time::timeout(self.op_timeout, f).await;
-        self.metrics.op_duration.with_label_values(&[name]).observe(started.elapsed().as_secs_f64());
-        let err = match result {
+        series.duration.observe(started.elapsed().as_secs_f64());
+        let failure = match result {
             Ok(Ok(v)) => return Ok(v),
             Ok(Err(e)) => {
-                self.metrics.op_errors.with_label_values(&[name, "error"]).inc();
-                e.to_string()
+                series.error.inc();
+                Err(e)
             }
             Err(_) => {
-                self.metrics.op_errors.with_label_values(&[name, "timeout"]).inc();
-                format!("no answer within {:?}", self.op_timeout)
+                series.timeout.inc();
+                Ok(self.op_timeout)
             }
         };
         if self.breaker.failed() {
             self.metrics.up.set(0);
-            self.log_outage(&err);
+            let reason = match failure {
+                Err(e) => e.to_string(),
+                Ok(limit) => format!("no answer within {limit:?}"),
+            };
+            self.log_outage(&reason);
         }
         Err(Unavailable)
     }
@@ -417,46 +502,68 @@ impl Shared {
         burst: u32,
         signature: Option<SignatureRecord<'_>>,
     ) -> Result<Admission, Unavailable> {
+        // The common case spends from the lease under the map's read guard: no reference
+        // count that every core writes per request. A refill takes the lease out.
+        match self.leases.get(key_id).map_or(Local::Empty, |l| l.spend(Instant::now())) {
+            Local::Spent(remaining) => self.spent(key_id, remaining, signature).await,
+            Local::Limited(wait) => Ok(Admission::Limited { wait }),
+            Local::Empty => self.refill(key_id, per_second, burst, signature).await,
+        }
+    }
+
+    /// A request spent from the lease: records its signature, if any (a replay, or Redis
+    /// unavailable, gives the request back).
+    async fn spent(
+        &self,
+        key_id: &str,
+        remaining: u32,
+        signature: Option<SignatureRecord<'_>>,
+    ) -> Result<Admission, Unavailable> {
+        let Some(sig) = signature else { return Ok(Admission::Admitted { remaining }) };
+        let recorded = self.record_signature(key_id, sig).await;
+        if !matches!(recorded, Ok(true))
+            && let Some(lease) = self.leases.get(key_id)
+        {
+            lease.give_back();
+        }
+        match recorded? {
+            true => Ok(Admission::Admitted { remaining }),
+            false => Ok(Admission::Replayed),
+        }
+    }
+
+    /// The lease is empty: one request per key and gateway asks Redis for the next one
+    /// (with this request's signature); the others wait and spend from what it brought.
+    async fn refill(
+        &self,
+        key_id: &Arc<str>,
+        per_second: u32,
+        burst: u32,
+        signature: Option<SignatureRecord<'_>>,
+    ) -> Result<Admission, Unavailable> {
         let lease = self.lease(key_id);
-        let mut guard = None;
-        loop {
-            match lease.spend(Instant::now()) {
-                Local::Spent(remaining) => {
-                    if let Some(sig) = signature {
-                        match self.record_signature(key_id, sig).await {
-                            Ok(true) => {}
-                            Ok(false) => {
-                                lease.give_back();
-                                return Ok(Admission::Replayed);
-                            }
-                            Err(u) => {
-                                lease.give_back();
-                                return Err(u);
-                            }
-                        }
-                    }
-                    return Ok(Admission::Admitted { remaining });
-                }
-                Local::Limited(wait) => return Ok(Admission::Limited { wait }),
-                // One refill at a time: the first to find the lease empty asks Redis, the
-                // others find its lease when they get the lock.
-                Local::Empty if guard.is_none() => guard = Some(lease.refill.lock().await),
-                Local::Empty => break,
+        let guard = lease.refill.lock().await;
+        match lease.spend(Instant::now()) {
+            Local::Spent(remaining) => {
+                drop(guard);
+                return self.spent(key_id, remaining, signature).await;
             }
+            Local::Limited(wait) => return Ok(Admission::Limited { wait }),
+            Local::Empty => {}
         }
         let now = Instant::now();
         let want = lease.next_size(now, lease::cap(per_second, burst, self.live_gateways()));
         let mut inv = self.take.prepare_invoke();
         inv.key(self.key("k:", key_id, ":rate"));
-        let ttl_ms = signature.map_or(0, |s| u64::try_from(s.ttl.as_millis()).unwrap_or(u64::MAX).max(1));
+        let ttl_ms = signature.map_or(0, |s| s.ttl_ms());
         if let Some(s) = signature {
             inv.key(self.signature_key(key_id, s.signature));
         }
         let step = 1_000_000 / u64::from(per_second.max(1));
         inv.arg(step).arg(burst.max(1)).arg(ttl_ms).arg(want);
-        let (code, n): (i64, i64) = self.op("admit", self.run(&inv)).await?;
-        drop(guard);
-        Ok(match code {
+        let (code, n): (i64, i64) = self.op(Op::Admit, self.run(&inv)).await?;
+        // The lease is updated before the lock goes: a waiter must find it filled.
+        let admission = match code {
             c if c > 0 => Admission::Admitted {
                 remaining: lease.granted(now, u32::try_from(c).unwrap_or(1), u32::try_from(n).unwrap_or(0)),
             },
@@ -466,7 +573,9 @@ impl Shared {
                 Admission::Limited { wait }
             }
             _ => Admission::Replayed,
-        })
+        };
+        drop(guard);
+        Ok(admission)
     }
 
     /// This gateway's lease of a key.
@@ -489,15 +598,9 @@ impl Shared {
 
     /// Records a signature for its window; false: it was recorded before (a replay).
     async fn record_signature(&self, key_id: &str, s: SignatureRecord<'_>) -> Result<bool, Unavailable> {
-        let ttl_ms = u64::try_from(s.ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-        let cmd = redis::cmd("SET")
-            .arg(self.signature_key(key_id, s.signature))
-            .arg("1")
-            .arg("NX")
-            .arg("PX")
-            .arg(ttl_ms)
-            .clone();
-        let set: Option<String> = self.op("replay", self.query(&cmd)).await?;
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.signature_key(key_id, s.signature)).arg("1").arg("NX").arg("PX").arg(s.ttl_ms());
+        let set: Option<String> = self.op(Op::Replay, self.query(&cmd)).await?;
         Ok(set.is_some())
     }
 
@@ -508,7 +611,7 @@ impl Shared {
         inv.key(self.key("ip:", &format!("{ip:x}"), ":fail"));
         let per_minute = per_minute.max(1);
         inv.arg(60_000_000 / u64::from(per_minute)).arg(per_minute).arg(0).arg(1);
-        let (code, n): (i64, i64) = self.op("failed_auth", self.run(&inv)).await?;
+        let (code, n): (i64, i64) = self.op(Op::FailedAuth, self.run(&inv)).await?;
         Ok((code == 0).then(|| Duration::from_micros(u64::try_from(n).unwrap_or(0))))
     }
 
@@ -527,15 +630,16 @@ impl Shared {
                     .arg(r.rate_limited)
                     .arg(r.last_used);
             }
-            let _: i64 = self.op("usage", self.run(&inv)).await?;
+            let _: i64 = self.op(Op::Usage, self.run(&inv)).await?;
         }
         Ok(())
     }
 
     /// Every key's usage, summed over the fleet.
     pub async fn read_usage(&self) -> Result<BTreeMap<String, UsageRow>, Unavailable> {
-        let cmd = redis::cmd("HGETALL").arg(self.key("fleet", "", ":usage")).clone();
-        let fields: Vec<(String, String)> = self.op("usage", self.query(&cmd)).await?;
+        let mut cmd = redis::cmd("HGETALL");
+        cmd.arg(self.key("fleet", "", ":usage"));
+        let fields: Vec<(String, String)> = self.op(Op::Usage, self.query(&cmd)).await?;
         let mut out: BTreeMap<String, UsageRow> = BTreeMap::new();
         for (field, value) in fields {
             let Some((id, what)) = field.rsplit_once('|') else { continue };
@@ -560,10 +664,10 @@ impl Shared {
         inv.arg(self.node.as_str()).arg(GONE_AFTER.as_millis() as u64).arg(random_id());
         let started = Instant::now();
         let (alive, epoch): (u32, String) =
-            tokio::time::timeout(self.op_timeout.max(Duration::from_millis(500)), self.conn.run(&inv))
+            tokio::time::timeout(self.op_timeout.max(Duration::from_millis(500)), self.conn.clone().run(&inv))
                 .await
                 .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "heartbeat timed out")))??;
-        self.metrics.op_duration.with_label_values(&["heartbeat"]).observe(started.elapsed().as_secs_f64());
+        self.metrics.op(Op::Heartbeat).duration.observe(started.elapsed().as_secs_f64());
         self.live.store(alive.max(1), Ordering::Relaxed);
         self.metrics.gateways.set(i64::from(alive.max(1)));
         let mut lost = self.epoch_changed(&self.key("fleet", "", ":epoch"), epoch);
@@ -596,7 +700,7 @@ impl Shared {
     /// Under Redis Cluster: an epoch key on every master (a hash tag in one of its slot
     /// ranges), each set once and read at each heartbeat; true when one was lost.
     async fn node_epochs_changed(&self) -> redis::RedisResult<bool> {
-        let slots: Vec<redis::Value> = self.conn.query(&redis::cmd("CLUSTER").arg("SLOTS").clone()).await?;
+        let slots: Vec<redis::Value> = self.conn.clone().query(redis::cmd("CLUSTER").arg("SLOTS")).await?;
         let mut changed = false;
         for range in slots {
             let redis::Value::Array(items) = range else { continue };
@@ -608,7 +712,7 @@ impl Shared {
             let key = self.key(&tag, "", ":epoch");
             let mut inv = self.set_epoch.prepare_invoke();
             inv.key(key.as_str()).arg(random_id());
-            let seen: String = self.conn.run(&inv).await?;
+            let seen: String = self.conn.clone().run(&inv).await?;
             changed |= self.epoch_changed(&key, seen);
         }
         Ok(changed)
@@ -646,8 +750,8 @@ impl Shared {
     }
 
     /// Counts a request decided without Redis.
-    pub fn fell_back(&self, reason: &'static str) {
-        self.metrics.fallbacks.with_label_values(&[reason]).inc();
+    pub fn fell_back(&self, reason: Fallback) {
+        self.metrics.fallback_series[reason as usize].inc();
     }
 }
 

@@ -224,6 +224,11 @@ async fn metric(gw: &GatewayProcess, series: &str) -> f64 {
     crate::observability_support::value(&text, series).unwrap_or(0.0)
 }
 
+/// The 503 a signed request gets while Redis cannot vouch for its signature.
+fn assert_replay_unavailable(r: &Reply) {
+    assert_error(r, 503, "shared_state_unavailable", "Replay protection is unavailable; retry with a new signature");
+}
+
 /// Waits until every gateway of `fleet` has counted Redis losing its data. Traffic is what
 /// finds the broken connections (the heartbeat would too, within a second).
 async fn until_data_lost(fleet: &[GatewayProcess], client: &H1) {
@@ -273,18 +278,13 @@ async fn a_hung_redis_fails_signed_requests_closed_and_keeps_api_keys_flowing_un
     let r = within(STEP, "a signed request while Redis hangs", signed(&client, &fleet[0], &signer, now, "/api/during"))
         .await;
     let waited = started.elapsed();
-    assert_error(&r, 503, "shared_state_unavailable", "Replay protection is unavailable; retry with a new signature");
+    assert_replay_unavailable(&r);
     assert_eq!(r.header("retry-after"), "1");
     println!("first signed request during the hang answered in {waited:?} (op_timeout 200ms)");
     // The breaker is open now: the next ones do not wait at all, and still fail closed.
     for gw in &fleet[..1] {
         let r = signed(&client, gw, &signer, now, "/api/during2").await;
-        assert_error(
-            &r,
-            503,
-            "shared_state_unavailable",
-            "Replay protection is unavailable; retry with a new signature",
-        );
+        assert_replay_unavailable(&r);
     }
     let forwarded = up.count();
     let mut admitted = 0;
@@ -337,12 +337,7 @@ async fn a_redis_that_comes_back_empty_cannot_be_used_to_replay_an_earlier_signa
         let r = signed(&client, gw, &signer, then, "/api/x").await;
         assert_ne!(r.status, 200, "a replay was accepted after Redis lost its records");
         if crate::support::creds::unix_now() - then <= 3 {
-            assert_error(
-                &r,
-                503,
-                "shared_state_unavailable",
-                "Replay protection is unavailable; retry with a new signature",
-            );
+            assert_replay_unavailable(&r);
         }
     }
     assert_eq!(up.count(), seen);
@@ -353,12 +348,7 @@ async fn a_redis_that_comes_back_empty_cannot_be_used_to_replay_an_earlier_signa
             if r.status == 200 {
                 return;
             }
-            assert_error(
-                &r,
-                503,
-                "shared_state_unavailable",
-                "Replay protection is unavailable; retry with a new signature",
-            );
+            assert_replay_unavailable(&r);
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     })
@@ -606,12 +596,7 @@ async fn a_redis_slower_to_connect_than_an_operation_is_still_reached() {
             if r.status == 200 {
                 return;
             }
-            assert_error(
-                &r,
-                503,
-                "shared_state_unavailable",
-                "Replay protection is unavailable; retry with a new signature",
-            );
+            assert_replay_unavailable(&r);
             refused += 1;
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
