@@ -24,7 +24,11 @@ pub fn run(config_path: &Path) -> ExitCode {
             failed = true;
         }
     }
-    let credentials = match Credentials::load(&config) {
+    let rt = match super::runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let credentials = match rt.block_on(Credentials::open(&config)) {
         Ok(c) => Some(c.snapshot()),
         Err(e) => {
             eprintln!("{e}");
@@ -35,10 +39,7 @@ pub fn run(config_path: &Path) -> ExitCode {
     if let Some(shared) = &config.shared_state {
         // Reached the way `serve` reaches it (URL, TLS, AUTH, a script run), without
         // counting as a gateway alive.
-        let reached = match super::runtime() {
-            Ok(rt) => rt.block_on(crate::shared::Shared::connect_tool(shared)).map(|_| ()),
-            Err(code) => return code,
-        };
+        let reached = rt.block_on(crate::shared::Shared::connect_tool(shared)).map(|_| ());
         match reached {
             Ok(()) => println!("{}: ok (shared state in Redis at {})", config_path.display(), shared.describe()),
             Err(e) => {
@@ -56,8 +57,11 @@ pub fn run(config_path: &Path) -> ExitCode {
         config.listeners.len(),
         config.routes.len()
     );
-    if let (Some(path), Some(snap)) = (&config.credentials, credentials) {
+    if let (Some(path), Some(snap)) = (&config.credentials, &credentials) {
         println!("{}: ok ({} user(s), {} key(s))", path.display(), snap.user_count(), snap.key_count());
+    }
+    if let (Some(db), Some(snap)) = (&config.credential_db, &credentials) {
+        println!("{}: ok ({} user(s), {} key(s))", db.describe(), snap.user_count(), snap.key_count());
     }
     ExitCode::SUCCESS
 }

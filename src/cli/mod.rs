@@ -1,6 +1,7 @@
 //! The `gatehouse` command line: one file per subcommand.
 
 mod check_config;
+mod db;
 mod demo;
 pub mod echo;
 mod healthcheck;
@@ -62,6 +63,8 @@ enum Command {
     Healthcheck(healthcheck::HealthcheckArgs),
     /// Rotate the master key that encrypts HMAC signing secrets at rest.
     MasterKey(master_key::MasterKeyArgs),
+    /// The credential database (PostgreSQL): schema migrations.
+    Db(db::DbArgs),
     /// Start a throw-away gateway on 127.0.0.1 with a built-in echo upstream.
     Demo {
         /// Port of the demo's proxy listener.
@@ -85,6 +88,7 @@ pub fn run() -> ExitCode {
             | Command::Sign(_)
             | Command::MasterKey(_)
             | Command::Healthcheck(_)
+            | Command::Db(_)
     );
     init_logging(cli.log_format, if quiet { "warn" } else { "info,notify=warn" });
     match cli.command {
@@ -97,6 +101,7 @@ pub fn run() -> ExitCode {
         Command::Roles(args) => roles::run(args),
         Command::MasterKey(args) => master_key::run(args),
         Command::Healthcheck(args) => healthcheck::run(args),
+        Command::Db(args) => db::run(args),
     }
 }
 

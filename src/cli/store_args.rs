@@ -95,6 +95,25 @@ impl StoreArgs {
             return Ok(Ctx { store, usage: crate::config::usage_state_path(path), shared: None, audit: None });
         }
         let config = Config::load(&self.config).map_err(|e| e.to_string())?;
+        if let Some(cfg) = &config.credential_db {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+            let db = rt
+                .block_on(async {
+                    let db = crate::credentials::db::Database::connect(cfg).await?;
+                    crate::credentials::db::schema::check(&db).await.map(|()| db)
+                })
+                .map_err(|e| e.to_string())?;
+            return Ok(Ctx {
+                store: Store::database(db, Some(rt), config.master_key, config.rate_limit),
+                usage: config.usage_state.unwrap_or_default(),
+                shared: config.shared_state,
+                audit: Some(config.audit_log),
+            });
+        }
         let path = config
             .credentials
             .ok_or_else(|| format!("{} names no credentials file; pass --credentials PATH", self.config.display()))?;
@@ -131,7 +150,13 @@ pub fn run_update<T>(
     ctx: &Ctx,
     change: impl FnOnce(&mut crate::credentials::file::FileCredentials) -> Result<T, StoreError>,
 ) -> Result<T, ExitCode> {
-    let out = ctx.store.update(change).map_err(|e| fail(command, e))?;
+    // The database keeps the record in the change's transaction; the audit file (when
+    // the config names one) gets it as well.
+    let record = ctx.store.is_database().then(|| {
+        let actor = format!("cli:{}", os_user());
+        serde_json::to_value(AdminRecord::new(&actor, command, target, Value::Null)).unwrap_or_default()
+    });
+    let out = ctx.store.update_recorded(record.as_ref(), change).map_err(|e| fail(command, e))?;
     ctx.record(command, target, Value::Null);
     Ok(out)
 }

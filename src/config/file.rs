@@ -17,8 +17,15 @@ pub struct FileConfig {
     pub listeners: Vec<FileListener>,
     #[serde(default)]
     pub admin: Option<FileAdmin>,
+    /// A file path, or a `postgres://` URL (the credential database).
     #[serde(default)]
-    pub credentials: Option<Spanned<PathBuf>>,
+    pub credentials: Option<Spanned<String>>,
+    /// The database password's environment variable (with a `postgres://` URL).
+    #[serde(default)]
+    pub credentials_password_env: Option<Spanned<String>>,
+    /// Apply pending schema migrations at start-up (with a `postgres://` URL).
+    #[serde(default)]
+    pub credentials_auto_migrate: Option<Spanned<bool>>,
     #[serde(default)]
     pub master_key: Option<PathBuf>,
     /// Where per-key usage is persisted (default: beside the credentials file).

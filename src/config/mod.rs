@@ -7,6 +7,7 @@
 
 pub mod env;
 mod file;
+pub mod credential_db;
 pub mod shared_state;
 pub mod units;
 
@@ -28,7 +29,10 @@ pub struct Config {
     pub path: PathBuf,
     pub listeners: Vec<ListenerConfig>,
     pub admin: Option<AdminConfig>,
+    /// The credentials file (`None` with a database or no credentials at all).
     pub credentials: Option<PathBuf>,
+    /// `credentials: postgres://…`: API users in PostgreSQL.
+    pub credential_db: Option<credential_db::CredentialDbConfig>,
     pub master_key: PathBuf,
     /// Where per-key usage is persisted: `usage_state`, else `<credentials>.usage.json`;
     /// none without a credentials file.
@@ -302,9 +306,32 @@ impl Validator {
         let admin =
             f.admin.map(|a| AdminConfig { address: a.address, token_env: a.token_env, token_file: a.token_file });
 
-        let credentials = f.credentials.map(|c| c.value);
-        // A read-only credentials mount (Kubernetes Secret) needs the state elsewhere.
-        let usage_state = credentials.as_ref().map(|c| f.usage_state.clone().unwrap_or_else(|| usage_state_path(c)));
+        let (credentials, credential_db) = match f.credentials {
+            Some(c) if credential_db::is_database_url(&c.value) => {
+                let mut at = |loc: &Location, m: String| self.at(loc, m);
+                let migrate = f.credentials_auto_migrate.is_some_and(|m| m.value);
+                let db =
+                    credential_db::validate(c.value, f.credentials_password_env, migrate, env, &mut at, &c.referenced);
+                (None, Some(db))
+            }
+            other => {
+                for (set, name) in [
+                    (f.credentials_password_env.as_ref().map(|s| s.referenced), "credentials_password_env"),
+                    (f.credentials_auto_migrate.as_ref().map(|s| s.referenced), "credentials_auto_migrate"),
+                ] {
+                    if let Some(loc) = set {
+                        self.at(&loc, format!("{name} applies only when credentials is a postgres:// URL"));
+                    }
+                }
+                (other.map(|c| PathBuf::from(c.value)), None)
+            }
+        };
+        // A read-only credentials mount (Kubernetes Secret) needs the state elsewhere; with a
+        // database, usage is kept only where `usage_state` says (or in Redis).
+        let usage_state = match &credentials {
+            Some(c) => Some(f.usage_state.clone().unwrap_or_else(|| usage_state_path(c))),
+            None => f.usage_state.clone(),
+        };
         let audit_log = match f.audit_log.as_deref() {
             None | Some("stdout") | Some("-") => AuditSink::Stdout,
             Some(p) => AuditSink::File(PathBuf::from(p)),
@@ -355,6 +382,7 @@ impl Validator {
             listeners,
             admin,
             credentials,
+            credential_db,
             master_key: f.master_key.unwrap_or_else(|| PathBuf::from("config/master.key")),
             usage_state,
             audit_log,

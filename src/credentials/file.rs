@@ -8,7 +8,7 @@ use serde_saphyr::Spanned;
 use std::collections::BTreeMap;
 use time::OffsetDateTime;
 
-#[derive(Debug, Default, Deserialize, Serialize)]
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileCredentials {
     #[serde(default)]
@@ -17,7 +17,7 @@ pub struct FileCredentials {
     pub users: Vec<FileUser>,
 }
 
-#[derive(Debug, Default, Deserialize, Serialize)]
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileRole {
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -48,7 +48,7 @@ pub struct FileRateLimit {
     pub burst: u32,
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileUser {
     pub id: Spanned<String>,
@@ -113,7 +113,7 @@ pub fn spanned<T>(v: T) -> Spanned<T> {
 
 /// One key. Exactly one of `token_sha256` (api_key users) and `secret_sealed` (hmac
 /// users) is set; validation checks it matches the user's `auth_method`.
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileKey {
     pub id: Spanned<String>,

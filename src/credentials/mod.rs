@@ -2,6 +2,7 @@
 //! `ArcSwap` that requests read once each; `reload.rs` keeps it current; `secrets.rs`
 //! makes and seals tokens and signing secrets.
 
+pub mod db;
 pub mod file;
 pub mod ops;
 pub mod reload;
@@ -53,7 +54,7 @@ fn blank_key(id: String, label: &str) -> FileKey {
     FileKey::new(id, label.to_string(), ops::now())
 }
 
-fn problem(path: &Path, message: String) -> ConfigErrors {
+pub(crate) fn problem(path: &Path, message: String) -> ConfigErrors {
     ConfigErrors { file: path.to_path_buf(), problems: vec![Problem { line: 0, column: 0, message }] }
 }
 

@@ -12,6 +12,8 @@
 //! held (logged, counted in `gatehouse_credentials_reloads_held_total`) until a reload
 //! that allows it (`POST /admin/v1/reload?allow_mass_removal=true`).
 
+use super::db::follow::{FollowError, Follower};
+use super::db::{Database, schema};
 use super::secrets::MasterKey;
 use super::snapshot::Snapshot;
 use crate::config::{Config, ConfigErrors, RateLimitConfig};
@@ -31,6 +33,8 @@ const RETIRE_WAIT: Duration = Duration::from_secs(2);
 pub struct Credentials {
     current: ArcSwap<Snapshot>,
     source: Option<Source>,
+    /// With `credentials: postgres://…`: the database this gateway follows.
+    follower: Option<Arc<Follower>>,
     /// Reloads that succeeded / failed, and the unix time of the last good one.
     pub reloads_ok: AtomicU64,
     pub reloads_failed: AtomicU64,
@@ -199,10 +203,66 @@ impl Credentials {
     }
 
     /// Credentials that never reload (tests, benches, no file configured).
+    /// [`Credentials::load`], or with a credential database: connects (migrating first when
+    /// `credentials_auto_migrate` is on), checks the schema and loads the whole store.
+    pub async fn open(config: &Config) -> Result<Credentials, ConfigErrors> {
+        let Some(cfg) = &config.credential_db else { return Credentials::load(config) };
+        let fail = |e: &dyn std::fmt::Display| super::problem(Path::new("credentials"), e.to_string());
+        let db = Database::connect(cfg).await.map_err(|e| fail(&e))?;
+        if cfg.auto_migrate {
+            let applied = schema::migrate(&db).await.map_err(|e| fail(&e))?;
+            if !applied.is_empty() {
+                tracing::info!(db = %db.describe(), versions = ?applied, "credential database migrated");
+            }
+        }
+        let (follower, snap) =
+            Follower::load(db, config.master_key.clone(), config.rate_limit).await.map_err(|e| match e {
+                FollowError::Invalid(errors) => errors,
+                FollowError::Db(e) => fail(&e),
+            })?;
+        tracing::info!(
+            db = %follower.database().describe(),
+            revision = follower.revision.load(Ordering::Relaxed),
+            users = snap.user_count(),
+            keys = snap.key_count(),
+            "credentials loaded from the credential database"
+        );
+        Ok(Credentials { follower: Some(Arc::new(follower)), ..Credentials::fixed(snap) })
+    }
+
+    /// The credential database this gateway follows, if any.
+    pub fn follower(&self) -> Option<&Arc<Follower>> {
+        self.follower.as_ref()
+    }
+
+    /// Puts a catch-up's result in force (or counts and keeps the failure).
+    fn applied(&self, result: Result<Option<Snapshot>, FollowError>) -> Result<(), ConfigErrors> {
+        match result {
+            Ok(None) => Ok(()),
+            Ok(Some(snap)) => {
+                let old = self.current.swap(Arc::new(snap));
+                self.reloads_ok.fetch_add(1, Ordering::Relaxed);
+                self.failing.store(false, Ordering::Relaxed);
+                self.last_good_unix.store(unix_now(), Ordering::Relaxed);
+                retire(old);
+                Ok(())
+            }
+            Err(FollowError::Invalid(e)) => {
+                self.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                self.failing.store(true, Ordering::Relaxed);
+                Err(e)
+            }
+            // The database is away: the snapshot in force stays, and says how old it is
+            // (gatehouse_credential_store_snapshot_age_seconds); not a failed reload.
+            Err(FollowError::Db(e)) => Err(super::problem(Path::new("credentials"), e.to_string())),
+        }
+    }
+
     pub fn fixed(snap: Snapshot) -> Credentials {
         Credentials {
             current: ArcSwap::from_pointee(snap),
             source: None,
+            follower: None,
             reloads_ok: AtomicU64::new(0),
             reloads_failed: AtomicU64::new(0),
             reloads_held: AtomicU64::new(0),
@@ -230,6 +290,12 @@ impl Credentials {
 
     /// Re-reads the file now; `removal` says whether it may take away nearly every user.
     pub fn reload_with(&self, removal: Removal) -> Result<(), ConfigErrors> {
+        if let Some(f) = &self.follower {
+            // Called off the runtime's worker (admin API, SIGHUP task): wait for the
+            // catch-up on the gateway's runtime.
+            let handle = tokio::runtime::Handle::current();
+            return self.applied(tokio::task::block_in_place(|| handle.block_on(f.catch_up())));
+        }
         let Some(source) = &self.source else { return Ok(()) };
         match source.build() {
             Ok(snap) => {
@@ -268,6 +334,15 @@ impl Credentials {
 
     /// Reloads on file changes and SIGHUP for as long as the process runs.
     pub fn spawn_reloader(self: Arc<Self>) {
+        if let Some(f) = self.follower.clone() {
+            let this = self.clone();
+            tokio::spawn(f.run(move |result| {
+                if let Err(e) = this.applied(result) {
+                    tracing::debug!(error = %e, "credential database catch-up failed");
+                }
+            }));
+            return;
+        }
         let Some(source) = &self.source else { return };
         let mut changes =
             crate::fs::watch::watch_since(vec![source.path.clone(), source.master_key.clone()], POLL, source.baseline);

@@ -186,6 +186,18 @@ impl Snapshot {
     }
 }
 
+impl Snapshot {
+    /// Builds a snapshot from a file model already in memory (the credential database's):
+    /// the same checks as a file, each problem naming its user, key or role.
+    pub fn from_model(
+        file: FileCredentials,
+        master: Option<&MasterKey>,
+        default_rate: RateLimitConfig,
+    ) -> Result<Snapshot, Vec<Problem>> {
+        Builder::new(master, default_rate).build(file)
+    }
+}
+
 /// The file model of a credentials file: the one parse the gateway, the admin API and
 /// the CLI share. The fast reader takes what Gatehouse itself writes; anything else goes
 /// to serde-saphyr.

@@ -30,6 +30,7 @@ struct RouteMetrics {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    store: Option<StoreGauges>,
     requests: IntCounterVec,
     auth_failures: IntCounterVec,
     rate_limited: IntCounterVec,
@@ -142,6 +143,25 @@ pub struct ScrapeState {
     pub users: usize,
     pub keys: usize,
     pub audit_dropped: crate::pipeline::audit::DroppedCounts,
+    /// With the credential database: whether it answers, and the snapshot's age.
+    pub store: Option<StoreScrape>,
+}
+
+/// The credential database, as a scrape sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreScrape {
+    pub up: bool,
+    /// Seconds since this gateway last confirmed its snapshot is the database's latest.
+    pub snapshot_age_seconds: u64,
+    pub revision: i64,
+}
+
+/// The credential database's gauges (registered only with one).
+#[derive(Debug)]
+struct StoreGauges {
+    up: IntGauge,
+    age: IntGauge,
+    revision: IntGauge,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec, prometheus::Error> {
@@ -174,8 +194,29 @@ impl Metrics {
         tls: Vec<(Arc<str>, Arc<CertResolver>)>,
         replay: Arc<ReplayCache>,
         shared: Option<&crate::shared::SharedMetrics>,
+        credential_store: bool,
     ) -> Result<Metrics, prometheus::Error> {
         let r = Registry::new();
+        let store = match credential_store {
+            false => None,
+            true => Some(StoreGauges {
+                up: gauge(
+                    &r,
+                    "gatehouse_credential_store_up",
+                    "1 while the credential database answers, 0 while this gateway serves its last snapshot without it.",
+                )?,
+                age: gauge(
+                    &r,
+                    "gatehouse_credential_store_snapshot_age_seconds",
+                    "Seconds since this gateway last confirmed its credentials snapshot is the database's latest (changes made meanwhile may not be in force here).",
+                )?,
+                revision: gauge(
+                    &r,
+                    "gatehouse_credential_store_revision",
+                    "The credential database revision whose changes this gateway has in force.",
+                )?,
+            }),
+        };
         // Shared state's families are its own (it updates them); registered here so one
         // scrape shows them.
         for c in shared.map(|s| s.collectors()).unwrap_or_default() {
@@ -266,6 +307,7 @@ impl Metrics {
             .with_label_values(&[env!("CARGO_PKG_VERSION"), env!("GATEHOUSE_COMMIT"), env!("GATEHOUSE_RUSTC")])
             .set(1);
         Ok(Metrics {
+            store,
             requests: counter(
                 &r,
                 "gatehouse_requests_total",
@@ -439,6 +481,11 @@ impl Metrics {
         catch_up(&self.audit_dropped.with_label_values(&["write_failed"]), s.audit_dropped.write_failed);
         self.last_reload.set(i64::try_from(s.last_good_unix).unwrap_or(i64::MAX));
         self.users.set(i64::try_from(s.users).unwrap_or(i64::MAX));
+        if let (Some(g), Some(st)) = (&self.store, s.store) {
+            g.up.set(i64::from(st.up));
+            g.age.set(i64::try_from(st.snapshot_age_seconds).unwrap_or(i64::MAX));
+            g.revision.set(st.revision);
+        }
         self.keys.set(i64::try_from(s.keys).unwrap_or(i64::MAX));
         self.in_flight_gauge.set(self.in_flight.get());
         self.replay_entries.set(i64::try_from(self.replay.held()).unwrap_or(i64::MAX));

@@ -87,6 +87,9 @@ impl Server {
 
     /// [`Server::bind`] on `clock`: tests move it forward instead of sleeping.
     pub async fn bind_with_clock(config: &Config, clock: Clock) -> Result<Server, StartError> {
+        // Credentials first: a database that cannot be used ends the start-up before
+        // anything listens.
+        let credentials = Arc::new(Credentials::open(config).await?);
         let mut listeners = Vec::with_capacity(config.listeners.len());
         for l in &config.listeners {
             let tls = l.tls.as_ref().map(tls::acceptor).transpose()?;
@@ -95,7 +98,6 @@ impl Server {
             let addr = tcp.local_addr().map_err(|source| StartError::Bind { addr: l.address, source })?;
             listeners.push(Bound { tcp, name: Arc::from(l.name.as_str()), addr, tls });
         }
-        let credentials = Arc::new(Credentials::load(config)?);
         let shared = match &config.shared_state {
             None => {
                 tracing::info!(
@@ -122,6 +124,7 @@ impl Server {
                 listeners.iter().filter_map(|b| Some((b.name.clone(), b.tls.as_ref()?.1.clone()))).collect(),
                 replay.clone(),
                 shared.as_ref().map(|s| &s.metrics),
+                credentials.follower().is_some(),
             )
             .map_err(|e| StartError::Admin(format!("metrics: {e}")))?,
         );

@@ -19,6 +19,9 @@ use time::OffsetDateTime;
 
 const MAX_BODY: usize = 1 << 20;
 
+/// The message of a write refused while the credential database is away.
+const UNAVAILABLE: &str = "the credential database is unavailable: nothing was changed; gateways keep serving their last snapshot, retry later";
+
 /// An admin call that failed, with its status.
 struct ApiError(StatusCode, &'static str, String);
 
@@ -29,12 +32,19 @@ impl From<StoreError> for ApiError {
             let reasons: Vec<&str> = errors.problems.iter().map(|p| p.message.as_str()).collect();
             return ApiError(StatusCode::UNPROCESSABLE_ENTITY, "validation_error", reasons.join("; "));
         }
+        if let StoreError::Unavailable(detail) = &e {
+            // The detail (which server, what failed) is for the operator's log.
+            tracing::warn!(error = %detail, "admin write refused: the credential database is unavailable");
+            return ApiError(StatusCode::SERVICE_UNAVAILABLE, "credential_store_unavailable", UNAVAILABLE.into());
+        }
         let (status, code) = match &e {
             StoreError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             StoreError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             StoreError::BadInput(_) | StoreError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "validation_error"),
             // A read-only mount (Kubernetes Secret): nothing here can change it.
             StoreError::ReadOnly { .. } => (StatusCode::CONFLICT, "read_only"),
+            // The database is down: the gateways keep serving their snapshot, writes wait.
+            StoreError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "credential_store_unavailable"),
             StoreError::Io { .. } | StoreError::Serialise(_) | StoreError::RotationIncomplete { .. } => {
                 (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
             }
@@ -331,9 +341,13 @@ fn change<T>(
     // A locked read-modify-write of the file, then a rebuild of the snapshot: with 100,000
     // users that is most of a second of disk and CPU.
     blocking(|| {
-        let out = store.update(f)?;
-        let record = AdminRecord::new("admin-api", what.action, what.target, what.changes);
-        admin.audit.send(&record.by(by.client.as_deref(), admin.token_fingerprint.as_deref()));
+        let record = AdminRecord::new("admin-api", what.action, what.target, what.changes)
+            .by(by.client.as_deref(), admin.token_fingerprint.as_deref());
+        // The database keeps the record in the change's own transaction; the audit log
+        // gets it too, once the change is made.
+        let kept = store.is_database().then(|| serde_json::to_value(&record).unwrap_or_default());
+        let out = store.update_recorded(kept.as_ref(), f)?;
+        admin.audit.send(&record);
         if let Err(e) = admin.credentials.reload() {
             tracing::error!(error = %e, "admin change written but not loaded");
         }

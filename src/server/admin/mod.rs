@@ -116,7 +116,10 @@ impl Admin {
         if token.is_none() {
             tracing::warn!("admin API disabled: no admin token configured (admin.token_env or admin.token_file)");
         }
-        let store = config.credentials.clone().map(|p| Store::new(p, config.master_key.clone(), config.rate_limit));
+        let store = match credentials.follower() {
+            Some(f) => Some(Store::database(f.database().clone(), None, config.master_key.clone(), config.rate_limit)),
+            None => config.credentials.clone().map(|p| Store::new(p, config.master_key.clone(), config.rate_limit)),
+        };
         let digest: Option<[u8; 32]> = token.map(|t| Sha256::digest(t.as_bytes()).into());
         Ok(Admin {
             credentials,
@@ -172,6 +175,12 @@ impl Admin {
                     users: snap.user_count(),
                     keys: snap.key_count(),
                     audit_dropped: self.audit.dropped(),
+                    store: c.follower().map(|f| crate::pipeline::metrics::StoreScrape {
+                        up: f.up.load(Relaxed),
+                        snapshot_age_seconds: crate::credentials::db::follow::unix_now()
+                            .saturating_sub(f.confirmed_unix.load(Relaxed)),
+                        revision: f.revision.load(Relaxed),
+                    }),
                 });
                 let mut r = Response::new(Body::full(text));
                 r.headers_mut()

@@ -141,6 +141,8 @@ pub struct GatewayConfig {
     identity_headers: Vec<(String, String)>,
     shared_state: Vec<(String, String)>,
     failed_per_ip_per_minute: Option<u32>,
+    /// `credentials: postgres://…` and the settings that go with it.
+    database: Option<(String, Vec<(String, String)>)>,
 }
 
 /// The admin listener of the test config: always `127.0.0.1:0`; the token, when there is
@@ -256,6 +258,20 @@ impl GatewayConfig {
     }
 
     /// `auth.failed_per_ip_per_minute`.
+    /// API users in the credential database at `url` instead of a file.
+    pub fn database(mut self, url: &str) -> Self {
+        self.database = Some((url.to_string(), Vec::new()));
+        self
+    }
+
+    /// A top-level setting beside `credentials: postgres://…` (e.g. `credentials_auto_migrate`).
+    pub fn database_setting(mut self, name: &str, value: &str) -> Self {
+        if let Some((_, s)) = self.database.as_mut() {
+            s.push((name.to_string(), value.to_string()));
+        }
+        self
+    }
+
     pub fn failed_per_ip_per_minute(mut self, n: u32) -> Self {
         self.failed_per_ip_per_minute = Some(n);
         self
@@ -343,6 +359,15 @@ impl GatewayConfig {
                 q(&path.display().to_string()),
                 q(&dir.join("master.key").display().to_string())
             ));
+        }
+        if let Some((url, settings)) = &self.database {
+            y.push_str(&format!("credentials: {}\n", q(url)));
+            if self.credentials.is_none() {
+                y.push_str(&format!("master_key: {}\n", q(&dir.join("master.key").display().to_string())));
+            }
+            for (k, v) in settings {
+                y.push_str(&format!("{k}: {v}\n"));
+            }
         }
         if !self.shared_state.is_empty() {
             y.push_str("shared_state:\n");

@@ -4,6 +4,7 @@
 pub mod client;
 pub mod creds;
 pub mod gateway;
+pub mod postgres;
 pub mod process;
 pub mod raw;
 pub mod redis;

@@ -1,0 +1,304 @@
+//! A gateway following the credential database: the whole store loaded at start, then
+//! each change applied as it is announced (LISTEN), with a poll for what a lost LISTEN
+//! connection missed.
+//!
+//! Changes are read by revision: every change to a role, user or key bumps the store's
+//! revision and records which user or role it touched (the schema's triggers, so hand
+//! edits count too). A catch-up reads the users and roles changed after the revision
+//! this gateway applied, in one repeatable-read transaction, applies them to its copy
+//! of the store and builds the next snapshot from it. A change that does not validate
+//! is refused with the rows it names, and the last good snapshot keeps serving; the
+//! next catch-up tries again from the same revision.
+
+use super::model::{self, ReadError};
+use super::{Database, DbError};
+use crate::config::{ConfigErrors, RateLimitConfig};
+use crate::credentials::file::{FileCredentials, FileUser};
+use crate::credentials::snapshot::Snapshot;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio_postgres::IsolationLevel;
+
+/// The channel the schema's triggers notify on.
+const CHANNEL: &str = "gatehouse_credentials";
+/// How often a catch-up runs without a notification: the bound on how late a change
+/// arrives while the LISTEN connection is down.
+pub const POLL: Duration = Duration::from_secs(5);
+/// More changed users than this since the last catch-up: the whole store is read again
+/// (one query per table beats a long `= ANY(...)` list).
+const WHOLE_RELOAD_OVER: usize = 1000;
+
+/// Why a catch-up did not apply.
+#[derive(Debug, thiserror::Error)]
+pub enum FollowError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    /// The store as changed does not validate: the problems name the rows.
+    #[error("{0}")]
+    Invalid(ConfigErrors),
+}
+
+/// This gateway's copy of the store, at the revision it applied.
+#[derive(Debug)]
+struct Copy {
+    creds: FileCredentials,
+    /// Position of each user in `creds.users`.
+    index: HashMap<String, usize>,
+    revision: i64,
+}
+
+impl Copy {
+    fn new(creds: FileCredentials, revision: i64) -> Copy {
+        let mut c = Copy { creds, index: HashMap::new(), revision };
+        c.reindex();
+        c
+    }
+
+    fn reindex(&mut self) {
+        self.index = self.creds.users.iter().enumerate().map(|(i, u)| (u.id.value.clone(), i)).collect();
+    }
+
+    /// The copy with `users` (their current rows; a name absent from them was deleted)
+    /// and `roles` replaced.
+    fn with(
+        &self,
+        names: &[String],
+        users: Vec<FileUser>,
+        role_names: &[String],
+        mut roles: std::collections::BTreeMap<String, crate::credentials::file::FileRole>,
+    ) -> FileCredentials {
+        let mut next = self.creds.clone();
+        let mut found: HashMap<String, FileUser> = users.into_iter().map(|u| (u.id.value.clone(), u)).collect();
+        let mut removed = false;
+        for name in names {
+            match (self.index.get(name), found.remove(name)) {
+                (Some(&i), Some(u)) => next.users[i] = u,
+                (None, Some(u)) => next.users.push(u),
+                (Some(&i), None) => {
+                    // Marked here, removed below: positions must stay valid meanwhile.
+                    next.users[i].id.value.clear();
+                    removed = true;
+                }
+                (None, None) => {}
+            }
+        }
+        if removed {
+            next.users.retain(|u| !u.id.value.is_empty());
+        }
+        for name in role_names {
+            match roles.remove(name) {
+                Some(r) => next.roles.insert(name.clone(), r),
+                None => next.roles.remove(name),
+            };
+        }
+        next
+    }
+}
+
+/// A gateway's link to the credential database.
+#[derive(Debug)]
+pub struct Follower {
+    db: Database,
+    master_key: PathBuf,
+    default_rate: RateLimitConfig,
+    copy: tokio::sync::Mutex<Copy>,
+    /// 1 while the last attempt to reach the database succeeded.
+    pub up: AtomicBool,
+    /// The revision of the snapshot in force.
+    pub revision: AtomicI64,
+    /// When this gateway last confirmed its snapshot is the database's latest (unix s):
+    /// the snapshot's age is the time since.
+    pub confirmed_unix: AtomicU64,
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn read_error(db: &Database, e: ReadError) -> FollowError {
+    match e {
+        ReadError::Pg(e) => FollowError::Db(db.query_error(e)),
+        ReadError::Row(bad) => {
+            FollowError::Invalid(crate::credentials::problem(std::path::Path::new(db.describe()), bad.0))
+        }
+    }
+}
+
+impl Follower {
+    /// Loads the whole store: the follower and the first snapshot.
+    pub async fn load(
+        db: Database,
+        master_key: PathBuf,
+        default_rate: RateLimitConfig,
+    ) -> Result<(Follower, Snapshot), FollowError> {
+        super::schema::check(&db).await?;
+        let (creds, revision) = read_all(&db).await?;
+        let snap = build(&db, &master_key, default_rate, creds.clone())?;
+        let f = Follower {
+            copy: tokio::sync::Mutex::new(Copy::new(creds, revision)),
+            up: AtomicBool::new(true),
+            revision: AtomicI64::new(revision),
+            confirmed_unix: AtomicU64::new(unix_now()),
+            db,
+            master_key,
+            default_rate,
+        };
+        Ok((f, snap))
+    }
+
+    pub fn database(&self) -> &Database {
+        &self.db
+    }
+
+    /// Applies the changes made since the revision in force: the next snapshot, or `None`
+    /// when there were none.
+    pub async fn catch_up(&self) -> Result<Option<Snapshot>, FollowError> {
+        let result = self.catch_up_inner().await;
+        match &result {
+            Err(FollowError::Db(_)) => self.up.store(false, Ordering::Relaxed),
+            _ => self.up.store(true, Ordering::Relaxed),
+        }
+        result
+    }
+
+    async fn catch_up_inner(&self) -> Result<Option<Snapshot>, FollowError> {
+        let db = &self.db;
+        let mut copy = self.copy.lock().await;
+        let mut client = db.client().await?;
+        let tx = client
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .map_err(|e| db.query_error(e))?;
+        let revision = model::revision(&*tx).await.map_err(|e| db.query_error(e))?;
+        if revision == copy.revision {
+            tx.commit().await.map_err(|e| db.query_error(e))?;
+            self.confirmed_unix.store(unix_now(), Ordering::Relaxed);
+            return Ok(None);
+        }
+        let changed = model::changed_since(&*tx, copy.revision, revision).await.map_err(|e| db.query_error(e))?;
+        // Behind by more than the change log keeps, or by a bulk change (an import), or
+        // the database went back in time (a restore): read it whole.
+        let whole = changed.gap || revision < copy.revision || changed.users.len() > WHOLE_RELOAD_OVER;
+        let next = if whole {
+            model::load_all(&*tx).await.map_err(|e| read_error(db, e))?
+        } else {
+            let (users, roles) =
+                model::load_some(&*tx, &changed.users, &changed.roles).await.map_err(|e| read_error(db, e))?;
+            copy.with(&changed.users, users, &changed.roles, roles)
+        };
+        tx.commit().await.map_err(|e| db.query_error(e))?;
+        let snap = build(db, &self.master_key, self.default_rate, next.clone()).inspect_err(|e| {
+            if let FollowError::Invalid(errors) = e {
+                tracing::error!(
+                    revision, error = %errors,
+                    "credential database change refused: it does not validate; the previous credentials stay in force until the rows named are fixed"
+                );
+            }
+        })?;
+        *copy = Copy::new(next, revision);
+        self.revision.store(revision, Ordering::Relaxed);
+        self.confirmed_unix.store(unix_now(), Ordering::Relaxed);
+        tracing::info!(revision, changes = changed.count, whole, "credential database changes applied");
+        Ok(Some(snap))
+    }
+
+    /// Runs until the process ends: LISTENs on a connection of its own (reconnecting
+    /// with backoff) and calls `apply` with each catch-up's snapshot, on a notification
+    /// and every [`POLL`].
+    pub async fn run(
+        self: std::sync::Arc<Self>,
+        apply: impl Fn(Result<Option<Snapshot>, FollowError>) + Send + 'static,
+    ) {
+        let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+        tokio::spawn(listen(self.db.clone(), wake.clone(), self.clone()));
+        loop {
+            tokio::select! {
+                () = wake.notified() => {}
+                () = tokio::time::sleep(POLL) => {}
+            }
+            apply(self.catch_up().await);
+        }
+    }
+}
+
+/// Holds a LISTEN connection open, waking the follower on each notification (and after
+/// each reconnection, for what was missed while it was down).
+async fn listen(db: Database, wake: std::sync::Arc<tokio::sync::Notify>, follower: std::sync::Arc<Follower>) {
+    let mut backoff = Duration::from_millis(100);
+    let mut logged_down = false;
+    loop {
+        match db.dedicated().await {
+            Ok((client, mut conn)) => {
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+                // The connection must be polled for the LISTEN below to be sent, and for
+                // notifications to arrive; it ends when the server or network drops it.
+                let driver = tokio::spawn(async move {
+                    loop {
+                        match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+                            Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => {
+                                if tx.send(()).is_err() {
+                                    return;
+                                }
+                            }
+                            Some(Ok(_)) => {}
+                            Some(Err(_)) | None => return,
+                        }
+                    }
+                });
+                if client.batch_execute(&format!("LISTEN {CHANNEL}")).await.is_ok() {
+                    backoff = Duration::from_millis(100);
+                    if logged_down {
+                        tracing::info!(db = %db.describe(), "credential database LISTEN connection back");
+                        logged_down = false;
+                    }
+                    wake.notify_one();
+                    while rx.recv().await.is_some() {
+                        wake.notify_one();
+                    }
+                }
+                driver.abort();
+            }
+            Err(e) => {
+                follower.up.store(false, Ordering::Relaxed);
+                if !logged_down {
+                    tracing::error!(error = %e, "credential database unreachable: serving the last snapshot; retrying");
+                    logged_down = true;
+                }
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// The whole store and its revision, as of one moment.
+async fn read_all(db: &Database) -> Result<(FileCredentials, i64), FollowError> {
+    let mut client = db.client().await?;
+    let tx = client
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .map_err(|e| db.query_error(e))?;
+    let revision = model::revision(&*tx).await.map_err(|e| db.query_error(e))?;
+    let creds = model::load_all(&*tx).await.map_err(|e| read_error(db, e))?;
+    tx.commit().await.map_err(|e| db.query_error(e))?;
+    Ok((creds, revision))
+}
+
+fn build(
+    db: &Database,
+    master_key: &std::path::Path,
+    default_rate: RateLimitConfig,
+    creds: FileCredentials,
+) -> Result<Snapshot, FollowError> {
+    let master = crate::credentials::reload::read_master_key(master_key).map_err(FollowError::Invalid)?;
+    Snapshot::from_model(creds, master.as_ref(), default_rate)
+        .map_err(|problems| FollowError::Invalid(ConfigErrors { file: PathBuf::from(db.describe()), problems }))
+}

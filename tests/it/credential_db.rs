@@ -1,0 +1,367 @@
+//! API users in a real PostgreSQL shared by several gateways
+//! (docs/credential-database.md): a change made through one gateway reaches the others
+//! in about a second, a database that cannot be used stops start-up, a bad hand edit
+//! is refused while the last good snapshot serves, and an outage keeps requests flowing
+//! while writes are refused.
+
+use crate::support::client::H1;
+use crate::support::gateway::{GatewayConfig, RouteSpec};
+use crate::support::postgres::{self, PgServer};
+use crate::support::process::{GatewayProcess, run_cli, run_cli_with};
+use crate::support::upstream::TestUpstream;
+use crate::support::{STEP, assert_error, within};
+use serde_json::{Value, json};
+use std::time::{Duration, Instant};
+
+const ADMIN: &str = "admin-test-token-0123456789abcdef";
+const UNAVAILABLE: &str = "the credential database is unavailable: nothing was changed; gateways keep serving their last snapshot, retry later";
+
+fn db_config(url: &str, up: &TestUpstream) -> GatewayConfig {
+    GatewayConfig::new()
+        .database(url)
+        .admin(ADMIN)
+        .route(RouteSpec::new("api", "/api/").to(up).authenticated())
+        // Tests poll with real requests, refused ones among them: no limit may answer 429.
+        .rate_limit(100_000, 100_000)
+        .failed_per_ip_per_minute(1_000_000)
+}
+
+/// A role that permits everything and an api_key user `id` with it, through `gw`'s
+/// admin API: the user's first key token.
+async fn user_with_key(gw: &GatewayProcess, id: &str) -> (String, String) {
+    let admin = gw.admin();
+    let r = admin.call("PUT", "/admin/v1/roles", Some(&json!({"all": {"rules": ["* /**"]}}))).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = admin
+        .call("POST", "/admin/v1/users", Some(&json!({"id": id, "auth_method": "api_key", "roles": ["all"]})))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    add_key(gw, id).await
+}
+
+/// A new key of user `id`: (key id, token).
+async fn add_key(gw: &GatewayProcess, id: &str) -> (String, String) {
+    let r = gw.admin().call("POST", &format!("/admin/v1/users/{id}/keys"), Some(&json!({"label": "t"}))).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let v = r.json();
+    (v["key"]["id"].as_str().unwrap().to_string(), v["token"].as_str().unwrap().to_string())
+}
+
+async fn status_with(client: &H1, gw: &GatewayProcess, token: &str) -> u16 {
+    client.get_with(&gw.url("/api/x"), &[("x-api-key", token)]).await.status.as_u16()
+}
+
+/// Polls until `gw` answers `want` for `token` (each poll is a real request).
+async fn until_status(client: &H1, gw: &GatewayProcess, token: &str, want: u16) {
+    within(STEP, &format!("gateway {} to answer {want}", gw.addr()), async {
+        while status_with(client, gw, token).await != want {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await;
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
+}
+
+/// Acceptance 1: three gateways on one database (migrated by `gatehouse db migrate`); a
+/// key revoked through A's admin API is refused by B and C. Over 100 revocations the
+/// time until both refuse is printed (p50, p99): figures for the docs, not assertions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_revoked_through_one_gateway_is_refused_by_the_others() {
+    let up = TestUpstream::start().await;
+    let url = postgres::fresh_database("revoke").await;
+    let config = db_config(&url, &up);
+    let written = config.write();
+    let path = written.path.display().to_string();
+    let out = run_cli(&["db", "migrate", "--config", &path]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("applied migration(s) 1"), "{out:?}");
+    let again = run_cli(&["db", "migrate", "--config", &path]).await;
+    assert!(String::from_utf8_lossy(&again.stdout).contains("schema already at version 1"), "{again:?}");
+
+    let a = GatewayProcess::serve_written(written, &[], &[]).await;
+    let b = GatewayProcess::serve(&config).await;
+    let c = GatewayProcess::serve(&config).await;
+    let client = H1::new();
+    let (_, first) = user_with_key(&a, "erp").await;
+    for gw in [&a, &b, &c] {
+        until_status(&client, gw, &first, 200).await;
+    }
+
+    let mut keys = Vec::new();
+    for _ in 0..100 {
+        keys.push(add_key(&a, "erp").await);
+    }
+    for (_, token) in &keys {
+        for gw in [&b, &c] {
+            until_status(&client, gw, token, 200).await;
+        }
+    }
+    let mut took = Vec::new();
+    for (key_id, token) in &keys {
+        let started = Instant::now();
+        let r = a.admin().call("DELETE", &format!("/admin/v1/users/erp/keys/{key_id}"), None).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        // The writing gateway has it in force before it answers.
+        assert_eq!(status_with(&client, &a, token).await, 401);
+        let (mut b_done, mut c_done) = (false, false);
+        within(STEP, "B and C to refuse a revoked key", async {
+            while !(b_done && c_done) {
+                b_done = b_done || status_with(&client, &b, token).await == 401;
+                c_done = c_done || status_with(&client, &c, token).await == 401;
+            }
+        })
+        .await;
+        took.push(started.elapsed());
+    }
+    took.sort();
+    println!(
+        "revocation reached B and C: p50 {:?}, p99 {:?}, max {:?} over {} revocations",
+        percentile(&took, 0.5),
+        percentile(&took, 0.99),
+        took[took.len() - 1],
+        took.len()
+    );
+    // The first key was never revoked: still served everywhere.
+    for gw in [&a, &b, &c] {
+        assert_eq!(status_with(&client, gw, &first).await, 200);
+    }
+    // Each change's audit record is in the database, in the change's transaction.
+    let db = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(db.1);
+    let n: i64 =
+        db.0.query_one("SELECT count(*) FROM gatehouse_admin_audit WHERE record->>'action' = 'key.revoke'", &[])
+            .await
+            .unwrap()
+            .get(0);
+    assert_eq!(n, 100);
+}
+
+/// A wrong password, nothing at the address, a schema not migrated and one newer than
+/// the binary: `check-config` and `serve` exit 78 with the reason (never the password)
+/// and nothing listens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_cannot_be_used_stops_start_up_with_the_reason() {
+    let port = postgres::shared().await;
+    let url = postgres::fresh_database("startup").await;
+    let db_name = url.rsplit('/').next().unwrap().split('?').next().unwrap().to_string();
+    let ahead = postgres::fresh_database("ahead").await;
+    let dir = tempfile::tempdir().unwrap();
+    let listen = crate::support::free_port();
+    let closed = crate::support::free_port();
+    let config = |credentials: &str| {
+        let yaml = format!(
+            "listeners:\n  - address: 127.0.0.1:{listen}\ncredentials: \"{credentials}\"\ncredentials_password_env: GH_TEST_DB_PASSWORD\nmaster_key: {}\nroutes: []\n",
+            dir.path().join("master.key").display()
+        );
+        let path = dir.path().join("gatehouse.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        path.display().to_string()
+    };
+    let right = [("GH_TEST_DB_PASSWORD", postgres::PASSWORD)];
+    let wrong = [("GH_TEST_DB_PASSWORD", "a-wrong-password-for-the-db")];
+    // A schema from a newer gatehouse.
+    let newer = tokio_postgres::connect(&ahead, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(newer.1);
+    newer
+        .0
+        .batch_execute("CREATE TABLE gatehouse_schema (version integer PRIMARY KEY, description text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now()); INSERT INTO gatehouse_schema VALUES (99, 'from the future')")
+        .await
+        .unwrap();
+    let ahead_name = ahead.rsplit('/').next().unwrap().split('?').next().unwrap().to_string();
+    let cases = [
+        (
+            format!("postgres://{}@127.0.0.1:{port}/{db_name}?sslmode=disable", postgres::USER),
+            &wrong,
+            "password authentication failed",
+        ),
+        (
+            format!("postgres://{}@127.0.0.1:{closed}/{db_name}?sslmode=disable", postgres::USER),
+            &right,
+            "onnection refused",
+        ),
+        (
+            format!("postgres://{}@127.0.0.1:{port}/{db_name}?sslmode=disable", postgres::USER),
+            &right,
+            "schema version 0, this gatehouse needs 1: run `gatehouse db migrate`",
+        ),
+        (
+            format!("postgres://{}@127.0.0.1:{port}/{ahead_name}?sslmode=disable", postgres::USER),
+            &right,
+            "schema version 99 is newer than this gatehouse knows (1): a downgrade is not supported",
+        ),
+    ];
+    for (db, env, reason) in cases {
+        let path = config(&db);
+        for command in ["check-config", "serve"] {
+            let out = run_cli_with(&[], env.as_slice(), &["--log-format", "json", command, "--config", &path]).await;
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(78), "{command} with {db}:\n{stderr}");
+            assert!(stderr.contains(reason), "{command} with {db}: no {reason:?} in:\n{stderr}");
+            assert!(
+                !stderr.contains("a-wrong-password") && !stderr.contains(postgres::PASSWORD),
+                "a password is in:\n{stderr}"
+            );
+            assert!(!stderr.contains("\"listening\""), "{command} listened:\n{stderr}");
+        }
+        assert!(crate::support::connection_refused(std::net::SocketAddr::from(([127, 0, 0, 1], listen))).await);
+    }
+    // `db migrate` refuses the newer schema too, and leaves it as it was.
+    let path = config(&format!("postgres://{}@127.0.0.1:{port}/{ahead_name}?sslmode=disable", postgres::USER));
+    let out = run_cli_with(&[], &right, &["db", "migrate", "--config", &path]).await;
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("a downgrade is not supported"), "{out:?}");
+    let v: i32 = newer.0.query_one("SELECT max(version) FROM gatehouse_schema", &[]).await.unwrap().get(0);
+    assert_eq!(v, 99);
+    // Migrated, the same configuration starts.
+    let path = config(&format!("postgres://{}@127.0.0.1:{port}/{db_name}?sslmode=disable", postgres::USER));
+    let out = run_cli_with(&[], &right, &["db", "migrate", "--config", &path]).await;
+    assert!(out.status.success(), "{out:?}");
+    let out = run_cli_with(&[], &right, &["check-config", "--config", &path]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok (0 user(s), 0 key(s))"), "{out:?}");
+}
+
+/// A hand edit that does not validate (a user given a role that does not exist) is
+/// refused by every gateway with the row named; the last good snapshot keeps serving
+/// and a later fix applies. Killing the LISTEN connection loses no change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_hand_edit_is_refused_and_a_killed_listen_connection_loses_nothing() {
+    let up = TestUpstream::start().await;
+    let url = postgres::fresh_database("handedit").await;
+    let config = db_config(&url, &up).database_setting("credentials_auto_migrate", "true");
+    let a = GatewayProcess::serve(&config).await;
+    let b = GatewayProcess::serve(&config).await;
+    let client = H1::new();
+    let (_, token) = user_with_key(&a, "erp").await;
+    until_status(&client, &b, &token, 200).await;
+
+    let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    db.batch_execute("UPDATE gatehouse_users SET roles = '{no-such-role}' WHERE id = 'erp'").await.unwrap();
+    for gw in [&a, &b] {
+        gw.logged("credential database change refused: it does not validate; the previous credentials stay in force until the rows named are fixed", 1).await;
+        let refused = gw.logged_lines("credential database change refused: it does not validate; the previous credentials stay in force until the rows named are fixed");
+        assert!(
+            refused[0]["error"].as_str().unwrap().contains("user \"erp\": unknown role \"no-such-role\""),
+            "{refused:?}"
+        );
+        assert_eq!(status_with(&client, gw, &token).await, 200, "the last good snapshot stopped serving");
+    }
+    // Fixed by hand: the change applies (the user's role is back, a disable follows).
+    db.batch_execute("UPDATE gatehouse_users SET roles = '{all}', status = 'inactive' WHERE id = 'erp'").await.unwrap();
+    for gw in [&a, &b] {
+        until_status(&client, gw, &token, 401).await;
+    }
+
+    // The LISTEN connections killed: the next change still arrives.
+    let killed: i64 = db
+        .query_one("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE query LIKE 'LISTEN gatehouse_credentials%'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(killed, 2, "one LISTEN connection per gateway");
+    let r = a.admin().call("PATCH", "/admin/v1/users/erp", Some(&json!({"status": "active"}))).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    for gw in [&a, &b] {
+        until_status(&client, gw, &token, 200).await;
+    }
+}
+
+/// Acceptance 3: the database stopped during traffic: requests are served from the
+/// snapshot, admin writes get 503 `credential_store_unavailable`, the metrics say the
+/// store is down; started again, a write made afterwards reaches every gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_keeps_requests_flowing_and_refuses_writes() {
+    let mut server = PgServer::start().await;
+    server.create_database("outage").await;
+    let up = TestUpstream::start().await;
+    let config = db_config(&server.url("outage"), &up).database_setting("credentials_auto_migrate", "true");
+    let a = GatewayProcess::serve(&config).await;
+    let b = GatewayProcess::serve(&config).await;
+    let client = H1::new();
+    let (key_id, token) = user_with_key(&a, "erp").await;
+    until_status(&client, &b, &token, 200).await;
+
+    server.stop().await;
+    for _ in 0..20 {
+        for gw in [&a, &b] {
+            assert_eq!(status_with(&client, gw, &token).await, 200);
+        }
+    }
+    let r = a.admin().call("DELETE", &format!("/admin/v1/users/erp/keys/{key_id}"), None).await;
+    assert_error(&r, 503, "credential_store_unavailable", UNAVAILABLE);
+    assert_eq!(status_with(&client, &a, &token).await, 200, "a refused write changed the snapshot");
+    for gw in [&a, &b] {
+        within(STEP, "the store to be reported down", async {
+            while !gw.admin().get("/metrics").await.text().contains("gatehouse_credential_store_up 0") {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        assert_eq!(gw.admin().get("/readyz").await.status, 200, "a loaded snapshot keeps the gateway ready");
+    }
+
+    server.start_again().await;
+    let revoke = async {
+        loop {
+            let r = a.admin().call("DELETE", &format!("/admin/v1/users/erp/keys/{key_id}"), None).await;
+            if r.status == 200 {
+                return;
+            }
+            assert_error(&r, 503, "credential_store_unavailable", UNAVAILABLE);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    within(STEP, "a write once the database is back", revoke).await;
+    for gw in [&a, &b] {
+        until_status(&client, gw, &token, 401).await;
+        within(STEP, "the store to be reported up", async {
+            while !gw.admin().get("/metrics").await.text().contains("gatehouse_credential_store_up 1") {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+    }
+}
+
+/// The CLI manages users in the database as in a file, and each change it makes is
+/// recorded in the database's admin audit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_manages_users_in_the_database() {
+    let up = TestUpstream::start().await;
+    let url = postgres::fresh_database("cli").await;
+    let config = db_config(&url, &up).database_setting("credentials_auto_migrate", "true");
+    let gw = GatewayProcess::serve(&config).await;
+    let path = gw.written().path.display().to_string();
+    let cli = |args: &[&str]| {
+        let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        all.extend(["--config".to_string(), path.clone(), "--json".to_string()]);
+        async move {
+            let all: Vec<&str> = all.iter().map(String::as_str).collect();
+            let out = run_cli(&all).await;
+            assert!(out.status.success(), "{all:?}: {}", String::from_utf8_lossy(&out.stderr));
+            serde_json::from_slice::<Value>(&out.stdout).unwrap_or(Value::Null)
+        }
+    };
+    cli(&["roles", "set", "all", "--rule", "* /**"]).await;
+    cli(&["users", "create", "batch", "--auth-method", "api-key", "--role", "all"]).await;
+    let key = cli(&["keys", "add", "batch", "--label", "cli"]).await;
+    let token = key["token"].as_str().unwrap().to_string();
+    let client = H1::new();
+    until_status(&client, &gw, &token, 200).await;
+    let listed = cli(&["users", "list"]).await;
+    assert_eq!(listed[0]["id"], "batch", "{listed}");
+    let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let actions: Vec<String> = db
+        .query("SELECT record->>'action' FROM gatehouse_admin_audit ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(actions.len(), 3, "{actions:?}");
+}

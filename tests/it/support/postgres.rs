@@ -1,0 +1,200 @@
+//! Real PostgreSQL servers (Debian's, started with `initdb` and `postgres` on ephemeral
+//! 127.0.0.1 ports): one shared by the tests that only need a database (each gets its
+//! own database in it), private ones for tests that stop and start the server.
+//!
+//! PostgreSQL refuses to run as root: as root (CI), the server runs as the `postgres`
+//! user that Debian's package creates, in a directory handed over to it. `.ci/run`
+//! installs the package; a missing one fails the test.
+
+use super::{STEP, within};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use tempfile::TempDir;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// The superuser the harness creates, and its password (password authentication, as a
+/// real deployment's, so that a wrong password is refused).
+pub const USER: &str = "gatehouse";
+pub const PASSWORD: &str = "gatehouse-test-db-password";
+
+fn bin(name: &str) -> PathBuf {
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| d.filter_map(Result::ok).map(|e| e.path().join("bin").join(name)).filter(|p| p.exists()).collect())
+        .unwrap_or_default();
+    found.sort();
+    found.pop().unwrap_or_else(|| {
+        panic!("PostgreSQL's {name} is not installed: `.ci/run` installs it (apt-get install postgresql)")
+    })
+}
+
+/// The uid and gid to run PostgreSQL as: this process's unless it is root.
+fn run_as() -> Option<(u32, u32)> {
+    if super::process::euid() != 0 {
+        return None;
+    }
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
+    let line = passwd
+        .lines()
+        .find(|l| l.starts_with("postgres:"))
+        .expect("no postgres user: Debian's postgresql package creates it (`.ci/run` installs it)");
+    let f: Vec<&str> = line.split(':').collect();
+    Some((f[2].parse().unwrap(), f[3].parse().unwrap()))
+}
+
+fn command(path: PathBuf) -> Command {
+    let mut c = Command::new(path);
+    if let Some((uid, gid)) = run_as() {
+        c.uid(uid).gid(gid);
+    }
+    c.env_remove("PGPASSWORD").env("LC_ALL", "C");
+    c
+}
+
+/// One PostgreSQL server. Stopped (immediately) when dropped.
+pub struct PgServer {
+    pub port: u16,
+    child: Option<Child>,
+    dir: TempDir,
+}
+
+impl PgServer {
+    /// `initdb`, then the server.
+    pub async fn start() -> PgServer {
+        let dir = tempfile::tempdir().unwrap();
+        if let Some((uid, gid)) = run_as() {
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).unwrap();
+        }
+        let pwfile = dir.path().join("pw");
+        std::fs::write(&pwfile, PASSWORD).unwrap();
+        if let Some((uid, gid)) = run_as() {
+            std::os::unix::fs::chown(&pwfile, Some(uid), Some(gid)).unwrap();
+        }
+        let out = within(
+            STEP * 3,
+            "initdb",
+            command(bin("initdb"))
+                .arg("-D")
+                .arg(dir.path().join("data"))
+                .args(["-U", USER, "--auth=scram-sha-256", "-E", "UTF8", "--no-sync", "--no-instructions"])
+                .arg(format!("--pwfile={}", pwfile.display()))
+                .output(),
+        )
+        .await
+        .unwrap();
+        assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
+        let mut s = PgServer { port: super::free_port(), child: None, dir };
+        s.spawn().await;
+        s
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Starts the server and waits for "ready to accept connections".
+    async fn spawn(&mut self) {
+        let mut c = command(bin("postgres"));
+        c.arg("-D")
+            .arg(self.data())
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg("-k")
+            .arg(self.dir.path())
+            .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off"])
+            .args(["-c", "full_page_writes=off", "-c", "max_connections=300", "-c", "shared_buffers=32MB"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = c.spawn().unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut seen = String::new();
+        let ready = within(STEP, "postgres to accept connections", async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                seen.push_str(&line);
+                seen.push('\n');
+                if line.contains("database system is ready to accept connections") {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        assert!(ready, "postgres on port {} did not start:\n{seen}", self.port);
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        self.child = Some(child);
+    }
+
+    /// A fast shutdown (SIGINT: connections are closed, the server exits), waited for.
+    pub async fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let pid = c.id().unwrap().to_string();
+            assert!(std::process::Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+            within(STEP, "postgres to stop", c.wait()).await.unwrap();
+        }
+    }
+
+    /// Starts it again on the same port and data.
+    pub async fn start_again(&mut self) {
+        self.spawn().await;
+    }
+
+    /// The URL of database `db` (password in it).
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://{USER}:{PASSWORD}@127.0.0.1:{}/{db}?sslmode=disable", self.port)
+    }
+
+    /// Creates database `name`.
+    pub async fn create_database(&self, name: &str) {
+        create_database(self.port, name).await;
+    }
+}
+
+/// A client of database `db` on the server at `port`.
+pub async fn client(port: u16, db: &str) -> tokio_postgres::Client {
+    let url = format!("postgres://{USER}:{PASSWORD}@127.0.0.1:{port}/{db}?sslmode=disable");
+    let (client, conn) =
+        within(STEP, "connecting to postgres", tokio_postgres::connect(&url, tokio_postgres::NoTls)).await.unwrap();
+    tokio::spawn(conn);
+    client
+}
+
+async fn create_database(port: u16, name: &str) {
+    let c = client(port, "postgres").await;
+    c.batch_execute(&format!("CREATE DATABASE \"{name}\"")).await.unwrap();
+}
+
+/// The server every test of this binary may share.
+pub async fn shared() -> u16 {
+    static PORT: OnceLock<u16> = OnceLock::new();
+    static SERVER: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    SERVER
+        .get_or_init(|| async {
+            // On a runtime of its own that lives as long as the test binary: the server
+            // must outlive every test's runtime.
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                rt.block_on(async {
+                    let server = PgServer::start().await;
+                    tx.send(server.port).unwrap();
+                    std::future::pending::<()>().await;
+                    drop(server);
+                });
+            });
+            PORT.set(rx.recv().unwrap()).unwrap();
+        })
+        .await;
+    *PORT.get().unwrap()
+}
+
+/// A new, empty database on the shared server: its URL.
+pub async fn fresh_database(test: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let name = format!("t{}_{test}", N.fetch_add(1, Ordering::Relaxed));
+    let port = shared().await;
+    create_database(port, &name).await;
+    format!("postgres://{USER}:{PASSWORD}@127.0.0.1:{port}/{name}?sslmode=disable")
+}
