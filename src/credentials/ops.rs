@@ -22,6 +22,36 @@ fn bad_input(msg: impl Into<String>) -> StoreError {
     StoreError::BadInput(msg.into())
 }
 
+/// The entity tag of a stored value: a digest of it as stored, so any change to it (and
+/// only a change) gives another tag.
+fn etag_of<T: serde::Serialize>(v: &T) -> String {
+    use sha2::Digest;
+    let bytes = serde_json::to_vec(v).unwrap_or_default();
+    format!("\"{}\"", hex::encode(&sha2::Sha256::digest(&bytes)[..12]))
+}
+
+/// The `ETag` of a user (its fields and keys as stored).
+pub fn user_etag(u: &FileUser) -> String {
+    etag_of(u)
+}
+
+/// The `ETag` of the set of roles.
+pub fn roles_etag(c: &FileCredentials) -> String {
+    etag_of(&c.roles)
+}
+
+/// Checks an `If-Match` header value against the current tag (`*` matches anything that
+/// exists). Weak tags never match: `If-Match` compares strongly.
+pub fn check_if_match(if_match: Option<&str>, current: &str, what: &str) -> Result<(), StoreError> {
+    let Some(header) = if_match else { return Ok(()) };
+    if header.split(',').map(str::trim).any(|t| t == "*" || t == current) {
+        return Ok(());
+    }
+    Err(StoreError::Precondition(format!(
+        "{what} changed since it was read (If-Match {header}, now {current}): read it again and retry"
+    )))
+}
+
 /// Now, to the second (the file keeps whole seconds).
 pub fn now() -> OffsetDateTime {
     OffsetDateTime::now_utc().replace_nanosecond(0).unwrap_or(OffsetDateTime::UNIX_EPOCH)

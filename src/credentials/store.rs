@@ -39,6 +39,9 @@ pub enum StoreError {
     /// The change contradicts the current state (duplicate id, retired user, role in use).
     #[error("{0}")]
     Conflict(String),
+    /// An `If-Match` that no longer matches: someone changed it since the caller read it.
+    #[error("{0}")]
+    Precondition(String),
     /// The change itself is malformed (bad id, bad name).
     #[error("{0}")]
     BadInput(String),

@@ -365,3 +365,79 @@ async fn the_cli_manages_users_in_the_database() {
         .collect();
     assert_eq!(actions.len(), 3, "{actions:?}");
 }
+
+/// Acceptance 2, in both stores: 100 admin clients update one user with the `If-Match`
+/// of the same read: exactly one succeeds, the 99 others get 412
+/// `precondition_failed` and change nothing; the user holds the winner's update. A
+/// stale `If-Match` on a key revocation and on the roles is refused the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_updates_with_if_match_lose_nothing_in_either_store() {
+    let up = TestUpstream::start().await;
+    let url = postgres::fresh_database("ifmatch").await;
+    let in_db = db_config(&url, &up).database_setting("credentials_auto_migrate", "true");
+    let in_file = GatewayConfig::new()
+        .credentials(&crate::support::creds::Creds::new())
+        .admin(ADMIN)
+        .route(RouteSpec::new("api", "/api/").to(&up).authenticated());
+    for (store, config) in [("database", in_db), ("file", in_file)] {
+        let gw = GatewayProcess::serve(&config).await;
+        let (key_id, _) = user_with_key(&gw, "erp").await;
+        let admin = gw.admin();
+        let read = admin.get("/admin/v1/users/erp").await;
+        assert_eq!(read.status, 200, "{store}: {}", read.text());
+        let tag = read.header("etag").to_string();
+        assert!(tag.starts_with('"') && tag.len() > 2, "{store}: ETag {tag:?}");
+
+        let attempts = (0..100).map(|i| {
+            let (gw, tag) = (&gw, tag.clone());
+            async move {
+                let admin = gw.admin();
+                let body = json!({"description": format!("writer {i}")}).to_string();
+                let r = admin
+                    .raw(
+                        "PATCH",
+                        "/admin/v1/users/erp",
+                        &[("content-type", "application/json"), ("if-match", &tag)],
+                        body,
+                    )
+                    .await;
+                (i, r)
+            }
+        });
+        let results = futures_util::future::join_all(attempts).await;
+        let winners: Vec<usize> = results.iter().filter(|(_, r)| r.status == 200).map(|(i, _)| *i).collect();
+        assert_eq!(winners.len(), 1, "{store}: {} updates succeeded with one ETag", winners.len());
+        for (_, r) in results.iter().filter(|(_, r)| r.status != 200) {
+            assert_eq!(r.status, 412, "{store}: {}", r.text());
+            assert_eq!(r.json()["code"], "precondition_failed", "{store}: {}", r.text());
+        }
+        let now = admin.get("/admin/v1/users/erp").await;
+        assert_eq!(now.json()["description"], format!("writer {}", winners[0]), "{store}: a lost or extra update");
+        let winner = results.iter().find(|(i, _)| *i == winners[0]).unwrap();
+        assert_eq!(winner.1.header("etag"), now.header("etag"), "{store}: the write's ETag is the read's");
+
+        // A stale tag on a revocation: refused, the key still works.
+        let r = admin.raw("DELETE", &format!("/admin/v1/users/erp/keys/{key_id}"), &[("if-match", &tag)], "").await;
+        assert_eq!(r.status, 412, "{store}: {}", r.text());
+        let shown = admin.get("/admin/v1/users/erp").await.json();
+        assert!(shown["keys"][0]["revoked_at"].is_null(), "{store}: {shown}");
+        // Roles: a stale tag is refused, the current one (or none) passes.
+        let roles = admin.get("/admin/v1/roles").await;
+        let roles_tag = roles.header("etag").to_string();
+        let set = json!({"all": {"rules": ["* /**"]}, "ro": {"rules": ["GET /**"]}}).to_string();
+        let r = admin
+            .raw(
+                "PUT",
+                "/admin/v1/roles",
+                &[("content-type", "application/json"), ("if-match", "\"stale\"")],
+                set.clone(),
+            )
+            .await;
+        assert_eq!(r.status, 412, "{store}: {}", r.text());
+        let r = admin
+            .raw("PUT", "/admin/v1/roles", &[("content-type", "application/json"), ("if-match", &roles_tag)], set)
+            .await;
+        assert_eq!(r.status, 200, "{store}: {}", r.text());
+        assert_ne!(r.header("etag"), roles_tag, "{store}");
+    }
+}

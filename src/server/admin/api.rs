@@ -40,6 +40,7 @@ impl From<StoreError> for ApiError {
         let (status, code) = match &e {
             StoreError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             StoreError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            StoreError::Precondition(_) => (StatusCode::PRECONDITION_FAILED, "precondition_failed"),
             StoreError::BadInput(_) | StoreError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "validation_error"),
             // A read-only mount (Kubernetes Secret): nothing here can change it.
             StoreError::ReadOnly { .. } => (StatusCode::CONFLICT, "read_only"),
@@ -181,13 +182,29 @@ pub(super) async fn handle(admin: &Admin, req: Request<Incoming>, id: &HeaderVal
         res.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/yaml"));
         return res;
     }
-    match route(admin, req).await {
-        Ok((status, v)) => json(status, &v),
+    let mut etag = None;
+    match route(admin, req, &mut etag).await {
+        Ok((status, v)) => {
+            let mut res = json(status, &v);
+            if let Some(tag) = etag.and_then(|t| HeaderValue::from_str(&t).ok()) {
+                res.headers_mut().insert(http::header::ETAG, tag);
+            }
+            res
+        }
         Err(ApiError(status, code, msg)) => error_response(status, code, &msg, id),
     }
 }
 
-async fn route(admin: &Admin, req: Request<Incoming>) -> Result<(StatusCode, Value), ApiError> {
+/// Routes one call; `etag` receives the `ETag` of the user or role set it read or wrote.
+/// Writes to a user or to the roles honour `If-Match`, checked under the store's lock
+/// (or in its transaction), so two clients cannot overwrite each other unseen.
+async fn route(
+    admin: &Admin,
+    req: Request<Incoming>,
+    etag: &mut Option<String>,
+) -> Result<(StatusCode, Value), ApiError> {
+    let if_match = req.headers().get(http::header::IF_MATCH).map(|v| v.to_str().unwrap_or("\u{0}").to_string());
+    let if_match = if_match.as_deref();
     let path = req.uri().path().trim_end_matches('/').to_string();
     let segs: Vec<&str> = path.trim_start_matches("/admin/v1").split('/').filter(|s| !s.is_empty()).collect();
     let method = req.method().clone();
@@ -230,12 +247,17 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Result<(StatusCode, Val
             let what = Change { action: "user.create", target: &id, changes: body_json };
             let v = change(admin, store, &by, what, |c| {
                 ops::create_user(c, &id, method, b.fields())?;
-                Ok(ops::user_view(ops::user(c, &id)?))
+                let u = ops::user(c, &id)?;
+                *etag = Some(ops::user_etag(u));
+                Ok(ops::user_view(u))
             })?;
             (StatusCode::CREATED, v)
         }
         (Method::GET, ["users", id]) => {
-            let mut v = ops::user_view(ops::user(&read(store)?, id)?);
+            let c = read(store)?;
+            let u = ops::user(&c, id)?;
+            *etag = Some(ops::user_etag(u));
+            let mut v = ops::user_view(u);
             crate::pipeline::usage::add_usage(&mut v, &usage_now(admin).await?);
             (StatusCode::OK, v)
         }
@@ -255,16 +277,20 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Result<(StatusCode, Val
                 changes["status"] = serde_json::to_value(s).unwrap_or_default();
             }
             let v = change(admin, store, &by, Change { action: "user.update", target: id, changes }, |c| {
+                ops::check_if_match(if_match, &ops::user_etag(ops::user(c, id)?), &format!("user {id:?}"))?;
                 ops::update_user(c, id, b.fields())?;
                 if let Some(s) = status {
                     ops::set_status(c, id, s)?;
                 }
-                Ok(ops::user_view(ops::user(c, id)?))
+                let u = ops::user(c, id)?;
+                *etag = Some(ops::user_etag(u));
+                Ok(ops::user_view(u))
             })?;
             (StatusCode::OK, v)
         }
         (Method::DELETE, ["users", id]) => {
             change(admin, store, &by, Change { action: "user.delete", target: id, changes: Value::Null }, |c| {
+                ops::check_if_match(if_match, &ops::user_etag(ops::user(c, id)?), &format!("user {id:?}"))?;
                 ops::delete_user(c, id)
             })?;
             (StatusCode::OK, j!({"deleted": id}))
@@ -274,7 +300,9 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Result<(StatusCode, Val
             let changes = j!({"label": b.label, "expires_at": b.expires_at.map(|t| t.unix_timestamp())});
             let v = change(admin, store, &by, Change { action: "key.add", target: id, changes }, |c| {
                 let hmac = ops::user(c, id)?.auth_method == AuthMethod::Hmac;
+                ops::check_if_match(if_match, &ops::user_etag(ops::user(c, id)?), &format!("user {id:?}"))?;
                 let (view, secret) = ops::add_key(c, id, &b.label, b.expires_at, || store.master_key())?;
+                *etag = Some(ops::user_etag(ops::user(c, id)?));
                 // The only response that ever contains a token or secret (docs/admin.md).
                 Ok(if hmac {
                     j!({"key": view, "secret": secret.expose()})
@@ -286,15 +314,25 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Result<(StatusCode, Val
         }
         (Method::DELETE, ["users", id, "keys", key_id]) => {
             let what = Change { action: "key.revoke", target: id, changes: j!({"key_id": key_id}) };
-            change(admin, store, &by, what, |c| ops::revoke_key(c, id, key_id, ops::now()))?;
+            change(admin, store, &by, what, |c| {
+                ops::check_if_match(if_match, &ops::user_etag(ops::user(c, id)?), &format!("user {id:?}"))?;
+                ops::revoke_key(c, id, key_id, ops::now())?;
+                *etag = Some(ops::user_etag(ops::user(c, id)?));
+                Ok(())
+            })?;
             (StatusCode::OK, j!({"revoked": key_id}))
         }
-        (Method::GET, ["roles"]) => (StatusCode::OK, ops::roles_view(&read(store)?)),
+        (Method::GET, ["roles"]) => {
+            let c = read(store)?;
+            *etag = Some(ops::roles_etag(&c));
+            (StatusCode::OK, ops::roles_view(&c))
+        }
         (Method::GET, ["audit"]) => (StatusCode::OK, blocking(|| audit_tail(admin, &query))?),
         (Method::PUT, ["roles"]) => {
             let b: std::collections::BTreeMap<String, RoleBody> = body(req).await?;
             let changes = j!(b.iter().map(|(n, r)| (n.clone(), j!(r.rules))).collect::<serde_json::Map<_, _>>());
             let v = change(admin, store, &by, Change { action: "roles.set", target: "roles", changes }, |c| {
+                ops::check_if_match(if_match, &ops::roles_etag(c), "the roles")?;
                 let gone: Vec<String> = c.roles.keys().filter(|k| !b.contains_key(*k)).cloned().collect();
                 for name in gone {
                     ops::delete_role(c, &name)?;
@@ -302,6 +340,7 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Result<(StatusCode, Val
                 for (name, r) in b {
                     ops::set_role(c, &name, r.description, r.rules)?;
                 }
+                *etag = Some(ops::roles_etag(c));
                 Ok(ops::roles_view(c))
             })?;
             (StatusCode::OK, v)
