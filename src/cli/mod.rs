@@ -1,6 +1,7 @@
 //! The `gatehouse` command line: one file per subcommand.
 
 mod check_config;
+mod credentials;
 mod db;
 mod demo;
 pub mod echo;
@@ -63,6 +64,8 @@ enum Command {
     Healthcheck(healthcheck::HealthcheckArgs),
     /// Rotate the master key that encrypts HMAC signing secrets at rest.
     MasterKey(master_key::MasterKeyArgs),
+    /// Export the credentials as YAML, or import a YAML file (file or database store).
+    Credentials(credentials::CredentialsArgs),
     /// The credential database (PostgreSQL): schema migrations.
     Db(db::DbArgs),
     /// Start a throw-away gateway on 127.0.0.1 with a built-in echo upstream.
@@ -89,6 +92,7 @@ pub fn run() -> ExitCode {
             | Command::MasterKey(_)
             | Command::Healthcheck(_)
             | Command::Db(_)
+            | Command::Credentials(_)
     );
     init_logging(cli.log_format, if quiet { "warn" } else { "info,notify=warn" });
     match cli.command {
@@ -102,6 +106,7 @@ pub fn run() -> ExitCode {
         Command::MasterKey(args) => master_key::run(args),
         Command::Healthcheck(args) => healthcheck::run(args),
         Command::Db(args) => db::run(args),
+        Command::Credentials(args) => credentials::run(args),
     }
 }
 

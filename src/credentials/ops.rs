@@ -52,6 +52,31 @@ pub fn check_if_match(if_match: Option<&str>, current: &str, what: &str) -> Resu
     )))
 }
 
+/// What replacing `old` by `new` changes: ids of users and names of roles added, removed
+/// and changed (a user's keys are part of it).
+pub fn difference(old: &FileCredentials, new: &FileCredentials) -> Value {
+    fn split<'a, T: serde::Serialize + 'a>(
+        old: impl Iterator<Item = (&'a str, &'a T)>,
+        new: impl Iterator<Item = (&'a str, &'a T)>,
+    ) -> Value {
+        let old: std::collections::BTreeMap<&str, &T> = old.collect();
+        let new: std::collections::BTreeMap<&str, &T> = new.collect();
+        let same = |a: &T, b: &T| serde_json::to_value(a).ok() == serde_json::to_value(b).ok();
+        let added: Vec<&str> = new.keys().filter(|k| !old.contains_key(*k)).copied().collect();
+        let removed: Vec<&str> = old.keys().filter(|k| !new.contains_key(*k)).copied().collect();
+        let changed: Vec<&str> =
+            new.iter().filter(|(k, v)| old.get(*k).is_some_and(|o| !same(o, v))).map(|(k, _)| *k).collect();
+        json!({"added": added, "removed": removed, "changed": changed})
+    }
+    json!({
+        "users": split(
+            old.users.iter().map(|u| (u.id.value.as_str(), u)),
+            new.users.iter().map(|u| (u.id.value.as_str(), u)),
+        ),
+        "roles": split(old.roles.iter().map(|(k, v)| (k.as_str(), v)), new.roles.iter().map(|(k, v)| (k.as_str(), v))),
+    })
+}
+
 /// Now, to the second (the file keeps whole seconds).
 pub fn now() -> OffsetDateTime {
     OffsetDateTime::now_utc().replace_nanosecond(0).unwrap_or(OffsetDateTime::UNIX_EPOCH)

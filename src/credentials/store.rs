@@ -171,6 +171,14 @@ impl Store {
         super::snapshot::parse_file(&self.path, &text).map_err(StoreError::Invalid)
     }
 
+    /// Checks `creds` as a gateway would load it (with this store's master key).
+    pub fn validate(&self, creds: &FileCredentials) -> Result<(), StoreError> {
+        let master = super::reload::read_master_key(&self.master_key).map_err(StoreError::Invalid)?;
+        Snapshot::from_model(creds.clone(), master.as_ref(), self.default_rate)
+            .map(drop)
+            .map_err(|problems| StoreError::Invalid(ConfigErrors { file: self.path.clone(), problems }))
+    }
+
     /// Applies `change` under the lock; writes the result only if `change` succeeds and
     /// the new file validates exactly as the gateway would load it.
     pub fn update<T>(
@@ -302,6 +310,12 @@ impl Store {
         write_atomically(&self.master_key, new.to_text().as_bytes(), key_mode).map_err(incomplete)?;
         Ok(Rotation { resealed, retired_keys: current.len() })
     }
+}
+
+/// The credentials YAML of `creds`, as the file store writes it: the same model gives
+/// the same bytes.
+pub fn to_yaml(creds: &FileCredentials) -> Result<String, StoreError> {
+    serde_saphyr::to_string(creds).map_err(|e| StoreError::Serialise(e.to_string()))
 }
 
 /// A database error: a constraint the change broke is the caller's conflict; anything

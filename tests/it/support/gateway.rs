@@ -354,11 +354,12 @@ impl GatewayConfig {
             y.push_str(&format!("trusted_proxies: [{}]\n", t.join(", ")));
         }
         if let Some(path) = self.credentials_path(dir) {
-            y.push_str(&format!(
-                "credentials: {}\nmaster_key: {}\n",
-                q(&path.display().to_string()),
-                q(&dir.join("master.key").display().to_string())
-            ));
+            // With a database, the credentials file is written (a file to import) but not
+            // named; its master key is the gateway's.
+            if self.database.is_none() {
+                y.push_str(&format!("credentials: {}\n", q(&path.display().to_string())));
+            }
+            y.push_str(&format!("master_key: {}\n", q(&dir.join("master.key").display().to_string())));
         }
         if let Some((url, settings)) = &self.database {
             y.push_str(&format!("credentials: {}\n", q(url)));
