@@ -3,7 +3,7 @@
 
 use crate::config::{AuditSink, Config, RateLimitConfig, units};
 use crate::credentials::file::FileRateLimit;
-use crate::credentials::store::{Store, StoreError};
+use crate::credentials::store::{Scope, Store, StoreError};
 use crate::pipeline::audit::AdminRecord;
 use serde_json::Value;
 use std::path::PathBuf;
@@ -156,7 +156,12 @@ pub fn run_update<T>(
         let actor = format!("cli:{}", os_user());
         serde_json::to_value(AdminRecord::new(&actor, command, target, Value::Null)).unwrap_or_default()
     });
-    let out = ctx.store.update_recorded(record.as_ref(), change).map_err(|e| fail(command, e))?;
+    // `users …` and `keys …` change the user `target` only.
+    let scope = match command.split_once(' ') {
+        Some(("users" | "keys", _)) => Scope::User(target),
+        _ => Scope::Whole,
+    };
+    let out = ctx.store.update_in(scope, record.as_ref(), change).map_err(|e| fail(command, e))?;
     ctx.record(command, target, Value::Null);
     Ok(out)
 }

@@ -33,8 +33,10 @@ const RETIRE_WAIT: Duration = Duration::from_secs(2);
 pub struct Credentials {
     current: ArcSwap<Snapshot>,
     source: Option<Source>,
-    /// With `credentials: postgres://…`: the database this gateway follows.
+    /// With `credentials: postgres://…`: the database this gateway follows, and the
+    /// revision of the snapshot in force (swaps happen under it, in revision order).
     follower: Option<Arc<Follower>>,
+    applied_revision: Mutex<i64>,
     /// Reloads that succeeded / failed, and the unix time of the last good one.
     pub reloads_ok: AtomicU64,
     pub reloads_failed: AtomicU64,
@@ -208,6 +210,7 @@ impl Credentials {
     pub async fn open(config: &Config) -> Result<Credentials, ConfigErrors> {
         let Some(cfg) = &config.credential_db else { return Credentials::load(config) };
         let fail = |e: &dyn std::fmt::Display| super::problem(Path::new("credentials"), e.to_string());
+        let started = Instant::now();
         let db = Database::connect(cfg).await.map_err(|e| fail(&e))?;
         if cfg.auto_migrate {
             let applied = schema::migrate(&db).await.map_err(|e| fail(&e))?;
@@ -225,9 +228,16 @@ impl Credentials {
             revision = follower.revision.load(Ordering::Relaxed),
             users = snap.user_count(),
             keys = snap.key_count(),
+            load_ms = started.elapsed().as_millis() as u64,
             "credentials loaded from the credential database"
         );
-        Ok(Credentials { follower: Some(Arc::new(follower)), ..Credentials::fixed(snap) })
+        let revision = follower.revision.load(Ordering::Relaxed);
+        Ok(Credentials {
+            current: ArcSwap::new(snap),
+            follower: Some(Arc::new(follower)),
+            applied_revision: Mutex::new(revision),
+            ..Credentials::fixed(Snapshot::empty())
+        })
     }
 
     /// The credential database this gateway follows, if any.
@@ -236,11 +246,18 @@ impl Credentials {
     }
 
     /// Puts a catch-up's result in force (or counts and keeps the failure).
-    fn applied(&self, result: Result<Option<Snapshot>, FollowError>) -> Result<(), ConfigErrors> {
+    fn applied(&self, result: Result<Option<(i64, Arc<Snapshot>)>, FollowError>) -> Result<(), ConfigErrors> {
         match result {
             Ok(None) => Ok(()),
-            Ok(Some(snap)) => {
-                let old = self.current.swap(Arc::new(snap));
+            Ok(Some((revision, snap))) => {
+                let mut applied = self.applied_revision.lock().unwrap_or_else(PoisonError::into_inner);
+                // Two catch-ups (the follower's and an admin write's) may finish out of order.
+                if revision <= *applied {
+                    return Ok(());
+                }
+                *applied = revision;
+                let old = self.current.swap(snap);
+                drop(applied);
                 self.reloads_ok.fetch_add(1, Ordering::Relaxed);
                 self.failing.store(false, Ordering::Relaxed);
                 self.last_good_unix.store(unix_now(), Ordering::Relaxed);
@@ -263,6 +280,7 @@ impl Credentials {
             current: ArcSwap::from_pointee(snap),
             source: None,
             follower: None,
+            applied_revision: Mutex::new(0),
             reloads_ok: AtomicU64::new(0),
             reloads_failed: AtomicU64::new(0),
             reloads_held: AtomicU64::new(0),

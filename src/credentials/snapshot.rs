@@ -196,6 +196,60 @@ impl Snapshot {
     ) -> Result<Snapshot, Vec<Problem>> {
         Builder::new(master, default_rate).build(file)
     }
+
+    /// This snapshot with the users `changed` replaced by `users` (their current state; a
+    /// name of `changed` absent from `users` was deleted), built with `roles` (which must be
+    /// the ones this snapshot was built with). The users kept are shared, not rebuilt: a
+    /// change to one user of 100,000 costs a copy of the maps, not a build of them all.
+    /// `total_users`: how many users the store holds after the change.
+    pub fn with_users(
+        &self,
+        changed: &[String],
+        users: Vec<FileUser>,
+        roles: &BTreeMap<String, FileRole>,
+        master: Option<&MasterKey>,
+        default_rate: RateLimitConfig,
+        total_users: usize,
+    ) -> Result<Snapshot, Vec<Problem>> {
+        let mut b = Builder::new(master, default_rate);
+        b.add_roles(roles.clone());
+        for u in users {
+            b.add_user(u);
+        }
+        let part = b.finish()?;
+        let gone: HashSet<&str> = changed.iter().map(String::as_str).collect();
+        let mut next = Snapshot {
+            tokens: self
+                .tokens
+                .iter()
+                .filter(|(_, k)| !gone.contains(&*k.user.id))
+                .map(|(d, k)| (*d, k.clone()))
+                .collect(),
+            key_ids: self
+                .key_ids
+                .iter()
+                .filter(|(_, k)| !gone.contains(&*k.user.id))
+                .map(|(i, k)| (i.clone(), k.clone()))
+                .collect(),
+            users: total_users,
+        };
+        let mut problems = Vec::new();
+        for (id, key) in part.key_ids {
+            if let Some(other) = next.key_ids.insert(id.clone(), key) {
+                problems.push(unlocated(format!("duplicate key id {id:?} (also under user {:?})", other.user.id)));
+            }
+        }
+        for (digest, key) in part.tokens {
+            if next.tokens.insert(digest, key.clone()).is_some() {
+                problems.push(unlocated(format!("key {:?}: the same token is stored under another key", key.id)));
+            }
+        }
+        if problems.is_empty() { Ok(next) } else { Err(problems) }
+    }
+}
+
+fn unlocated(message: String) -> Problem {
+    Problem { line: 0, column: 0, message }
 }
 
 /// The file model of a credentials file: the one parse the gateway, the admin API and

@@ -64,6 +64,15 @@ pub struct Rotation {
     pub retired_keys: usize,
 }
 
+/// What a change reads and may touch. With the database, a change to one user reads and
+/// validates that user (and the roles) only: cross-user uniqueness is the tables'
+/// constraints, and nothing else spans users. A file is always read and written whole.
+#[derive(Debug, Clone, Copy)]
+pub enum Scope<'a> {
+    Whole,
+    User(&'a str),
+}
+
 /// The credentials file, or the credential database, and what validating a change needs.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -196,8 +205,18 @@ impl Store {
         record: Option<&serde_json::Value>,
         change: impl FnOnce(&mut FileCredentials) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
+        self.update_in(Scope::Whole, record, change)
+    }
+
+    /// [`Store::update_recorded`] of a change that touches only `scope`.
+    pub fn update_in<T>(
+        &self,
+        scope: Scope<'_>,
+        record: Option<&serde_json::Value>,
+        change: impl FnOnce(&mut FileCredentials) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         if let Some(b) = &self.database {
-            return b.run(self.update_database(b, record, change));
+            return b.run(self.update_database(b, scope, record, change));
         }
         let _lock = self.lock()?;
         refuse_read_only(&self.path)?;
@@ -216,6 +235,7 @@ impl Store {
     async fn update_database<T>(
         &self,
         b: &DbBackend,
+        scope: Scope<'_>,
         record: Option<&serde_json::Value>,
         change: impl FnOnce(&mut FileCredentials) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
@@ -223,13 +243,25 @@ impl Store {
         let mut client = db.client().await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
         let tx = client.transaction().await.map_err(|e| db_error(db, e))?;
         tx.execute("SELECT revision FROM gatehouse_revision FOR UPDATE", &[]).await.map_err(|e| db_error(db, e))?;
-        let old = model::load_all(&*tx).await.map_err(|e| read_error(db, e))?;
+        let old = match scope {
+            Scope::Whole => model::load_all(&*tx).await,
+            Scope::User(id) => model::load_user_scope(&*tx, id).await,
+        }
+        .map_err(|e| read_error(db, e))?;
         let mut new = old.clone();
         let out = change(&mut new)?;
         let master = super::reload::read_master_key(&self.master_key).map_err(StoreError::Invalid)?;
         Snapshot::from_model(new.clone(), master.as_ref(), self.default_rate)
             .map_err(|problems| StoreError::Invalid(ConfigErrors { file: self.path.clone(), problems }))?;
-        model::write_difference(&*tx, &old, &new).await.map_err(|e| db_error(db, e))?;
+        model::write_difference(&*tx, &old, &new).await.map_err(|e| match e {
+            model::WriteError::Pg(e) => db_error(db, e),
+            other => StoreError::Conflict(other.to_string()),
+        })?;
+        // The change log only needs to outlast a gateway's outage: one that is further
+        // behind finds a gap and reads the store whole.
+        tx.execute("DELETE FROM gatehouse_changes WHERE at < now() - interval '1 day'", &[])
+            .await
+            .map_err(|e| db_error(db, e))?;
         if let Some(r) = record {
             tx.execute("INSERT INTO gatehouse_admin_audit (record) VALUES ($1)", &[r])
                 .await

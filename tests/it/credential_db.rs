@@ -456,9 +456,11 @@ async fn export_import_export_is_byte_identical() {
     let signer = creds.hmac_user("signer");
     creds.api_user("mobile");
     creds.user("mobile").description = "the \"mobile\" app: <script>, ünïcode".into();
-    creds.user("mobile").rate_limit = Some(gatehouse::credentials::file::spanned(
-        gatehouse::credentials::file::FileRateLimit { per_second: 7, burst: 9 },
-    ));
+    creds.user("mobile").rate_limit =
+        Some(gatehouse::credentials::file::spanned(gatehouse::credentials::file::FileRateLimit {
+            per_second: 7,
+            burst: 9,
+        }));
     let url = postgres::fresh_database("export").await;
     let config = db_config(&url, &up).credentials(&creds).database_setting("credentials_auto_migrate", "true");
     let gw = GatewayProcess::serve(&config).await;
@@ -488,7 +490,11 @@ async fn export_import_export_is_byte_identical() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let out = run_cli(&["credentials", "export", "--config", &config_path]).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&from_file), "export differs after import");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&from_file),
+        "export differs after import"
+    );
     // And --to writes the same bytes, mode 0600.
     let to = dir.join("again.yaml");
     let out = run_cli(&["credentials", "export", "--to", &to.display().to_string(), "--config", &config_path]).await;

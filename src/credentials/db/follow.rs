@@ -17,6 +17,7 @@ use crate::credentials::file::{FileCredentials, FileUser};
 use crate::credentials::snapshot::Snapshot;
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio_postgres::IsolationLevel;
@@ -47,17 +48,50 @@ struct Copy {
     /// Position of each user in `creds.users`.
     index: HashMap<String, usize>,
     revision: i64,
+    /// The snapshot built from `creds`: the next one shares its unchanged users.
+    snapshot: Arc<Snapshot>,
 }
 
 impl Copy {
-    fn new(creds: FileCredentials, revision: i64) -> Copy {
-        let mut c = Copy { creds, index: HashMap::new(), revision };
+    fn new(creds: FileCredentials, revision: i64, snapshot: Arc<Snapshot>) -> Copy {
+        let mut c = Copy { creds, index: HashMap::new(), revision, snapshot };
         c.reindex();
         c
     }
 
     fn reindex(&mut self) {
         self.index = self.creds.users.iter().enumerate().map(|(i, u)| (u.id.value.clone(), i)).collect();
+    }
+
+    /// Replaces, in place, the users `names` by `users` (their current rows; a name absent
+    /// from them was deleted).
+    fn apply_users(&mut self, names: &[String], users: Vec<FileUser>) {
+        let mut found: HashMap<String, FileUser> = users.into_iter().map(|u| (u.id.value.clone(), u)).collect();
+        let mut removed = false;
+        for name in names {
+            match (self.index.get(name).copied(), found.remove(name)) {
+                (Some(i), Some(u)) => self.creds.users[i] = u,
+                (None, Some(u)) => {
+                    self.index.insert(name.clone(), self.creds.users.len());
+                    self.creds.users.push(u);
+                }
+                (Some(i), None) => {
+                    self.creds.users[i].id.value.clear();
+                    removed = true;
+                }
+                (None, None) => {}
+            }
+        }
+        if removed {
+            self.creds.users.retain(|u| !u.id.value.is_empty());
+            self.reindex();
+        }
+    }
+
+    /// How many users the copy holds once `names` are replaced by `users`.
+    fn count_after(&self, names: &[String], users: &[FileUser]) -> usize {
+        let before = names.iter().filter(|n| self.index.contains_key(*n)).count();
+        self.creds.users.len() - before + users.len()
     }
 
     /// The copy with `users` (their current rows; a name absent from them was deleted)
@@ -132,12 +166,13 @@ impl Follower {
         db: Database,
         master_key: PathBuf,
         default_rate: RateLimitConfig,
-    ) -> Result<(Follower, Snapshot), FollowError> {
+    ) -> Result<(Follower, Arc<Snapshot>), FollowError> {
         super::schema::check(&db).await?;
         let (creds, revision) = read_all(&db).await?;
-        let snap = build(&db, &master_key, default_rate, creds.clone())?;
+        let master = crate::credentials::reload::read_master_key(&master_key).map_err(FollowError::Invalid)?;
+        let snap = Arc::new(build(&db, master.as_ref(), default_rate, creds.clone())?);
         let f = Follower {
-            copy: tokio::sync::Mutex::new(Copy::new(creds, revision)),
+            copy: tokio::sync::Mutex::new(Copy::new(creds, revision, snap.clone())),
             up: AtomicBool::new(true),
             revision: AtomicI64::new(revision),
             confirmed_unix: AtomicU64::new(unix_now()),
@@ -152,9 +187,10 @@ impl Follower {
         &self.db
     }
 
-    /// Applies the changes made since the revision in force: the next snapshot, or `None`
-    /// when there were none.
-    pub async fn catch_up(&self) -> Result<Option<Snapshot>, FollowError> {
+    /// Applies the changes made since the revision applied: the next snapshot with its
+    /// revision, or `None` when there were none. Catch-ups take turns; their results
+    /// are put in force in revision order by the caller (`Credentials`).
+    pub async fn catch_up(&self) -> Result<Option<(i64, Arc<Snapshot>)>, FollowError> {
         let result = self.catch_up_inner().await;
         match &result {
             Err(FollowError::Db(_)) => self.up.store(false, Ordering::Relaxed),
@@ -163,7 +199,7 @@ impl Follower {
         result
     }
 
-    async fn catch_up_inner(&self) -> Result<Option<Snapshot>, FollowError> {
+    async fn catch_up_inner(&self) -> Result<Option<(i64, Arc<Snapshot>)>, FollowError> {
         let db = &self.db;
         let mut copy = self.copy.lock().await;
         let mut client = db.client().await?;
@@ -184,37 +220,59 @@ impl Follower {
         // Behind by more than the change log keeps, or by a bulk change (an import), or
         // the database went back in time (a restore): read it whole.
         let whole = changed.gap || revision < copy.revision || changed.users.len() > WHOLE_RELOAD_OVER;
-        let next = if whole {
-            model::load_all(&*tx).await.map_err(|e| read_error(db, e))?
-        } else {
-            let (users, roles) =
-                model::load_some(&*tx, &changed.users, &changed.roles).await.map_err(|e| read_error(db, e))?;
-            copy.with(&changed.users, users, &changed.roles, roles)
-        };
-        tx.commit().await.map_err(|e| db.query_error(e))?;
-        let snap = build(db, &self.master_key, self.default_rate, next.clone()).inspect_err(|e| {
-            if let FollowError::Invalid(errors) = e {
+        let master = crate::credentials::reload::read_master_key(&self.master_key).map_err(FollowError::Invalid)?;
+        let refused = |e: FollowError| {
+            if let FollowError::Invalid(errors) = &e {
                 tracing::error!(
                     revision, error = %errors,
                     "credential database change refused: it does not validate; the previous credentials stay in force until the rows named are fixed"
                 );
             }
-        })?;
-        *copy = Copy::new(next, revision);
+            e
+        };
+        let snap = if whole || !changed.roles.is_empty() {
+            // A role change can touch every user: the next snapshot is built whole.
+            let next = if whole {
+                model::load_all(&*tx).await.map_err(|e| read_error(db, e))?
+            } else {
+                let (users, roles) =
+                    model::load_some(&*tx, &changed.users, &changed.roles).await.map_err(|e| read_error(db, e))?;
+                copy.with(&changed.users, users, &changed.roles, roles)
+            };
+            tx.commit().await.map_err(|e| db.query_error(e))?;
+            let snap = Arc::new(build(db, master.as_ref(), self.default_rate, next.clone()).map_err(refused)?);
+            *copy = Copy::new(next, revision, snap.clone());
+            snap
+        } else {
+            // Users only: the users kept are shared with the snapshot in force.
+            let (users, _) = model::load_some(&*tx, &changed.users, &[]).await.map_err(|e| read_error(db, e))?;
+            tx.commit().await.map_err(|e| db.query_error(e))?;
+            let total = copy.count_after(&changed.users, &users);
+            let snap = copy
+                .snapshot
+                .with_users(&changed.users, users.clone(), &copy.creds.roles, master.as_ref(), self.default_rate, total)
+                .map_err(|problems| FollowError::Invalid(ConfigErrors { file: PathBuf::from(db.describe()), problems }))
+                .map_err(refused)?;
+            let snap = Arc::new(snap);
+            copy.apply_users(&changed.users, users);
+            copy.revision = revision;
+            copy.snapshot = snap.clone();
+            snap
+        };
         self.revision.store(revision, Ordering::Relaxed);
         self.confirmed_unix.store(unix_now(), Ordering::Relaxed);
         tracing::info!(revision, changes = changed.count, whole, "credential database changes applied");
-        Ok(Some(snap))
+        Ok(Some((revision, snap)))
     }
 
     /// Runs until the process ends: LISTENs on a connection of its own (reconnecting
-    /// with backoff) and calls `apply` with each catch-up's snapshot, on a notification
+    /// with backoff) and calls `apply` with each catch-up's result, on a notification
     /// and every [`POLL`].
     pub async fn run(
-        self: std::sync::Arc<Self>,
-        apply: impl Fn(Result<Option<Snapshot>, FollowError>) + Send + 'static,
+        self: Arc<Self>,
+        apply: impl Fn(Result<Option<(i64, Arc<Snapshot>)>, FollowError>) + Send + 'static,
     ) {
-        let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+        let wake = Arc::new(tokio::sync::Notify::new());
         tokio::spawn(listen(self.db.clone(), wake.clone(), self.clone()));
         loop {
             tokio::select! {
@@ -228,7 +286,7 @@ impl Follower {
 
 /// Holds a LISTEN connection open, waking the follower on each notification (and after
 /// each reconnection, for what was missed while it was down).
-async fn listen(db: Database, wake: std::sync::Arc<tokio::sync::Notify>, follower: std::sync::Arc<Follower>) {
+async fn listen(db: Database, wake: Arc<tokio::sync::Notify>, follower: Arc<Follower>) {
     let mut backoff = Duration::from_millis(100);
     let mut logged_down = false;
     loop {
@@ -294,11 +352,10 @@ async fn read_all(db: &Database) -> Result<(FileCredentials, i64), FollowError> 
 
 fn build(
     db: &Database,
-    master_key: &std::path::Path,
+    master: Option<&crate::credentials::secrets::MasterKey>,
     default_rate: RateLimitConfig,
     creds: FileCredentials,
 ) -> Result<Snapshot, FollowError> {
-    let master = crate::credentials::reload::read_master_key(master_key).map_err(FollowError::Invalid)?;
-    Snapshot::from_model(creds, master.as_ref(), default_rate)
+    Snapshot::from_model(creds, master, default_rate)
         .map_err(|problems| FollowError::Invalid(ConfigErrors { file: PathBuf::from(db.describe()), problems }))
 }

@@ -6,7 +6,7 @@ use super::{Admin, Peer, json};
 use crate::credentials::file::{AuthMethod, FileRateLimit, Status};
 use crate::credentials::ops::{self, UserFields};
 use crate::credentials::reload::Removal;
-use crate::credentials::store::{Store, StoreError};
+use crate::credentials::store::{Scope, Store, StoreError};
 use crate::pipeline::audit::AdminRecord;
 use crate::pipeline::error::error_response;
 use crate::wire::body::Body;
@@ -385,7 +385,13 @@ fn change<T>(
         // The database keeps the record in the change's own transaction; the audit log
         // gets it too, once the change is made.
         let kept = store.is_database().then(|| serde_json::to_value(&record).unwrap_or_default());
-        let out = store.update_recorded(kept.as_ref(), f)?;
+        // A user's or key's change touches that user only (the database then reads and
+        // writes that user, not the whole store).
+        let scope = match what.action.split_once('.') {
+            Some(("user" | "key", _)) => Scope::User(what.target),
+            _ => Scope::Whole,
+        };
+        let out = store.update_in(scope, kept.as_ref(), f)?;
         admin.audit.send(&record);
         if let Err(e) = admin.credentials.reload() {
             tracing::error!(error = %e, "admin change written but not loaded");
