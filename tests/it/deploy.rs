@@ -87,7 +87,17 @@ async fn exposed() -> BTreeSet<String> {
     assert_eq!(client.get_with(&gw.url("/api/a"), &h).await.status, 429);
     assert_eq!(client.get(&gw.url("/api/a")).await.status, 401);
     assert_eq!(client.get_with(&gw.url("/down/a"), &[("x-api-key", other.token.as_str())]).await.status, 502);
-    let text = client.get(&format!("http://{}/metrics", gw.admin_addr())).await.text();
+    let mut text = client.get(&format!("http://{}/metrics", gw.admin_addr())).await.text();
+    // And a gateway on the credential database, for its families.
+    let db = crate::support::postgres::fresh_database("exposed").await;
+    let on_db = crate::support::process::GatewayProcess::serve(
+        &crate::support::gateway::GatewayConfig::new()
+            .database(&db)
+            .database_setting("credentials_auto_migrate", "true")
+            .admin("admin-test-token-0123456789abcdef"),
+    )
+    .await;
+    text.push_str(&on_db.admin().get("/metrics").await.text());
     let mut names = BTreeSet::new();
     for line in text.lines() {
         let Some(decl) = line.strip_prefix("# TYPE ") else { continue };
@@ -150,6 +160,35 @@ async fn alerts_and_dashboard_name_only_metrics_a_real_scrape_exposes() {
         assert_eq!(p["datasource"]["uid"], "${DS_PROMETHEUS}", "{}", p["title"]);
         assert!(!p["targets"].as_array().unwrap().is_empty(), "{}", p["title"]);
     }
+}
+
+/// The database mode's ConfigMap (examples/configmap-database.yaml): it loads, names a
+/// database whose password comes from the env the Deployment fills from the Secret
+/// gatehouse-db, and keeps the master key in the Secret mount.
+#[test]
+fn the_kubernetes_database_config_loads_and_fits_the_deployment() {
+    let cm = yaml("deploy/kubernetes/examples/configmap-database.yaml");
+    assert_eq!(cm["metadata"]["name"], "gatehouse", "it replaces the file mode's ConfigMap");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gatehouse.yaml");
+    std::fs::write(&path, cm["data"]["gatehouse.yaml"].as_str().unwrap()).unwrap();
+    let env: std::collections::HashMap<String, String> = [
+        ("GATEHOUSE_REDIS_PASSWORD".to_string(), "from-the-secret".to_string()),
+        ("GATEHOUSE_DB_PASSWORD".to_string(), "from-the-db-secret".to_string()),
+    ]
+    .into();
+    let config = gatehouse::config::Config::load_with_env(&path, &env)
+        .unwrap_or_else(|e| panic!("the database ConfigMap's config: {e}"));
+    let db = config.credential_db.as_ref().expect("credentials: postgres://…");
+    assert_eq!(db.password.as_ref().map(|p| p.0.as_str()), Some("from-the-db-secret"));
+    assert!(config.credentials.is_none());
+    let d = yaml("deploy/kubernetes/deployment.yaml");
+    assert_eq!(d["spec"]["replicas"], 3);
+    let c = &d["spec"]["template"]["spec"]["containers"][0];
+    let env = c["env"].as_array().unwrap().iter().find(|e| e["name"] == "GATEHOUSE_DB_PASSWORD").unwrap();
+    assert_eq!(env["valueFrom"]["secretKeyRef"]["name"], "gatehouse-db");
+    let secrets = c["volumeMounts"].as_array().unwrap().iter().find(|m| m["name"] == "credentials").unwrap();
+    assert_eq!(config.master_key.parent(), Some(std::path::Path::new(secrets["mountPath"].as_str().unwrap())));
 }
 
 #[test]
