@@ -25,21 +25,50 @@ struct Fx {
     proxy: H1,
     svc: ApiKey,
     signer: HmacKey,
+    kept: Kept,
+}
+
+/// Where the fixture's API users are kept: the admin API must behave the same in both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kept {
+    File,
+    Database,
 }
 
 async fn fixture() -> Fx {
+    fixture_in(Kept::File).await
+}
+
+/// The fixture with its users in a credentials file, or imported into a fresh credential
+/// database (`gatehouse db migrate` + `gatehouse credentials import`) before it starts.
+async fn fixture_in(kept: Kept) -> Fx {
     let up = TestUpstream::start().await;
     let mut creds = Creds::new();
     let svc = creds.api_user("svc");
     let signer = creds.hmac_user("signer");
-    let gw = TestGateway::builder()
+    let mut config = TestGateway::builder()
         .credentials(&creds)
         .admin(TOKEN)
-        .route(RouteSpec::new("api", "/api/").to(&up).authenticated())
-        .start()
-        .await;
+        .route(RouteSpec::new("api", "/api/").to(&up).authenticated());
+    if kept == Kept::Database {
+        let url = crate::support::postgres::fresh_database("admin").await;
+        config = config.database(&url);
+        let w = config.write();
+        let path = w.path.display().to_string();
+        for args in [
+            vec!["db", "migrate", "--config", &path],
+            vec!["credentials", "import", w.credentials_path().to_str().unwrap(), "--config", &path],
+        ] {
+            let out = crate::support::process::run_cli(&args).await;
+            assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    let gw = config.start().await;
     let admin = gw.admin();
-    Fx { up, gw, admin, proxy: H1::new(), svc, signer }
+    // The database mode is the one in force (its families are in the metrics only then).
+    let metrics = admin.get("/metrics").await.text();
+    assert_eq!(metrics.contains("gatehouse_credential_store_up 1"), kept == Kept::Database, "{kept:?}");
+    Fx { up, gw, admin, proxy: H1::new(), svc, signer, kept }
 }
 
 impl Fx {
@@ -53,8 +82,17 @@ impl Fx {
         self.proxy.get_with(&self.gw.url(path), &key.headers("GET", path, b"")).await
     }
 
-    fn credentials_text(&self) -> String {
-        std::fs::read_to_string(self.gw.written().credentials_path()).unwrap()
+    /// The stored credentials as YAML: the file, or the database's export.
+    async fn credentials_text(&self) -> String {
+        match self.kept {
+            Kept::File => std::fs::read_to_string(self.gw.written().credentials_path()).unwrap(),
+            Kept::Database => {
+                let path = self.gw.written().path.display().to_string();
+                let out = crate::support::process::run_cli(&["credentials", "export", "--config", &path]).await;
+                assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+                String::from_utf8(out.stdout).unwrap()
+            }
+        }
     }
 
     fn audit_text(&self) -> String {
@@ -216,8 +254,14 @@ async fn healthz_and_readyz_answer_without_a_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_v1_without_the_right_token_is_401_and_changes_nothing() {
-    let fx = fixture().await;
-    let before = fx.credentials_text();
+    for kept in [Kept::File, Kept::Database] {
+        admin_v1_without_the_right_token_is_401_and_changes_nothing_in(kept).await;
+    }
+}
+
+async fn admin_v1_without_the_right_token_is_401_and_changes_nothing_in(kept: Kept) {
+    let fx = fixture_in(kept).await;
+    let before = fx.credentials_text().await;
     let wrong_tokens: Vec<(&str, Vec<(&str, String)>)> = vec![
         ("no Authorization", vec![]),
         ("wrong token", vec![("authorization", "Bearer not-the-token".into())]),
@@ -242,7 +286,7 @@ async fn admin_v1_without_the_right_token_is_401_and_changes_nothing() {
             assert_eq!(res.header("www-authenticate"), "Bearer realm=\"gatehouse-admin\"");
         }
     }
-    assert_eq!(fx.credentials_text(), before, "a refused call changed the credentials file");
+    assert_eq!(fx.credentials_text().await, before, "a refused call changed the credentials file");
     assert_eq!(fx.with_token(&fx.svc.token).await.status, 200);
 }
 
@@ -312,7 +356,13 @@ async fn admin_paths_on_a_proxy_listener_are_never_served_by_the_admin_api() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_create_get_list_patch_and_delete_each_in_force_on_the_next_request() {
-    let fx = fixture().await;
+    for kept in [Kept::File, Kept::Database] {
+        users_create_get_list_patch_and_delete_each_in_force_on_the_next_request_in(kept).await;
+    }
+}
+
+async fn users_create_get_list_patch_and_delete_each_in_force_on_the_next_request_in(kept: Kept) {
+    let fx = fixture_in(kept).await;
     let a = &fx.admin;
 
     // Create with every field.
@@ -343,7 +393,7 @@ async fn users_create_get_list_patch_and_delete_each_in_force_on_the_next_reques
     assert_eq!(created["status"], "active");
     assert_eq!(created["keys"], json!([]));
     assert_eq!(created["created_at"], created["updated_at"]);
-    assert!(fx.credentials_text().contains("erp-sync"), "not persisted");
+    assert!(fx.credentials_text().await.contains("erp-sync"), "not persisted");
 
     // Get: the same view, with (empty) usage.
     let got = a.expect(200, "GET", "/admin/v1/users/erp-sync", None).await;
@@ -432,7 +482,7 @@ async fn users_create_get_list_patch_and_delete_each_in_force_on_the_next_reques
     // Retired is terminal: refused at once, and enabling it again is 409.
     a.expect(200, "PATCH", "/admin/v1/users/erp-sync", Some(&json!({"status": "retired"}))).await;
     assert_unauthorized(&fx.with_token(&token).await, "Invalid API key");
-    let before = fx.credentials_text();
+    let before = fx.credentials_text().await;
     for status in ["active", "inactive"] {
         let res = a.patch("/admin/v1/users/erp-sync", &json!({"status": status})).await;
         assert_error(&res, 409, "conflict", "user \"erp-sync\" is retired; a retired user cannot be re-activated");
@@ -440,7 +490,7 @@ async fn users_create_get_list_patch_and_delete_each_in_force_on_the_next_reques
     // A refused PATCH changes none of its other fields either.
     let res = a.patch("/admin/v1/users/erp-sync", &json!({"status": "active", "display_name": "sneaky"})).await;
     assert_eq!(res.status, 409);
-    assert_eq!(fx.credentials_text(), before, "a refused change was written");
+    assert_eq!(fx.credentials_text().await, before, "a refused change was written");
     assert_unauthorized(&fx.with_token(&token).await, "Invalid API key");
     // …and it gets no new keys.
     let res = a.post("/admin/v1/users/erp-sync/keys", &json!({})).await;
@@ -449,7 +499,7 @@ async fn users_create_get_list_patch_and_delete_each_in_force_on_the_next_reques
     // Delete: gone from the file, the listing and the proxy.
     let v = a.expect(200, "DELETE", "/admin/v1/users/erp-sync", None).await;
     assert_eq!(v, json!({"deleted": "erp-sync"}));
-    assert!(!fx.credentials_text().contains("erp-sync"));
+    assert!(!fx.credentials_text().await.contains("erp-sync"));
     assert_error(&a.get("/admin/v1/users/erp-sync").await, 404, "not_found", "no user \"erp-sync\"");
     assert_eq!(ids(&a.expect(200, "GET", "/admin/v1/users", None).await), ["svc", "signer"]);
     assert_error(&a.delete("/admin/v1/users/erp-sync").await, 404, "not_found", "no user \"erp-sync\"");
@@ -462,7 +512,13 @@ async fn users_create_get_list_patch_and_delete_each_in_force_on_the_next_reques
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_add_returns_the_secret_once_and_revoke_is_in_force_on_the_next_request() {
-    let fx = fixture().await;
+    for kept in [Kept::File, Kept::Database] {
+        keys_add_returns_the_secret_once_and_revoke_is_in_force_on_the_next_request_in(kept).await;
+    }
+}
+
+async fn keys_add_returns_the_secret_once_and_revoke_is_in_force_on_the_next_request_in(kept: Kept) {
+    let fx = fixture_in(kept).await;
     let a = &fx.admin;
 
     // api_key user: {"key": {…}, "token": "ghk_…"} and nothing else.
@@ -493,7 +549,7 @@ async fn keys_add_returns_the_secret_once_and_revoke_is_in_force_on_the_next_req
     let keys = view["keys"].as_array().unwrap();
     assert_eq!(keys.len(), 2);
     assert!(keys.iter().any(|k| k["id"] == key_id.as_str() && k["label"] == "second"));
-    for text in [view.to_string(), a.get("/admin/v1/users").await.text(), fx.credentials_text()] {
+    for text in [view.to_string(), a.get("/admin/v1/users").await.text(), fx.credentials_text().await] {
         assert!(!text.contains(&token), "the token leaked: {text}");
     }
     crate::support::eventually(crate::support::STEP, "the key.add audit record", || {
@@ -515,7 +571,7 @@ async fn keys_add_returns_the_secret_once_and_revoke_is_in_force_on_the_next_req
     assert_eq!(fx.up.requests().pop().unwrap().header("x-gatehouse-key-id"), hkey.key_id);
     assert_eq!(fx.signed(&fx.signer, "/api/old").await.status, 200);
     let view = a.expect(200, "GET", "/admin/v1/users/signer", None).await;
-    for text in [view.to_string(), fx.credentials_text()] {
+    for text in [view.to_string(), fx.credentials_text().await] {
         assert!(!text.contains(&hkey.secret), "the secret leaked: {text}");
     }
 
@@ -537,7 +593,7 @@ async fn keys_add_returns_the_secret_once_and_revoke_is_in_force_on_the_next_req
     assert_unauthorized(&fx.signed(&hkey, "/api/after").await, "Invalid API key");
 
     // Revoking again is a conflict; missing key or user is 404; nothing changes.
-    let before = fx.credentials_text();
+    let before = fx.credentials_text().await;
     let res = a.delete(&format!("/admin/v1/users/svc/keys/{key_id}")).await;
     assert_error(&res, 409, "conflict", &format!("key \"{key_id}\" is already revoked"));
     let res = a.delete("/admin/v1/users/svc/keys/ak_nope").await;
@@ -549,13 +605,19 @@ async fn keys_add_returns_the_secret_once_and_revoke_is_in_force_on_the_next_req
     assert_error(&res, 404, "not_found", &format!("user \"signer\" has no key \"{}\"", fx.svc.key_id));
     let res = a.post("/admin/v1/users/ghost/keys", &json!({"label": "x"})).await;
     assert_error(&res, 404, "not_found", "no user \"ghost\"");
-    assert_eq!(fx.credentials_text(), before);
+    assert_eq!(fx.credentials_text().await, before);
     assert_eq!(fx.with_token(&fx.svc.token).await.status, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn roles_get_and_put_replace_the_set_and_a_role_in_use_is_kept() {
-    let fx = fixture().await;
+    for kept in [Kept::File, Kept::Database] {
+        roles_get_and_put_replace_the_set_and_a_role_in_use_is_kept_in(kept).await;
+    }
+}
+
+async fn roles_get_and_put_replace_the_set_and_a_role_in_use_is_kept_in(kept: Kept) {
+    let fx = fixture_in(kept).await;
     let a = &fx.admin;
     let roles = a.expect(200, "GET", "/admin/v1/roles", None).await;
     assert_eq!(roles, json!({"all": {"description": "everything", "rules": ["* /**"]}}));
@@ -594,10 +656,10 @@ async fn roles_get_and_put_replace_the_set_and_a_role_in_use_is_kept() {
     assert_eq!(get("/api/orders/1").await.status, 403);
 
     // Dropping a role in use: 409 naming the holder, nothing changed.
-    let before = fx.credentials_text();
+    let before = fx.credentials_text().await;
     let res = a.put("/admin/v1/roles", &json!({"reader": {"rules": ["GET /api/x"]}})).await;
     assert_error(&res, 409, "conflict", "role \"all\" is still held by: svc, signer");
-    assert_eq!(fx.credentials_text(), before);
+    assert_eq!(fx.credentials_text().await, before);
     assert_eq!(a.expect(200, "GET", "/admin/v1/roles", None).await, v);
     assert_eq!(fx.with_token(&fx.svc.token).await.status, 200);
 
@@ -606,7 +668,7 @@ async fn roles_get_and_put_replace_the_set_and_a_role_in_use_is_kept() {
     assert_eq!(res.status, 422, "{}", res.text());
     assert_eq!(res.json()["code"], "validation_error");
     assert!(res.json()["message"].as_str().unwrap().contains("FETCH"), "{}", res.text());
-    assert_eq!(fx.credentials_text(), before);
+    assert_eq!(fx.credentials_text().await, before);
 
     // A role without `rules`: 422 naming the field.
     let res = a.put("/admin/v1/roles", &json!({"all": {"description": "x"}, "reader": {"rules": []}})).await;
@@ -658,7 +720,13 @@ async fn reload_loads_a_hand_edited_file_now_and_a_broken_one_changes_nothing() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_counts_requests_errors_and_last_used_at_per_key() {
-    let fx = fixture().await;
+    for kept in [Kept::File, Kept::Database] {
+        usage_counts_requests_errors_and_last_used_at_per_key_in(kept).await;
+    }
+}
+
+async fn usage_counts_requests_errors_and_last_used_at_per_key_in(kept: Kept) {
+    let fx = fixture_in(kept).await;
     let a = &fx.admin;
     let idle = a.expect(200, "GET", "/admin/v1/users/svc/usage", None).await;
     assert_eq!(
@@ -711,7 +779,13 @@ async fn usage_counts_requests_errors_and_last_used_at_per_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_returns_admin_changes_without_secrets_and_filters_by_user() {
-    let fx = fixture().await;
+    for kept in [Kept::File, Kept::Database] {
+        audit_returns_admin_changes_without_secrets_and_filters_by_user_in(kept).await;
+    }
+}
+
+async fn audit_returns_admin_changes_without_secrets_and_filters_by_user_in(kept: Kept) {
+    let fx = fixture_in(kept).await;
     let a = &fx.admin;
     a.expect(201, "POST", "/admin/v1/users", Some(&json!({"id": "aud", "auth_method": "api_key", "roles": ["all"]})))
         .await;
@@ -766,9 +840,15 @@ async fn audit_returns_admin_changes_without_secrets_and_filters_by_user() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_the_exact_error_and_changes_nothing() {
-    let fx = fixture().await;
+    for kept in [Kept::File, Kept::Database] {
+        bad_input_gets_the_exact_error_and_changes_nothing_in(kept).await;
+    }
+}
+
+async fn bad_input_gets_the_exact_error_and_changes_nothing_in(kept: Kept) {
+    let fx = fixture_in(kept).await;
     let a = &fx.admin;
-    let before = fx.credentials_text();
+    let before = fx.credentials_text().await;
 
     // Missing user / key: 404.
     for (method, path) in [
@@ -894,7 +974,7 @@ async fn bad_input_gets_the_exact_error_and_changes_nothing() {
         assert!(res.json()["message"].as_str().unwrap().contains(field), "{body}: {}", res.text());
     }
 
-    assert_eq!(fx.credentials_text(), before, "a refused call changed the file");
+    assert_eq!(fx.credentials_text().await, before, "a refused call changed the file");
     assert_eq!(a.expect(200, "GET", "/readyz", None).await["users"], 2);
     assert_eq!(fx.with_token(&fx.svc.token).await.status, 200);
     assert_eq!(fx.signed(&fx.signer, "/api/x").await.status, 200);

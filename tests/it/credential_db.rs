@@ -513,3 +513,43 @@ async fn export_import_export_is_byte_identical() {
     let diff: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(diff["users"], json!({"added": [], "removed": [], "changed": []}), "{diff}");
 }
+
+/// Two CLI processes adding 25 keys each to one user of the database at the same moment
+/// lose none (each write is a transaction behind the store's revision lock), and every
+/// key works at once on a running gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_cli_processes_adding_keys_at_once_lose_none() {
+    let up = TestUpstream::start().await;
+    let url = postgres::fresh_database("clirace").await;
+    let config = db_config(&url, &up).database_setting("credentials_auto_migrate", "true");
+    let gw = GatewayProcess::serve(&config).await;
+    user_with_key(&gw, "svc").await;
+    let path = gw.written().path.display().to_string();
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(2));
+    let mut writers = Vec::new();
+    for w in 0..2 {
+        let (path, start) = (path.clone(), start.clone());
+        writers.push(tokio::spawn(async move {
+            start.wait().await;
+            let mut added = Vec::new();
+            for i in 0..25 {
+                let label = format!("w{w}-{i}");
+                let out = run_cli(&["keys", "add", "svc", "--label", &label, "--json", "--config", &path]).await;
+                assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+                let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+                added.push(v["token"].as_str().unwrap().to_string());
+            }
+            added
+        }));
+    }
+    let mut tokens = Vec::new();
+    for w in writers {
+        tokens.extend(within(Duration::from_secs(300), "50 CLI runs", w).await.unwrap());
+    }
+    let listed = gw.admin().get("/admin/v1/users/svc").await.json();
+    assert_eq!(listed["keys"].as_array().unwrap().len(), 51, "{listed}");
+    let client = H1::new();
+    for token in &tokens {
+        until_status(&client, &gw, token, 200).await;
+    }
+}
