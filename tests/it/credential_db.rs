@@ -553,3 +553,59 @@ async fn two_cli_processes_adding_keys_at_once_lose_none() {
         until_status(&client, &gw, token, 200).await;
     }
 }
+
+/// `sslmode=verify-full` with the private CA that signed the server's certificate
+/// (`sslrootcert=`): the gateway works over TLS (PostgreSQL's own view says so). Another
+/// CA, a server without TLS, and `sslmode=prefer` (which could fall back to plain text)
+/// each stop start-up with exit 78 and the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_over_tls_is_verified() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+    let other = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+    let (ca, wrong_ca) = (dir.path().join("ca.pem"), dir.path().join("other.pem"));
+    std::fs::write(&ca, cert.cert.pem()).unwrap();
+    std::fs::write(&wrong_ca, other.cert.pem()).unwrap();
+    let server = PgServer::start_tls(&cert.cert.pem(), &cert.signing_key.serialize_pem()).await;
+    server.create_database("tls").await;
+    let url = |mode: &str, root: &std::path::Path| {
+        format!(
+            "postgres://{}:{}@127.0.0.1:{}/tls?sslmode={mode}&sslrootcert={}",
+            postgres::USER,
+            postgres::PASSWORD,
+            server.port,
+            root.display()
+        )
+    };
+    let up = TestUpstream::start().await;
+    let config = db_config(&url("verify-full", &ca), &up).database_setting("credentials_auto_migrate", "true");
+    let gw = GatewayProcess::serve(&config).await;
+    let client = H1::new();
+    let (_, token) = user_with_key(&gw, "erp").await;
+    until_status(&client, &gw, &token, 200).await;
+    let db = server.client("tls").await;
+    let row = db
+        .query_one(
+            "SELECT count(*), coalesce(bool_and(s.ssl), false) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) WHERE a.application_name = 'gatehouse'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (connections, all_tls): (i64, bool) = (row.get(0), row.get(1));
+    assert!(connections >= 2 && all_tls, "{connections} gateway connections, all over TLS: {all_tls}");
+
+    let plain = postgres::fresh_database("notls").await.replace("sslmode=disable", "sslmode=verify-full");
+    let cases = [
+        (url("verify-full", &wrong_ca), "invalid peer certificate"),
+        (format!("{plain}&sslrootcert={}", ca.display()), "server does not support TLS"),
+        (url("prefer", &ca), "sslmode=prefer is not supported"),
+    ];
+    for (db_url, reason) in cases {
+        let written = db_config(&db_url, &up).write();
+        let out = run_cli(&["check-config", "--config", &written.path.display().to_string()]).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{db_url}: {stderr}");
+        assert!(stderr.contains(reason), "{db_url}: no {reason:?} in {stderr}");
+        assert!(!stderr.contains(postgres::PASSWORD), "the password is in {stderr}");
+    }
+}

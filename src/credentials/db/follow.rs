@@ -290,24 +290,8 @@ async fn listen(db: Database, wake: Arc<tokio::sync::Notify>, follower: Arc<Foll
     let mut backoff = Duration::from_millis(100);
     let mut logged_down = false;
     loop {
-        match db.dedicated().await {
-            Ok((client, mut conn)) => {
-                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-                // The connection must be polled for the LISTEN below to be sent, and for
-                // notifications to arrive; it ends when the server or network drops it.
-                let driver = tokio::spawn(async move {
-                    loop {
-                        match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
-                            Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => {
-                                if tx.send(()).is_err() {
-                                    return;
-                                }
-                            }
-                            Some(Ok(_)) => {}
-                            Some(Err(_)) | None => return,
-                        }
-                    }
-                });
+        match db.listen_connection().await {
+            Ok((client, mut rx, driver)) => {
                 if client.batch_execute(&format!("LISTEN {CHANNEL}")).await.is_ok() {
                     backoff = Duration::from_millis(100);
                     if logged_down {

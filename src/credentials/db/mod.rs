@@ -10,10 +10,12 @@ pub mod follow;
 pub mod model;
 pub mod schema;
 
-use crate::config::credential_db::CredentialDbConfig;
+use crate::config::credential_db::{CredentialDbConfig, DbTls};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_postgres::NoTls;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// How long connecting (TCP and authentication) may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -46,6 +48,8 @@ pub struct Database {
     /// The URL without its password, for logs and errors.
     describe: String,
     pg: tokio_postgres::Config,
+    /// `None`: `sslmode=disable`.
+    tls: Option<MakeRustlsConnect>,
 }
 
 impl std::fmt::Debug for Database {
@@ -67,8 +71,19 @@ impl Database {
         pg.connect_timeout(CONNECT_TIMEOUT);
         pg.options(format!("-c statement_timeout={STATEMENT_TIMEOUT}"));
         pg.application_name("gatehouse");
-        let manager =
-            Manager::from_config(pg.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let tls = match &cfg.tls {
+            DbTls::Disable => None,
+            DbTls::Verify { ca } => {
+                // TLS only: the driver must not fall back to plain text.
+                pg.ssl_mode(tokio_postgres::config::SslMode::Require);
+                Some(MakeRustlsConnect::new(client_config(ca.as_deref()).map_err(&unavailable)?))
+            }
+        };
+        let recycling = ManagerConfig { recycling_method: RecyclingMethod::Fast };
+        let manager = match &tls {
+            None => Manager::from_config(pg.clone(), NoTls, recycling),
+            Some(t) => Manager::from_config(pg.clone(), t.clone(), recycling),
+        };
         let pool = Pool::builder(manager)
             .max_size(4)
             .runtime(Runtime::Tokio1)
@@ -77,7 +92,7 @@ impl Database {
             .recycle_timeout(Some(CONNECT_TIMEOUT))
             .build()
             .map_err(|e| unavailable(e.to_string()))?;
-        let db = Database { pool, describe, pg };
+        let db = Database { pool, describe, pg, tls };
         drop(db.client().await?);
         Ok(db)
     }
@@ -92,18 +107,33 @@ impl Database {
         self.pool.get().await.map_err(|e| self.unavailable(pool_error(e)))
     }
 
-    /// A connection of its own (not pooled), with the task that drives it: LISTEN needs
-    /// its notifications, which a pooled connection's driver drops.
-    pub async fn dedicated(
+    /// A connection of its own (not pooled) for LISTEN, and what its notifications
+    /// become: one message on the channel each; the channel closes when the connection
+    /// ends (the server or the network dropped it). The connection's task is returned to
+    /// be aborted when the caller is done with it.
+    pub async fn listen_connection(
         &self,
-    ) -> Result<
-        (tokio_postgres::Client, tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>),
-        DbError,
-    > {
-        tokio::time::timeout(CONNECT_TIMEOUT, self.pg.connect(NoTls))
-            .await
-            .map_err(|_| self.unavailable(format!("no connection within {CONNECT_TIMEOUT:?}")))?
-            .map_err(|e| self.query_error(e))
+    ) -> Result<(tokio_postgres::Client, tokio::sync::mpsc::UnboundedReceiver<()>, tokio::task::JoinHandle<()>), DbError>
+    {
+        let late = || self.unavailable(format!("no connection within {CONNECT_TIMEOUT:?}"));
+        match &self.tls {
+            None => {
+                let (client, conn) = tokio::time::timeout(CONNECT_TIMEOUT, self.pg.connect(NoTls))
+                    .await
+                    .map_err(|_| late())?
+                    .map_err(|e| self.query_error(e))?;
+                let (rx, task) = drive(conn);
+                Ok((client, rx, task))
+            }
+            Some(t) => {
+                let (client, conn) = tokio::time::timeout(CONNECT_TIMEOUT, self.pg.connect(t.clone()))
+                    .await
+                    .map_err(|_| late())?
+                    .map_err(|e| self.query_error(e))?;
+                let (rx, task) = drive(conn);
+                Ok((client, rx, task))
+            }
+        }
     }
 
     pub fn unavailable(&self, message: String) -> DbError {
@@ -113,6 +143,63 @@ impl Database {
     pub fn query_error(&self, e: tokio_postgres::Error) -> DbError {
         self.unavailable(describe_pg_error(&e))
     }
+}
+
+/// Polls a connection for as long as it lives, forwarding each notification.
+fn drive<S, T>(
+    mut conn: tokio_postgres::Connection<S, T>,
+) -> (tokio::sync::mpsc::UnboundedReceiver<()>, tokio::task::JoinHandle<()>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        loop {
+            match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+                Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => {
+                    if tx.send(()).is_err() {
+                        return;
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return,
+            }
+        }
+    });
+    (rx, task)
+}
+
+/// rustls for the database: TLS 1.2+, the server verified against `ca` (PEM) or the
+/// system's roots.
+fn client_config(ca: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    match ca {
+        Some(path) => {
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+                .and_then(|i| i.collect::<Result<_, _>>())
+                .map_err(|e| format!("sslrootcert {}: {e}", path.display()))?;
+            if certs.is_empty() {
+                return Err(format!("sslrootcert {}: no certificate in it", path.display()));
+            }
+            for c in certs {
+                roots.add(c).map_err(|e| format!("sslrootcert {}: {e}", path.display()))?;
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(found.certs);
+            if roots.is_empty() {
+                return Err("no system root certificates found: set sslrootcert= in the URL".into());
+            }
+        }
+    }
+    rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map(|b| b.with_root_certificates(roots).with_no_client_auth())
+        .map_err(|e| e.to_string())
 }
 
 /// A driver error as one line: the server's own message when there is one.

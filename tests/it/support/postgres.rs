@@ -58,11 +58,22 @@ pub struct PgServer {
     pub port: u16,
     child: Option<Child>,
     dir: TempDir,
+    extra: Vec<String>,
 }
 
 impl PgServer {
     /// `initdb`, then the server.
     pub async fn start() -> PgServer {
+        Self::start_with_tls(None).await
+    }
+
+    /// A server that also speaks TLS with `cert` and `key` (PEM): `ssl=on`; plain
+    /// connections are still accepted (the client chooses).
+    pub async fn start_tls(cert: &str, key: &str) -> PgServer {
+        Self::start_with_tls(Some((cert, key))).await
+    }
+
+    async fn start_with_tls(tls: Option<(&str, &str)>) -> PgServer {
         let dir = tempfile::tempdir().unwrap();
         if let Some((uid, gid)) = run_as() {
             std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).unwrap();
@@ -85,7 +96,28 @@ impl PgServer {
         .await
         .unwrap();
         assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
-        let mut s = PgServer { port: super::free_port(), child: None, dir };
+        let mut extra = Vec::new();
+        if let Some((cert, key)) = tls {
+            use std::os::unix::fs::PermissionsExt;
+            let (c, k) = (dir.path().join("server.crt"), dir.path().join("server.key"));
+            std::fs::write(&c, cert).unwrap();
+            std::fs::write(&k, key).unwrap();
+            // PostgreSQL refuses a key that others can read.
+            std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o600)).unwrap();
+            if let Some((uid, gid)) = run_as() {
+                for f in [&c, &k] {
+                    std::os::unix::fs::chown(f, Some(uid), Some(gid)).unwrap();
+                }
+            }
+            for setting in [
+                "ssl=on".to_string(),
+                format!("ssl_cert_file={}", c.display()),
+                format!("ssl_key_file={}", k.display()),
+            ] {
+                extra.extend(["-c".to_string(), setting]);
+            }
+        }
+        let mut s = PgServer { port: super::free_port(), child: None, dir, extra };
         s.spawn().await;
         s
     }
@@ -105,6 +137,7 @@ impl PgServer {
             .arg(self.dir.path())
             .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off"])
             .args(["-c", "full_page_writes=off", "-c", "max_connections=300", "-c", "shared_buffers=32MB"])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
@@ -144,6 +177,11 @@ impl PgServer {
     /// The URL of database `db` (password in it).
     pub fn url(&self, db: &str) -> String {
         format!("postgres://{USER}:{PASSWORD}@127.0.0.1:{}/{db}?sslmode=disable", self.port)
+    }
+
+    /// A client connected to database `db` (plain TCP).
+    pub async fn client(&self, db: &str) -> tokio_postgres::Client {
+        client(self.port, db).await
     }
 
     /// Creates database `name`.
