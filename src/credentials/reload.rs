@@ -33,10 +33,8 @@ const RETIRE_WAIT: Duration = Duration::from_secs(2);
 pub struct Credentials {
     current: ArcSwap<Snapshot>,
     source: Option<Source>,
-    /// With `credentials: postgres://…`: the database this gateway follows, and the
-    /// revision of the snapshot in force (swaps happen under it, in revision order).
+    /// With `credentials: postgres://…`: the database this gateway follows.
     follower: Option<Arc<Follower>>,
-    applied_revision: Mutex<i64>,
     /// Reloads that succeeded / failed, and the unix time of the last good one.
     pub reloads_ok: AtomicU64,
     pub reloads_failed: AtomicU64,
@@ -231,11 +229,9 @@ impl Credentials {
             load_ms = started.elapsed().as_millis() as u64,
             "credentials loaded from the credential database"
         );
-        let revision = follower.revision.load(Ordering::Relaxed);
         Ok(Credentials {
             current: ArcSwap::new(snap),
             follower: Some(Arc::new(follower)),
-            applied_revision: Mutex::new(revision),
             ..Credentials::fixed(Snapshot::empty())
         })
     }
@@ -245,32 +241,27 @@ impl Credentials {
         self.follower.as_ref()
     }
 
-    /// Puts a catch-up's result in force (or counts and keeps the failure).
-    fn applied(&self, result: Result<Option<(i64, Arc<Snapshot>)>, FollowError>) -> Result<(), ConfigErrors> {
+    /// Puts a snapshot from the credential database in force (called by the follower
+    /// under its lock, so snapshots arrive in revision order).
+    fn put(&self, snap: Arc<Snapshot>) {
+        let old = self.current.swap(snap);
+        self.reloads_ok.fetch_add(1, Ordering::Relaxed);
+        self.failing.store(false, Ordering::Relaxed);
+        self.last_good_unix.store(unix_now(), Ordering::Relaxed);
+        retire(old);
+    }
+
+    /// Counts a catch-up that failed (a change that does not validate; the database
+    /// being away is not a failed reload: the snapshot in force stays, and
+    /// gatehouse_credential_store_snapshot_age_seconds says how old it is).
+    fn after(&self, result: Result<bool, FollowError>) -> Result<(), ConfigErrors> {
         match result {
-            Ok(None) => Ok(()),
-            Ok(Some((revision, snap))) => {
-                let mut applied = self.applied_revision.lock().unwrap_or_else(PoisonError::into_inner);
-                // Two catch-ups (the follower's and an admin write's) may finish out of order.
-                if revision <= *applied {
-                    return Ok(());
-                }
-                *applied = revision;
-                let old = self.current.swap(snap);
-                drop(applied);
-                self.reloads_ok.fetch_add(1, Ordering::Relaxed);
-                self.failing.store(false, Ordering::Relaxed);
-                self.last_good_unix.store(unix_now(), Ordering::Relaxed);
-                retire(old);
-                Ok(())
-            }
+            Ok(_) => Ok(()),
             Err(FollowError::Invalid(e)) => {
                 self.reloads_failed.fetch_add(1, Ordering::Relaxed);
                 self.failing.store(true, Ordering::Relaxed);
                 Err(e)
             }
-            // The database is away: the snapshot in force stays, and says how old it is
-            // (gatehouse_credential_store_snapshot_age_seconds); not a failed reload.
             Err(FollowError::Db(e)) => Err(super::problem(Path::new("credentials"), e.to_string())),
         }
     }
@@ -280,7 +271,6 @@ impl Credentials {
             current: ArcSwap::from_pointee(snap),
             source: None,
             follower: None,
-            applied_revision: Mutex::new(0),
             reloads_ok: AtomicU64::new(0),
             reloads_failed: AtomicU64::new(0),
             reloads_held: AtomicU64::new(0),
@@ -312,7 +302,8 @@ impl Credentials {
             // Called off the runtime's worker (admin API, SIGHUP task): wait for the
             // catch-up on the gateway's runtime.
             let handle = tokio::runtime::Handle::current();
-            return self.applied(tokio::task::block_in_place(|| handle.block_on(f.catch_up())));
+            let put = |snap| self.put(snap);
+            return self.after(tokio::task::block_in_place(|| handle.block_on(f.catch_up(&put))));
         }
         let Some(source) = &self.source else { return Ok(()) };
         match source.build() {
@@ -353,12 +344,15 @@ impl Credentials {
     /// Reloads on file changes and SIGHUP for as long as the process runs.
     pub fn spawn_reloader(self: Arc<Self>) {
         if let Some(f) = self.follower.clone() {
-            let this = self.clone();
-            tokio::spawn(f.run(move |result| {
-                if let Err(e) = this.applied(result) {
-                    tracing::debug!(error = %e, "credential database catch-up failed");
-                }
-            }));
+            let (this, that) = (self.clone(), self.clone());
+            tokio::spawn(f.run(
+                move |snap| this.put(snap),
+                move |result| {
+                    if let Err(e) = that.after(result) {
+                        tracing::debug!(error = %e, "credential database catch-up failed");
+                    }
+                },
+            ));
             return;
         }
         let Some(source) = &self.source else { return };

@@ -157,13 +157,7 @@ impl Store {
         if let Some(b) = &self.database {
             return b.run(async {
                 let mut client = b.db.client().await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
-                let tx = client
-                    .build_transaction()
-                    .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-                    .read_only(true)
-                    .start()
-                    .await
-                    .map_err(|e| db_error(&b.db, e))?;
+                let tx = b.db.moment(&mut client).await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
                 let creds = model::load_all(&*tx).await.map_err(|e| read_error(&b.db, e))?;
                 tx.commit().await.map_err(|e| db_error(&b.db, e))?;
                 Ok(creds)

@@ -20,7 +20,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio_postgres::IsolationLevel;
 
 /// The channel the schema's triggers notify on.
 const CHANNEL: &str = "gatehouse_credentials";
@@ -187,11 +186,12 @@ impl Follower {
         &self.db
     }
 
-    /// Applies the changes made since the revision applied: the next snapshot with its
-    /// revision, or `None` when there were none. Catch-ups take turns; their results
-    /// are put in force in revision order by the caller (`Credentials`).
-    pub async fn catch_up(&self) -> Result<Option<(i64, Arc<Snapshot>)>, FollowError> {
-        let result = self.catch_up_inner().await;
+    /// Applies the changes made since the revision applied, handing the next snapshot to
+    /// `put` (to put in force) before any other catch-up can start: so when one returns,
+    /// every change up to the revision it read is in force, whoever applied it. True: a
+    /// snapshot was put.
+    pub async fn catch_up(&self, put: &(dyn Fn(Arc<Snapshot>) + Sync)) -> Result<bool, FollowError> {
+        let result = self.catch_up_inner(put).await;
         match &result {
             Err(FollowError::Db(_)) => self.up.store(false, Ordering::Relaxed),
             _ => self.up.store(true, Ordering::Relaxed),
@@ -199,22 +199,16 @@ impl Follower {
         result
     }
 
-    async fn catch_up_inner(&self) -> Result<Option<(i64, Arc<Snapshot>)>, FollowError> {
+    async fn catch_up_inner(&self, put: &(dyn Fn(Arc<Snapshot>) + Sync)) -> Result<bool, FollowError> {
         let db = &self.db;
         let mut copy = self.copy.lock().await;
         let mut client = db.client().await?;
-        let tx = client
-            .build_transaction()
-            .isolation_level(IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await
-            .map_err(|e| db.query_error(e))?;
+        let tx = db.moment(&mut client).await?;
         let revision = model::revision(&*tx).await.map_err(|e| db.query_error(e))?;
         if revision == copy.revision {
             tx.commit().await.map_err(|e| db.query_error(e))?;
             self.confirmed_unix.store(unix_now(), Ordering::Relaxed);
-            return Ok(None);
+            return Ok(false);
         }
         let changed = model::changed_since(&*tx, copy.revision, revision).await.map_err(|e| db.query_error(e))?;
         // Behind by more than the change log keeps, or by a bulk change (an import), or
@@ -262,15 +256,18 @@ impl Follower {
         self.revision.store(revision, Ordering::Relaxed);
         self.confirmed_unix.store(unix_now(), Ordering::Relaxed);
         tracing::info!(revision, changes = changed.count, whole, "credential database changes applied");
-        Ok(Some((revision, snap)))
+        put(snap);
+        drop(copy);
+        Ok(true)
     }
 
     /// Runs until the process ends: LISTENs on a connection of its own (reconnecting
-    /// with backoff) and calls `apply` with each catch-up's result, on a notification
-    /// and every [`POLL`].
+    /// with backoff) and catches up on a notification and every [`POLL`]: `put` puts
+    /// each new snapshot in force, `after` hears how each catch-up went.
     pub async fn run(
         self: Arc<Self>,
-        apply: impl Fn(Result<Option<(i64, Arc<Snapshot>)>, FollowError>) + Send + 'static,
+        put: impl Fn(Arc<Snapshot>) + Send + Sync + 'static,
+        after: impl Fn(Result<bool, FollowError>) + Send + 'static,
     ) {
         let wake = Arc::new(tokio::sync::Notify::new());
         tokio::spawn(listen(self.db.clone(), wake.clone(), self.clone()));
@@ -279,7 +276,7 @@ impl Follower {
                 () = wake.notified() => {}
                 () = tokio::time::sleep(POLL) => {}
             }
-            apply(self.catch_up().await);
+            after(self.catch_up(&put).await);
         }
     }
 }
@@ -321,13 +318,7 @@ async fn listen(db: Database, wake: Arc<tokio::sync::Notify>, follower: Arc<Foll
 /// The whole store and its revision, as of one moment.
 async fn read_all(db: &Database) -> Result<(FileCredentials, i64), FollowError> {
     let mut client = db.client().await?;
-    let tx = client
-        .build_transaction()
-        .isolation_level(IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await
-        .map_err(|e| db.query_error(e))?;
+    let tx = db.moment(&mut client).await?;
     let revision = model::revision(&*tx).await.map_err(|e| db.query_error(e))?;
     let creds = model::load_all(&*tx).await.map_err(|e| read_error(db, e))?;
     tx.commit().await.map_err(|e| db.query_error(e))?;

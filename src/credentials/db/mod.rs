@@ -107,6 +107,21 @@ impl Database {
         self.pool.get().await.map_err(|e| self.unavailable(pool_error(e)))
     }
 
+    /// A read-only, repeatable-read transaction on `client`: every query in it sees the
+    /// store at one moment (a revision and the rows it describes agree).
+    pub async fn moment<'c>(
+        &self,
+        client: &'c mut deadpool_postgres::Object,
+    ) -> Result<deadpool_postgres::Transaction<'c>, DbError> {
+        client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .map_err(|e| self.query_error(e))
+    }
+
     /// A connection of its own (not pooled) for LISTEN, and what its notifications
     /// become: one message on the channel each; the channel closes when the connection
     /// ends (the server or the network dropped it). The connection's task is returned to

@@ -32,6 +32,28 @@ pub async fn within<T>(limit: Duration, what: &str, fut: impl Future<Output = T>
     }
 }
 
+/// Reads a server's output until a line contains `ready`, failing the test (with what
+/// it printed) if the output ends first or takes longer than [`STEP`]; then keeps
+/// draining it, so that the server never blocks on a full pipe.
+pub async fn await_ready_line(out: impl tokio::io::AsyncRead + Unpin + Send + 'static, ready: &str, what: &str) {
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(out).lines();
+    let mut seen = String::new();
+    let found = within(STEP, what, async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            seen.push_str(&line);
+            seen.push('\n');
+            if line.contains(ready) {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert!(found, "{what}: it stopped first:\n{seen}");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+}
+
 /// Polls `cond` every 20 ms until it holds, failing the test after `limit`.
 pub async fn eventually(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     within(limit, what, async {

@@ -12,7 +12,6 @@ use std::process::Stdio;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use tempfile::TempDir;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 /// The superuser the harness creates, and its password (password authentication, as a
@@ -142,21 +141,9 @@ impl PgServer {
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         let mut child = c.spawn().unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let mut seen = String::new();
-        let ready = within(STEP, "postgres to accept connections", async {
-            while let Ok(Some(line)) = lines.next_line().await {
-                seen.push_str(&line);
-                seen.push('\n');
-                if line.contains("database system is ready to accept connections") {
-                    return true;
-                }
-            }
-            false
-        })
-        .await;
-        assert!(ready, "postgres on port {} did not start:\n{seen}", self.port);
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let what = format!("postgres on port {} to accept connections", self.port);
+        super::await_ready_line(child.stderr.take().unwrap(), "database system is ready to accept connections", &what)
+            .await;
         self.child = Some(child);
     }
 

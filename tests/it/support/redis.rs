@@ -8,7 +8,6 @@ use std::process::Stdio;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use tempfile::TempDir;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 fn which(name: &str) -> PathBuf {
@@ -87,22 +86,8 @@ impl RedisServer {
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         let mut child = c.spawn().unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let mut seen = String::new();
-        let ready = within(STEP, "redis-server to accept connections", async {
-            while let Ok(Some(line)) = lines.next_line().await {
-                seen.push_str(&line);
-                seen.push('\n');
-                if line.contains("Ready to accept connections") {
-                    return true;
-                }
-            }
-            false
-        })
-        .await;
-        assert!(ready, "redis-server on port {} did not start:\n{seen}", self.port);
-        // Keep draining its output so it never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let what = format!("redis-server on port {} to accept connections", self.port);
+        super::await_ready_line(child.stdout.take().unwrap(), "Ready to accept connections", &what).await;
         self.child = Some(child);
     }
 
