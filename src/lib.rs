@@ -17,15 +17,17 @@
 //!
 //! The folders are layers, lowest first; a module imports only from its own layer and
 //! the ones below (`tests/it/layers.rs` fails the build otherwise):
-//! `fs` → `wire` → `config` → `credentials` → `tls` → `shared` → `pipeline` → `server` → `cli`.
+//! `fs` → `wire` → `config` → `tls` → `credentials` → `shared` → `pipeline` → `server` → `cli`.
+//! (`tls` sits below `credentials`, as TLS comes before authentication in a request, and
+//! the credential database is reached over TLS with the same rustls provider.)
 
 #![forbid(unsafe_code)]
 
 pub mod fs;
 pub mod wire;
 pub mod config;
-pub mod credentials;
 pub mod tls;
+pub mod credentials;
 pub mod shared;
 pub mod pipeline;
 pub mod server;

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 /// Lowest first.
-const LAYERS: &[&str] = &["fs", "wire", "config", "credentials", "tls", "shared", "pipeline", "server", "cli"];
+const LAYERS: &[&str] = &["fs", "wire", "config", "tls", "credentials", "shared", "pipeline", "server", "cli"];
 
 fn rank(layer: &str) -> Option<usize> {
     LAYERS.iter().position(|l| *l == layer)
