@@ -54,6 +54,27 @@ pub async fn await_ready_line(out: impl tokio::io::AsyncRead + Unpin + Send + 's
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
 }
 
+/// Starts a server for the whole test binary: on a runtime of its own that lives as long
+/// as the binary (each test's runtime ends with its test; a shared server must outlive
+/// them all). `start` gives the server and its port; the port is returned. Callers keep
+/// it in a `tokio::sync::OnceCell`, so that one server is started.
+pub fn outliving_the_tests<S, Fut>(start: impl FnOnce() -> Fut + Send + 'static) -> u16
+where
+    Fut: Future<Output = (u16, S)>,
+{
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let (port, server) = start().await;
+            tx.send(port).unwrap();
+            std::future::pending::<()>().await;
+            drop(server);
+        });
+    });
+    rx.recv().unwrap()
+}
+
 /// Polls `cond` every 20 ms until it holds, failing the test after `limit`.
 pub async fn eventually(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     within(limit, what, async {

@@ -9,7 +9,6 @@
 use super::{STEP, within};
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use tempfile::TempDir;
 use tokio::process::{Child, Command};
@@ -193,26 +192,15 @@ async fn create_database(port: u16, name: &str) {
 
 /// The server every test of this binary may share.
 pub async fn shared() -> u16 {
-    static PORT: OnceLock<u16> = OnceLock::new();
-    static SERVER: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
-    SERVER
+    static PORT: tokio::sync::OnceCell<u16> = tokio::sync::OnceCell::const_new();
+    *PORT
         .get_or_init(|| async {
-            // On a runtime of its own that lives as long as the test binary: the server
-            // must outlive every test's runtime.
-            let (tx, rx) = std::sync::mpsc::channel();
-            std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-                rt.block_on(async {
-                    let server = PgServer::start().await;
-                    tx.send(server.port).unwrap();
-                    std::future::pending::<()>().await;
-                    drop(server);
-                });
-            });
-            PORT.set(rx.recv().unwrap()).unwrap();
+            super::outliving_the_tests(|| async {
+                let server = PgServer::start().await;
+                (server.port, server)
+            })
         })
-        .await;
-    *PORT.get().unwrap()
+        .await
 }
 
 /// A new, empty database on the shared server: its URL.

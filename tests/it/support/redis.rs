@@ -5,7 +5,6 @@
 use super::{STEP, within};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use tempfile::TempDir;
 use tokio::process::{Child, Command};
@@ -143,26 +142,15 @@ pub async fn cli(port: u16, args: &[&str]) -> String {
 
 /// The Redis every test of this binary may share. Tests keep apart by key prefix.
 pub async fn shared() -> u16 {
-    static PORT: OnceLock<u16> = OnceLock::new();
-    static SERVER: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
-    SERVER
+    static PORT: tokio::sync::OnceCell<u16> = tokio::sync::OnceCell::const_new();
+    *PORT
         .get_or_init(|| async {
-            // Started on a runtime of its own that lives as long as the test binary: each
-            // test's runtime ends with its test, and the server must outlive them all.
-            let (tx, rx) = std::sync::mpsc::channel();
-            std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-                rt.block_on(async {
-                    let server = RedisServer::start().await;
-                    tx.send(server.port).unwrap();
-                    std::future::pending::<()>().await;
-                    drop(server);
-                });
-            });
-            PORT.set(rx.recv().unwrap()).unwrap();
+            super::outliving_the_tests(|| async {
+                let server = RedisServer::start().await;
+                (server.port, server)
+            })
         })
-        .await;
-    *PORT.get().unwrap()
+        .await
 }
 
 /// A key prefix no other test uses.
