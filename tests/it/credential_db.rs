@@ -583,16 +583,24 @@ async fn the_database_over_tls_is_verified() {
     let client = H1::new();
     let (_, token) = user_with_key(&gw, "erp").await;
     until_status(&client, &gw, &token, 200).await;
+    // The pool's connection and the LISTEN one (which may still be opening): both TLS.
     let db = server.client("tls").await;
-    let row = db
-        .query_one(
-            "SELECT count(*), coalesce(bool_and(s.ssl), false) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) WHERE a.application_name = 'gatehouse'",
-            &[],
-        )
-        .await
-        .unwrap();
-    let (connections, all_tls): (i64, bool) = (row.get(0), row.get(1));
-    assert!(connections >= 2 && all_tls, "{connections} gateway connections, all over TLS: {all_tls}");
+    let (mut connections, mut all_tls) = (0, false);
+    within(STEP, "the gateway's two connections", async {
+        while connections < 2 {
+            let row = db
+                .query_one(
+                    "SELECT count(*), coalesce(bool_and(s.ssl), false) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) WHERE a.application_name = 'gatehouse'",
+                    &[],
+                )
+                .await
+                .unwrap();
+            (connections, all_tls) = (row.get::<_, i64>(0), row.get(1));
+            assert!(all_tls, "{connections} gateway connections, not all over TLS");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
 
     let plain = postgres::fresh_database("notls").await.replace("sslmode=disable", "sslmode=verify-full");
     let cases = [
