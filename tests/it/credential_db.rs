@@ -617,3 +617,112 @@ async fn the_database_over_tls_is_verified() {
         assert!(!stderr.contains(postgres::PASSWORD), "the password is in {stderr}");
     }
 }
+
+/// Acceptance 4, the CLI: one script of commands (successes and failures, text and
+/// JSON) run against a credentials file and against a database gives the same exit
+/// codes and the same output, once generated values (key ids, tokens, secrets, hints,
+/// times) are masked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_behaves_the_same_on_a_file_and_on_a_database() {
+    use crate::support::creds::Creds;
+    let up = TestUpstream::start().await;
+    let url = postgres::fresh_database("cliparity").await;
+    let on_file = GatewayConfig::new().credentials(&Creds::new()).write();
+    let on_db = db_config(&url, &up).database_setting("credentials_auto_migrate", "true").write();
+    let out = run_cli(&["db", "migrate", "--config", &on_db.path.display().to_string()]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut transcripts = Vec::new();
+    for written in [&on_file, &on_db] {
+        let config = written.path.display().to_string();
+        let mut transcript = Vec::new();
+        let mut last_key = String::new();
+        let script: Vec<Vec<String>> = vec![
+            vec!["roles", "set", "all", "--rule", "* /**", "--json"],
+            vec!["roles", "set", "ro", "--rule", "GET /**", "--description", "read only"],
+            vec![
+                "users",
+                "create",
+                "erp",
+                "--auth-method",
+                "api-key",
+                "--role",
+                "all",
+                "--organization",
+                "acme",
+                "--json",
+            ],
+            vec!["users", "create", "signer", "--auth-method", "hmac", "--role", "ro", "--team", "ops"],
+            vec!["users", "create", "erp", "--auth-method", "hmac"],
+            vec!["keys", "add", "erp", "--label", "first", "--json"],
+            vec!["keys", "add", "signer", "--label", "sig", "--json"],
+            vec!["users", "update", "erp", "--description", "nightly <sync>", "--rate-limit", "5/10", "--json"],
+            vec!["users", "disable", "erp"],
+            vec!["users", "enable", "erp", "--json"],
+            vec!["keys", "list", "erp", "--json"],
+            vec!["keys", "revoke", "erp", "LAST_KEY", "--json"],
+            vec!["keys", "revoke", "erp", "LAST_KEY"],
+            vec!["keys", "revoke", "erp", "ak_ghost"],
+            vec!["roles", "delete", "all"],
+            vec!["users", "retire", "signer", "--json"],
+            vec!["users", "enable", "signer"],
+            vec!["keys", "add", "signer"],
+            vec!["users", "show", "ghost"],
+            vec!["users", "list", "--json"],
+            vec!["users", "show", "erp"],
+            vec!["roles", "list", "--json"],
+            vec!["users", "delete", "erp", "--json"],
+            vec!["roles", "delete", "all"],
+            vec!["users", "list"],
+        ]
+        .into_iter()
+        .map(|c| c.into_iter().map(String::from).collect())
+        .collect();
+        for command in script {
+            let mut args: Vec<String> =
+                command.iter().map(|a| if a == "LAST_KEY" { last_key.clone() } else { a.clone() }).collect();
+            args.extend(["--config".to_string(), config.clone()]);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let out = run_cli(&args).await;
+            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+            if let Some(id) =
+                serde_json::from_str::<Value>(&stdout).ok().and_then(|v| v["key"]["id"].as_str().map(String::from))
+            {
+                last_key = id;
+            }
+            transcript.push(format!(
+                "$ {}\nexit {:?}\n{}{}",
+                command.join(" "),
+                out.status.code(),
+                mask(&stdout),
+                mask(&String::from_utf8_lossy(&out.stderr))
+            ));
+        }
+        transcripts.push(transcript);
+    }
+    for (file, db) in transcripts[0].iter().zip(&transcripts[1]) {
+        assert_eq!(file, db, "the file and the database differ");
+    }
+    // And the script did what it says (not, say, fail alike at every step).
+    let db = transcripts[1].join("\n");
+    let ok = transcripts[1].iter().filter(|t| t.contains("\nexit Some(0)\n")).count();
+    assert_eq!(ok, 17, "{db}");
+    for expected in ["already exists", "nightly <sync>", "\"per_second\": 5", "ak_ghost", "retired"] {
+        assert!(db.contains(expected), "no {expected:?} in:\n{db}");
+    }
+}
+
+/// Masks what each store generates anew: key ids, tokens, secrets, their hints, times.
+fn mask(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for word in text.split_inclusive(|c: char| c.is_whitespace() || c == '"' || c == ',') {
+        let (body, end) = match word.char_indices().last() {
+            Some((i, c)) if c.is_whitespace() || c == '"' || c == ',' => (&word[..i], &word[i..]),
+            _ => (word, ""),
+        };
+        let generated = ["ak_", "hk_", "ghk_", "ghs_"].iter().any(|p| body.starts_with(p))
+            || (body.len() >= 20 && body.as_bytes().get(4) == Some(&b'-') && body.contains('T') && body.ends_with('Z'));
+        out.push_str(if generated { "<generated>" } else { body });
+        out.push_str(end);
+    }
+    out
+}
