@@ -293,11 +293,7 @@ impl Store {
     /// is written unless both files can be, and every current secret opens.
     pub fn rotate_master_key(&self) -> Result<Rotation, StoreError> {
         if self.database.is_some() {
-            // Every gateway holds its own copy of the key: a rotation must reach them all
-            // before the secrets are re-sealed, which this command cannot do alone.
-            return Err(StoreError::Conflict(
-                "master-key rotation with the credential database is not available yet (docs/planned.md)".into(),
-            ));
+            return self.rotate_in_database();
         }
         let _lock = self.lock()?;
         refuse_read_only(&self.path)?;
@@ -309,23 +305,7 @@ impl Store {
             .ok_or_else(|| StoreError::NotFound(format!("{}: no master key to rotate", self.master_key.display())))?;
         let mut creds = self.read()?;
         let new = MasterKey::generate().map_err(|e| StoreError::Serialise(format!("no OS randomness: {e}")))?;
-        let mut resealed = 0;
-        for key in creds.users.iter_mut().flat_map(|u| u.keys.iter_mut()) {
-            let Some(sealed) = &key.secret_sealed else { continue };
-            let secret = current.open(&key.id.value, sealed).map_err(|OpenError| {
-                StoreError::Conflict(format!(
-                    "{}: the secret of key {} does not open with {}; nothing changed",
-                    self.path.display(),
-                    key.id.value,
-                    self.master_key.display()
-                ))
-            })?;
-            let sealed = new
-                .seal(&key.id.value, &secret)
-                .map_err(|e| StoreError::Serialise(format!("no OS randomness: {e}")))?;
-            key.secret_sealed = Some(sealed);
-            resealed += 1;
-        }
+        let resealed = reseal(&mut creds, &current, &new, &self.path, &self.master_key)?;
         let text = serde_saphyr::to_string(&creds).map_err(|e| StoreError::Serialise(e.to_string()))?;
         // The result must load with the new key alone before anything is written.
         Snapshot::parse(&self.path, &text, Some(&new), self.default_rate).map_err(StoreError::Invalid)?;
@@ -358,6 +338,65 @@ fn read_error(db: &Database, e: model::ReadError) -> StoreError {
         model::ReadError::Pg(e) => db_error(db, e),
         model::ReadError::Row(bad) => StoreError::Conflict(format!("{}: {bad}; fix the row", db.describe())),
     }
+}
+
+impl Store {
+    /// The rotation with the credential database: the same three steps, the second one
+    /// transaction that re-seals every secret (`master_key` is this machine's key file;
+    /// the other gateways need the new one before they can apply the re-sealed rows,
+    /// and keep serving the secrets they hold meanwhile: docs/credential-database.md).
+    fn rotate_in_database(&self) -> Result<Rotation, StoreError> {
+        refuse_read_only(&self.master_key)?;
+        probe_dir(&self.master_key)?;
+        let current = super::reload::read_master_key(&self.master_key)
+            .map_err(StoreError::Invalid)?
+            .ok_or_else(|| StoreError::NotFound(format!("{}: no master key to rotate", self.master_key.display())))?;
+        let new = MasterKey::generate().map_err(|e| StoreError::Serialise(format!("no OS randomness: {e}")))?;
+        // Every secret must open before the key file changes.
+        reseal(&mut self.read()?, &current, &new, &self.path, &self.master_key)?;
+        let key_mode = Some(std::os::unix::fs::PermissionsExt::from_mode(0o600));
+        write_atomically(&self.master_key, current.rotated_to(&new).to_text().as_bytes(), key_mode.clone())?;
+        let incomplete = |e| StoreError::RotationIncomplete { master: self.master_key.clone(), source: Box::new(e) };
+        let resealed =
+            self.update(|creds| reseal(creds, &current, &new, &self.path, &self.master_key)).map_err(incomplete)?;
+        write_atomically(&self.master_key, new.to_text().as_bytes(), key_mode).map_err(incomplete)?;
+        Ok(Rotation { resealed, retired_keys: current.len() })
+    }
+}
+
+/// Re-seals every HMAC secret of `creds` from `current` to `new`; how many. Nothing is
+/// changed unless every secret opens.
+fn reseal(
+    creds: &mut FileCredentials,
+    current: &MasterKey,
+    new: &MasterKey,
+    store: &Path,
+    master_key: &Path,
+) -> Result<usize, StoreError> {
+    let mut resealed = 0;
+    let mut sealed_again = Vec::new();
+    for key in creds.users.iter().flat_map(|u| u.keys.iter()) {
+        let Some(sealed) = &key.secret_sealed else { continue };
+        let secret = current.open(&key.id.value, sealed).map_err(|OpenError| {
+            StoreError::Conflict(format!(
+                "{}: the secret of key {} does not open with {}; nothing changed",
+                store.display(),
+                key.id.value,
+                master_key.display()
+            ))
+        })?;
+        let again =
+            new.seal(&key.id.value, &secret).map_err(|e| StoreError::Serialise(format!("no OS randomness: {e}")))?;
+        sealed_again.push(again);
+    }
+    let mut again = sealed_again.into_iter();
+    for key in creds.users.iter_mut().flat_map(|u| u.keys.iter_mut()) {
+        if key.secret_sealed.is_some() {
+            key.secret_sealed = again.next();
+            resealed += 1;
+        }
+    }
+    Ok(resealed)
 }
 
 /// A file whose mode grants no write permission to anyone was made read-only on purpose

@@ -726,3 +726,67 @@ fn mask(text: &str) -> String {
     }
     out
 }
+
+/// `gatehouse master-key rotate` with the database: every sealed secret is re-sealed in
+/// one transaction under a new key (the rows change, the key file holds only the new
+/// key), clients keep signing with the same secret, and the gateway applies the
+/// re-sealed rows with the new key file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_master_key_rotates_with_the_database() {
+    let up = TestUpstream::start().await;
+    let url = postgres::fresh_database("rotate").await;
+    let config = db_config(&url, &up).database_setting("credentials_auto_migrate", "true");
+    let gw = GatewayProcess::serve(&config).await;
+    let admin = gw.admin();
+    let r = admin.call("PUT", "/admin/v1/roles", Some(&json!({"all": {"rules": ["* /**"]}}))).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = admin
+        .call("POST", "/admin/v1/users", Some(&json!({"id": "signer", "auth_method": "hmac", "roles": ["all"]})))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let r = admin.call("POST", "/admin/v1/users/signer/keys", Some(&json!({"label": "s"}))).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let v = r.json();
+    let key = crate::support::creds::HmacKey {
+        key_id: v["key"]["id"].as_str().unwrap().to_string(),
+        secret: v["secret"].as_str().unwrap().to_string(),
+    };
+    let client = H1::new();
+    let signed = async |path: &str| {
+        client.request("GET", &gw.url(path), &key.headers("GET", path, b""), Vec::new()).await.status.as_u16()
+    };
+    assert_eq!(signed("/api/before").await, 200);
+    let revision = async || {
+        let m = gw.admin().get("/metrics").await.text();
+        let line = m.lines().find(|l| l.starts_with("gatehouse_credential_store_revision ")).unwrap().to_string();
+        line.rsplit(' ').next().unwrap().parse::<i64>().unwrap()
+    };
+    let revision_before = revision().await;
+    let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let sealed =
+        || async { db.query_one("SELECT secret_sealed FROM gatehouse_keys", &[]).await.unwrap().get::<_, String>(0) };
+    let before = sealed().await;
+    let key_file = gw.written().dir.path().join("master.key");
+    let old_key = std::fs::read_to_string(&key_file).unwrap();
+
+    let config_path = gw.written().path.display().to_string();
+    let out = run_cli(&["master-key", "rotate", "--json", "--config", &config_path]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["resealed_secrets"], 1, "{v}");
+    assert_ne!(sealed().await, before, "the row was not re-sealed");
+    let new_key = std::fs::read_to_string(&key_file).unwrap();
+    assert_ne!(new_key, old_key);
+    assert_eq!(new_key.lines().filter(|l| !l.trim().is_empty() && !l.starts_with('#')).count(), 1, "{new_key}");
+    // The gateway applies the re-sealed rows (its revision moves, no reload fails) and
+    // the client's secret still signs.
+    within(STEP, "the re-sealed rows in force", async {
+        while revision().await <= revision_before {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(gw.admin().get("/metrics").await.text().contains("gatehouse_credentials_reload_failing 0"));
+    assert_eq!(signed("/api/after").await, 200);
+}
