@@ -35,7 +35,8 @@ pub struct CredentialDbConfig {
     /// [`CredentialDbConfig::describe`]).
     pub url: String,
     pub tls: DbTls,
-    /// From `credentials_password_env`; overrides a password in the URL.
+    /// From `credentials_password_env` or `credentials_password_file`; overrides a
+    /// password in the URL.
     pub password: Option<DbPassword>,
     /// `credentials_auto_migrate: true`: `serve` applies pending schema migrations at
     /// start-up (under an advisory lock, so gateways starting together migrate once).
@@ -58,6 +59,7 @@ pub fn is_database_url(v: &str) -> bool {
 pub(super) fn validate(
     url: String,
     password_env: Option<serde_saphyr::Spanned<String>>,
+    password_file: Option<serde_saphyr::Spanned<PathBuf>>,
     auto_migrate: bool,
     env: &dyn Env,
     at: &mut dyn FnMut(&serde_saphyr::Location, String),
@@ -92,13 +94,32 @@ pub(super) fn validate(
         // The driver's message never repeats the URL (and so never its password).
         at(url_at, format!("credentials: {:?} is not a usable PostgreSQL URL: {e}", redact_url(&url)));
     }
-    let password = password_env.and_then(|name| match env.var(&name.value) {
+    if let (Some(_), Some(file)) = (&password_env, &password_file) {
+        at(&file.referenced, "set credentials_password_env or credentials_password_file, not both".into());
+    }
+    let from_env = password_env.and_then(|name| match env.var(&name.value) {
         Some(p) if !p.is_empty() => Some(DbPassword(p)),
         _ => {
             at(&name.referenced, format!("credentials_password_env: environment variable {} is not set", name.value));
             None
         }
     });
+    // A mounted Secret file: its content, without the line break editors and
+    // `kubectl create secret --from-file` leave at the end.
+    let from_file = password_file.and_then(|f| match std::fs::read_to_string(&f.value) {
+        Ok(text) if !text.trim_end_matches(['\r', '\n']).is_empty() => {
+            Some(DbPassword(text.trim_end_matches(['\r', '\n']).to_string()))
+        }
+        Ok(_) => {
+            at(&f.referenced, format!("credentials_password_file: {} is empty", f.value.display()));
+            None
+        }
+        Err(e) => {
+            at(&f.referenced, format!("credentials_password_file: cannot read {}: {e}", f.value.display()));
+            None
+        }
+    });
+    let password = from_env.or(from_file);
     CredentialDbConfig { url, tls, password, auto_migrate }
 }
 

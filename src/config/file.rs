@@ -23,6 +23,9 @@ pub struct FileConfig {
     /// The database password's environment variable (with a `postgres://` URL).
     #[serde(default)]
     pub credentials_password_env: Option<Spanned<String>>,
+    /// A file holding the database password (with a `postgres://` URL).
+    #[serde(default)]
+    pub credentials_password_file: Option<Spanned<PathBuf>>,
     /// Apply pending schema migrations at start-up (with a `postgres://` URL).
     #[serde(default)]
     pub credentials_auto_migrate: Option<Spanned<bool>>,

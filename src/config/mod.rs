@@ -310,13 +310,21 @@ impl Validator {
             Some(c) if credential_db::is_database_url(&c.value) => {
                 let mut at = |loc: &Location, m: String| self.at(loc, m);
                 let migrate = f.credentials_auto_migrate.is_some_and(|m| m.value);
-                let db =
-                    credential_db::validate(c.value, f.credentials_password_env, migrate, env, &mut at, &c.referenced);
+                let db = credential_db::validate(
+                    c.value,
+                    f.credentials_password_env,
+                    f.credentials_password_file,
+                    migrate,
+                    env,
+                    &mut at,
+                    &c.referenced,
+                );
                 (None, Some(db))
             }
             other => {
                 for (set, name) in [
                     (f.credentials_password_env.as_ref().map(|s| s.referenced), "credentials_password_env"),
+                    (f.credentials_password_file.as_ref().map(|s| s.referenced), "credentials_password_file"),
                     (f.credentials_auto_migrate.as_ref().map(|s| s.referenced), "credentials_auto_migrate"),
                 ] {
                     if let Some(loc) = set {

@@ -790,3 +790,55 @@ async fn the_master_key_rotates_with_the_database() {
     assert!(gw.admin().get("/metrics").await.text().contains("gatehouse_credentials_reload_failing 0"));
     assert_eq!(signed("/api/after").await, 200);
 }
+
+/// The password from a file (a mounted Secret; its final line break ignored), and three
+/// `gatehouse db migrate` started at once (gateways starting together): one applies the
+/// migration, the others wait for it and find nothing to do. A wrong or empty password
+/// file stops start-up with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_password_comes_from_a_file_and_concurrent_migrations_apply_once() {
+    let url = postgres::fresh_database("pwfile").await;
+    let without = url.replace(&format!(":{}@", postgres::PASSWORD), "@");
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("db-password");
+    let config = |password: &str| {
+        std::fs::write(&pw, password).unwrap();
+        let yaml = format!(
+            "listeners:\n  - address: 127.0.0.1:0\ncredentials: \"{without}\"\ncredentials_password_file: {}\nmaster_key: {}\nroutes: []\n",
+            pw.display(),
+            dir.path().join("master.key").display()
+        );
+        let path = dir.path().join("gatehouse.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        path.display().to_string()
+    };
+    let path = config(&format!("{}\n", postgres::PASSWORD));
+    let args = ["db", "migrate", "--config", path.as_str()];
+    let runs = (0..3).map(|_| run_cli(&args));
+    let outs = futures_util::future::join_all(runs).await;
+    let mut said: Vec<String> = outs
+        .iter()
+        .map(|o| {
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            String::from_utf8_lossy(&o.stdout).into_owned()
+        })
+        .collect();
+    said.sort();
+    assert!(said[0].contains("applied migration(s) 1"), "{said:?}");
+    assert!(said[1..].iter().all(|s| s.contains("schema already at version 1")), "{said:?}");
+    let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let rows: i64 = db.query_one("SELECT count(*) FROM gatehouse_schema", &[]).await.unwrap().get(0);
+    assert_eq!(rows, 1);
+    let out = run_cli(&["check-config", "--config", &path]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    for (content, reason) in [("not-the-password\n", "password authentication failed"), ("\n", "is empty")] {
+        let path = config(content);
+        let out = run_cli(&["check-config", "--config", &path]).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{stderr}");
+        assert!(stderr.contains(reason), "no {reason:?} in {stderr}");
+        assert!(!stderr.contains("not-the-password"), "{stderr}");
+    }
+}
