@@ -13,8 +13,9 @@
 use super::model::{self, ReadError};
 use super::{Database, DbError};
 use crate::config::{ConfigErrors, RateLimitConfig};
-use crate::credentials::file::{FileCredentials, FileUser};
+use crate::credentials::file::{FileCredentials, FileRole, FileUser};
 use crate::credentials::snapshot::Snapshot;
+use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -41,8 +42,8 @@ pub enum FollowError {
 }
 
 /// This gateway's copy of the store, at the revision it applied.
-#[derive(Debug)]
-struct Copy {
+#[derive(Debug, Clone)]
+struct Replica {
     creds: FileCredentials,
     /// Position of each user in `creds.users`.
     index: HashMap<String, usize>,
@@ -51,9 +52,9 @@ struct Copy {
     snapshot: Arc<Snapshot>,
 }
 
-impl Copy {
-    fn new(creds: FileCredentials, revision: i64, snapshot: Arc<Snapshot>) -> Copy {
-        let mut c = Copy { creds, index: HashMap::new(), revision, snapshot };
+impl Replica {
+    fn new(creds: FileCredentials, revision: i64, snapshot: Arc<Snapshot>) -> Replica {
+        let mut c = Replica { creds, index: HashMap::new(), revision, snapshot };
         c.reindex();
         c
     }
@@ -93,40 +94,15 @@ impl Copy {
         self.creds.users.len() - before + users.len()
     }
 
-    /// The copy with `users` (their current rows; a name absent from them was deleted)
-    /// and `roles` replaced.
-    fn with(
-        &self,
-        names: &[String],
-        users: Vec<FileUser>,
-        role_names: &[String],
-        mut roles: std::collections::BTreeMap<String, crate::credentials::file::FileRole>,
-    ) -> FileCredentials {
-        let mut next = self.creds.clone();
-        let mut found: HashMap<String, FileUser> = users.into_iter().map(|u| (u.id.value.clone(), u)).collect();
-        let mut removed = false;
+    /// Replaces, in place, the roles `names` by `roles` (a name absent from them was
+    /// deleted).
+    fn apply_roles(&mut self, names: &[String], mut roles: BTreeMap<String, FileRole>) {
         for name in names {
-            match (self.index.get(name), found.remove(name)) {
-                (Some(&i), Some(u)) => next.users[i] = u,
-                (None, Some(u)) => next.users.push(u),
-                (Some(&i), None) => {
-                    // Marked here, removed below: positions must stay valid meanwhile.
-                    next.users[i].id.value.clear();
-                    removed = true;
-                }
-                (None, None) => {}
-            }
-        }
-        if removed {
-            next.users.retain(|u| !u.id.value.is_empty());
-        }
-        for name in role_names {
             match roles.remove(name) {
-                Some(r) => next.roles.insert(name.clone(), r),
-                None => next.roles.remove(name),
+                Some(r) => self.creds.roles.insert(name.clone(), r),
+                None => self.creds.roles.remove(name),
             };
         }
-        next
     }
 }
 
@@ -136,7 +112,7 @@ pub struct Follower {
     db: Database,
     master_key: PathBuf,
     default_rate: RateLimitConfig,
-    copy: tokio::sync::Mutex<Copy>,
+    copy: tokio::sync::Mutex<Replica>,
     /// 1 while the last attempt to reach the database succeeded.
     pub up: AtomicBool,
     /// The revision of the snapshot in force.
@@ -171,7 +147,7 @@ impl Follower {
         let master = crate::credentials::reload::read_master_key(&master_key).map_err(FollowError::Invalid)?;
         let snap = Arc::new(build(&db, master.as_ref(), default_rate, creds.clone())?);
         let f = Follower {
-            copy: tokio::sync::Mutex::new(Copy::new(creds, revision, snap.clone())),
+            copy: tokio::sync::Mutex::new(Replica::new(creds, revision, snap.clone())),
             up: AtomicBool::new(true),
             revision: AtomicI64::new(revision),
             confirmed_unix: AtomicU64::new(unix_now()),
@@ -226,16 +202,21 @@ impl Follower {
         };
         let snap = if whole || !changed.roles.is_empty() {
             // A role change can touch every user: the next snapshot is built whole.
-            let next = if whole {
-                model::load_all(&*tx).await.map_err(|e| read_error(db, e))?
+            let mut next = if whole {
+                let creds = model::load_all(&*tx).await.map_err(|e| read_error(db, e))?;
+                Replica::new(creds, revision, copy.snapshot.clone())
             } else {
                 let (users, roles) =
                     model::load_some(&*tx, &changed.users, &changed.roles).await.map_err(|e| read_error(db, e))?;
-                copy.with(&changed.users, users, &changed.roles, roles)
+                let mut next = Replica { revision, ..copy.clone() };
+                next.apply_users(&changed.users, users);
+                next.apply_roles(&changed.roles, roles);
+                next
             };
             tx.commit().await.map_err(|e| db.query_error(e))?;
-            let snap = Arc::new(build(db, master.as_ref(), self.default_rate, next.clone()).map_err(refused)?);
-            *copy = Copy::new(next, revision, snap.clone());
+            let snap = Arc::new(build(db, master.as_ref(), self.default_rate, next.creds.clone()).map_err(refused)?);
+            next.snapshot = snap.clone();
+            *copy = next;
             snap
         } else {
             // Users only: the users kept are shared with the snapshot in force.
