@@ -43,7 +43,7 @@ fn bench_path(c: &mut Criterion) {
 /// `RouteTable::find` over 20 routes: a match in the middle of the table, and a path
 /// that only the catch-all `/` matches (every route is tried).
 fn bench_route(c: &mut Criterion) {
-    let table = RouteTable::new(&twenty_routes());
+    let table = RouteTable::new(&twenty_routes(), &[]);
     assert_eq!(table.find(None, "/api/v1/orders/12345").unwrap().name.as_ref(), "orders");
     assert_eq!(table.find(None, "/unrouted/x").unwrap().name.as_ref(), "root");
     let mut g = c.benchmark_group("route");
@@ -58,6 +58,9 @@ fn twenty_routes() -> Vec<RouteConfig> {
         host: host.map(str::to_string),
         path_prefix: prefix.into(),
         upstreams: vec!["http://127.0.0.1:3000".parse().unwrap()],
+        base_path: String::new(),
+        strip_prefix: false,
+        upstream_tls: None,
         allow_anonymous: false,
         forward_credentials: false,
         timeout: Duration::from_secs(30),
@@ -186,7 +189,7 @@ fn bench_authn(c: &mut Criterion) {
     let rate = RateLimitConfig { per_second: 50, burst: 100 };
     let snap = Snapshot::parse(Path::new("bench.yaml"), &yaml, Some(&master), rate).unwrap();
     assert_eq!(snap.user_count(), USERS);
-    let route = Arc::new(Route::new(&twenty_routes()[0], &mut 0));
+    let route = Arc::new(Route::new(&twenty_routes()[0], None, &mut 0));
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let _guard = rt.enter();
     let auth = bench_auth();
@@ -292,7 +295,7 @@ fn bench_limit_rewrite(c: &mut Criterion) {
     let (yaml, master, token, _) = users_yaml(1_000);
     let rate = RateLimitConfig { per_second: 1_000_000_000, burst: 1_000_000_000 };
     let snap = Snapshot::parse(Path::new("bench.yaml"), &yaml, Some(&master), rate).unwrap();
-    let route = Arc::new(Route::new(&twenty_routes()[0], &mut 0));
+    let route = Arc::new(Route::new(&twenty_routes()[0], None, &mut 0));
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let _guard = rt.enter();
     let auth = bench_auth();

@@ -24,6 +24,14 @@ pub fn run(config_path: &Path) -> ExitCode {
             failed = true;
         }
     }
+    for r in &config.routes {
+        if let Some(cfg) = &r.upstream_tls
+            && let Err(e) = tls::upstream::client(cfg)
+        {
+            eprintln!("{}: route {}: upstream TLS: {e}", config_path.display(), r.name);
+            failed = true;
+        }
+    }
     let rt = match super::runtime() {
         Ok(rt) => rt,
         Err(code) => return code,

@@ -28,6 +28,7 @@ pub fn run(config_path: &Path) -> ExitCode {
                 return match e {
                     StartError::Bind { .. } => ExitCode::FAILURE,
                     StartError::Tls(_)
+                    | StartError::UpstreamTls { .. }
                     | StartError::Credentials(_)
                     | StartError::Admin(_)
                     | StartError::SharedState(_) => ExitCode::from(EXIT_CONFIG),

@@ -183,6 +183,27 @@ pub struct FileRoute {
     pub timeout: Option<Dur>,
     #[serde(default)]
     pub set_headers: BTreeMap<String, Spanned<String>>,
+    /// Remove `path_prefix` from the path before the upstream's base path is put in front.
+    #[serde(default)]
+    pub strip_prefix: bool,
+    #[serde(default)]
+    pub upstream_tls: Option<Spanned<FileUpstreamTls>>,
+}
+
+/// How an `https://` upstream is verified, and the client certificate it is shown.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileUpstreamTls {
+    /// PEM bundle of the CAs trusted for this route instead of the system's roots.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// The name the certificate must carry (and SNI), instead of the upstream's host.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
 }
 
 /// `upstream: http://a` or `upstream: [http://a, http://b]`.

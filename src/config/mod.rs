@@ -90,6 +90,17 @@ pub struct ListenerConfig {
     pub tls: Option<TlsFiles>,
 }
 
+/// How a route's `https://` targets are verified (`upstream_tls:`; all defaults when absent).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UpstreamTlsConfig {
+    /// The CAs trusted instead of the system's roots.
+    pub ca: Option<PathBuf>,
+    /// The name every target's certificate must carry, and the SNI sent.
+    pub server_name: Option<String>,
+    /// The client certificate shown to an upstream that asks (mTLS).
+    pub client: Option<TlsFiles>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {
     pub cert: PathBuf,
@@ -173,7 +184,15 @@ pub struct RouteConfig {
     /// Lower-case host without port.
     pub host: Option<String>,
     pub path_prefix: String,
+    /// `http://` or `https://` targets, all of one scheme and one base path.
     pub upstreams: Vec<Uri>,
+    /// The targets' base path without its trailing `/` (`""`: none): put in front of
+    /// every path the upstream receives.
+    pub base_path: String,
+    /// `path_prefix` is removed from the path before the base path is put in front.
+    pub strip_prefix: bool,
+    /// `Some` when the targets are `https://`: how they are verified.
+    pub upstream_tls: Option<UpstreamTlsConfig>,
     pub allow_anonymous: bool,
     pub forward_credentials: bool,
     pub timeout: Duration,
@@ -475,6 +494,32 @@ impl Validator {
         }
     }
 
+    /// `upstream_tls:` with its files readable (their contents are checked where they
+    /// are loaded, by `check-config` and at start) and the client pair complete.
+    fn upstream_tls(&mut self, t: serde_saphyr::Spanned<file::FileUpstreamTls>) -> Option<UpstreamTlsConfig> {
+        let before = self.problems.len();
+        let v = t.value;
+        for p in [&v.ca, &v.client_cert, &v.client_key].into_iter().flatten() {
+            if let Err(e) = std::fs::metadata(p) {
+                self.at(&t.referenced, format!("upstream_tls: cannot read {}: {e}", p.display()));
+            }
+        }
+        let client = match (v.client_cert, v.client_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            (None, None) => None,
+            _ => {
+                self.at(&t.referenced, "upstream_tls: client_cert and client_key go together");
+                None
+            }
+        };
+        if let Some(n) = &v.server_name
+            && rustls::pki_types::ServerName::try_from(n.as_str()).is_err()
+        {
+            self.at(&t.referenced, format!("upstream_tls: server_name {n:?} is not a DNS name or IP address"));
+        }
+        (self.problems.len() == before).then_some(UpstreamTlsConfig { ca: v.ca, server_name: v.server_name, client })
+    }
+
     fn route(
         &mut self,
         r: FileRoute,
@@ -519,7 +564,7 @@ impl Validator {
         if upstream_list.is_empty() {
             self.at(&loc, "upstream needs at least one URL");
         }
-        let upstreams = upstream_list
+        let upstreams: Vec<Uri> = upstream_list
             .iter()
             .filter_map(|u| match parse_upstream(u) {
                 Ok(uri) => Some(uri),
@@ -529,6 +574,21 @@ impl Validator {
                 }
             })
             .collect();
+        // One route, one way of reaching it: the base path is applied before a target is
+        // chosen, and TLS settings are the route's.
+        let base_path = upstreams.first().map_or_else(String::new, base_path_of);
+        let https = upstreams.first().is_some_and(|u| u.scheme_str() == Some("https"));
+        if upstreams.iter().any(|u| base_path_of(u) != base_path || (u.scheme_str() == Some("https")) != https) {
+            self.at(&loc, "every upstream of a route must have the same scheme and the same base path");
+        }
+        let upstream_tls = match r.upstream_tls {
+            Some(t) if !https => {
+                self.at(&t.referenced, "upstream_tls needs https:// upstreams");
+                None
+            }
+            Some(t) => self.upstream_tls(t),
+            None => https.then(UpstreamTlsConfig::default),
+        };
         let timeout = r.timeout.map_or(Duration::from_secs(30), |d| d.0);
         if timeout.is_zero() {
             self.at(&loc, "route timeout must be more than 0s");
@@ -568,6 +628,9 @@ impl Validator {
             host,
             path_prefix: prefix,
             upstreams,
+            base_path,
+            strip_prefix: r.strip_prefix,
+            upstream_tls,
             allow_anonymous: r.allow_anonymous,
             forward_credentials: r.forward_credentials,
             timeout,
@@ -576,21 +639,36 @@ impl Validator {
     }
 }
 
-/// `http://host:port` with an optional base path of `/`. Only plain-HTTP upstreams for now.
+/// `http://host:port` or `https://host:port`, with an optional base path
+/// (`http://legacy:8080/erp`): a normalised absolute path, no query, no user info.
 fn parse_upstream(s: &str) -> Result<Uri, String> {
     let uri: Uri = s.parse().map_err(|e| format!("invalid upstream URL {s:?}: {e}"))?;
     match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => return Err(format!("upstream {s:?}: https upstreams are not supported yet; use http://")),
-        _ => return Err(format!("upstream {s:?} must start with http://")),
+        Some("http" | "https") => {}
+        _ => return Err(format!("upstream {s:?} must start with http:// or https://")),
     }
-    if uri.authority().is_none_or(|a| a.host().is_empty()) {
-        return Err(format!("upstream {s:?} has no host"));
+    match uri.authority() {
+        None => return Err(format!("upstream {s:?} has no host")),
+        Some(a) if a.host().is_empty() => return Err(format!("upstream {s:?} has no host")),
+        Some(a) if a.as_str().contains('@') => {
+            return Err(format!("upstream {s:?}: credentials in the URL are not supported; use set_headers"));
+        }
+        Some(_) => {}
     }
-    if uri.path_and_query().is_some_and(|p| p.as_str() != "/" && !p.as_str().is_empty()) {
-        return Err(format!("upstream {s:?} must not have a path: requests keep their own path"));
+    if uri.query().is_some() {
+        return Err(format!("upstream {s:?} must not have a query"));
+    }
+    let path = uri.path();
+    let normalised = crate::wire::path::normalise(path).map_err(|_| format!("upstream {s:?}: invalid base path"))?;
+    if normalised != path || path.contains(['%', ';']) || path.contains("//") {
+        return Err(format!("upstream {s:?}: the base path must be a normalised path without escapes"));
     }
     Ok(uri)
+}
+
+/// The base path of a parsed upstream without its trailing `/` (`""` for none or `/`).
+fn base_path_of(u: &Uri) -> String {
+    u.path().trim_end_matches('/').to_string()
 }
 
 /// Parses a whole config from YAML text for tests.
@@ -670,8 +748,15 @@ mod tests {
     fn upstream_urls_are_checked() {
         assert!(parse_upstream("http://10.0.0.1:80").is_ok());
         assert!(parse_upstream("http://10.0.0.1:80/").is_ok());
-        assert!(parse_upstream("https://x").unwrap_err().contains("not supported"));
-        assert!(parse_upstream("http://x/base").unwrap_err().contains("path"));
+        assert!(parse_upstream("https://x").is_ok());
+        assert_eq!(base_path_of(&parse_upstream("http://x/erp/v2/").unwrap()), "/erp/v2");
+        assert_eq!(base_path_of(&parse_upstream("http://x").unwrap()), "");
+        for bad in
+            ["http://x/a/../b", "http://x/a/./b", "http://x/a%2fb", "http://x//a", "http://x/a?q=1", "http://u:p@x/"]
+        {
+            assert!(parse_upstream(bad).is_err(), "{bad}");
+        }
+        assert!(parse_upstream("ftp://x").unwrap_err().contains("http:// or https://"));
         assert!(parse_upstream("x:80").is_err());
     }
 

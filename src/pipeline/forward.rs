@@ -6,7 +6,7 @@ use crate::pipeline::error::{BadRequest, GateError, UpstreamFailure};
 use crate::pipeline::rewrite::{self, Outbound};
 use crate::wire::body::{Body, BodyError};
 use crate::wire::tunnel::Switched;
-use crate::wire::upstream::{Answer, SendError, Upstream};
+use crate::wire::upstream::{Answer, ConnectFailure, SendError, Upstream};
 use http::Response;
 use http_body::Body as _;
 use std::sync::Arc;
@@ -38,16 +38,31 @@ pub async fn send(upstream: &Arc<Upstream>, out: Outbound, tried: &mut Option<us
         match tokio::time::timeout_at(deadline, upstream.send(target, request, &added, route.timeout)).await {
             Err(_) => return Err(GateError::UpstreamTimeout),
             Ok(Ok(sent)) => break sent,
-            Ok(Err(SendError::Connect { authority, reason, request: back })) => {
+            Ok(Err(SendError::Connect { authority, failure, request: back })) => {
                 route.upstreams.mark_down(target);
-                tracing::debug!(route = %route.name, upstream = %authority, reason, retry = may_retry, "cannot connect");
+                match &failure {
+                    // A certificate that does not verify is a misconfiguration or an
+                    // attack, not a blip: said at warn level, once per interval.
+                    ConnectFailure::Tls(reason) if route.upstreams.should_warn(target) => {
+                        tracing::warn!(route = %route.name, upstream = %authority, reason = %reason, "upstream TLS handshake failed; nothing was sent")
+                    }
+                    _ => {
+                        tracing::debug!(route = %route.name, upstream = %authority, reason = %failure, retry = may_retry, "cannot connect")
+                    }
+                }
                 if !std::mem::take(&mut may_retry) {
                     return Err(GateError::Upstream(UpstreamFailure::Connect));
                 }
                 request = *back;
             }
             Ok(Err(e)) => {
-                tracing::debug!(route = %route.name, error = %e, "upstream request failed");
+                match e.tls_failure() {
+                    // E.g. the alert of an mTLS upstream that wanted our certificate.
+                    Some(reason) if route.upstreams.should_warn(target) => {
+                        tracing::warn!(route = %route.name, upstream = %target.authority, reason = %reason, "upstream TLS failed")
+                    }
+                    _ => tracing::debug!(route = %route.name, error = %e, "upstream request failed"),
+                }
                 return Err(classify(&e));
             }
         }

@@ -93,7 +93,7 @@ pub fn request(p: Parsed, permit: &Permit, conn: &ConnInfo, trusted_peer: bool, 
     let client_upgrade = if upgrade { parts.extensions.remove::<OnUpgrade>() } else { None };
     // HTTP/2 in, HTTP/1.1 out.
     parts.version = Version::HTTP_11;
-    parts.uri = Uri::from(path_and_query);
+    parts.uri = Uri::from(route.upstream_path(path_and_query));
     parts.extensions.clear();
     Outbound { request: Request::from_parts(parts, body), added, route, client_upgrade }
 }

@@ -4,7 +4,8 @@
 //! [`Upstreams`] set.
 
 use crate::config::RouteConfig;
-use crate::wire::balance::Upstreams;
+use crate::wire::balance::{TlsClient, Upstreams};
+use http::uri::PathAndQuery;
 use http::{HeaderName, HeaderValue};
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,12 +22,18 @@ pub struct Route {
     pub timeout: Duration,
     pub set_headers: Vec<(HeaderName, HeaderValue)>,
     pub upstreams: Upstreams,
+    /// The targets' base path, without a trailing `/` (`""`: none).
+    base_path: String,
+    strip_prefix: bool,
 }
 
 impl Route {
-    /// Builds a route from its validated config; its targets take the next `slots`.
-    pub fn new(c: &RouteConfig, slots: &mut usize) -> Route {
+    /// Builds a route from its validated config, reaching `https://` targets with `tls`;
+    /// its targets take the next `slots`.
+    pub fn new(c: &RouteConfig, tls: Option<&TlsClient>, slots: &mut usize) -> Route {
         Route {
+            base_path: c.base_path.clone(),
+            strip_prefix: c.strip_prefix,
             name: Arc::from(c.name.as_str()),
             host: c.host.clone(),
             prefix: c.path_prefix.clone(),
@@ -34,8 +41,39 @@ impl Route {
             forward_credentials: c.forward_credentials,
             timeout: c.timeout,
             set_headers: c.set_headers.clone(),
-            upstreams: Upstreams::new(&c.upstreams, slots),
+            upstreams: Upstreams::new(&c.upstreams, tls, slots),
         }
+    }
+
+    /// The path the upstream receives for `pq`, the normalised path this route matched
+    /// (never the raw one): the route's prefix removed when `strip_prefix` is set, then
+    /// the base path put in front; the query as the client sent it. `pq` has no dot
+    /// segments, so the result never leaves the base path.
+    pub fn upstream_path(&self, pq: PathAndQuery) -> PathAndQuery {
+        if self.base_path.is_empty() && !self.strip_prefix {
+            return pq;
+        }
+        let path = pq.path();
+        let rest = if self.strip_prefix {
+            // `matches_path` held: the path starts with the prefix, and what follows it
+            // is empty or starts a new segment.
+            path.get(self.prefix.trim_end_matches('/').len()..).unwrap_or_default()
+        } else {
+            path
+        };
+        let mut out =
+            String::with_capacity(self.base_path.len() + rest.len() + pq.query().map_or(0, |q| q.len() + 1) + 1);
+        out.push_str(&self.base_path);
+        out.push_str(rest);
+        if out.is_empty() {
+            out.push('/');
+        }
+        if let Some(q) = pq.query() {
+            out.push('?');
+            out.push_str(q);
+        }
+        // Built from parts that were valid in a path and query: parses.
+        PathAndQuery::try_from(out).unwrap_or(pq)
     }
 
     /// Segment-aware prefix match: `/api` matches `/api` and `/api/x`, not `/apix`.
@@ -66,9 +104,14 @@ pub struct RouteTable {
 impl RouteTable {
     /// Orders routes so that the first match is the right one: longest prefix first,
     /// and at equal length a route with a host before one without.
-    pub fn new(configs: &[RouteConfig]) -> RouteTable {
+    /// `tls`: each route's TLS client, in the order of `configs` (`None` for plain HTTP).
+    pub fn new(configs: &[RouteConfig], tls: &[Option<TlsClient>]) -> RouteTable {
         let mut slots = 0;
-        let mut routes: Vec<Arc<Route>> = configs.iter().map(|c| Arc::new(Route::new(c, &mut slots))).collect();
+        let mut routes: Vec<Arc<Route>> = configs
+            .iter()
+            .enumerate()
+            .map(|(i, c)| Arc::new(Route::new(c, tls.get(i).and_then(Option::as_ref), &mut slots)))
+            .collect();
         routes.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()).then(b.host.is_some().cmp(&a.host.is_some())));
         let mut targets: Vec<_> = routes.iter().flat_map(|r| r.upstreams.targets()).collect();
         targets.sort_by_key(|t| t.slot);
@@ -97,6 +140,9 @@ mod tests {
             host: host.map(str::to_string),
             path_prefix: prefix.into(),
             upstreams: ups.iter().map(|u| u.parse().unwrap()).collect(),
+            base_path: String::new(),
+            strip_prefix: false,
+            upstream_tls: None,
             allow_anonymous: false,
             forward_credentials: false,
             timeout: Duration::from_secs(1),
@@ -107,12 +153,15 @@ mod tests {
     /// longest prefix wins; a host-specific route beats a host-less one of equal length
     #[test]
     fn longest_prefix_then_host_wins() {
-        let t = RouteTable::new(&[
-            route("root", None, "/", &["http://a"]),
-            route("api", None, "/api/", &["http://a"]),
-            route("api-v1", None, "/api/v1/", &["http://a"]),
-            route("api-ex", Some("api.example.com"), "/api/", &["http://a"]),
-        ]);
+        let t = RouteTable::new(
+            &[
+                route("root", None, "/", &["http://a"]),
+                route("api", None, "/api/", &["http://a"]),
+                route("api-v1", None, "/api/v1/", &["http://a"]),
+                route("api-ex", Some("api.example.com"), "/api/", &["http://a"]),
+            ],
+            &[],
+        );
         let name = |h, p| t.find(h, p).map(|r| r.name.to_string());
         assert_eq!(name(None, "/api/v1/x").as_deref(), Some("api-v1"));
         assert_eq!(name(None, "/api/v2").as_deref(), Some("api"));
@@ -120,10 +169,35 @@ mod tests {
         assert_eq!(name(None, "/other").as_deref(), Some("root"));
     }
 
+    /// the upstream path: prefix stripped or not, base path in front, query kept
+    #[test]
+    fn upstream_path_strips_and_prefixes() {
+        let cases = [
+            // prefix, strip, base, client path → upstream path
+            ("/api/erp", true, "/erp/v2", "/api/erp/orders?x=1", "/erp/v2/orders?x=1"),
+            ("/api/erp/", true, "/erp/v2", "/api/erp/orders", "/erp/v2/orders"),
+            ("/api/erp", true, "/erp/v2", "/api/erp", "/erp/v2"),
+            ("/api/erp/", true, "/erp/v2", "/api/erp/", "/erp/v2/"),
+            ("/api/erp", true, "", "/api/erp", "/"),
+            ("/api/erp", true, "", "/api/erp?q", "/?q"),
+            ("/api/erp", false, "/erp", "/api/erp/orders", "/erp/api/erp/orders"),
+            ("/", true, "/base", "/x", "/base/x"),
+            ("/", false, "", "/x/%2F?y", "/x/%2F?y"),
+        ];
+        for (prefix, strip, base, path, want) in cases {
+            let mut c = route("r", None, prefix, &["http://a"]);
+            c.strip_prefix = strip;
+            c.base_path = base.into();
+            let r = Route::new(&c, None, &mut 0);
+            assert!(r.matches_path(path.split('?').next().unwrap()), "{prefix} {path}");
+            assert_eq!(r.upstream_path(path.parse().unwrap()).as_str(), want, "{prefix} {strip} {base} {path}");
+        }
+    }
+
     /// prefixes match whole segments only
     #[test]
     fn prefix_matches_whole_segments() {
-        let t = RouteTable::new(&[route("api", None, "/api", &["http://a"])]);
+        let t = RouteTable::new(&[route("api", None, "/api", &["http://a"])], &[]);
         assert!(t.find(None, "/api").is_some());
         assert!(t.find(None, "/api/x").is_some());
         assert!(t.find(None, "/apix").is_none());

@@ -10,6 +10,7 @@ use crate::pipeline::metrics::Metrics;
 use crate::pipeline::route::RouteTable;
 use crate::pipeline::usage::Usage;
 use crate::shared::Shared;
+use crate::wire::balance::TlsClient;
 use ipnet::IpNet;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -35,7 +36,10 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Builds the gateway from a validated config and its loaded credentials.
+    /// Builds the gateway from a validated config and its loaded credentials; `https://`
+    /// routes reach their targets with `upstream_tls` (built by the server, which also
+    /// reloads their client certificates).
+    #[allow(clippy::too_many_arguments)] // each is a part started separately by the server
     pub fn new(
         config: &Config,
         credentials: Arc<Credentials>,
@@ -44,9 +48,10 @@ impl Gateway {
         metrics: Arc<Metrics>,
         replay: Arc<ReplayCache>,
         clock: Clock,
+        upstream_tls: &[Option<TlsClient>],
     ) -> Gateway {
         Gateway {
-            routes: RouteTable::new(&config.routes),
+            routes: RouteTable::new(&config.routes, upstream_tls),
             limits: config.limits.clone(),
             trusted_proxies: config.trusted_proxies.clone(),
             credentials,

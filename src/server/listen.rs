@@ -26,6 +26,7 @@ use crate::server::admin::Admin;
 use crate::server::parse_errors::JsonParseErrors;
 
 use crate::tls::{self, CertResolver, TlsError};
+use crate::wire::balance::TlsClient;
 use crate::wire::upstream::Upstream;
 use hyper::rt::{Read, Write};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -47,6 +48,8 @@ pub enum StartError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("TLS certificate {0}")]
     Tls(#[from] TlsError),
+    #[error("route {route}: upstream TLS: {error}")]
+    UpstreamTls { route: String, error: TlsError },
     #[error("{0}")]
     Credentials(#[from] crate::config::ConfigErrors),
     #[error("{0}")]
@@ -79,6 +82,25 @@ pub struct ListenerInfo {
     pub tls: bool,
 }
 
+/// Each route's TLS client for its `https://` targets, in route order; a client
+/// certificate (mTLS) is reloaded from then on whenever its files change.
+fn upstream_tls(config: &Config) -> Result<Vec<Option<TlsClient>>, StartError> {
+    let mut out = Vec::with_capacity(config.routes.len());
+    for r in &config.routes {
+        let Some(cfg) = &r.upstream_tls else {
+            out.push(None);
+            continue;
+        };
+        let built =
+            tls::upstream::client(cfg).map_err(|error| StartError::UpstreamTls { route: r.name.clone(), error })?;
+        if let Some(resolver) = built.client_cert {
+            resolver.spawn_reloader();
+        }
+        out.push(Some(built.client));
+    }
+    Ok(out)
+}
+
 impl Server {
     /// Loads certificates and binds every listener. Nothing accepts until [`Server::run`].
     pub async fn bind(config: &Config) -> Result<Server, StartError> {
@@ -98,6 +120,7 @@ impl Server {
             let addr = tcp.local_addr().map_err(|source| StartError::Bind { addr: l.address, source })?;
             listeners.push(Bound { tcp, name: Arc::from(l.name.as_str()), addr, tls });
         }
+        let upstream_tls = upstream_tls(config)?;
         let shared = match &config.shared_state {
             None => {
                 tracing::info!(
@@ -148,7 +171,10 @@ impl Server {
             }
         };
         Ok(Server {
-            gw: Arc::new(Gateway::new(config, credentials, usage, audit, metrics, replay, clock).with_shared(shared)),
+            gw: Arc::new(
+                Gateway::new(config, credentials, usage, audit, metrics, replay, clock, &upstream_tls)
+                    .with_shared(shared),
+            ),
             listeners,
             admin,
             limits: config.limits.clone(),

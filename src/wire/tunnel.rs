@@ -71,7 +71,7 @@ pub async fn run(switched: Switched, idle: Duration, mut closing: watch::Receive
     };
     let (mut client_rd, mut client_wr) = tokio::io::split(TokioIo::new(client));
     let (mut upstream, early) = switched.upstream.into_parts();
-    let (mut up_rd, mut up_wr) = upstream.split();
+    let (mut up_rd, mut up_wr) = tokio::io::split(&mut upstream);
     let start = Instant::now();
     // Milliseconds since `start` of the last byte either way, and the bytes each way:
     // read after the copies are cancelled (idle, shutdown), so kept outside them.
@@ -118,6 +118,7 @@ async fn copy<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     };
     if !first.is_empty() {
         wr.write_all(first).await?;
+        wr.flush().await?;
         mark(first.len());
     }
     let mut buf = vec![0u8; BUF];
@@ -127,6 +128,8 @@ async fn copy<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             return wr.shutdown().await;
         }
         wr.write_all(&buf[..n]).await?;
+        // A TLS upstream holds written bytes until flushed; plain TCP sends them at once.
+        wr.flush().await?;
         mark(n);
     }
 }

@@ -21,7 +21,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Sleep;
 
@@ -47,8 +47,8 @@ const MAX_INFORMATIONAL: usize = 16;
 pub enum SendError {
     /// No connection could be opened: nothing was sent, and here is the request back
     /// (another target may take it).
-    #[error("cannot connect to {authority}: {reason}")]
-    Connect { authority: Authority, reason: String, request: Box<Request<Body>> },
+    #[error("cannot connect to {authority}: {failure}")]
+    Connect { authority: Authority, failure: ConnectFailure, request: Box<Request<Body>> },
     /// The client's request body failed while it was being sent.
     #[error("request body: {0}")]
     Body(BodyError),
@@ -60,31 +60,78 @@ pub enum SendError {
     Wire(#[from] WireError),
 }
 
+/// Why a connection could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectFailure {
+    /// No TCP connection (refused, unreachable, no address, timed out).
+    #[error("{0}")]
+    Tcp(String),
+    /// The TLS handshake failed: the upstream's certificate did not verify (the reason
+    /// names the check), or the upstream refused ours.
+    #[error("TLS handshake: {0}")]
+    Tls(String),
+}
+
+impl SendError {
+    /// The TLS failure under this error, when there is one: a handshake that failed, or
+    /// an alert the upstream sent after it (TLS 1.3 servers check a client certificate
+    /// only once the client has finished its side of the handshake).
+    pub fn tls_failure(&self) -> Option<String> {
+        match self {
+            SendError::Connect { failure: ConnectFailure::Tls(r), .. } => Some(r.clone()),
+            SendError::Io(e) => e.get_ref()?.downcast_ref::<rustls::Error>().map(ToString::to_string),
+            _ => None,
+        }
+    }
+}
+
 /// One HTTP/1.1 connection to an upstream, and what was read from it but not yet used.
 #[derive(Debug)]
 pub struct Conn {
-    io: TcpStream,
+    io: Io,
     buf: BytesMut,
 }
 
+/// The connection itself: plain TCP, or TLS over it (an `https://` upstream).
+#[derive(Debug)]
+pub enum Io {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
 impl Conn {
-    /// The socket and the bytes the upstream sent after the head (a protocol switch).
-    pub fn into_parts(self) -> (TcpStream, BytesMut) {
+    /// The connection and the bytes the upstream sent after the head (a protocol switch).
+    pub fn into_parts(self) -> (Io, BytesMut) {
         (self.io, self.buf)
     }
 
     /// False when the upstream closed (or reset) the connection while it was idle, or sent
     /// anything unasked: bytes there would be read as the next request's response. Both
-    /// reach the worker's epoll as read readiness; only then is the socket read (one byte,
-    /// non-blocking) to tell stale readiness from real bytes, so an idle connection that
+    /// reach the worker's epoll as read readiness; only then is the socket read
+    /// (non-blocking) to tell stale readiness from real bytes, so an idle connection that
     /// saw nothing costs no system call.
-    fn is_open(&self) -> bool {
+    fn is_open(&mut self) -> bool {
         let mut cx = Context::from_waker(std::task::Waker::noop());
-        match std::pin::pin!(self.io.ready(Interest::READABLE)).poll(&mut cx) {
+        let tcp = match &self.io {
+            Io::Plain(s) => s,
+            Io::Tls(s) => s.get_ref().0,
+        };
+        let readiness = std::pin::pin!(tcp.ready(Interest::READABLE)).poll(&mut cx);
+        match readiness {
             Poll::Pending => true,
-            Poll::Ready(Ok(r)) if !r.is_read_closed() && !r.is_error() => {
-                matches!(self.io.try_read(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
-            }
+            Poll::Ready(Ok(r)) if !r.is_read_closed() && !r.is_error() => match &mut self.io {
+                Io::Plain(s) => {
+                    matches!(s.try_read(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+                }
+                // TLS sends records of its own on an idle connection (a TLS 1.3 server's
+                // session tickets): those are read and used up here, and only application
+                // bytes, an alert or the end of the stream count as closed.
+                Io::Tls(s) => {
+                    let mut one = [0u8; 1];
+                    let mut rb = tokio::io::ReadBuf::new(&mut one);
+                    matches!(Pin::new(s).poll_read(&mut cx, &mut rb), Poll::Pending)
+                }
+            },
             Poll::Ready(_) => false,
         }
     }
@@ -92,12 +139,69 @@ impl Conn {
     /// Reads more into the buffer; 0 at end of stream.
     fn poll_fill(&mut self, cx: &mut Context<'_>, room: usize) -> Poll<std::io::Result<usize>> {
         self.buf.reserve(room);
-        loop {
-            ready!(self.io.poll_read_ready(cx))?;
-            match self.io.try_read_buf(&mut self.buf) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                r => return Poll::Ready(r),
-            }
+        match &mut self.io {
+            Io::Plain(s) => loop {
+                ready!(s.poll_read_ready(cx))?;
+                match s.try_read_buf(&mut self.buf) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    r => return Poll::Ready(r),
+                }
+            },
+            Io::Tls(s) => std::pin::pin!(s.read_buf(&mut self.buf)).poll(cx),
+        }
+    }
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
         }
     }
 }
@@ -172,12 +276,12 @@ impl Upstream {
     ) -> Result<(Response<()>, Answer), SendError> {
         let (pooled, conn) = match self.checkout(target.slot) {
             Some(conn) => (true, conn),
-            None => match self.connect(&target.authority).await {
+            None => match self.connect(target).await {
                 Ok(conn) => (false, conn),
-                Err(reason) => {
+                Err(failure) => {
                     return Err(SendError::Connect {
                         authority: target.authority.clone(),
-                        reason,
+                        failure,
                         request: Box::new(req),
                     });
                 }
@@ -207,11 +311,11 @@ impl Upstream {
             }
             Err(f) => return Err(f.error),
         }
-        let conn = match self.connect(&target.authority).await {
+        let conn = match self.connect(target).await {
             Ok(conn) => conn,
-            Err(reason) => {
+            Err(failure) => {
                 let request = Box::new(Request::from_parts(parts, Body::Empty));
-                return Err(SendError::Connect { authority: target.authority.clone(), reason, request });
+                return Err(SendError::Connect { authority: target.authority.clone(), failure, request });
             }
         };
         let head = self.exchange(conn, &head, Body::Empty, framing, is_head).await.map_err(|f| f.error)?;
@@ -235,6 +339,7 @@ impl Upstream {
             // check): the head and the body go out in one write, then the answer is read.
             Body::Empty => {
                 conn.io.write_all(head).await?;
+                conn.io.flush().await?;
                 None
             }
             Body::Full(bytes) if whole => {
@@ -252,6 +357,8 @@ impl Upstream {
                     all.extend_from_slice(&bytes);
                     conn.io.write_all(&all).await?;
                 }
+                // TLS holds what it could not write at once until flushed; TCP: a no-op.
+                conn.io.flush().await?;
                 None
             }
             body => Some(body),
@@ -262,33 +369,14 @@ impl Upstream {
         };
         // A streamed body is sent while the answer is awaited: an upstream may answer
         // (413, say) before it has read the whole body, and then stops reading it.
-        let res = {
-            let (mut rd, mut wr) = conn.io.split();
-            let send = send_body(&mut wr, head, body, framing);
-            let read = read_head(&mut rd, &mut conn.buf, max_head, is_head);
-            tokio::pin!(send, read);
-            let mut sent = None;
-            let res = loop {
-                tokio::select! {
-                    biased;
-                    r = &mut read => break r,
-                    s = &mut send, if sent.is_none() => match s {
-                        // The client's own body failed: that is the error, whatever the
-                        // upstream does next.
-                        Err(SendError::Body(e)) => return Err(SendError::Body(e).into()),
-                        other => sent = Some(other),
-                    },
-                }
-            };
-            match (res, sent) {
-                (Ok(h), Some(Ok(()))) => Ok(h),
-                // Answered before the request was all sent: the connection is mid-request.
-                (Ok(mut h), _) => {
-                    h.keep_alive = false;
-                    Ok(h)
-                }
-                (Err(f), Some(Err(e))) if !f.answered => Err(e.into()),
-                (Err(f), _) => Err(f),
+        let res = match &mut conn.io {
+            Io::Plain(s) => {
+                let (mut rd, mut wr) = s.split();
+                send_and_read(&mut rd, &mut wr, &mut conn.buf, head, body, framing, max_head, is_head).await
+            }
+            Io::Tls(s) => {
+                let (mut rd, mut wr) = tokio::io::split(s);
+                send_and_read(&mut rd, &mut wr, &mut conn.buf, head, body, framing, max_head, is_head).await
             }
         };
         res.map(|h| (conn, h))
@@ -338,7 +426,7 @@ impl Upstream {
     fn checkout(&self, slot: usize) -> Option<Conn> {
         let mut lists = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let list = lists.get_mut(slot)?;
-        while let Some(idle) = list.pop() {
+        while let Some(mut idle) = list.pop() {
             if idle.since.elapsed() < IDLE_TIMEOUT && idle.conn.is_open() {
                 return Some(idle.conn);
             }
@@ -347,12 +435,26 @@ impl Upstream {
         None
     }
 
-    /// Opens a new connection; why not, when it cannot.
-    async fn connect(&self, authority: &Authority) -> Result<Conn, String> {
-        let io = tokio::time::timeout(self.connect_timeout, open(authority))
+    /// Opens a new connection (TCP, then TLS for an `https://` target, both within the
+    /// connect timeout); why not, when it cannot.
+    async fn connect(&self, target: &Target) -> Result<Conn, ConnectFailure> {
+        let timed_out = || format!("timed out after {:?}", self.connect_timeout);
+        let deadline = tokio::time::Instant::now() + self.connect_timeout;
+        let tcp = tokio::time::timeout_at(deadline, open(&target.authority))
             .await
-            .map_err(|_| format!("timed out after {:?}", self.connect_timeout))?
-            .map_err(|e| e.to_string())?;
+            .map_err(|_| ConnectFailure::Tcp(timed_out()))?
+            .map_err(|e| ConnectFailure::Tcp(e.to_string()))?;
+        let io = match &target.tls {
+            None => Io::Plain(tcp),
+            Some(tls) => {
+                let shake = tls.connector.connect(tls.server_name.clone(), tcp);
+                let stream = tokio::time::timeout_at(deadline, shake)
+                    .await
+                    .map_err(|_| ConnectFailure::Tls(timed_out()))?
+                    .map_err(|e| ConnectFailure::Tls(e.to_string()))?;
+                Io::Tls(Box::new(stream))
+            }
+        };
         Ok(Conn { io, buf: BytesMut::new() })
     }
 
@@ -360,7 +462,7 @@ impl Upstream {
     pub fn evict_idle(&self) {
         let mut lists = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         for list in lists.iter_mut() {
-            list.retain(|i| i.since.elapsed() < IDLE_TIMEOUT && i.conn.is_open());
+            list.retain_mut(|i| i.since.elapsed() < IDLE_TIMEOUT && i.conn.is_open());
         }
     }
 
@@ -380,9 +482,54 @@ impl Upstream {
     }
 }
 
+/// Streams the request while its answer is awaited: an upstream may answer (413, say)
+/// before it has read the whole body, and then stops reading it.
+#[allow(clippy::too_many_arguments)]
+async fn send_and_read<R, W>(
+    rd: &mut R,
+    wr: &mut W,
+    buf: &mut BytesMut,
+    head: &[u8],
+    body: Body,
+    framing: RequestFraming,
+    max_head: usize,
+    is_head: bool,
+) -> Result<h1::ResponseHead, Failed>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let send = send_body(wr, head, body, framing);
+    let read = read_head(rd, buf, max_head, is_head);
+    tokio::pin!(send, read);
+    let mut sent = None;
+    let res = loop {
+        tokio::select! {
+            biased;
+            r = &mut read => break r,
+            s = &mut send, if sent.is_none() => match s {
+                // The client's own body failed: that is the error, whatever the
+                // upstream does next.
+                Err(SendError::Body(e)) => return Err(SendError::Body(e).into()),
+                other => sent = Some(other),
+            },
+        }
+    };
+    match (res, sent) {
+        (Ok(h), Some(Ok(()))) => Ok(h),
+        // Answered before the request was all sent: the connection is mid-request.
+        (Ok(mut h), _) => {
+            h.keep_alive = false;
+            Ok(h)
+        }
+        (Err(f), Some(Err(e))) if !f.answered => Err(e.into()),
+        (Err(f), _) => Err(f),
+    }
+}
+
 /// Writes the request head and streams the body after it, framed as `framing` says. The
 /// head goes out with the first piece of body: one write instead of two.
-async fn send_body<W: tokio::io::AsyncWrite + Unpin>(
+async fn send_body<W: AsyncWrite + Unpin>(
     wr: &mut W,
     head: &[u8],
     mut body: Body,
@@ -390,7 +537,10 @@ async fn send_body<W: tokio::io::AsyncWrite + Unpin>(
 ) -> Result<(), SendError> {
     let (chunked, declared) = match framing {
         // GET, HEAD or CONNECT with a body of unknown length: sent without it, as hyper does.
-        RequestFraming::None => return Ok(wr.write_all(head).await?),
+        RequestFraming::None => {
+            wr.write_all(head).await?;
+            return Ok(wr.flush().await?);
+        }
         RequestFraming::Chunked => (true, None),
         RequestFraming::Length(n) => (false, Some(n)),
     };
@@ -425,6 +575,8 @@ async fn send_body<W: tokio::io::AsyncWrite + Unpin>(
             }
         }
         out.clear();
+        // Each piece leaves when it comes (TLS would hold it until flushed).
+        wr.flush().await?;
     }
     if declared.is_some_and(|n| sent != n) {
         return Err(SendError::Io(std::io::Error::other("request body shorter than its Content-Length")));
@@ -435,7 +587,7 @@ async fn send_body<W: tokio::io::AsyncWrite + Unpin>(
     if !out.is_empty() {
         wr.write_all(&out).await?;
     }
-    Ok(())
+    Ok(wr.flush().await?)
 }
 
 /// Reads until a final response head is complete (1xx other than 101 are skipped: the

@@ -34,5 +34,7 @@ mod secrets;
 mod shared_state;
 mod shutdown;
 mod smuggling;
+mod upstream_paths;
 mod upstream_pool;
+mod upstream_tls;
 mod upstream_wire;

@@ -32,6 +32,8 @@ pub struct RouteSpec {
     set_headers: Vec<(String, String)>,
     allow_anonymous: bool,
     forward_credentials: bool,
+    /// More of the route, as YAML lines indented under it.
+    extra: String,
 }
 
 impl RouteSpec {
@@ -46,7 +48,14 @@ impl RouteSpec {
             set_headers: Vec::new(),
             allow_anonymous: true,
             forward_credentials: false,
+            extra: String::new(),
         }
+    }
+
+    /// A setting of the route as YAML (`"strip_prefix: true"`, `"upstream_tls: { ca: … }"`).
+    pub fn setting(mut self, yaml: &str) -> Self {
+        self.extra.push_str(&format!("    {yaml}\n"));
+        self
     }
 
     /// Requests need credentials (`allow_anonymous: false`).
@@ -108,6 +117,7 @@ impl RouteSpec {
             let kv: Vec<String> = self.set_headers.iter().map(|(k, v)| format!("{}: {}", q(k), q(v))).collect();
             out.push_str(&format!("    set_headers: {{ {} }}\n", kv.join(", ")));
         }
+        out.push_str(&self.extra);
     }
 }
 

@@ -5,6 +5,7 @@ pub mod client;
 pub mod creds;
 pub mod gateway;
 pub mod postgres;
+pub mod pki;
 pub mod process;
 pub mod raw;
 pub mod redis;

@@ -89,6 +89,8 @@ impl Seen {
 struct Log {
     seen: Mutex<Vec<Seen>>,
     connections: AtomicUsize,
+    /// TLS handshakes that failed (an `https` upstream only).
+    tls_failures: AtomicUsize,
 }
 
 /// A recording upstream. Stops serving when dropped.
@@ -97,6 +99,7 @@ pub struct TestUpstream {
     id: Arc<str>,
     log: Arc<Log>,
     task: Option<tokio::task::JoinHandle<()>>,
+    tls: bool,
 }
 
 impl Drop for TestUpstream {
@@ -121,15 +124,58 @@ impl TestUpstream {
         let log = Arc::new(Log::default());
         if let Mode::Refused = mode {
             drop(listener);
-            return TestUpstream { addr, id, log, task: None };
+            return TestUpstream { addr, id, log, task: None, tls: false };
         }
-        let task = tokio::spawn(accept_loop(listener, mode, id.clone(), log.clone()));
-        TestUpstream { addr, id, log, task: Some(task) }
+        let task = tokio::spawn(accept_loop(listener, mode, id.clone(), log.clone(), None));
+        TestUpstream { addr, id, log, task: Some(task), tls: false }
     }
 
-    /// `http://127.0.0.1:<port>`, for a route's `upstream`.
+    /// An upstream speaking HTTPS with `cert` (PEM certificate chain and key); with
+    /// `client_ca`, it requires a client certificate that CA signed (mTLS).
+    pub async fn tls(mode: Mode, cert: &super::pki::Leaf, client_ca: Option<&str>) -> TestUpstream {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes()).collect::<Result<_, _>>().unwrap();
+        let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap();
+        let builder = rustls::ServerConfig::builder_with_provider(gatehouse::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap();
+        let builder = match client_ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for c in CertificateDer::pem_slice_iter(ca.as_bytes()) {
+                    roots.add(c.unwrap()).unwrap();
+                }
+                builder.with_client_cert_verifier(
+                    rustls::server::WebPkiClientVerifier::builder(Arc::new(roots)).build().unwrap(),
+                )
+            }
+        };
+        let config = builder.with_single_cert(chain, key).unwrap();
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let id: Arc<str> = Arc::from(addr.port().to_string());
+        let log = Arc::new(Log::default());
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let task = tokio::spawn(accept_loop(listener, mode, id.clone(), log.clone(), Some(acceptor)));
+        TestUpstream { addr, id, log, task: Some(task), tls: true }
+    }
+
+    /// The port it listens on (127.0.0.1).
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// How many TLS handshakes failed.
+    pub fn tls_failures(&self) -> usize {
+        self.log.tls_failures.load(Ordering::SeqCst)
+    }
+
+    /// `http://127.0.0.1:<port>` (`https://` for a TLS upstream), for a route's `upstream`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", if self.tls { "https" } else { "http" }, self.addr)
     }
 
     /// The value of the `x-upstream-id` header this upstream puts on its responses.
@@ -160,7 +206,13 @@ impl TestUpstream {
     }
 }
 
-async fn accept_loop(listener: TcpListener, mode: Mode, id: Arc<str>, log: Arc<Log>) {
+async fn accept_loop(
+    listener: TcpListener,
+    mode: Mode,
+    id: Arc<str>,
+    log: Arc<Log>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     // Dropping the JoinSet (when this task is aborted) aborts every connection task.
     let mut conns = JoinSet::new();
     loop {
@@ -169,25 +221,39 @@ async fn accept_loop(listener: TcpListener, mode: Mode, id: Arc<str>, log: Arc<L
             continue;
         };
         log.connections.fetch_add(1, Ordering::SeqCst);
-        let (mode, id, log) = (mode.clone(), id.clone(), log.clone());
+        let (mode, id, log, tls) = (mode.clone(), id.clone(), log.clone(), tls.clone());
         conns.spawn(async move {
-            match mode {
-                Mode::GarbageStatus | Mode::Reset | Mode::CloseWithoutAnswer => raw(stream, mode, &log).await,
-                _ => {
-                    let svc = hyper::service::service_fn(move |req| {
-                        let (mode, id, log) = (mode.clone(), id.clone(), log.clone());
-                        async move { Ok::<_, Infallible>(answer(req, mode, id, log).await) }
-                    });
-                    let mut b = auto::Builder::new(TokioExecutor::new());
-                    // Room for every header a test sends plus the ones the gateway adds:
-                    // the gateway's limits are under test, not hyper's default of 100.
-                    b.http1().max_headers(1000);
-                    let _ = b.serve_connection_with_upgrades(TokioIo::new(stream), svc).await;
+            match (mode, tls) {
+                (mode @ (Mode::GarbageStatus | Mode::Reset | Mode::CloseWithoutAnswer), None) => {
+                    raw(stream, mode, &log).await
                 }
+                (mode, None) => serve(stream, mode, id, log).await,
+                (mode, Some(acceptor)) => match acceptor.accept(stream).await {
+                    Ok(s) => serve(s, mode, id, log).await,
+                    Err(_) => {
+                        log.tls_failures.fetch_add(1, Ordering::SeqCst);
+                    }
+                },
             }
         });
         while conns.try_join_next().is_some() {}
     }
+}
+
+/// Serves HTTP (1.1 or 2) on one connection.
+async fn serve<I>(io: I, mode: Mode, id: Arc<str>, log: Arc<Log>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req| {
+        let (mode, id, log) = (mode.clone(), id.clone(), log.clone());
+        async move { Ok::<_, Infallible>(answer(req, mode, id, log).await) }
+    });
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    // Room for every header a test sends plus the ones the gateway adds:
+    // the gateway's limits are under test, not hyper's default of 100.
+    b.http1().max_headers(1000);
+    let _ = b.serve_connection_with_upgrades(TokioIo::new(io), svc).await;
 }
 
 type UpBody = BoxBody<Bytes, Infallible>;

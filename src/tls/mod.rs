@@ -1,12 +1,15 @@
-//! \[TLS\] rustls server configuration with certificates that reload in place.
+//! \[TLS\] rustls server configuration with certificates that reload in place, and the
+//! client configuration of `https://` upstreams (`upstream.rs`).
 //!
 //! The acceptor is built once; the certificate lives behind an `ArcSwap` in our own
 //! resolver, so a reload swaps one pointer and open connections are untouched. A
-//! certificate pair that fails to load keeps the last good one in service.
+//! certificate pair that fails to load keeps the last good one in service. An
+//! upstream's client certificate (mTLS) is served by the same resolver.
 
 use crate::config::TlsFiles;
 use arc_swap::ArcSwap;
 use rustls::ServerConfig;
+use rustls::client::ResolvesClientCert;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -16,6 +19,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 use tokio_rustls::TlsAcceptor;
+
+pub mod upstream;
 
 #[cfg(not(any(feature = "aws-lc", feature = "ring")))]
 compile_error!("enable one crypto provider feature: `aws-lc` (default) or `ring`");
@@ -65,7 +70,26 @@ impl ResolvesServerCert for CertResolver {
     }
 }
 
+/// An upstream's client certificate: the same files, reloaded the same way.
+impl ResolvesClientCert for CertResolver {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[rustls::SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
 impl CertResolver {
+    /// Loads `files` (failing when they cannot be used) into a resolver.
+    pub fn load(files: &TlsFiles) -> Result<Arc<CertResolver>, TlsError> {
+        let baseline = crate::fs::watch::fingerprint(&[files.cert.clone(), files.key.clone()]);
+        let (key, not_after) = load(files)?;
+        let status = CertStatus { not_after: AtomicI64::new(not_after), ..CertStatus::default() };
+        Ok(Arc::new(CertResolver { current: ArcSwap::from_pointee(key), files: files.clone(), baseline, status }))
+    }
+
     /// Re-reads the files; on failure the last good certificate stays in service.
     pub fn reload(&self) -> Result<(), TlsError> {
         match load(&self.files) {
@@ -134,11 +158,7 @@ fn load(files: &TlsFiles) -> Result<(CertifiedKey, i64), TlsError> {
 
 /// Builds the acceptor (TLS 1.2 and 1.3, ALPN h2 then http/1.1) and its resolver.
 pub fn acceptor(files: &TlsFiles) -> Result<(TlsAcceptor, Arc<CertResolver>), TlsError> {
-    let baseline = crate::fs::watch::fingerprint(&[files.cert.clone(), files.key.clone()]);
-    let (key, not_after) = load(files)?;
-    let status = CertStatus { not_after: AtomicI64::new(not_after), ..CertStatus::default() };
-    let resolver =
-        Arc::new(CertResolver { current: ArcSwap::from_pointee(key), files: files.clone(), baseline, status });
+    let resolver = CertResolver::load(files)?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsError { path: files.cert.display().to_string(), reason: e.to_string() })?
