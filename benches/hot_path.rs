@@ -61,6 +61,8 @@ fn twenty_routes() -> Vec<RouteConfig> {
         base_path: String::new(),
         strip_prefix: false,
         upstream_tls: None,
+        health_check: None,
+        balance: Default::default(),
         allow_anonymous: false,
         forward_credentials: false,
         timeout: Duration::from_secs(30),

@@ -188,6 +188,28 @@ pub struct FileRoute {
     pub strip_prefix: bool,
     #[serde(default)]
     pub upstream_tls: Option<Spanned<FileUpstreamTls>>,
+    #[serde(default)]
+    pub health_check: Option<Spanned<FileHealthCheck>>,
+    /// `round_robin` (default) or `least_requests`.
+    #[serde(default)]
+    pub balance: Option<Spanned<String>>,
+}
+
+/// Active health checks of a route's targets.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileHealthCheck {
+    pub path: String,
+    #[serde(default)]
+    pub interval: Option<Dur>,
+    #[serde(default)]
+    pub timeout: Option<Dur>,
+    /// Consecutive good checks that make an unhealthy target healthy again.
+    #[serde(default)]
+    pub healthy: Option<u32>,
+    /// Consecutive failed checks that make a target unhealthy.
+    #[serde(default)]
+    pub unhealthy: Option<u32>,
 }
 
 /// How an `https://` upstream is verified, and the client certificate it is shown.

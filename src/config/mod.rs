@@ -11,6 +11,7 @@ pub mod credential_db;
 pub mod shared_state;
 pub mod units;
 
+use crate::wire::balance::Balance;
 use file::{FileConfig, FileRoute};
 use http::{HeaderName, HeaderValue, Uri};
 use ipnet::IpNet;
@@ -88,6 +89,20 @@ pub struct ListenerConfig {
     pub address: SocketAddr,
     pub name: String,
     pub tls: Option<TlsFiles>,
+}
+
+/// `health_check:` of a route: `GET path` on each target every `interval`; a 2xx or 3xx
+/// within `timeout` is good.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheckConfig {
+    /// Origin-form path (and query) requested.
+    pub path: http::uri::PathAndQuery,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive good checks that bring an unhealthy target back.
+    pub healthy: u32,
+    /// Consecutive failed checks that take a target out.
+    pub unhealthy: u32,
 }
 
 /// How a route's `https://` targets are verified (`upstream_tls:`; all defaults when absent).
@@ -193,6 +208,9 @@ pub struct RouteConfig {
     pub strip_prefix: bool,
     /// `Some` when the targets are `https://`: how they are verified.
     pub upstream_tls: Option<UpstreamTlsConfig>,
+    /// Active health checks of the targets (none: only passive ejection).
+    pub health_check: Option<HealthCheckConfig>,
+    pub balance: Balance,
     pub allow_anonymous: bool,
     pub forward_credentials: bool,
     pub timeout: Duration,
@@ -494,6 +512,31 @@ impl Validator {
         }
     }
 
+    /// `health_check:` with its defaults: every 5 s, 2 s to answer, 2 good checks to come
+    /// back, 3 failed ones to go out.
+    fn health_check(&mut self, h: serde_saphyr::Spanned<file::FileHealthCheck>) -> Option<HealthCheckConfig> {
+        let at = h.referenced;
+        let v = h.value;
+        let path = match v.path.parse::<http::uri::PathAndQuery>() {
+            Ok(p) if v.path.starts_with('/') => Some(p),
+            _ => {
+                self.at(&at, format!("health_check.path {:?} must be a path starting with '/'", v.path));
+                None
+            }
+        };
+        let interval = v.interval.map_or(Duration::from_secs(5), |d| d.0);
+        let timeout = v.timeout.map_or(Duration::from_secs(2), |d| d.0);
+        if interval < Duration::from_millis(10) || timeout.is_zero() {
+            self.at(&at, "health_check: interval must be at least 10ms and timeout more than 0s");
+        }
+        let (healthy, unhealthy) = (v.healthy.unwrap_or(2), v.unhealthy.unwrap_or(3));
+        if !(1..=100).contains(&healthy) || !(1..=100).contains(&unhealthy) {
+            self.at(&at, "health_check: healthy and unhealthy are counts from 1 to 100");
+        }
+        let path = path?;
+        Some(HealthCheckConfig { path, interval, timeout, healthy, unhealthy })
+    }
+
     /// `upstream_tls:` with its files readable (their contents are checked where they
     /// are loaded, by `check-config` and at start) and the client pair complete.
     fn upstream_tls(&mut self, t: serde_saphyr::Spanned<file::FileUpstreamTls>) -> Option<UpstreamTlsConfig> {
@@ -589,6 +632,17 @@ impl Validator {
             Some(t) => self.upstream_tls(t),
             None => https.then(UpstreamTlsConfig::default),
         };
+        let health_check = r.health_check.and_then(|h| self.health_check(h));
+        let balance = match r.balance.as_ref().map(|b| b.value.as_str()) {
+            None | Some("round_robin") => Balance::RoundRobin,
+            Some("least_requests") => Balance::LeastRequests,
+            Some(other) => {
+                if let Some(b) = &r.balance {
+                    self.at(&b.referenced, format!("balance {other:?}: use round_robin or least_requests"));
+                }
+                Balance::RoundRobin
+            }
+        };
         let timeout = r.timeout.map_or(Duration::from_secs(30), |d| d.0);
         if timeout.is_zero() {
             self.at(&loc, "route timeout must be more than 0s");
@@ -631,6 +685,8 @@ impl Validator {
             base_path,
             strip_prefix: r.strip_prefix,
             upstream_tls,
+            health_check,
+            balance,
             allow_anonymous: r.allow_anonymous,
             forward_credentials: r.forward_credentials,
             timeout,

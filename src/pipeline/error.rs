@@ -26,6 +26,8 @@ pub enum GateError {
     Upstream(UpstreamFailure),
     /// 504: the upstream did not answer within the route's timeout.
     UpstreamTimeout,
+    /// 503: the active health check finds every target of the route unhealthy.
+    UpstreamUnavailable,
     /// 503: a guarantee needs the shared state (Redis) and it cannot answer
     /// (`shared_state.on_unavailable.replay: reject`).
     SharedStateUnavailable,
@@ -180,6 +182,7 @@ impl GateError {
             GateError::Upstream(UpstreamFailure::Connect) => "upstream_connect",
             GateError::Upstream(UpstreamFailure::Protocol) => "upstream_protocol",
             GateError::UpstreamTimeout => "upstream_timeout",
+            GateError::UpstreamUnavailable => "upstream_unavailable",
             GateError::SharedStateUnavailable => "shared_state_unavailable",
         }
     }
@@ -219,6 +222,9 @@ impl GateError {
             GateError::UpstreamTimeout => {
                 (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", "Upstream service timed out")
             }
+            GateError::UpstreamUnavailable => {
+                (StatusCode::SERVICE_UNAVAILABLE, "upstream_unavailable", "No healthy upstream is available")
+            }
             GateError::SharedStateUnavailable => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "shared_state_unavailable",
@@ -243,7 +249,7 @@ impl GateError {
             GateError::TooManyRequests { retry_after_secs, .. } => {
                 res.headers_mut().insert(RETRY_AFTER, HeaderValue::from(retry_after_secs));
             }
-            GateError::SharedStateUnavailable => {
+            GateError::SharedStateUnavailable | GateError::UpstreamUnavailable => {
                 res.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}
@@ -287,6 +293,7 @@ mod tests {
         let cases = [
             (GateError::BadRequest(BadRequest::Path), 400, "invalid_request"),
             (GateError::NoRoute, 404, "not_found"),
+            (GateError::UpstreamUnavailable, 503, "upstream_unavailable"),
             (GateError::PayloadTooLarge, 413, "payload_too_large"),
             (GateError::Upstream(UpstreamFailure::Connect), 502, "upstream_error"),
             (GateError::UpstreamTimeout, 504, "upstream_timeout"),

@@ -4,6 +4,8 @@
 
 use crate::pipeline::error::{BadRequest, GateError, UpstreamFailure};
 use crate::pipeline::rewrite::{self, Outbound};
+use crate::pipeline::route::Route;
+use crate::wire::balance::Target;
 use crate::wire::body::{Body, BodyError};
 use crate::wire::tunnel::Switched;
 use crate::wire::upstream::{Answer, ConnectFailure, SendError, Upstream};
@@ -33,13 +35,26 @@ pub async fn send(upstream: &Arc<Upstream>, out: Outbound, tried: &mut Option<us
     // A refused connection hands the request back unsent: no copy is kept for the retry.
     let mut may_retry = route.upstreams.len() > 1 && request.body().is_end_stream();
     let (response, answer) = loop {
-        let target = route.upstreams.pick().ok_or(GateError::Upstream(UpstreamFailure::Connect))?;
+        // None: the active health check finds every target unhealthy; answered at once.
+        let target = route.upstreams.pick().ok_or(GateError::UpstreamUnavailable)?;
         *tried = Some(target.slot);
+        let _in_flight = route.upstreams.begin(target);
         match tokio::time::timeout_at(deadline, upstream.send(target, request, &added, route.timeout)).await {
-            Err(_) => return Err(GateError::UpstreamTimeout),
-            Ok(Ok(sent)) => break sent,
+            Err(_) => {
+                failed(&route, target, "timeout");
+                return Err(GateError::UpstreamTimeout);
+            }
+            Ok(Ok(sent)) => {
+                if sent.0.status().is_server_error() {
+                    failed(&route, target, "5xx");
+                } else {
+                    target.health.succeeded();
+                }
+                break sent;
+            }
             Ok(Err(SendError::Connect { authority, failure, request: back })) => {
                 route.upstreams.mark_down(target);
+                failed(&route, target, "connect");
                 match &failure {
                     // A certificate that does not verify is a misconfiguration or an
                     // attack, not a blip: said at warn level, once per interval.
@@ -63,7 +78,11 @@ pub async fn send(upstream: &Arc<Upstream>, out: Outbound, tried: &mut Option<us
                     }
                     _ => tracing::debug!(route = %route.name, error = %e, "upstream request failed"),
                 }
-                return Err(classify(&e));
+                let err = classify(&e);
+                if matches!(err, GateError::Upstream(_)) {
+                    failed(&route, target, "protocol");
+                }
+                return Err(err);
             }
         }
     };
@@ -85,6 +104,13 @@ pub async fn send(upstream: &Arc<Upstream>, out: Outbound, tried: &mut Option<us
     };
     let (parts, ()) = response.into_parts();
     Ok(Forwarded { response: Response::from_parts(parts, body), upstream_latency, switched })
+}
+
+/// Counts a failure of `target` for passive ejection, and says so when it ejects it.
+fn failed(route: &Route, target: &Target, why: &'static str) {
+    if let Some(span) = target.health.failed() {
+        tracing::warn!(route = %route.name, upstream = %target.authority, reason = why, ejected_for_s = span.as_secs(), "upstream target ejected after consecutive failures");
+    }
 }
 
 /// What a failed upstream exchange means for the caller: the client's own body is the

@@ -9,6 +9,7 @@
 use crate::pipeline::authn::replay::ReplayCache;
 use crate::pipeline::error::{GateError, LimitScope, UpstreamFailure};
 use crate::tls::CertResolver;
+use crate::wire::balance::Health;
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
@@ -53,6 +54,16 @@ pub struct Metrics {
     tls: Vec<TlsSeries>,
     replay: Arc<ReplayCache>,
     replay_entries: IntGauge,
+    /// Each route target's health, read at each scrape.
+    targets: Vec<TargetSeries>,
+}
+
+/// One upstream target's series, resolved at start.
+#[derive(Debug)]
+struct TargetSeries {
+    health: Arc<Health>,
+    healthy: IntGauge,
+    ejections: IntCounter,
 }
 
 /// One TLS listener's series, resolved at start.
@@ -187,7 +198,8 @@ impl Metrics {
     /// `per_user_series`: how many API users get a `user` label value of their own (0: no
     /// `user` label at all).
     /// `tls`: each TLS listener's name and certificate resolver. `shared`: the
-    /// shared-state families, with `shared_state:`.
+    /// shared-state families, with `shared_state:`. `targets`: every route target (route
+    /// name, target, its health).
     pub fn new<'a>(
         routes: impl Iterator<Item = &'a Arc<str>>,
         per_user_series: usize,
@@ -195,8 +207,31 @@ impl Metrics {
         replay: Arc<ReplayCache>,
         shared: Option<&crate::shared::SharedMetrics>,
         credential_store: bool,
+        targets: Vec<(Arc<str>, String, Arc<Health>)>,
     ) -> Result<Metrics, prometheus::Error> {
         let r = Registry::new();
+        let healthy = IntGaugeVec::new(
+            Opts::new(
+                "gatehouse_upstream_healthy",
+                "1 while a route's target takes traffic: its active health check passes (or it has none) and it is not ejected after consecutive failures.",
+            ),
+            &["route", "target"],
+        )?;
+        r.register(Box::new(healthy.clone()))?;
+        let ejections = counter(
+            &r,
+            "gatehouse_upstream_ejections_total",
+            "Times a route's target was ejected after consecutive failures (connect, 5xx, timeout).",
+            &["route", "target"],
+        )?;
+        let targets = targets
+            .into_iter()
+            .map(|(route, target, health)| TargetSeries {
+                health,
+                healthy: healthy.with_label_values(&[&*route, &target]),
+                ejections: ejections.with_label_values(&[&*route, &target]),
+            })
+            .collect();
         let store = match credential_store {
             false => None,
             true => Some(StoreGauges {
@@ -375,6 +410,7 @@ impl Metrics {
             tls,
             replay,
             replay_entries,
+            targets,
         })
     }
 
@@ -460,6 +496,10 @@ impl Metrics {
                 self.upstream_errors.with_label_values(&[route_name, "timeout"]).inc();
                 None
             }
+            GateError::UpstreamUnavailable => {
+                self.upstream_errors.with_label_values(&[route_name, "unavailable"]).inc();
+                None
+            }
             GateError::BadRequest(_)
             | GateError::NoRoute
             | GateError::PayloadTooLarge
@@ -489,6 +529,10 @@ impl Metrics {
         self.keys.set(i64::try_from(s.keys).unwrap_or(i64::MAX));
         self.in_flight_gauge.set(self.in_flight.get());
         self.replay_entries.set(i64::try_from(self.replay.held()).unwrap_or(i64::MAX));
+        for t in &self.targets {
+            t.healthy.set(i64::from(t.health.is_available()));
+            catch_up(&t.ejections, t.health.ejections_total.load(Ordering::Relaxed));
+        }
         for t in &self.tls {
             let s = t.resolver.status();
             t.expiry.set(s.not_after.load(Ordering::Relaxed));

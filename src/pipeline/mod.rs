@@ -19,6 +19,7 @@ pub mod clock;
 pub mod error;
 pub mod fleet;
 pub mod forward;
+pub mod health;
 pub mod limit;
 pub mod metrics;
 pub mod record;

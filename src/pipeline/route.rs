@@ -3,7 +3,7 @@
 //! Built once from the config at start; each route's targets are an
 //! [`Upstreams`] set.
 
-use crate::config::RouteConfig;
+use crate::config::{HealthCheckConfig, RouteConfig};
 use crate::wire::balance::{TlsClient, Upstreams};
 use http::uri::PathAndQuery;
 use http::{HeaderName, HeaderValue};
@@ -25,6 +25,8 @@ pub struct Route {
     /// The targets' base path, without a trailing `/` (`""`: none).
     base_path: String,
     strip_prefix: bool,
+    /// Active health checks of the targets (run by `health.rs`).
+    pub health_check: Option<HealthCheckConfig>,
 }
 
 impl Route {
@@ -34,6 +36,7 @@ impl Route {
         Route {
             base_path: c.base_path.clone(),
             strip_prefix: c.strip_prefix,
+            health_check: c.health_check.clone(),
             name: Arc::from(c.name.as_str()),
             host: c.host.clone(),
             prefix: c.path_prefix.clone(),
@@ -41,7 +44,7 @@ impl Route {
             forward_credentials: c.forward_credentials,
             timeout: c.timeout,
             set_headers: c.set_headers.clone(),
-            upstreams: Upstreams::new(&c.upstreams, tls, slots),
+            upstreams: Upstreams::new(&c.upstreams, tls, c.balance, slots),
         }
     }
 
@@ -119,6 +122,11 @@ impl RouteTable {
         RouteTable { routes, by_slot }
     }
 
+    /// Every route, most specific first.
+    pub fn routes(&self) -> impl Iterator<Item = &Arc<Route>> {
+        self.routes.iter()
+    }
+
     /// The target in `slot` (see `Target::slot`).
     pub fn target(&self, slot: usize) -> Option<&http::uri::Authority> {
         self.by_slot.get(slot)
@@ -143,6 +151,8 @@ mod tests {
             base_path: String::new(),
             strip_prefix: false,
             upstream_tls: None,
+            health_check: None,
+            balance: Default::default(),
             allow_anonymous: false,
             forward_credentials: false,
             timeout: Duration::from_secs(1),

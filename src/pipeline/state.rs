@@ -10,7 +10,6 @@ use crate::pipeline::metrics::Metrics;
 use crate::pipeline::route::RouteTable;
 use crate::pipeline::usage::Usage;
 use crate::shared::Shared;
-use crate::wire::balance::TlsClient;
 use ipnet::IpNet;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -36,22 +35,22 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Builds the gateway from a validated config and its loaded credentials; `https://`
-    /// routes reach their targets with `upstream_tls` (built by the server, which also
-    /// reloads their client certificates).
+    /// Builds the gateway from a validated config, its route table (built by the server,
+    /// which also starts their health checks and reloads their client certificates) and
+    /// its loaded credentials.
     #[allow(clippy::too_many_arguments)] // each is a part started separately by the server
     pub fn new(
         config: &Config,
+        routes: RouteTable,
         credentials: Arc<Credentials>,
         usage: Arc<Usage>,
         audit: Arc<Audit>,
         metrics: Arc<Metrics>,
         replay: Arc<ReplayCache>,
         clock: Clock,
-        upstream_tls: &[Option<TlsClient>],
     ) -> Gateway {
         Gateway {
-            routes: RouteTable::new(&config.routes, upstream_tls),
+            routes,
             limits: config.limits.clone(),
             trusted_proxies: config.trusted_proxies.clone(),
             credentials,

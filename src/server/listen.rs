@@ -19,6 +19,7 @@ use crate::pipeline::clock::Clock;
 use crate::pipeline::metrics::Metrics;
 use crate::pipeline::record::Reporter;
 use crate::pipeline::request::ConnInfo;
+use crate::pipeline::route::RouteTable;
 use crate::pipeline::state::Gateway;
 use crate::pipeline::usage::Usage;
 use crate::pipeline::{self, Carrier, TunnelSlot};
@@ -69,6 +70,8 @@ struct Bound {
 /// The proxy listeners (and the admin listener) of one gateway, bound and ready to run.
 pub struct Server {
     gw: Arc<Gateway>,
+    /// The active health checks, stopped when the server ends.
+    health: crate::pipeline::health::HealthChecks,
     listeners: Vec<Bound>,
     admin: Option<(TcpListener, Arc<Admin>)>,
     limits: Limits,
@@ -140,6 +143,11 @@ impl Server {
         let audit = Arc::new(crate::pipeline::audit::Audit::start(&config.audit_log));
         let replay = Arc::new(ReplayCache::new(config.auth.replay_cache_entries));
         let route_names: Vec<Arc<str>> = config.routes.iter().map(|r| Arc::from(r.name.as_str())).collect();
+        let routes = RouteTable::new(&config.routes, &upstream_tls);
+        let targets = routes
+            .routes()
+            .flat_map(|r| r.upstreams.targets().map(|t| (r.name.clone(), t.authority.to_string(), t.health.clone())))
+            .collect();
         let metrics = Arc::new(
             Metrics::new(
                 route_names.iter(),
@@ -148,6 +156,7 @@ impl Server {
                 replay.clone(),
                 shared.as_ref().map(|s| &s.metrics),
                 credentials.follower().is_some(),
+                targets,
             )
             .map_err(|e| StartError::Admin(format!("metrics: {e}")))?,
         );
@@ -171,9 +180,9 @@ impl Server {
             }
         };
         Ok(Server {
+            health: crate::pipeline::health::spawn(&routes, config.limits.max_header_bytes),
             gw: Arc::new(
-                Gateway::new(config, credentials, usage, audit, metrics, replay, clock, &upstream_tls)
-                    .with_shared(shared),
+                Gateway::new(config, routes, credentials, usage, audit, metrics, replay, clock).with_shared(shared),
             ),
             listeners,
             admin,
@@ -196,7 +205,8 @@ impl Server {
 
     /// Serves until `shutdown` completes, then drains.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let Server { gw, listeners, admin, limits } = self;
+        // The health checks run until this returns (dropping them stops them).
+        let Server { gw, listeners, admin, limits, health: _health } = self;
         let max = u32::try_from(limits.max_connections).unwrap_or(u32::MAX).min(Semaphore::MAX_PERMITS as u32);
         let conns = Arc::new(Semaphore::new(max as usize));
         let (stop_tx, stop_rx) = watch::channel(false);

@@ -34,6 +34,7 @@ mod secrets;
 mod shared_state;
 mod shutdown;
 mod smuggling;
+mod upstream_health;
 mod upstream_paths;
 mod upstream_pool;
 mod upstream_tls;

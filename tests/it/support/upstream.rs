@@ -37,6 +37,8 @@ pub enum Mode {
     CloseWithoutAnswer,
     /// Nothing listens: the port was bound, then released, so connections are refused.
     Refused,
+    /// Like `Echo`, with this status.
+    Status(u16),
 }
 
 /// How a request body ended at the upstream.
@@ -91,6 +93,8 @@ struct Log {
     connections: AtomicUsize,
     /// TLS handshakes that failed (an `https` upstream only).
     tls_failures: AtomicUsize,
+    /// While true, every request is recorded and then left unanswered.
+    hang: tokio::sync::watch::Sender<bool>,
 }
 
 /// A recording upstream. Stops serving when dropped.
@@ -166,6 +170,17 @@ impl TestUpstream {
     /// The port it listens on (127.0.0.1).
     pub fn port(&self) -> u16 {
         self.addr.port()
+    }
+
+    /// From now on, requests are recorded and then left unanswered (`true`), or answered
+    /// again (`false`, which also answers the ones waiting).
+    pub fn set_hanging(&self, hang: bool) {
+        self.log.hang.send_replace(hang);
+    }
+
+    /// Requests received for `path` (path and query) so far.
+    pub fn count_of(&self, path: &str) -> usize {
+        self.log.seen.lock().unwrap().iter().filter(|s| s.target == path).count()
     }
 
     /// How many TLS handshakes failed.
@@ -278,6 +293,8 @@ async fn answer(mut req: Request<Incoming>, mode: Mode, id: Arc<str>, log: Arc<L
         });
         seen.len() - 1
     };
+    let mut hang = log.hang.subscribe();
+    let _ = hang.wait_for(|h| !*h).await;
     let (mut count, mut prefix, mut end) = (0u64, Vec::new(), BodyEnd::Complete);
     while let Some(frame) = body.frame().await {
         match frame {
@@ -326,6 +343,11 @@ async fn answer(mut req: Request<Incoming>, mode: Mode, id: Arc<str>, log: Arc<L
         Mode::Slow(d) => {
             tokio::time::sleep(d).await;
             echo(&parts, &target, count, &id)
+        }
+        Mode::Status(code) => {
+            let mut res = echo(&parts, &target, count, &id);
+            *res.status_mut() = StatusCode::from_u16(code).unwrap();
+            res
         }
         _ => echo(&parts, &target, count, &id),
     };
