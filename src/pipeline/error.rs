@@ -258,6 +258,58 @@ impl GateError {
     }
 }
 
+impl GateError {
+    /// The gRPC status code this error is told to a gRPC client with (docs/errors.md#grpc).
+    pub fn grpc_status(&self) -> u8 {
+        match self.status().as_u16() {
+            400 => 3,        // INVALID_ARGUMENT
+            401 => 16,       // UNAUTHENTICATED
+            403 => 7,        // PERMISSION_DENIED
+            404 => 12,       // UNIMPLEMENTED: no such service or method here
+            413 | 429 => 8,  // RESOURCE_EXHAUSTED
+            502 | 503 => 14, // UNAVAILABLE
+            504 => 4,        // DEADLINE_EXCEEDED
+            _ => 13,         // INTERNAL
+        }
+    }
+
+    /// The error as a gRPC client reads it: HTTP 200 with no body and the status in the
+    /// headers (a "Trailers-Only" response), `grpc-message` the same message the JSON
+    /// body would carry, percent-encoded as gRPC wants; `X-Request-Id`,
+    /// `WWW-Authenticate` and `Retry-After` as for JSON.
+    pub fn into_grpc_response(self, request_id: &HeaderValue) -> Response<Body> {
+        let (_, _, message) = self.parts();
+        let mut res = self.into_response(request_id);
+        *res.status_mut() = StatusCode::OK;
+        *res.body_mut() = Body::Empty;
+        let h = res.headers_mut();
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        h.insert(GRPC_STATUS, HeaderValue::from(u16::from(self.grpc_status())));
+        let encoded = percent_encoding::utf8_percent_encode(message, GRPC_MESSAGE_ESCAPES).to_string();
+        if let Ok(v) = HeaderValue::from_str(&encoded) {
+            h.insert(GRPC_MESSAGE, v);
+        }
+        res
+    }
+}
+
+/// `grpc-status` and `grpc-message` (gRPC over HTTP/2).
+const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+const GRPC_MESSAGE: http::HeaderName = http::HeaderName::from_static("grpc-message");
+/// gRPC's `grpc-message` escapes everything outside printable ASCII, and `%`.
+const GRPC_MESSAGE_ESCAPES: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b'%');
+
+/// True for a gRPC request (`content-type: application/grpc`, `application/grpc+proto`,
+/// …): its errors are gRPC errors. gRPC-Web is not (its status travels in the body).
+pub fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers.get(CONTENT_TYPE).is_some_and(|v| {
+        let v = v.as_bytes();
+        v.len() >= 16
+            && v[..16].eq_ignore_ascii_case(b"application/grpc")
+            && matches!(v.get(16), None | Some(b'+' | b';'))
+    })
+}
+
 /// Builds a JSON error response (docs/errors.md). Also used for the errors hyper itself answers.
 pub fn error_response(status: StatusCode, code: &str, message: &str, request_id: &HeaderValue) -> Response<Body> {
     let mut res = Response::new(Body::full(error_json(code, message, request_id.to_str().unwrap_or_default())));
@@ -285,6 +337,43 @@ pub fn error_json(code: &str, message: &str, request_id: &str) -> String {
 mod tests {
     use super::*;
     use http_body_util::BodyExt;
+
+    /// gRPC content types are told apart from look-alikes
+    #[test]
+    fn grpc_requests_are_recognised_by_content_type() {
+        let h = |v: &str| http::HeaderMap::from_iter([(CONTENT_TYPE, HeaderValue::from_str(v).unwrap())]);
+        for yes in ["application/grpc", "application/grpc+proto", "Application/GRPC;charset=x"] {
+            assert!(is_grpc(&h(yes)), "{yes}");
+        }
+        for no in ["application/grpc-web", "application/grpcx", "application/json", "application/grp"] {
+            assert!(!is_grpc(&h(no)), "{no}");
+        }
+        assert!(!is_grpc(&http::HeaderMap::new()));
+    }
+
+    /// a gRPC error: HTTP 200, no body, the status and the escaped message in headers
+    #[tokio::test]
+    async fn grpc_errors_are_trailers_only_responses() {
+        let id = HeaderValue::from_static("req-1");
+        let cases = [
+            (GateError::Unauthorized(AuthFailure::Missing), "16", "API key is missing"),
+            (GateError::Forbidden(Denial::NotGranted), "7", "API key does not have permission to access this resource"),
+            (GateError::TooManyRequests { retry_after_secs: 2, scope: LimitScope::Key }, "8", "Rate limit exceeded"),
+            (GateError::UpstreamUnavailable, "14", "No healthy upstream is available"),
+            (GateError::UpstreamTimeout, "4", "Upstream service timed out"),
+            (GateError::NoRoute, "12", "No route matches this request"),
+        ];
+        for (e, status, message) in cases {
+            let res = e.into_grpc_response(&id);
+            assert_eq!(res.status(), StatusCode::OK);
+            assert_eq!(res.headers()["content-type"], "application/grpc");
+            assert_eq!(res.headers()["grpc-status"], status, "{e:?}");
+            let sent = res.headers()["grpc-message"].to_str().unwrap();
+            assert_eq!(percent_encoding::percent_decode_str(sent).decode_utf8().unwrap(), message);
+            assert_eq!(res.headers()["x-request-id"], "req-1");
+            assert!(res.into_body().collect().await.unwrap().to_bytes().is_empty());
+        }
+    }
 
     /// each error maps to the docs/errors.md status and code, with the request id in header and body
     #[tokio::test]

@@ -64,6 +64,7 @@ pub trait Carrier: Reporter {
 /// Serves one request on a proxy listener. Never fails: every error becomes a JSON error response (docs/errors.md).
 pub async fn handle<C: Carrier>(carrier: C, req: Request<Incoming>) -> Response<Body> {
     let request_id = request::request_id(req.headers());
+    let grpc = error::is_grpc(req.headers());
     let mut out = Outcome::start(request_id.clone(), req.method().clone(), carrier.info().peer_ip.clone());
     out.user_agent = req.headers().get(http::header::USER_AGENT).cloned();
     let mut report = Report::new(carrier, out);
@@ -83,7 +84,8 @@ pub async fn handle<C: Carrier>(carrier: C, req: Request<Incoming>) -> Response<
         }
         Err(e) => {
             report.out.error = Some(e);
-            e.into_response(&request_id)
+            // A gRPC client cannot read a JSON body: its errors are gRPC errors.
+            if grpc { e.into_grpc_response(&request_id) } else { e.into_response(&request_id) }
         }
     };
     report.respond(res)

@@ -155,7 +155,9 @@ impl<R: Reporter> Report<R> {
     /// The response goes out. A body already whole (an error, an empty body) is reported
     /// now; an upstream's streamed body is reported when it ends.
     pub fn respond(mut self, res: Response<Body>) -> Response<Body> {
-        self.head_sent(res.status());
+        // A gRPC error goes out as HTTP 200: recorded with the status it stands for.
+        let status = self.out.error.as_ref().map_or(res.status(), GateError::status);
+        self.head_sent(status);
         if res.body().is_end_stream() || !matches!(res.body(), Body::Upstream(_)) {
             self.out.bytes_sent = res.body().size_hint().exact().unwrap_or(0);
             self.finish(Ending::Complete);

@@ -20,6 +20,7 @@ mod docs;
 mod deploy;
 mod edge;
 mod errors;
+mod grpc;
 mod identity_headers;
 mod layers;
 mod lifecycle;
