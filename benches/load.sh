@@ -6,7 +6,9 @@
 #   2. writes, into a temp dir, a credentials file with USERS API users (one api_key user whose
 #      token the run uses, one hmac user, the rest api_key users with a key each) through the
 #      real CLI for the two used users and a generated YAML block for the others, and a
-#      gatehouse.yaml with one route /  -> the peers script's upstream, metrics (admin listener)
+#      gatehouse.yaml with one route /  -> the peers script's upstream (and a route /tls to the
+#      same upstream over TLS, verified against a CA made with openssl: the https-upstream
+#      rows gateway-key-tls and nginx-key-tls), metrics (admin listener)
 #      and the audit log (a file) on, and a rate limit that never triggers (nginx-key's
 #      limit_req is set the same way, so both pay for the check);
 #   3. runs benches/peers.sh with GATEWAY_CMD / GATEWAY_URL / GATEWAY_KEY /
@@ -73,6 +75,24 @@ python3 "$ROOT/benches/fill_users.py" "$CREDS" "$((USERS - 2))"
 bench_config "$WORK/gatehouse.yaml" bench "$GATEWAY_PORT" "$BASE_PORT" "" "auth:
   hmac:
     replay_cache_entries: 3000000"
+# The https-upstream rows: a CA and a certificate for localhost (openssl), the upstream
+# nginx listening with it on BASE_PORT+4 (peers.sh), and a route /tls to it that strips
+# its prefix, so the upstream sees the same path as on the plain route.
+TLS_DIR=$WORK/upstream-tls
+mkdir -p "$TLS_DIR"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj "/CN=bench CA" \
+  -keyout "$TLS_DIR/ca.key" -out "$TLS_DIR/ca.pem" 2>/dev/null
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "/CN=localhost" \
+  -keyout "$TLS_DIR/key.pem" -out "$TLS_DIR/cert.csr" 2>/dev/null
+openssl x509 -req -in "$TLS_DIR/cert.csr" -CA "$TLS_DIR/ca.pem" -CAkey "$TLS_DIR/ca.key" -CAcreateserial -days 2 \
+  -extfile <(printf 'subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n') -out "$TLS_DIR/cert.pem" 2>/dev/null
+cat >>"$WORK/gatehouse.yaml" <<YAML
+  - name: bench-tls
+    path_prefix: /tls
+    strip_prefix: true
+    upstream: https://127.0.0.1:$((BASE_PORT + 4))
+    upstream_tls: { ca: $TLS_DIR/ca.pem, server_name: localhost }
+YAML
 "$BIN" check-config --config "$WORK/gatehouse.yaml" >/dev/null
 
 SHARED_ENV=()
@@ -107,7 +127,7 @@ fi
 
 log "running $PEERS (ROUNDS=$ROUNDS)"
 env "${SHARED_ENV[@]}" \
-GATEWAY_URL=http://127.0.0.1:$GATEWAY_PORT GATEWAY_KEY=$KEY \
+UPSTREAM_TLS_DIR=$TLS_DIR GATEWAY_URL=http://127.0.0.1:$GATEWAY_PORT GATEWAY_KEY=$KEY \
   GATEWAY_HMAC_KEY_ID=$HMAC_ID GATEWAY_HMAC_SECRET=$HMAC_SECRET \
   GATEWAY_CMD="$BIN --log-format json serve --config $WORK/gatehouse.yaml" \
   bash "$PEERS"

@@ -58,6 +58,11 @@
 #   SKIP_INSTALL=0      1: never call apt-get
 #   KEEP_WORK=0         1: keep the temp dir (configs, wrk outputs, results.tsv)
 #   RESULTS_OUT=        also copy the final table to this file
+#   UPSTREAM_TLS_DIR=   a directory holding ca.pem, cert.pem and key.pem (a certificate for
+#                       localhost): the upstream also listens with TLS on BASE_PORT+4, and the
+#                       rows nginx-key-tls (:BASE_PORT+5, proxy_pass https with proxy_ssl_verify
+#                       and session reuse) and, with GATEWAY_*, gateway-key-tls (GATEWAY_URL/tls,
+#                       a route to the TLS upstream; load.sh writes it) measure an https upstream
 #   SHARED_URL= SHARED_PID=   a second gateway, already running (the same binary with
 #                       shared_state: in Redis; load.sh starts it), measured as shared-key /
 #                       shared-hmac with the GATEWAY_* keys
@@ -96,6 +101,9 @@ UPSTREAM_PORT=$BASE_PORT
 KEY_PORT=$((BASE_PORT + 1))
 HMAC_PORT=$((BASE_PORT + 2))
 PASS_PORT=$((BASE_PORT + 3))
+UPSTREAM_TLS_PORT=$((BASE_PORT + 4))
+KEY_TLS_PORT=$((BASE_PORT + 5))
+UPSTREAM_TLS_DIR=${UPSTREAM_TLS_DIR:-}
 NGX_JS_MODULE=/usr/lib/nginx/modules/ngx_http_js_module.so
 
 log() { printf '[peers] %s\n' "$*" >&2; }
@@ -203,7 +211,7 @@ wait_port() { # port seconds
   for i in $(seq 1 $(($2 * 10))); do port_in_use "$1" && return 0; sleep 0.1; done
   return 1
 }
-for p in "$UPSTREAM_PORT" "$KEY_PORT" "$HMAC_PORT" "$PASS_PORT"; do
+for p in "$UPSTREAM_PORT" "$KEY_PORT" "$HMAC_PORT" "$PASS_PORT" $([ -n "$UPSTREAM_TLS_DIR" ] && echo "$UPSTREAM_TLS_PORT $KEY_TLS_PORT"); do
   port_in_use "$p" && die "127.0.0.1:$p is already in use (set BASE_PORT)"
 done
 
@@ -214,6 +222,49 @@ body='{"ok":true,"service":"bench-upstream"}'
 if [ "$RESP_BYTES" -gt ${#body} ]; then
   pad=$((RESP_BYTES - ${#body} - 9))
   body="{\"ok\":true,\"pad\":\"$(head -c "$pad" /dev/zero | tr '\0' 'x')\"}"
+fi
+
+UPSTREAM_TLS_SERVER=""
+PEER_TLS_SERVER=""
+if [ -n "$UPSTREAM_TLS_DIR" ]; then
+  UPSTREAM_TLS_SERVER="    server {
+        listen 127.0.0.1:$UPSTREAM_TLS_PORT ssl reuseport backlog=4096;
+        ssl_certificate $UPSTREAM_TLS_DIR/cert.pem;
+        ssl_certificate_key $UPSTREAM_TLS_DIR/key.pem;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_session_cache shared:up_tls:10m;
+        default_type application/json;
+        location / {
+            return 200 '$body';
+        }
+    }"
+  # API key, to the upstream over TLS: verified, sessions reused, connections kept alive.
+  PEER_TLS_SERVER="    upstream bench_upstream_tls {
+        server 127.0.0.1:$UPSTREAM_TLS_PORT;
+        keepalive 128;
+        keepalive_requests 10000000;
+    }
+    server {
+        listen 127.0.0.1:$KEY_TLS_PORT reuseport backlog=4096;
+        default_type application/json;
+        location / {
+            if (\$api_user = \"\") {
+                return 401 '{\"success\":false,\"message\":\"\$auth_error\",\"code\":\"authentication_error\"}';
+            }
+            limit_req zone=per_key burst=1000000 nodelay;
+            proxy_pass https://bench_upstream_tls;
+            proxy_ssl_verify on;
+            proxy_ssl_trusted_certificate $UPSTREAM_TLS_DIR/ca.pem;
+            proxy_ssl_name localhost;
+            proxy_ssl_server_name on;
+            proxy_ssl_session_reuse on;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+            proxy_set_header X-Authenticated-User \$api_user;
+            proxy_set_header X-API-Key \"\";
+            proxy_set_header Authorization \"\";
+        }
+    }"
 fi
 
 cat > "$WORK/up/nginx.conf" <<EOF
@@ -238,6 +289,7 @@ http {
             return 200 '$body';
         }
     }
+$UPSTREAM_TLS_SERVER
 }
 EOF
 
@@ -369,6 +421,8 @@ http {
         }
     }
 
+$PEER_TLS_SERVER
+
     # ---- no authentication: the cost of the hop itself
     server {
         listen 127.0.0.1:$PASS_PORT reuseport backlog=4096;
@@ -426,6 +480,9 @@ start_nginx upstream "$WORK/up"; UP_PID=$LAST_PID
 wait_port "$UPSTREAM_PORT" 5 || die "upstream did not start (see $WORK/up/logs/error.log)"
 start_nginx peers "$WORK/peer"; PEER_PID=$LAST_PID
 { wait_port "$KEY_PORT" 5 && wait_port "$HMAC_PORT" 5 && wait_port "$PASS_PORT" 5; } || die "peers did not start (see $WORK/peer/logs/error.log)"
+if [ -n "$UPSTREAM_TLS_DIR" ]; then
+  { wait_port "$UPSTREAM_TLS_PORT" 5 && wait_port "$KEY_TLS_PORT" 5; } || die "TLS upstream or nginx-key-tls did not start"
+fi
 log "upstream 127.0.0.1:$UPSTREAM_PORT (pid $UP_PID), nginx-key :$KEY_PORT, nginx-hmac :$HMAC_PORT, nginx-pass :$PASS_PORT (pid $PEER_PID), work dir $WORK"
 
 # ---------------------------------------------------------------- 4. our gateway, when asked
@@ -645,6 +702,10 @@ if [ "$CHECKS" = 1 ]; then
   U="http://127.0.0.1:$UPSTREAM_PORT"; K="http://127.0.0.1:$KEY_PORT"; H="http://127.0.0.1:$HMAC_PORT"
   expect "upstream direct" 200 "$(http_code "$U$BENCH_PATH")"
   expect "nginx-pass" 200 "$(http_code "http://127.0.0.1:$PASS_PORT$BENCH_PATH")"
+  if [ -n "$UPSTREAM_TLS_DIR" ]; then
+    expect "upstream over TLS" 200 "$(http_code --cacert "$UPSTREAM_TLS_DIR/ca.pem" --resolve "localhost:$UPSTREAM_TLS_PORT:127.0.0.1" "https://localhost:$UPSTREAM_TLS_PORT$BENCH_PATH")"
+    expect "nginx-key-tls" 200 "$(http_code -H "X-API-Key: $PEER_KEY" "http://127.0.0.1:$KEY_TLS_PORT$BENCH_PATH")"
+  fi
   expect "key: missing" 401 "$(http_code "$K$BENCH_PATH")" "$(cat "$WORK/check.body")"
   grep -q '"API key is missing"' "$WORK/check.body" || { log "check FAIL key: missing body: $(cat "$WORK/check.body")"; check_fail=1; }
   expect "key: unknown" 401 "$(http_code -H 'X-API-Key: pk_nope' "$K$BENCH_PATH")"
@@ -684,6 +745,10 @@ if [ "$CHECKS" = 1 ]; then
     if [ -n "$GATEWAY_KEY" ]; then
       code=$(http_code -H "X-API-Key: $GATEWAY_KEY" "$GATEWAY_URL$BENCH_PATH")
       [[ "$code" =~ ^2 ]] && log "check ok   gateway: valid key ($code)" || { log "check FAIL gateway: valid key got $code: $(head -c 300 "$WORK/check.body")"; check_fail=1; }
+      if [ -n "$UPSTREAM_TLS_DIR" ]; then
+        code=$(http_code -H "X-API-Key: $GATEWAY_KEY" "$GATEWAY_URL/tls$BENCH_PATH")
+        [[ "$code" =~ ^2 ]] && log "check ok   gateway: valid key, https upstream ($code)" || { log "check FAIL gateway: https upstream got $code: $(head -c 300 "$WORK/check.body")"; check_fail=1; }
+      fi
     fi
     if [ -n "$GATEWAY_HMAC_KEY_ID" ]; then
       sig=$(sign "$GATEWAY_HMAC_SECRET" "$now" GET "$BENCH_PATH?check=1")
@@ -700,10 +765,12 @@ all_targets() {
   bench_target direct "" "http://127.0.0.1:$UPSTREAM_PORT$BENCH_PATH" key ""
   [ "$PASS" = 1 ] && bench_target nginx-pass "$PEER_PID" "http://127.0.0.1:$PASS_PORT$BENCH_PATH" key ""
   bench_target nginx-key "$PEER_PID" "http://127.0.0.1:$KEY_PORT$BENCH_PATH" key "X-API-Key: $PEER_KEY"
+  [ -n "$UPSTREAM_TLS_DIR" ] && bench_target nginx-key-tls "$PEER_PID" "http://127.0.0.1:$KEY_TLS_PORT$BENCH_PATH" key "X-API-Key: $PEER_KEY"
   [ "$CALIBRATE" = 1 ] && bench_target direct-lua "" "http://127.0.0.1:$UPSTREAM_PORT" hmac "$PEER_HMAC_ID" "$PEER_HMAC_SECRET"
   bench_target nginx-hmac "$PEER_PID" "http://127.0.0.1:$HMAC_PORT" hmac "$PEER_HMAC_ID" "$PEER_HMAC_SECRET"
   if [ -n "$GATEWAY_URL" ] && [ -n "$GATEWAY_KEY" ]; then
     bench_target gateway-key "$GATEWAY_PID" "$GATEWAY_URL$BENCH_PATH" key "X-API-Key: $GATEWAY_KEY"
+    [ -n "$UPSTREAM_TLS_DIR" ] && bench_target gateway-key-tls "$GATEWAY_PID" "$GATEWAY_URL/tls$BENCH_PATH" key "X-API-Key: $GATEWAY_KEY"
     [ -n "$SHARED_URL" ] && bench_target shared-key "$SHARED_PID" "$SHARED_URL$BENCH_PATH" key "X-API-Key: $GATEWAY_KEY"
   fi
   if [ -n "$GATEWAY_URL" ] && [ -n "$GATEWAY_HMAC_KEY_ID" ]; then
@@ -761,6 +828,8 @@ report() {
     if (has("direct-lua", "load") && has("gateway-hmac", "load")) printf "gateway-hmac / direct-lua  = %.2f\n", M("rps", "gateway-hmac", "load") / M("rps", "direct-lua", "load")
     if (has("gateway-key", "load") && has("nginx-key", "load")) printf "gateway-key  / nginx-key   = %.2f throughput; proxy CPU %.1f vs %.1f us/req\n", M("rps", "gateway-key", "load") / M("rps", "nginx-key", "load"), M("cpx", "gateway-key", "load"), M("cpx", "nginx-key", "load")
     if (has("gateway-hmac", "load") && has("nginx-hmac", "load")) printf "gateway-hmac / nginx-hmac  = %.2f throughput; proxy CPU %.1f vs %.1f us/req\n", M("rps", "gateway-hmac", "load") / M("rps", "nginx-hmac", "load"), M("cpx", "gateway-hmac", "load"), M("cpx", "nginx-hmac", "load")
+    if (has("gateway-key-tls", "load") && has("nginx-key-tls", "load")) printf "gateway-key-tls / nginx-key-tls = %.2f throughput (https upstream); proxy CPU %.1f vs %.1f us/req\n", M("rps", "gateway-key-tls", "load") / M("rps", "nginx-key-tls", "load"), M("cpx", "gateway-key-tls", "load"), M("cpx", "nginx-key-tls", "load")
+    if (has("gateway-key-tls", "load") && has("gateway-key", "load")) printf "gateway-key-tls / gateway-key = %.2f throughput (https vs http upstream)\n", M("rps", "gateway-key-tls", "load") / M("rps", "gateway-key", "load")
     if (has("shared-key", "load") && has("gateway-key", "load")) printf "shared-key   / gateway-key = %.2f throughput (shared_state in Redis vs in process); proxy CPU %.1f vs %.1f us/req\n", M("rps", "shared-key", "load") / M("rps", "gateway-key", "load"), M("cpx", "shared-key", "load"), M("cpx", "gateway-key", "load")
     if (has("shared-hmac", "load") && has("gateway-hmac", "load")) printf "shared-hmac  / gateway-hmac = %.2f throughput; proxy CPU %.1f vs %.1f us/req\n", M("rps", "shared-hmac", "load") / M("rps", "gateway-hmac", "load"), M("cpx", "shared-hmac", "load"), M("cpx", "gateway-hmac", "load")
     if (ng > 0) {
