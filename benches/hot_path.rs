@@ -63,6 +63,7 @@ fn twenty_routes() -> Vec<RouteConfig> {
         upstream_tls: None,
         health_check: None,
         balance: Default::default(),
+        protocol: Default::default(),
         allow_anonymous: false,
         forward_credentials: false,
         timeout: Duration::from_secs(30),

@@ -26,7 +26,7 @@ pub fn run(config_path: &Path) -> ExitCode {
     }
     for r in &config.routes {
         if let Some(cfg) = &r.upstream_tls
-            && let Err(e) = tls::upstream::client(cfg)
+            && let Err(e) = tls::upstream::client(cfg, r.protocol)
         {
             eprintln!("{}: route {}: upstream TLS: {e}", config_path.display(), r.name);
             failed = true;

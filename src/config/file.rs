@@ -193,6 +193,9 @@ pub struct FileRoute {
     /// `round_robin` (default) or `least_requests`.
     #[serde(default)]
     pub balance: Option<Spanned<String>>,
+    /// `http1` (default) or `h2` (with `https://`: HTTP/2 by ALPN).
+    #[serde(default)]
+    pub upstream_protocol: Option<Spanned<String>>,
 }
 
 /// Active health checks of a route's targets.

@@ -11,7 +11,7 @@ pub mod credential_db;
 pub mod shared_state;
 pub mod units;
 
-use crate::wire::balance::Balance;
+use crate::wire::balance::{Balance, Protocol};
 use file::{FileConfig, FileRoute};
 use http::{HeaderName, HeaderValue, Uri};
 use ipnet::IpNet;
@@ -199,7 +199,7 @@ pub struct RouteConfig {
     /// Lower-case host without port.
     pub host: Option<String>,
     pub path_prefix: String,
-    /// `http://` or `https://` targets, all of one scheme and one base path.
+    /// `http://`, `https://` or `h2c://` targets, all of one scheme and one base path.
     pub upstreams: Vec<Uri>,
     /// The targets' base path without its trailing `/` (`""`: none): put in front of
     /// every path the upstream receives.
@@ -211,6 +211,8 @@ pub struct RouteConfig {
     /// Active health checks of the targets (none: only passive ejection).
     pub health_check: Option<HealthCheckConfig>,
     pub balance: Balance,
+    /// HTTP/1.1, or HTTP/2 (`h2c://`, or `https://` with `upstream_protocol: h2`).
+    pub protocol: Protocol,
     pub allow_anonymous: bool,
     pub forward_credentials: bool,
     pub timeout: Duration,
@@ -620,10 +622,29 @@ impl Validator {
         // One route, one way of reaching it: the base path is applied before a target is
         // chosen, and TLS settings are the route's.
         let base_path = upstreams.first().map_or_else(String::new, base_path_of);
-        let https = upstreams.first().is_some_and(|u| u.scheme_str() == Some("https"));
-        if upstreams.iter().any(|u| base_path_of(u) != base_path || (u.scheme_str() == Some("https")) != https) {
+        let scheme = upstreams.first().and_then(Uri::scheme_str).unwrap_or("http").to_string();
+        let https = scheme == "https";
+        if upstreams.iter().any(|u| base_path_of(u) != base_path || u.scheme_str() != Some(scheme.as_str())) {
             self.at(&loc, "every upstream of a route must have the same scheme and the same base path");
         }
+        let protocol = match (r.upstream_protocol.as_ref().map(|p| p.value.as_str()), scheme.as_str()) {
+            (None, "h2c") | (Some("h2"), "h2c" | "https") => Protocol::H2,
+            (None | Some("http1"), "http" | "https") => Protocol::Http1,
+            (Some(p), _) => {
+                let message = match p {
+                    "h2" => {
+                        "upstream_protocol: h2 needs https:// (h2 by ALPN) or h2c:// (HTTP/2 without TLS) upstreams"
+                    }
+                    "http1" => "upstream_protocol: http1 does not go with h2c:// upstreams",
+                    _ => "upstream_protocol: use http1 or h2",
+                };
+                if let Some(at) = &r.upstream_protocol {
+                    self.at(&at.referenced, message);
+                }
+                Protocol::Http1
+            }
+            (None, _) => Protocol::Http1,
+        };
         let upstream_tls = match r.upstream_tls {
             Some(t) if !https => {
                 self.at(&t.referenced, "upstream_tls needs https:// upstreams");
@@ -687,6 +708,7 @@ impl Validator {
             upstream_tls,
             health_check,
             balance,
+            protocol,
             allow_anonymous: r.allow_anonymous,
             forward_credentials: r.forward_credentials,
             timeout,
@@ -695,13 +717,13 @@ impl Validator {
     }
 }
 
-/// `http://host:port` or `https://host:port`, with an optional base path
+/// `http://host:port`, `https://host:port` or `h2c://host:port`, with an optional base path
 /// (`http://legacy:8080/erp`): a normalised absolute path, no query, no user info.
 fn parse_upstream(s: &str) -> Result<Uri, String> {
     let uri: Uri = s.parse().map_err(|e| format!("invalid upstream URL {s:?}: {e}"))?;
     match uri.scheme_str() {
-        Some("http" | "https") => {}
-        _ => return Err(format!("upstream {s:?} must start with http:// or https://")),
+        Some("http" | "https" | "h2c") => {}
+        _ => return Err(format!("upstream {s:?} must start with http://, https:// or h2c://")),
     }
     match uri.authority() {
         None => return Err(format!("upstream {s:?} has no host")),
@@ -812,7 +834,8 @@ mod tests {
         {
             assert!(parse_upstream(bad).is_err(), "{bad}");
         }
-        assert!(parse_upstream("ftp://x").unwrap_err().contains("http:// or https://"));
+        assert!(parse_upstream("h2c://x:50051").is_ok());
+        assert!(parse_upstream("ftp://x").unwrap_err().contains("http://, https:// or h2c://"));
         assert!(parse_upstream("x:80").is_err());
     }
 

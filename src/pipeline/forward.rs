@@ -31,7 +31,9 @@ pub struct Forwarded {
 pub async fn send(upstream: &Arc<Upstream>, out: Outbound, tried: &mut Option<usize>) -> Result<Forwarded, GateError> {
     let Outbound { mut request, added, route, client_upgrade } = out;
     let started = Instant::now();
-    let deadline = tokio::time::Instant::now() + route.timeout;
+    // A gRPC client's own deadline, when shorter than the route's timeout, is the one.
+    let limit = grpc_timeout(request.headers()).map_or(route.timeout, |t| t.min(route.timeout));
+    let deadline = tokio::time::Instant::now() + limit;
     // A refused connection hands the request back unsent: no copy is kept for the retry.
     let mut may_retry = route.upstreams.len() > 1 && request.body().is_end_stream();
     let (response, answer) = loop {
@@ -89,6 +91,7 @@ pub async fn send(upstream: &Arc<Upstream>, out: Outbound, tried: &mut Option<us
     let upstream_latency = started.elapsed();
     let (body, switched) = match answer {
         Answer::Body(body) => (Body::Upstream(body), None),
+        Answer::H2(body) => (Body::Stream(body), None),
         // A switch to exactly the protocol the gateway forwarded, for a client that asked
         // for it. Any other `101` (a switch nobody asked for, or to `h2c`, whose requests
         // no rule would check) is a 502; its upstream connection is dropped, so closed.
@@ -106,6 +109,26 @@ pub async fn send(upstream: &Arc<Upstream>, out: Outbound, tried: &mut Option<us
     Ok(Forwarded { response: Response::from_parts(parts, body), upstream_latency, switched })
 }
 
+/// `grpc-timeout` (gRPC over HTTP/2): 1 to 8 digits and a unit, `H`, `M`, `S`, `m`, `u`
+/// or `n`. Anything else is ignored (the route's timeout applies).
+fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
+    let v = headers.get("grpc-timeout")?.as_bytes();
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(match unit {
+        b"H" => Duration::from_secs(n.saturating_mul(3600)),
+        b"M" => Duration::from_secs(n.saturating_mul(60)),
+        b"S" => Duration::from_secs(n),
+        b"m" => Duration::from_millis(n),
+        b"u" => Duration::from_micros(n),
+        b"n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 /// Counts a failure of `target` for passive ejection, and says so when it ejects it.
 fn failed(route: &Route, target: &Target, why: &'static str) {
     if let Some(span) = target.health.failed() {
@@ -120,6 +143,35 @@ fn classify(e: &SendError) -> GateError {
     match e {
         SendError::Body(BodyError::TooLarge) => GateError::PayloadTooLarge,
         SendError::Body(_) => GateError::BadRequest(BadRequest::Body),
+        // hyper's HTTP/2 client hands the client's own body error back inside its own.
+        SendError::H2(h) => match std::error::Error::source(h).and_then(|s| s.downcast_ref::<BodyError>()) {
+            Some(BodyError::TooLarge) => GateError::PayloadTooLarge,
+            Some(_) => GateError::BadRequest(BadRequest::Body),
+            None => GateError::Upstream(UpstreamFailure::Protocol),
+        },
         _ => GateError::Upstream(UpstreamFailure::Protocol),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// grpc-timeout values as gRPC writes them; anything else is no deadline
+    #[test]
+    fn grpc_timeouts_are_read() {
+        let t = |v: &str| {
+            grpc_timeout(&http::HeaderMap::from_iter([(
+                http::HeaderName::from_static("grpc-timeout"),
+                v.parse().unwrap(),
+            )]))
+        };
+        assert_eq!(t("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(t("150m"), Some(Duration::from_millis(150)));
+        assert_eq!(t("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(t("99999999n"), Some(Duration::from_nanos(99_999_999)));
+        for bad in ["", "S", "123456789S", "1s", "-1S", "1.5S", "10x"] {
+            assert_eq!(t(bad), None, "{bad}");
+        }
     }
 }

@@ -12,7 +12,7 @@ use crate::pipeline::authz::Grant;
 use crate::pipeline::error::GateError;
 use crate::pipeline::metrics::Observed;
 use crate::pipeline::state::Gateway;
-use crate::wire::body::{Body, BodyError, UpstreamBody};
+use crate::wire::body::{Body, BodyError};
 use crate::wire::tunnel::{TunnelEnd, Tunnelled};
 use bytes::Bytes;
 use http::uri::Authority;
@@ -158,14 +158,15 @@ impl<R: Reporter> Report<R> {
         // A gRPC error goes out as HTTP 200: recorded with the status it stands for.
         let status = self.out.error.as_ref().map_or(res.status(), GateError::status);
         self.head_sent(status);
-        if res.body().is_end_stream() || !matches!(res.body(), Body::Upstream(_)) {
+        // An upstream's body (HTTP/1.1 read by the gateway, or HTTP/2 by hyper) is
+        // reported when it ends; anything else is whole already.
+        if res.body().is_end_stream() || !matches!(res.body(), Body::Upstream(_) | Body::Stream(_)) {
             self.out.bytes_sent = res.body().size_hint().exact().unwrap_or(0);
             self.finish(Ending::Complete);
             return res;
         }
         let (parts, body) = res.into_parts();
-        let Body::Upstream(inner) = body else { return Response::from_parts(parts, body) };
-        Response::from_parts(parts, Body::Reported(Box::pin(Reported { inner, report: self })))
+        Response::from_parts(parts, Body::Reported(Box::pin(Reported { inner: body, report: self })))
     }
 
     /// A `101` went out: the request is reported when its tunnel closes.
@@ -203,7 +204,7 @@ impl<R: Reporter> Drop for Report<R> {
 
 /// An upstream's response body on its way to the client, reporting when it ends.
 struct Reported<R: Reporter> {
-    inner: UpstreamBody,
+    inner: Body,
     report: Report<R>,
 }
 

@@ -12,6 +12,7 @@ use crate::pipeline::limit::Quota;
 use crate::pipeline::request::{ConnInfo, Parsed};
 use crate::pipeline::route::Route;
 use crate::wire::body::Body;
+use crate::wire::h2::TeTrailers;
 use crate::wire::headers::{
     self, HOP_BY_HOP, HOST, Protected, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_RATELIMIT_LIMIT,
     X_RATELIMIT_REMAINING, X_REQUEST_ID,
@@ -46,6 +47,9 @@ pub fn request(p: Parsed, permit: &Permit, conn: &ConnInfo, trusted_peer: bool, 
     let h = &mut parts.headers;
 
     let upgrade = parts.version == Version::HTTP_11 && is_upgrade(h);
+    // Kept for an HTTP/2 upstream (gRPC servers want it); `TE` itself is hop-by-hop.
+    let te_trailers = headers::list_elements(h.get_all(http::header::TE).iter())
+        .any(|t| t.split(|&b| b == b';').next().unwrap_or_default().trim_ascii().eq_ignore_ascii_case(b"trailers"));
     if parts.version == Version::HTTP_2 {
         join_cookies(h);
     }
@@ -95,6 +99,9 @@ pub fn request(p: Parsed, permit: &Permit, conn: &ConnInfo, trusted_peer: bool, 
     parts.version = Version::HTTP_11;
     parts.uri = Uri::from(route.upstream_path(path_and_query));
     parts.extensions.clear();
+    if te_trailers {
+        parts.extensions.insert(TeTrailers);
+    }
     Outbound { request: Request::from_parts(parts, body), added, route, client_upgrade }
 }
 

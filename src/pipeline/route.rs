@@ -44,7 +44,7 @@ impl Route {
             forward_credentials: c.forward_credentials,
             timeout: c.timeout,
             set_headers: c.set_headers.clone(),
-            upstreams: Upstreams::new(&c.upstreams, tls, c.balance, slots),
+            upstreams: Upstreams::new(&c.upstreams, tls, c.balance, c.protocol, slots),
         }
     }
 
@@ -153,6 +153,7 @@ mod tests {
             upstream_tls: None,
             health_check: None,
             balance: Default::default(),
+            protocol: Default::default(),
             allow_anonymous: false,
             forward_credentials: false,
             timeout: Duration::from_secs(1),

@@ -94,8 +94,8 @@ fn upstream_tls(config: &Config) -> Result<Vec<Option<TlsClient>>, StartError> {
             out.push(None);
             continue;
         };
-        let built =
-            tls::upstream::client(cfg).map_err(|error| StartError::UpstreamTls { route: r.name.clone(), error })?;
+        let built = tls::upstream::client(cfg, r.protocol)
+            .map_err(|error| StartError::UpstreamTls { route: r.name.clone(), error })?;
         if let Some(resolver) = built.client_cert {
             resolver.spawn_reloader();
         }

@@ -6,8 +6,8 @@
 //! roots for that route.
 
 use super::{CertResolver, TlsError, provider};
-use crate::config::{RouteConfig, UpstreamTlsConfig};
-use crate::wire::balance::TlsClient;
+use crate::config::UpstreamTlsConfig;
+use crate::wire::balance::{Protocol, TlsClient};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
@@ -21,14 +21,9 @@ pub struct RouteTls {
     pub client_cert: Option<Arc<CertResolver>>,
 }
 
-/// The TLS clients of `routes`, one per route in order (`None` for a plain-HTTP route).
-pub fn clients(routes: &[RouteConfig]) -> Result<Vec<Option<RouteTls>>, TlsError> {
-    routes.iter().map(|r| r.upstream_tls.as_ref().map(client).transpose()).collect()
-}
-
-/// Builds one route's client: TLS 1.2 and 1.3, ALPN `http/1.1` (the gateway speaks
-/// HTTP/1.1 to its upstreams), the system's roots unless a CA bundle is given.
-pub fn client(cfg: &UpstreamTlsConfig) -> Result<RouteTls, TlsError> {
+/// Builds one route's client: TLS 1.2 and 1.3, ALPN `http/1.1` or `h2` (the route's
+/// protocol), the system's roots unless a CA bundle is given.
+pub fn client(cfg: &UpstreamTlsConfig, protocol: Protocol) -> Result<RouteTls, TlsError> {
     let roots = match &cfg.ca {
         Some(path) => Arc::new(ca_bundle(path)?),
         None => system_roots()?,
@@ -44,7 +39,12 @@ pub fn client(cfg: &UpstreamTlsConfig) -> Result<RouteTls, TlsError> {
             (builder.with_client_cert_resolver(resolver.clone()), Some(resolver))
         }
     };
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // One protocol offered, the route's: an upstream that cannot speak it fails the
+    // handshake (h2) or answers in HTTP/1.1 as before.
+    config.alpn_protocols = match protocol {
+        Protocol::Http1 => vec![b"http/1.1".to_vec()],
+        Protocol::H2 => vec![b"h2".to_vec()],
+    };
     let server_name = match &cfg.server_name {
         None => None,
         Some(n) => Some(

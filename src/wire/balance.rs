@@ -38,6 +38,15 @@ pub enum Balance {
     LeastRequests,
 }
 
+/// The protocol a route speaks to its targets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Protocol {
+    #[default]
+    Http1,
+    /// HTTP/2: by prior knowledge without TLS (`h2c://`), by ALPN with it.
+    H2,
+}
+
 /// The upstream targets of one route.
 #[derive(Debug)]
 pub struct Upstreams {
@@ -75,6 +84,8 @@ pub struct Target {
     pub authority: Authority,
     /// `Some` for an `https://` target.
     pub tls: Option<TargetTls>,
+    /// HTTP/2 to this target (see `h2.rs`), else HTTP/1.1.
+    pub h2: bool,
     /// The `Host` header the upstream is sent: its own authority.
     pub host: HeaderValue,
     /// This target's index among all targets of its route table: where a connection
@@ -186,7 +197,13 @@ impl Upstreams {
     /// The targets of `uris`, reached over TLS with `tls` when given; they take the next
     /// `slots` (indexes of the route table's targets, where a connection worker keeps its
     /// idle connections to each).
-    pub fn new(uris: &[http::Uri], tls: Option<&TlsClient>, balance: Balance, slots: &mut usize) -> Self {
+    pub fn new(
+        uris: &[http::Uri],
+        tls: Option<&TlsClient>,
+        balance: Balance,
+        protocol: Protocol,
+        slots: &mut usize,
+    ) -> Self {
         let epoch = Instant::now();
         let targets = uris
             .iter()
@@ -208,6 +225,7 @@ impl Upstreams {
                 *slots += 1;
                 Some(Target {
                     tls,
+                    h2: protocol == Protocol::H2,
                     host: HeaderValue::from_str(authority.as_str()).ok()?,
                     slot: *slots - 1,
                     authority,
@@ -284,7 +302,7 @@ impl Upstreams {
         })
     }
 
-    /// True at most once per [`WARN_EVERY`] per target: a broken upstream logs one line
+    /// True at most once per 10 s per target: a broken upstream logs one line
     /// per interval, not one per request.
     pub fn should_warn(&self, target: &Target) -> bool {
         let now = self.now_ms() + 1;
@@ -319,6 +337,7 @@ mod tests {
             &["http://a:1".parse().unwrap(), "http://b:2".parse().unwrap()],
             None,
             Balance::RoundRobin,
+            Protocol::Http1,
             &mut 0,
         );
         let first = u.pick().unwrap().authority.clone();
@@ -336,7 +355,7 @@ mod tests {
     fn three(balance: Balance) -> Upstreams {
         let uris: Vec<http::Uri> =
             ["http://a:1", "http://b:2", "http://c:3"].iter().map(|u| u.parse().unwrap()).collect();
-        Upstreams::new(&uris, None, balance, &mut 0)
+        Upstreams::new(&uris, None, balance, Protocol::Http1, &mut 0)
     }
 
     /// an actively unhealthy target is never chosen; all unhealthy: none at all

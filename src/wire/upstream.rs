@@ -58,6 +58,13 @@ pub enum SendError {
     /// The upstream's answer is not valid HTTP/1.1.
     #[error("upstream response: {0}")]
     Wire(#[from] WireError),
+    /// The HTTP/2 exchange failed (a reset stream, a GOAWAY after the request was sent, a
+    /// protocol error).
+    #[error("upstream HTTP/2: {0}")]
+    H2(hyper::Error),
+    /// Two HTTP/2 connections in a row closed before they could take the request.
+    #[error("upstream HTTP/2 connection closed before the request could be sent")]
+    H2Closed,
 }
 
 /// Why a connection could not be opened.
@@ -213,6 +220,8 @@ pub enum Answer {
     Body(UpstreamBody),
     /// `101 Switching Protocols`: the connection now belongs to the upgraded stream.
     Switched(Conn),
+    /// An HTTP/2 response body (trailers included), as hyper's client reads it.
+    H2(hyper::body::Incoming),
 }
 
 /// A worker's pool of upstream connections.
@@ -220,9 +229,11 @@ pub enum Answer {
 pub struct Upstream {
     /// Idle connections by target slot, most recently used last.
     idle: Mutex<Vec<Vec<Idle>>>,
-    connect_timeout: Duration,
+    /// The HTTP/2 connections, one per target (see `h2.rs`).
+    pub(crate) h2: crate::wire::h2::H2Pool,
+    pub(crate) connect_timeout: Duration,
     /// Longest response head accepted (`limits.max_header_bytes`, as for requests).
-    max_head: usize,
+    pub(crate) max_head: usize,
 }
 
 #[derive(Debug)]
@@ -256,7 +267,7 @@ impl Upstream {
     /// response head accepted (`limits.upstream_connect_timeout` and
     /// `limits.max_header_bytes` of the config).
     pub fn new(connect_timeout: Duration, max_head: usize) -> Arc<Upstream> {
-        Arc::new(Upstream { idle: Mutex::new(Vec::new()), connect_timeout, max_head })
+        Arc::new(Upstream { idle: Mutex::new(Vec::new()), h2: Default::default(), connect_timeout, max_head })
     }
 
     /// Sends `req` (origin-form URI) with the gateway's `added` headers to `target`, whose
@@ -274,6 +285,9 @@ impl Upstream {
         added: &[(HeaderName, HeaderValue)],
         idle: Duration,
     ) -> Result<(Response<()>, Answer), SendError> {
+        if target.h2 {
+            return self.send_h2(target, req, added).await;
+        }
         let (pooled, conn) = match self.checkout(target.slot) {
             Some(conn) => (true, conn),
             None => match self.connect(target).await {
@@ -438,6 +452,11 @@ impl Upstream {
     /// Opens a new connection (TCP, then TLS for an `https://` target, both within the
     /// connect timeout); why not, when it cannot.
     async fn connect(&self, target: &Target) -> Result<Conn, ConnectFailure> {
+        Ok(Conn { io: self.connect_io(target).await?, buf: BytesMut::new() })
+    }
+
+    /// The connection itself (see [`Upstream::connect`]).
+    pub(crate) async fn connect_io(&self, target: &Target) -> Result<Io, ConnectFailure> {
         let timed_out = || format!("timed out after {:?}", self.connect_timeout);
         let deadline = tokio::time::Instant::now() + self.connect_timeout;
         let tcp = tokio::time::timeout_at(deadline, open(&target.authority))
@@ -455,7 +474,7 @@ impl Upstream {
                 Io::Tls(Box::new(stream))
             }
         };
-        Ok(Conn { io, buf: BytesMut::new() })
+        Ok(io)
     }
 
     /// Closes connections unused for longer than the idle timeout, and forgets closed ones.

@@ -1,13 +1,14 @@
-//! gRPC clients get gRPC errors (docs/errors.md#grpc): the real grpcio client library
-//! (`tests/it/grpc/call.py`, over HTTP/2 without TLS) reads Gatehouse's refusals as the
-//! status codes it documents, with the same messages as the JSON bodies, and the upstream
-//! never sees the call.
+//! gRPC through Gatehouse, with the real grpcio library on both sides (scripts in
+//! `tests/it/grpc/`): every kind of call passes with its trailers to an HTTP/2 upstream;
+//! refusals reach the client as the gRPC status codes docs/errors.md#grpc documents, with
+//! the same messages as the JSON bodies, and the upstream never sees the call.
 
 use crate::support::creds::Creds;
 use crate::support::gateway::{RouteSpec, TestGateway};
 use crate::support::upstream::{Mode, TestUpstream};
 use gatehouse::credentials::file::{FileRateLimit, spanned};
 use std::path::Path;
+use std::time::Duration;
 
 /// Runs `call.py` against `addr`: one JSON line per call.
 async fn grpc_calls(
@@ -80,4 +81,155 @@ async fn grpc_clients_get_grpc_status_codes_with_the_message() {
     let record = gw.audit_of("/orders.Orders/Get", 1).await.into_iter().find(|r| r["request_id"] == id).unwrap();
     assert_eq!(record["status"], 401);
     assert_eq!(record["reason"], "revoked");
+}
+
+/// A real gRPC server (grpcio, `tests/it/grpc/server.py`), stopped when dropped.
+struct GrpcServer {
+    _child: tokio::process::Child,
+    port: u16,
+    calls: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl GrpcServer {
+    /// Plain HTTP/2 (h2c), or TLS with `cert` and `key` (h2 by ALPN).
+    async fn start(tls: Option<(&Path, &Path)>) -> GrpcServer {
+        use tokio::io::AsyncBufReadExt;
+        let dir = tempfile::tempdir().unwrap();
+        let calls = dir.path().join("calls.jsonl");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/grpc/server.py");
+        let mut cmd = tokio::process::Command::new("python3");
+        cmd.arg(script).arg(&calls).stdout(std::process::Stdio::piped()).kill_on_drop(true);
+        if let Some((cert, key)) = tls {
+            cmd.arg(cert).arg(key);
+        }
+        let mut child = cmd.spawn().expect("python3 runs");
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let port = crate::support::within(Duration::from_secs(20), "the gRPC server's port", lines.next_line())
+            .await
+            .unwrap()
+            .expect("server.py printed its port")
+            .parse()
+            .unwrap();
+        GrpcServer { _child: child, port, calls, _dir: dir }
+    }
+
+    /// The calls it received: method and the metadata it was sent.
+    fn calls(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.calls)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+/// Runs `flows.py` through the gateway at `addr` with `key`.
+async fn grpc_flows(addr: std::net::SocketAddr, key: &str) -> serde_json::Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/grpc/flows.py");
+    let out =
+        tokio::process::Command::new("python3").arg(script).arg(addr.to_string()).arg(key).output().await.unwrap();
+    assert!(out.status.success(), "flows.py failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Unary, server-, client- and bidirectional streaming calls from grpcio's client pass
+/// through Gatehouse to grpcio's server, over h2c and over TLS (h2 by ALPN), with
+/// trailers both ways (a status the upstream chose, its trailing metadata); the server
+/// sees the caller's identity and no credential; a bad key never reaches it.
+#[tokio::test]
+async fn grpc_calls_of_every_kind_pass_through_with_trailers() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = crate::support::pki::Ca::new("gRPC CA");
+    let (cert, key_file) = ca.leaf(&["localhost"]).write(dir.path(), "server");
+    let ca_path = ca.write(dir.path(), "ca.pem");
+    let plain = GrpcServer::start(None).await;
+    let tls = GrpcServer::start(Some((&cert, &key_file))).await;
+    let mut creds = Creds::new();
+    creds.role("echo", &["POST /test.Echo/*"]);
+    let key = creds.api_user("svc");
+    creds.set_roles("svc", &["echo"]);
+    for (name, server, route) in [
+        ("h2c", &plain, RouteSpec::new("grpc", "/test.Echo/").upstream_url(&format!("h2c://127.0.0.1:{}", plain.port))),
+        (
+            "h2 over TLS",
+            &tls,
+            RouteSpec::new("grpc", "/test.Echo/")
+                .upstream_url(&format!("https://localhost:{}", tls.port))
+                .setting("upstream_protocol: h2")
+                .setting(&format!("upstream_tls: {{ ca: {} }}", ca_path.display())),
+        ),
+    ] {
+        let gw = TestGateway::builder().credentials(&creds).route(route.authenticated().timeout("5s")).start().await;
+        let out = grpc_flows(gw.addr(), &key.token).await;
+        assert_eq!(out["unary"]["reply"], "olleh", "{name}: {out}");
+        assert_eq!(out["unary"]["code"], "OK", "{name}");
+        assert_eq!(out["unary"]["trailers"]["x-echo-trailer"], "done", "{name}: {out}");
+        assert_eq!(out["server_stream"], serde_json::json!(["s0", "s1", "s2"]), "{name}");
+        assert_eq!(out["client_stream"], "abc", "{name}");
+        assert_eq!(out["bidi"], serde_json::json!(["ONE", "TWO", "THREE"]), "{name}");
+        assert_eq!(out["fail"]["code"], "ABORTED", "{name}: {out}");
+        assert_eq!(out["fail"]["details"], "upstream says no", "{name}");
+        assert_eq!(out["fail"]["trailers"]["x-why"], "on-purpose", "{name}");
+        let calls = server.calls();
+        let methods: Vec<&str> = calls.iter().map(|c| c["method"].as_str().unwrap()).collect();
+        assert_eq!(methods, ["Unary", "ServerStream", "ClientStream", "Bidi", "Fail"], "{name}");
+        for c in &calls {
+            assert_eq!(c["metadata"]["x-gatehouse-user"], "svc", "{name}: {c}");
+            assert_eq!(c["metadata"]["x-api-key"], serde_json::Value::Null, "{name}: the key reached the upstream");
+        }
+        let refused = grpc_calls(gw.addr(), "/test.Echo/Unary", &[("x-api-key", "ghk_0000")], 1).await;
+        assert_eq!(status(&refused[0]).0, "UNAUTHENTICATED", "{name}");
+        assert_eq!(server.calls().len(), 5, "{name}: a refused call reached the upstream");
+        std::fs::remove_file(&server.calls).unwrap();
+    }
+}
+
+/// The client's deadline (`grpc-timeout`) is the gateway's when it is shorter than the
+/// route's timeout: the gateway answers DEADLINE_EXCEEDED itself, within about the
+/// deadline (not the route's 5 s nor the server's 3 s). Sent by a raw HTTP/2 client that
+/// keeps no deadline of its own, so that only the gateway's can end the call.
+#[tokio::test]
+async fn grpc_timeout_is_honoured_as_the_deadline() {
+    let server = GrpcServer::start(None).await;
+    let mut creds = Creds::new();
+    let key = creds.api_user("svc");
+    let gw = TestGateway::builder()
+        .credentials(&creds)
+        .route(
+            RouteSpec::new("grpc", "/")
+                .upstream_url(&format!("h2c://127.0.0.1:{}", server.port))
+                .authenticated()
+                .timeout("5s"),
+        )
+        .start()
+        .await;
+    let tcp = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake::<_, _, http_body_util::Full<bytes::Bytes>>(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    // One gRPC message: uncompressed, 4 bytes.
+    let frame = bytes::Bytes::from_static(&[0, 0, 0, 0, 4, b'p', b'i', b'n', b'g']);
+    let req = http::Request::post(format!("http://{}/test.Echo/Slow", gw.addr()))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", "500m")
+        .header("x-api-key", &key.token)
+        .body(http_body_util::Full::new(frame))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let res =
+        crate::support::within(Duration::from_secs(10), "the gateway's answer", send.send_request(req)).await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["grpc-status"], "4", "{:?}", res.headers());
+    assert_eq!(res.headers()["grpc-message"], "Upstream service timed out");
+    assert!(took < Duration::from_millis(2900), "answered after {took:?}: grpc-timeout 500m was not the deadline");
+    let record = gw.audit_of("/test.Echo/Slow", 1).await.remove(0);
+    assert_eq!(record["status"], 504, "{record}");
+    assert_eq!(server.calls().len(), 1);
 }

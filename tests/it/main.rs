@@ -35,6 +35,7 @@ mod secrets;
 mod shared_state;
 mod shutdown;
 mod smuggling;
+mod upstream_h2;
 mod upstream_health;
 mod upstream_paths;
 mod upstream_pool;

@@ -137,6 +137,15 @@ impl TestUpstream {
     /// An upstream speaking HTTPS with `cert` (PEM certificate chain and key); with
     /// `client_ca`, it requires a client certificate that CA signed (mTLS).
     pub async fn tls(mode: Mode, cert: &super::pki::Leaf, client_ca: Option<&str>) -> TestUpstream {
+        Self::tls_alpn(mode, cert, client_ca, &[b"h2", b"http/1.1"]).await
+    }
+
+    /// An echoing HTTPS upstream that offers only `http/1.1` by ALPN.
+    pub async fn tls_http1_only(cert: &super::pki::Leaf) -> TestUpstream {
+        Self::tls_alpn(Mode::Echo, cert, None, &[b"http/1.1"]).await
+    }
+
+    async fn tls_alpn(mode: Mode, cert: &super::pki::Leaf, client_ca: Option<&str>, alpn: &[&[u8]]) -> TestUpstream {
         use rustls::pki_types::pem::PemObject;
         use rustls::pki_types::{CertificateDer, PrivateKeyDer};
         let chain: Vec<CertificateDer<'static>> =
@@ -157,7 +166,8 @@ impl TestUpstream {
                 )
             }
         };
-        let config = builder.with_single_cert(chain, key).unwrap();
+        let mut config = builder.with_single_cert(chain, key).unwrap();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let id: Arc<str> = Arc::from(addr.port().to_string());
