@@ -8,7 +8,8 @@
 #      real CLI for the two used users and a generated YAML block for the others, and a
 #      gatehouse.yaml with one route /  -> the peers script's upstream (and a route /tls to the
 #      same upstream over TLS, verified against a CA made with openssl: the https-upstream
-#      rows gateway-key-tls and nginx-key-tls), metrics (admin listener)
+#      rows gateway-key-tls and nginx-key-tls; and a route /h2 to it over HTTP/2 without TLS:
+#      gateway-key-h2 beside nginx-key-h2, nginx's grpc_pass), metrics (admin listener)
 #      and the audit log (a file) on, and a rate limit that never triggers (nginx-key's
 #      limit_req is set the same way, so both pay for the check);
 #   3. runs benches/peers.sh with GATEWAY_CMD / GATEWAY_URL / GATEWAY_KEY /
@@ -77,7 +78,8 @@ bench_config "$WORK/gatehouse.yaml" bench "$GATEWAY_PORT" "$BASE_PORT" "" "auth:
     replay_cache_entries: 3000000"
 # The https-upstream rows: a CA and a certificate for localhost (openssl), the upstream
 # nginx listening with it on BASE_PORT+4 (peers.sh), and a route /tls to it that strips
-# its prefix, so the upstream sees the same path as on the plain route.
+# its prefix, so the upstream sees the same path as on the plain route. The HTTP/2 rows:
+# a route /h2 to the upstream's h2c listener on BASE_PORT+6.
 TLS_DIR=$WORK/upstream-tls
 mkdir -p "$TLS_DIR"
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj "/CN=bench CA" \
@@ -92,6 +94,10 @@ cat >>"$WORK/gatehouse.yaml" <<YAML
     strip_prefix: true
     upstream: https://127.0.0.1:$((BASE_PORT + 4))
     upstream_tls: { ca: $TLS_DIR/ca.pem, server_name: localhost }
+  - name: bench-h2
+    path_prefix: /h2
+    strip_prefix: true
+    upstream: h2c://127.0.0.1:$((BASE_PORT + 6))
 YAML
 "$BIN" check-config --config "$WORK/gatehouse.yaml" >/dev/null
 
@@ -127,7 +133,7 @@ fi
 
 log "running $PEERS (ROUNDS=$ROUNDS)"
 env "${SHARED_ENV[@]}" \
-UPSTREAM_TLS_DIR=$TLS_DIR GATEWAY_URL=http://127.0.0.1:$GATEWAY_PORT GATEWAY_KEY=$KEY \
+UPSTREAM_TLS_DIR=$TLS_DIR UPSTREAM_H2=1 GATEWAY_URL=http://127.0.0.1:$GATEWAY_PORT GATEWAY_KEY=$KEY \
   GATEWAY_HMAC_KEY_ID=$HMAC_ID GATEWAY_HMAC_SECRET=$HMAC_SECRET \
   GATEWAY_CMD="$BIN --log-format json serve --config $WORK/gatehouse.yaml" \
   bash "$PEERS"

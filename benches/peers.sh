@@ -63,6 +63,10 @@
 #                       rows nginx-key-tls (:BASE_PORT+5, proxy_pass https with proxy_ssl_verify
 #                       and session reuse) and, with GATEWAY_*, gateway-key-tls (GATEWAY_URL/tls,
 #                       a route to the TLS upstream; load.sh writes it) measure an https upstream
+#   UPSTREAM_H2=0       1: the upstream also speaks HTTP/2 without TLS (h2c) on BASE_PORT+6, and
+#                       the rows nginx-key-h2 (:BASE_PORT+7, grpc_pass to it with a keep-alive
+#                       pool) and, with GATEWAY_*, gateway-key-h2 (GATEWAY_URL/h2, a route to
+#                       h2c://; load.sh writes it) measure an HTTP/2 upstream
 #   SHARED_URL= SHARED_PID=   a second gateway, already running (the same binary with
 #                       shared_state: in Redis; load.sh starts it), measured as shared-key /
 #                       shared-hmac with the GATEWAY_* keys
@@ -104,6 +108,9 @@ PASS_PORT=$((BASE_PORT + 3))
 UPSTREAM_TLS_PORT=$((BASE_PORT + 4))
 KEY_TLS_PORT=$((BASE_PORT + 5))
 UPSTREAM_TLS_DIR=${UPSTREAM_TLS_DIR:-}
+UPSTREAM_H2=${UPSTREAM_H2:-0}
+UPSTREAM_H2_PORT=$((BASE_PORT + 6))
+KEY_H2_PORT=$((BASE_PORT + 7))
 NGX_JS_MODULE=/usr/lib/nginx/modules/ngx_http_js_module.so
 
 log() { printf '[peers] %s\n' "$*" >&2; }
@@ -211,7 +218,7 @@ wait_port() { # port seconds
   for i in $(seq 1 $(($2 * 10))); do port_in_use "$1" && return 0; sleep 0.1; done
   return 1
 }
-for p in "$UPSTREAM_PORT" "$KEY_PORT" "$HMAC_PORT" "$PASS_PORT" $([ -n "$UPSTREAM_TLS_DIR" ] && echo "$UPSTREAM_TLS_PORT $KEY_TLS_PORT"); do
+for p in "$UPSTREAM_PORT" "$KEY_PORT" "$HMAC_PORT" "$PASS_PORT" $([ -n "$UPSTREAM_TLS_DIR" ] && echo "$UPSTREAM_TLS_PORT $KEY_TLS_PORT") $([ "$UPSTREAM_H2" = 1 ] && echo "$UPSTREAM_H2_PORT $KEY_H2_PORT"); do
   port_in_use "$p" && die "127.0.0.1:$p is already in use (set BASE_PORT)"
 done
 
@@ -224,35 +231,35 @@ if [ "$RESP_BYTES" -gt ${#body} ]; then
   body="{\"ok\":true,\"pad\":\"$(head -c "$pad" /dev/zero | tr '\0' 'x')\"}"
 fi
 
+# key_peer NAME UPSTREAM_PORT LISTEN_PORT PROXY_LINES: an nginx-key peer (the same API-key
+# check as nginx-key) on LISTEN_PORT whose requests go to a keep-alive pool NAME of
+# 127.0.0.1:UPSTREAM_PORT by PROXY_LINES (proxy_pass or grpc_pass and their settings).
+key_peer() {
+  printf '    upstream %s {\n        server 127.0.0.1:%s;\n        keepalive 128;\n        keepalive_requests 10000000;\n    }\n' "$1" "$2"
+  printf '    server {\n        listen 127.0.0.1:%s reuseport backlog=4096;\n        default_type application/json;\n        location / {\n' "$3"
+  printf '            if ($api_user = "") {\n                return 401 %s;\n            }\n' \
+    "'{\"success\":false,\"message\":\"\$auth_error\",\"code\":\"authentication_error\"}'"
+  printf '            limit_req zone=per_key burst=1000000 nodelay;\n%s\n        }\n    }\n' "$4"
+}
+
+# upstream_server LISTEN_LINE [MORE_LINES]: another server of the upstream nginx, with the same answer.
+upstream_server() {
+  printf '    server {\n        %s\n%s        default_type application/json;\n        location / {\n            return 200 %s;\n        }\n    }\n' \
+    "$1" "${2:-}" "'$body'"
+}
+
 UPSTREAM_TLS_SERVER=""
 PEER_TLS_SERVER=""
 if [ -n "$UPSTREAM_TLS_DIR" ]; then
-  UPSTREAM_TLS_SERVER="    server {
-        listen 127.0.0.1:$UPSTREAM_TLS_PORT ssl reuseport backlog=4096;
-        ssl_certificate $UPSTREAM_TLS_DIR/cert.pem;
+  UPSTREAM_TLS_SERVER=$(upstream_server "listen 127.0.0.1:$UPSTREAM_TLS_PORT ssl reuseport backlog=4096;" \
+"        ssl_certificate $UPSTREAM_TLS_DIR/cert.pem;
         ssl_certificate_key $UPSTREAM_TLS_DIR/key.pem;
         ssl_protocols TLSv1.2 TLSv1.3;
         ssl_session_cache shared:up_tls:10m;
-        default_type application/json;
-        location / {
-            return 200 '$body';
-        }
-    }"
+")
   # API key, to the upstream over TLS: verified, sessions reused, connections kept alive.
-  PEER_TLS_SERVER="    upstream bench_upstream_tls {
-        server 127.0.0.1:$UPSTREAM_TLS_PORT;
-        keepalive 128;
-        keepalive_requests 10000000;
-    }
-    server {
-        listen 127.0.0.1:$KEY_TLS_PORT reuseport backlog=4096;
-        default_type application/json;
-        location / {
-            if (\$api_user = \"\") {
-                return 401 '{\"success\":false,\"message\":\"\$auth_error\",\"code\":\"authentication_error\"}';
-            }
-            limit_req zone=per_key burst=1000000 nodelay;
-            proxy_pass https://bench_upstream_tls;
+  PEER_TLS_SERVER=$(key_peer bench_upstream_tls "$UPSTREAM_TLS_PORT" "$KEY_TLS_PORT" \
+"            proxy_pass https://bench_upstream_tls;
             proxy_ssl_verify on;
             proxy_ssl_trusted_certificate $UPSTREAM_TLS_DIR/ca.pem;
             proxy_ssl_name localhost;
@@ -262,9 +269,19 @@ if [ -n "$UPSTREAM_TLS_DIR" ]; then
             proxy_set_header Connection \"\";
             proxy_set_header X-Authenticated-User \$api_user;
             proxy_set_header X-API-Key \"\";
-            proxy_set_header Authorization \"\";
-        }
-    }"
+            proxy_set_header Authorization \"\";")
+fi
+
+UPSTREAM_H2_SERVER=""
+PEER_H2_SERVER=""
+if [ "$UPSTREAM_H2" = 1 ]; then
+  UPSTREAM_H2_SERVER=$(upstream_server "listen 127.0.0.1:$UPSTREAM_H2_PORT http2 reuseport backlog=4096;")
+  # API key, to the upstream over HTTP/2 (nginx proxies HTTP/2 upstreams with grpc_pass).
+  PEER_H2_SERVER=$(key_peer bench_upstream_h2 "$UPSTREAM_H2_PORT" "$KEY_H2_PORT" \
+"            grpc_pass grpc://bench_upstream_h2;
+            grpc_set_header X-Authenticated-User \$api_user;
+            grpc_set_header X-API-Key \"\";
+            grpc_set_header Authorization \"\";")
 fi
 
 cat > "$WORK/up/nginx.conf" <<EOF
@@ -290,6 +307,7 @@ http {
         }
     }
 $UPSTREAM_TLS_SERVER
+$UPSTREAM_H2_SERVER
 }
 EOF
 
@@ -422,6 +440,7 @@ http {
     }
 
 $PEER_TLS_SERVER
+$PEER_H2_SERVER
 
     # ---- no authentication: the cost of the hop itself
     server {
@@ -482,6 +501,9 @@ start_nginx peers "$WORK/peer"; PEER_PID=$LAST_PID
 { wait_port "$KEY_PORT" 5 && wait_port "$HMAC_PORT" 5 && wait_port "$PASS_PORT" 5; } || die "peers did not start (see $WORK/peer/logs/error.log)"
 if [ -n "$UPSTREAM_TLS_DIR" ]; then
   { wait_port "$UPSTREAM_TLS_PORT" 5 && wait_port "$KEY_TLS_PORT" 5; } || die "TLS upstream or nginx-key-tls did not start"
+fi
+if [ "$UPSTREAM_H2" = 1 ]; then
+  { wait_port "$UPSTREAM_H2_PORT" 5 && wait_port "$KEY_H2_PORT" 5; } || die "h2c upstream or nginx-key-h2 did not start"
 fi
 log "upstream 127.0.0.1:$UPSTREAM_PORT (pid $UP_PID), nginx-key :$KEY_PORT, nginx-hmac :$HMAC_PORT, nginx-pass :$PASS_PORT (pid $PEER_PID), work dir $WORK"
 
@@ -706,6 +728,10 @@ if [ "$CHECKS" = 1 ]; then
     expect "upstream over TLS" 200 "$(http_code --cacert "$UPSTREAM_TLS_DIR/ca.pem" --resolve "localhost:$UPSTREAM_TLS_PORT:127.0.0.1" "https://localhost:$UPSTREAM_TLS_PORT$BENCH_PATH")"
     expect "nginx-key-tls" 200 "$(http_code -H "X-API-Key: $PEER_KEY" "http://127.0.0.1:$KEY_TLS_PORT$BENCH_PATH")"
   fi
+  if [ "$UPSTREAM_H2" = 1 ]; then
+    expect "upstream over h2c" 200 "$(http_code --http2-prior-knowledge "http://127.0.0.1:$UPSTREAM_H2_PORT$BENCH_PATH")"
+    expect "nginx-key-h2" 200 "$(http_code -H "X-API-Key: $PEER_KEY" "http://127.0.0.1:$KEY_H2_PORT$BENCH_PATH")"
+  fi
   expect "key: missing" 401 "$(http_code "$K$BENCH_PATH")" "$(cat "$WORK/check.body")"
   grep -q '"API key is missing"' "$WORK/check.body" || { log "check FAIL key: missing body: $(cat "$WORK/check.body")"; check_fail=1; }
   expect "key: unknown" 401 "$(http_code -H 'X-API-Key: pk_nope' "$K$BENCH_PATH")"
@@ -745,6 +771,10 @@ if [ "$CHECKS" = 1 ]; then
     if [ -n "$GATEWAY_KEY" ]; then
       code=$(http_code -H "X-API-Key: $GATEWAY_KEY" "$GATEWAY_URL$BENCH_PATH")
       [[ "$code" =~ ^2 ]] && log "check ok   gateway: valid key ($code)" || { log "check FAIL gateway: valid key got $code: $(head -c 300 "$WORK/check.body")"; check_fail=1; }
+      if [ "$UPSTREAM_H2" = 1 ]; then
+        code=$(http_code -H "X-API-Key: $GATEWAY_KEY" "$GATEWAY_URL/h2$BENCH_PATH")
+        [[ "$code" =~ ^2 ]] && log "check ok   gateway: valid key, h2c upstream ($code)" || { log "check FAIL gateway: h2c upstream got $code: $(head -c 300 "$WORK/check.body")"; check_fail=1; }
+      fi
       if [ -n "$UPSTREAM_TLS_DIR" ]; then
         code=$(http_code -H "X-API-Key: $GATEWAY_KEY" "$GATEWAY_URL/tls$BENCH_PATH")
         [[ "$code" =~ ^2 ]] && log "check ok   gateway: valid key, https upstream ($code)" || { log "check FAIL gateway: https upstream got $code: $(head -c 300 "$WORK/check.body")"; check_fail=1; }
@@ -766,11 +796,13 @@ all_targets() {
   [ "$PASS" = 1 ] && bench_target nginx-pass "$PEER_PID" "http://127.0.0.1:$PASS_PORT$BENCH_PATH" key ""
   bench_target nginx-key "$PEER_PID" "http://127.0.0.1:$KEY_PORT$BENCH_PATH" key "X-API-Key: $PEER_KEY"
   [ -n "$UPSTREAM_TLS_DIR" ] && bench_target nginx-key-tls "$PEER_PID" "http://127.0.0.1:$KEY_TLS_PORT$BENCH_PATH" key "X-API-Key: $PEER_KEY"
+  [ "$UPSTREAM_H2" = 1 ] && bench_target nginx-key-h2 "$PEER_PID" "http://127.0.0.1:$KEY_H2_PORT$BENCH_PATH" key "X-API-Key: $PEER_KEY"
   [ "$CALIBRATE" = 1 ] && bench_target direct-lua "" "http://127.0.0.1:$UPSTREAM_PORT" hmac "$PEER_HMAC_ID" "$PEER_HMAC_SECRET"
   bench_target nginx-hmac "$PEER_PID" "http://127.0.0.1:$HMAC_PORT" hmac "$PEER_HMAC_ID" "$PEER_HMAC_SECRET"
   if [ -n "$GATEWAY_URL" ] && [ -n "$GATEWAY_KEY" ]; then
     bench_target gateway-key "$GATEWAY_PID" "$GATEWAY_URL$BENCH_PATH" key "X-API-Key: $GATEWAY_KEY"
     [ -n "$UPSTREAM_TLS_DIR" ] && bench_target gateway-key-tls "$GATEWAY_PID" "$GATEWAY_URL/tls$BENCH_PATH" key "X-API-Key: $GATEWAY_KEY"
+    [ "$UPSTREAM_H2" = 1 ] && bench_target gateway-key-h2 "$GATEWAY_PID" "$GATEWAY_URL/h2$BENCH_PATH" key "X-API-Key: $GATEWAY_KEY"
     [ -n "$SHARED_URL" ] && bench_target shared-key "$SHARED_PID" "$SHARED_URL$BENCH_PATH" key "X-API-Key: $GATEWAY_KEY"
   fi
   if [ -n "$GATEWAY_URL" ] && [ -n "$GATEWAY_HMAC_KEY_ID" ]; then
@@ -829,6 +861,7 @@ report() {
     if (has("gateway-key", "load") && has("nginx-key", "load")) printf "gateway-key  / nginx-key   = %.2f throughput; proxy CPU %.1f vs %.1f us/req\n", M("rps", "gateway-key", "load") / M("rps", "nginx-key", "load"), M("cpx", "gateway-key", "load"), M("cpx", "nginx-key", "load")
     if (has("gateway-hmac", "load") && has("nginx-hmac", "load")) printf "gateway-hmac / nginx-hmac  = %.2f throughput; proxy CPU %.1f vs %.1f us/req\n", M("rps", "gateway-hmac", "load") / M("rps", "nginx-hmac", "load"), M("cpx", "gateway-hmac", "load"), M("cpx", "nginx-hmac", "load")
     if (has("gateway-key-tls", "load") && has("nginx-key-tls", "load")) printf "gateway-key-tls / nginx-key-tls = %.2f throughput (https upstream); proxy CPU %.1f vs %.1f us/req\n", M("rps", "gateway-key-tls", "load") / M("rps", "nginx-key-tls", "load"), M("cpx", "gateway-key-tls", "load"), M("cpx", "nginx-key-tls", "load")
+    if (has("gateway-key-h2", "load") && has("nginx-key-h2", "load")) printf "gateway-key-h2 / nginx-key-h2 = %.2f throughput (HTTP/2 upstream); proxy CPU %.1f vs %.1f us/req\n", M("rps", "gateway-key-h2", "load") / M("rps", "nginx-key-h2", "load"), M("cpx", "gateway-key-h2", "load"), M("cpx", "nginx-key-h2", "load")
     if (has("gateway-key-tls", "load") && has("gateway-key", "load")) printf "gateway-key-tls / gateway-key = %.2f throughput (https vs http upstream)\n", M("rps", "gateway-key-tls", "load") / M("rps", "gateway-key", "load")
     if (has("shared-key", "load") && has("gateway-key", "load")) printf "shared-key   / gateway-key = %.2f throughput (shared_state in Redis vs in process); proxy CPU %.1f vs %.1f us/req\n", M("rps", "shared-key", "load") / M("rps", "gateway-key", "load"), M("cpx", "shared-key", "load"), M("cpx", "gateway-key", "load")
     if (has("shared-hmac", "load") && has("gateway-hmac", "load")) printf "shared-hmac  / gateway-hmac = %.2f throughput; proxy CPU %.1f vs %.1f us/req\n", M("rps", "shared-hmac", "load") / M("rps", "gateway-hmac", "load"), M("cpx", "shared-hmac", "load"), M("cpx", "gateway-hmac", "load")

@@ -204,7 +204,29 @@ async fn grpc_timeout_is_honoured_as_the_deadline() {
         )
         .start()
         .await;
-    let tcp = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    let started = std::time::Instant::now();
+    let headers = [("grpc-timeout", "500m".to_string()), ("x-api-key", key.token.clone())];
+    let (head, _, _) = raw_grpc_call(gw.addr(), "/test.Echo/Slow", &headers, b"ping").await;
+    let took = started.elapsed();
+    assert_eq!(head.status, 200);
+    assert_eq!(head.headers["grpc-status"], "4", "{:?}", head.headers);
+    assert_eq!(head.headers["grpc-message"], "Upstream service timed out");
+    assert!(took < Duration::from_millis(2900), "answered after {took:?}: grpc-timeout 500m was not the deadline");
+    let record = gw.audit_of("/test.Echo/Slow", 1).await.remove(0);
+    assert_eq!(record["status"], 504, "{record}");
+    assert_eq!(server.calls().len(), 1);
+}
+
+/// One unary gRPC call by a raw HTTP/2 client (hyper's) that keeps no deadline of its
+/// own: the response head, its trailers, and the body (gRPC messages, framed).
+async fn raw_grpc_call(
+    addr: std::net::SocketAddr,
+    path: &str,
+    headers: &[(&str, String)],
+    message: &[u8],
+) -> (http::response::Parts, Option<http::HeaderMap>, bytes::Bytes) {
+    use http_body_util::BodyExt;
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (mut send, conn) = hyper::client::conn::http2::handshake::<_, _, http_body_util::Full<bytes::Bytes>>(
         hyper_util::rt::TokioExecutor::new(),
         hyper_util::rt::TokioIo::new(tcp),
@@ -212,24 +234,54 @@ async fn grpc_timeout_is_honoured_as_the_deadline() {
     .await
     .unwrap();
     tokio::spawn(conn);
-    // One gRPC message: uncompressed, 4 bytes.
-    let frame = bytes::Bytes::from_static(&[0, 0, 0, 0, 4, b'p', b'i', b'n', b'g']);
-    let req = http::Request::post(format!("http://{}/test.Echo/Slow", gw.addr()))
+    let mut req = http::Request::post(format!("http://{addr}{path}"))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
-        .header("grpc-timeout", "500m")
-        .header("x-api-key", &key.token)
-        .body(http_body_util::Full::new(frame))
+        .body(http_body_util::Full::new(grpc_frame(message)))
         .unwrap();
-    let started = std::time::Instant::now();
-    let res =
-        crate::support::within(Duration::from_secs(10), "the gateway's answer", send.send_request(req)).await.unwrap();
-    let took = started.elapsed();
-    assert_eq!(res.status(), 200);
-    assert_eq!(res.headers()["grpc-status"], "4", "{:?}", res.headers());
-    assert_eq!(res.headers()["grpc-message"], "Upstream service timed out");
-    assert!(took < Duration::from_millis(2900), "answered after {took:?}: grpc-timeout 500m was not the deadline");
-    let record = gw.audit_of("/test.Echo/Slow", 1).await.remove(0);
-    assert_eq!(record["status"], 504, "{record}");
+    for (k, v) in headers {
+        req.headers_mut().append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+    }
+    let answer = send.send_request(req);
+    let res = crate::support::within(Duration::from_secs(10), "the gateway's answer", answer).await.unwrap();
+    let (head, body) = res.into_parts();
+    let collected = crate::support::within(Duration::from_secs(10), "the body", body.collect()).await.unwrap();
+    let trailers = collected.trailers().cloned();
+    (head, trailers, collected.to_bytes())
+}
+
+/// One gRPC message on the wire: not compressed, its length, the bytes.
+fn grpc_frame(message: &[u8]) -> bytes::Bytes {
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+    frame.extend_from_slice(message);
+    frame.into()
+}
+
+/// An HMAC-signed gRPC call: the signature covers `POST`, the gRPC path and the body as
+/// sent (the framed message); it passes with the upstream's trailers, and the same
+/// signature sent again is refused as a replay (UNAUTHENTICATED) without reaching the
+/// server.
+#[tokio::test]
+async fn a_signed_grpc_call_passes_and_its_replay_does_not() {
+    let server = GrpcServer::start(None).await;
+    let mut creds = Creds::new();
+    let signer = creds.hmac_user("signer");
+    let gw = TestGateway::builder()
+        .credentials(&creds)
+        .route(RouteSpec::new("grpc", "/").upstream_url(&format!("h2c://127.0.0.1:{}", server.port)).authenticated())
+        .start()
+        .await;
+    let signed = signer.headers("POST", "/test.Echo/Unary", &grpc_frame(b"hello"));
+    let (head, trailers, reply) = raw_grpc_call(gw.addr(), "/test.Echo/Unary", &signed, b"hello").await;
+    assert_eq!(head.status, 200);
+    let trailers = trailers.expect("the upstream's trailers");
+    assert_eq!(trailers["grpc-status"], "0", "{trailers:?}");
+    assert_eq!(trailers["x-echo-trailer"], "done");
+    assert_eq!(&reply[..], &grpc_frame(b"olleh")[..]);
+
+    let (head, _, _) = raw_grpc_call(gw.addr(), "/test.Echo/Unary", &signed, b"hello").await;
+    assert_eq!(head.headers["grpc-status"], "16", "{:?}", head.headers);
+    assert_eq!(head.headers["grpc-message"], "Replayed request");
     assert_eq!(server.calls().len(), 1);
 }

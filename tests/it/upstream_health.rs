@@ -44,16 +44,23 @@ async fn wait_healthy(gw: &TestGateway, target: &TestUpstream, healthy: bool) {
     }
 }
 
-/// A target that accepts and then hangs is taken out by the active check within its
-/// thresholds and gets no request after; when it answers again it comes back.
-#[tokio::test]
-async fn a_hanging_target_is_taken_out_by_the_active_check_and_comes_back() {
+/// Two echoing targets behind one route with active checks ([`CHECK`]), a 5 s timeout,
+/// and the admin listener on (for the metrics).
+async fn two_checked_targets() -> (TestUpstream, TestUpstream, TestGateway) {
     let (a, b) = (TestUpstream::start().await, TestUpstream::start().await);
     let gw = TestGateway::builder()
         .admin(ADMIN)
         .route(RouteSpec::new("r", "/api").to(&a).to(&b).timeout("5s").setting(CHECK))
         .start()
         .await;
+    (a, b, gw)
+}
+
+/// A target that accepts and then hangs is taken out by the active check within its
+/// thresholds and gets no request after; when it answers again it comes back.
+#[tokio::test]
+async fn a_hanging_target_is_taken_out_by_the_active_check_and_comes_back() {
+    let (a, b, gw) = two_checked_targets().await;
     let client = H1::new();
     wait_healthy(&gw, &b, true).await;
 
@@ -79,12 +86,7 @@ async fn a_hanging_target_is_taken_out_by_the_active_check_and_comes_back() {
 /// once (not after the route's timeout), and no target sees the request.
 #[tokio::test]
 async fn a_route_with_no_healthy_target_answers_503_at_once() {
-    let (a, b) = (TestUpstream::start().await, TestUpstream::start().await);
-    let gw = TestGateway::builder()
-        .admin(ADMIN)
-        .route(RouteSpec::new("r", "/api").to(&a).to(&b).timeout("5s").setting(CHECK))
-        .start()
-        .await;
+    let (a, b, gw) = two_checked_targets().await;
     a.set_hanging(true);
     b.set_hanging(true);
     wait_healthy(&gw, &a, false).await;
