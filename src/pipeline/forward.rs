@@ -91,7 +91,7 @@ pub async fn send(upstream: &Arc<Upstream>, out: Outbound, tried: &mut Option<us
     let upstream_latency = started.elapsed();
     let (body, switched) = match answer {
         Answer::Body(body) => (Body::Upstream(body), None),
-        Answer::H2(body) => (Body::Stream(body), None),
+        Answer::H2(body) => (Body::UpstreamH2(body), None),
         // A switch to exactly the protocol the gateway forwarded, for a client that asked
         // for it. Any other `101` (a switch nobody asked for, or to `h2c`, whose requests
         // no rule would check) is a 502; its upstream connection is dropped, so closed.

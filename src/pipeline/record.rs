@@ -160,7 +160,7 @@ impl<R: Reporter> Report<R> {
         self.head_sent(status);
         // An upstream's body (HTTP/1.1 read by the gateway, or HTTP/2 by hyper) is
         // reported when it ends; anything else is whole already.
-        if res.body().is_end_stream() || !matches!(res.body(), Body::Upstream(_) | Body::Stream(_)) {
+        if res.body().is_end_stream() || !matches!(res.body(), Body::Upstream(_) | Body::UpstreamH2(_)) {
             self.out.bytes_sent = res.body().size_hint().exact().unwrap_or(0);
             self.finish(Ending::Complete);
             return res;

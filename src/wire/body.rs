@@ -20,10 +20,15 @@ pub enum Body {
     Empty,
     /// A body held in memory (error responses, small generated bodies).
     Full(Option<Bytes>),
-    /// A streamed body, passed through as it arrives.
+    /// A client's streamed request body, passed through as it arrives. Its trailers are
+    /// dropped: they could carry headers (an identity) past every check the gateway makes
+    /// on the head, and no upstream protocol the gateway serves needs request trailers.
     Stream(Incoming),
-    /// A streamed request body of unknown length that must stay under a limit.
+    /// A client's streamed request body of unknown length that must stay under a limit
+    /// (trailers dropped, as for `Stream`).
     Limited { inner: Incoming, remaining: u64 },
+    /// An HTTP/2 upstream's response body, trailers included (gRPC's status is in them).
+    UpstreamH2(Incoming),
     /// A streamed upstream response that fails if the upstream stalls for `idle`.
     Upstream(UpstreamBody),
     /// An upstream response that reports its request when it ends (`pipeline/record.rs`).
@@ -43,6 +48,7 @@ impl fmt::Debug for Body {
             Body::Empty => f.write_str("Empty"),
             Body::Full(b) => f.debug_tuple("Full").field(b).finish(),
             Body::Stream(i) => f.debug_tuple("Stream").field(i).finish(),
+            Body::UpstreamH2(i) => f.debug_tuple("UpstreamH2").field(i).finish(),
             Body::Limited { inner, remaining } => {
                 f.debug_struct("Limited").field("inner", inner).field("remaining", remaining).finish()
             }
@@ -98,9 +104,20 @@ impl http_body::Body for Body {
         match self.get_mut() {
             Body::Empty => Poll::Ready(None),
             Body::Full(b) => Poll::Ready(b.take().filter(|b| !b.is_empty()).map(|b| Ok(Frame::data(b)))),
-            Body::Stream(inner) => Pin::new(inner).poll_frame(cx).map_err(BodyError::Hyper),
+            Body::Stream(inner) => loop {
+                match ready!(Pin::new(&mut *inner).poll_frame(cx)) {
+                    Some(Ok(f)) if f.is_trailers() => continue,
+                    frame => return Poll::Ready(frame.map(|r| r.map_err(BodyError::Hyper))),
+                }
+            },
+            Body::UpstreamH2(inner) => Pin::new(inner).poll_frame(cx).map_err(BodyError::Hyper),
             Body::Limited { inner, remaining } => {
-                let frame = ready!(Pin::new(inner).poll_frame(cx));
+                let frame = loop {
+                    match ready!(Pin::new(&mut *inner).poll_frame(cx)) {
+                        Some(Ok(f)) if f.is_trailers() => continue,
+                        frame => break frame,
+                    }
+                };
                 if let Some(Ok(f)) = &frame
                     && let Some(data) = f.data_ref()
                 {
@@ -122,7 +139,7 @@ impl http_body::Body for Body {
         match self {
             Body::Empty => true,
             Body::Full(b) => b.as_ref().is_none_or(|b| b.is_empty()),
-            Body::Stream(i) | Body::Limited { inner: i, .. } => i.is_end_stream(),
+            Body::Stream(i) | Body::Limited { inner: i, .. } | Body::UpstreamH2(i) => i.is_end_stream(),
             Body::Upstream(u) => u.is_end_stream(),
             Body::Reported(r) => r.is_end_stream(),
         }
@@ -132,7 +149,7 @@ impl http_body::Body for Body {
         match self {
             Body::Empty => SizeHint::with_exact(0),
             Body::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            Body::Stream(i) | Body::Limited { inner: i, .. } => i.size_hint(),
+            Body::Stream(i) | Body::Limited { inner: i, .. } | Body::UpstreamH2(i) => i.size_hint(),
             Body::Upstream(u) => u.size_hint(),
             Body::Reported(r) => r.size_hint(),
         }

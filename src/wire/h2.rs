@@ -5,8 +5,9 @@
 //! Each connection worker keeps one connection per target and multiplexes every request
 //! to that target over it; hyper respects the upstream's stream limit and flow control
 //! (a request waits for a free stream). A connection that closed (GOAWAY, an error, the
-//! upstream gone) is replaced on the next request. Trailers pass through both ways: the
-//! bodies are streamed frame by frame, trailers included (gRPC's `grpc-status` is one).
+//! upstream gone) is replaced on the next request. Bodies stream frame by frame; the
+//! upstream's trailers reach the client (gRPC's `grpc-status` is one), a client's
+//! request trailers never reach the upstream (`body.rs`).
 
 use crate::wire::balance::Target;
 use crate::wire::body::Body;

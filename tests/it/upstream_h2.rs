@@ -210,3 +210,43 @@ async fn the_upstreams_stream_limit_is_respected() {
     // One stream per connection at most, so never more in flight than connections.
     assert!(seen.max_in_flight.load(Ordering::SeqCst) <= conns);
 }
+
+/// A client's request trailers never reach the upstream: they could carry an identity
+/// header past the checks made on the head (the HTTP/2 path is the one that could carry
+/// them; HTTP/1.1 upstreams never got them).
+#[tokio::test]
+async fn a_clients_request_trailers_never_reach_the_upstream() {
+    use http_body_util::{BodyExt, StreamBody};
+    let up = TestUpstream::start().await;
+    let gw = TestGateway::builder()
+        .route(RouteSpec::new("r", "/").upstream_url(&up.url().replace("http://", "h2c://")))
+        .start()
+        .await;
+    let tcp = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    // A body of unknown length, and one with a Content-Length: two ways in.
+    for length in [None, Some("4")] {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-gatehouse-user", "mallory".parse().unwrap());
+        trailers.insert("x-trailing", "1".parse().unwrap());
+        let frames: Vec<Result<http_body::Frame<Bytes>, std::convert::Infallible>> =
+            vec![Ok(http_body::Frame::data(Bytes::from_static(b"body"))), Ok(http_body::Frame::trailers(trailers))];
+        let body = StreamBody::new(futures_util::stream::iter(frames));
+        let mut req = http::Request::post(format!("http://{}/x", gw.addr()));
+        if let Some(n) = length {
+            req = req.header("content-length", n);
+        }
+        let res = send.send_request(req.body(body).unwrap()).await.unwrap();
+        assert_eq!(res.status(), 200);
+        res.into_body().collect().await.unwrap();
+        let seen = up.requests().pop().unwrap();
+        assert_eq!(seen.body_prefix, b"body");
+        assert_eq!(seen.trailers, None, "{length:?}: the client's trailers reached the upstream");
+        assert!(seen.lacks("x-gatehouse-user"));
+    }
+    assert_eq!(up.count(), 2);
+}

@@ -66,6 +66,8 @@ pub struct Seen {
     pub body_end: BodyEnd,
     /// The first 64 KiB of the body.
     pub body_prefix: Vec<u8>,
+    /// The request's trailers, if it had any.
+    pub trailers: Option<HeaderMap>,
 }
 
 impl Seen {
@@ -300,15 +302,20 @@ async fn answer(mut req: Request<Incoming>, mode: Mode, id: Arc<str>, log: Arc<L
             body_bytes: 0,
             body_end: BodyEnd::Pending,
             body_prefix: Vec::new(),
+            trailers: None,
         });
         seen.len() - 1
     };
     let mut hang = log.hang.subscribe();
     let _ = hang.wait_for(|h| !*h).await;
     let (mut count, mut prefix, mut end) = (0u64, Vec::new(), BodyEnd::Complete);
+    let mut trailers = None;
     while let Some(frame) = body.frame().await {
         match frame {
             Ok(f) => {
+                if let Some(t) = f.trailers_ref() {
+                    trailers = Some(t.clone());
+                }
                 if let Some(d) = f.data_ref() {
                     count += d.len() as u64;
                     let room = (64 * 1024usize).saturating_sub(prefix.len());
@@ -327,6 +334,7 @@ async fn answer(mut req: Request<Incoming>, mode: Mode, id: Arc<str>, log: Arc<L
         s.body_bytes = count;
         s.body_end = end;
         s.body_prefix = prefix;
+        s.trailers = trailers;
     }
 
     let mut res = match mode {
@@ -416,6 +424,7 @@ async fn raw(mut stream: TcpStream, mode: Mode, log: &Log) {
         body_bytes: 0,
         body_end: BodyEnd::Pending,
         body_prefix: Vec::new(),
+        trailers: None,
     });
     match mode {
         Mode::GarbageStatus => {
