@@ -11,11 +11,13 @@ use crate::support::upstream::{Mode, TestUpstream};
 use std::time::{Duration, Instant};
 
 const ADMIN: &str = "health-admin-token-0123456789abcdef";
-/// Checks every 100 ms, 300 ms to answer, two in a row either way.
-const CHECK: &str = "health_check: { path: /health, interval: 100ms, timeout: 300ms, healthy: 2, unhealthy: 2 }";
-/// How long the active check may take to decide, with room for a slow CI box:
-/// (interval + timeout) × threshold, plus a second.
-const DECIDES_WITHIN: Duration = Duration::from_millis(2 * 400 + 1000);
+/// Checks every 200 ms, 100 ms to answer, two in a row either way: a target that hangs
+/// is out within interval × threshold (400 ms) after its first failed check began.
+const CHECK: &str = "health_check: { path: /health, interval: 200ms, timeout: 100ms, healthy: 2, unhealthy: 2 }";
+/// How long the active check may take to decide, with room for a slow CI box: the
+/// first check may start an interval after the change, then interval × threshold,
+/// plus a second.
+const DECIDES_WITHIN: Duration = Duration::from_millis(200 + 2 * 200 + 1000);
 
 /// `gatehouse_upstream_healthy` (or another per-target series) for `target`.
 async fn target_metric(gw: &TestGateway, family: &str, target: &TestUpstream) -> Option<f64> {
@@ -27,12 +29,13 @@ async fn target_metric(gw: &TestGateway, family: &str, target: &TestUpstream) ->
         .and_then(|v| v.parse().ok())
 }
 
-async fn wait_healthy(gw: &TestGateway, target: &TestUpstream, healthy: bool) {
+/// Waits until the metrics say `target` is (un)healthy; how long that took.
+async fn wait_healthy(gw: &TestGateway, target: &TestUpstream, healthy: bool) -> Duration {
     let want = if healthy { 1.0 } else { 0.0 };
     let started = Instant::now();
     loop {
         if target_metric(gw, "gatehouse_upstream_healthy{", target).await == Some(want) {
-            return;
+            return started.elapsed();
         }
         assert!(
             started.elapsed() < DECIDES_WITHIN,
@@ -65,7 +68,7 @@ async fn a_hanging_target_is_taken_out_by_the_active_check_and_comes_back() {
     wait_healthy(&gw, &b, true).await;
 
     b.set_hanging(true);
-    wait_healthy(&gw, &b, false).await;
+    let out = wait_healthy(&gw, &b, false).await;
     let before = b.count_of("/api/x");
     for _ in 0..20 {
         let reply = client.get(&gw.url("/api/x")).await;
@@ -75,7 +78,10 @@ async fn a_hanging_target_is_taken_out_by_the_active_check_and_comes_back() {
     assert_eq!(a.count_of("/api/x"), 20);
 
     b.set_hanging(false);
-    wait_healthy(&gw, &b, true).await;
+    let back = wait_healthy(&gw, &b, true).await;
+    println!(
+        "hanging target out after {out:?}, back after {back:?} (interval x threshold = 400 ms, checks every 200 ms)"
+    );
     for _ in 0..20 {
         assert_eq!(client.get(&gw.url("/api/x")).await.status, 200);
     }
