@@ -14,8 +14,15 @@
 # wrk replays them from a Lua request() callback; a round that ran out of them would send
 # replays, which the gateway refuses (reported as non-2xx answers).
 #
+# SHARED_B=1 gives side B `shared_state:` in a redis-server that pair.sh starts on a free port
+# (Debian's; it must be installed): run with the same binary on both sides, it compares
+# shared mode with local mode in one alternating run (issue 19's acceptance: B/A req/s,
+# and at CONNS=1 the p50 shared mode adds). Redis's CPU is the box's, shared by both sides.
+#
 # Usage
 #   bash benches/pair.sh OLD_BIN NEW_BIN
+#   SHARED_B=1 MODE=hmac bash benches/pair.sh BIN BIN            # shared vs local, saturated
+#   SHARED_B=1 MODE=hmac CONNS=1 bash benches/pair.sh BIN BIN    # the same at light load
 #   ROUNDS=20 DURATION=3 CONNS=64 bash benches/pair.sh /tmp/a /tmp/b
 #   MODE=hmac bash benches/pair.sh /tmp/a /tmp/b
 # Needs nginx, wrk, curl, python3 (installs none of them; benches/load.sh does).
@@ -28,6 +35,7 @@ DURATION=${DURATION:-3}
 CONNS=${CONNS:-64}
 THREADS=$([ "$CONNS" -ge 2 ] && echo 2 || echo 1)
 MODE=${MODE:-key}
+SHARED_B=${SHARED_B:-0}
 log() { printf '[pair] %s\n' "$*" >&2; }
 [ "$MODE" = key ] || [ "$MODE" = hmac ] || { log "MODE is key or hmac, not $MODE"; exit 2; }
 for t in nginx wrk curl python3; do
@@ -42,6 +50,17 @@ PIDS=()
 trap 'bench_cleanup "$BASE"' EXIT
 UP_PORT=$(bench_free_port)
 bench_upstream "$BASE/up" "$UP_PORT"
+SHARED_YAML=""
+if [ "$SHARED_B" = 1 ]; then
+  command -v redis-server >/dev/null || { log "SHARED_B=1 needs redis-server"; exit 1; }
+  REDIS_PORT=$(bench_free_port)
+  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$BASE" >"$BASE/redis.log" 2>&1 &
+  PIDS+=($!)
+  for _ in $(seq 50); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+  SHARED_YAML="shared_state:
+  redis: redis://127.0.0.1:$REDIS_PORT
+  key_prefix: \"pair:\""
+fi
 
 # One gateway per binary, each with its own directory, 1,000 users and key (its own CLI).
 declare -A PID PORT TOKEN HMAC_ID HMAC_SECRET
@@ -59,7 +78,8 @@ for side in A B; do
   # Every accepted signature is remembered for its window: room for every round's.
   bench_config "$WORK/gatehouse.yaml" bench "${PORT[$side]}" "$UP_PORT" "" "auth:
   hmac:
-    replay_cache_entries: 3000000"
+    replay_cache_entries: 3000000
+$([ "$side" = B ] && printf '%s' "$SHARED_YAML")"
   "$BIN" serve --config "$WORK/gatehouse.yaml" 2>"$WORK/gateway.log" &
   PID[$side]=$!
   PIDS+=("${PID[$side]}")
@@ -134,19 +154,26 @@ round() {
     args=(-s "$BASE/signed.lua" "$url" -- "$BASE/$side/signed" "$len")
   fi
   before=$(awk '{print $14, $15}' "/proc/${PID[$side]}/stat")
-  out=$(wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" "${args[@]}")
+  out=$(wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --latency "${args[@]}")
   after=$(awk '{print $14, $15}' "/proc/${PID[$side]}/stat")
   n=$(awk '/requests in/ { print $1 }' <<<"$out")
   grep -q "Non-2xx" <<<"$out" && log "round of $side had non-2xx answers"
   # Twice what this round sent, for the next: no round may run out of signatures.
   echo $((n * 2 + 20000)) >"$BASE/$side/to_sign"
   python3 -c "import os,sys; t=os.sysconf('SC_CLK_TCK'); b=list(map(int,'$before'.split())); a=list(map(int,'$after'.split())); n=$n
-print(round(n/$DURATION), round((a[0]-b[0])*1e6/t/n, 2), round((a[1]-b[1])*1e6/t/n, 2))"
+print(round(n/$DURATION), round((a[0]-b[0])*1e6/t/n, 2), round((a[1]-b[1])*1e6/t/n, 2), $(p50_us <<<"$out"))"
+}
+
+# The p50 of a wrk --latency report, in microseconds.
+p50_us() {
+  awk '$1 == "50%" { v = $2; u = v; sub(/[0-9.]+/, "", u); sub(/[a-z]+$/, "", v);
+    print (u == "ms" ? v * 1000 : (u == "s" ? v * 1000000 : v)); exit }'
 }
 
 log "A=$1"
 log "B=$2"
-log "MODE=$MODE: $ROUNDS alternating rounds of wrk -t$THREADS -c$CONNS -d${DURATION}s each; per round: req/s user_us sys_us"
+log "MODE=$MODE: $ROUNDS alternating rounds of wrk -t$THREADS -c$CONNS -d${DURATION}s each; per round: req/s user_us sys_us p50_us"
+[ "$SHARED_B" = 1 ] && log "SHARED_B=1: B keeps replay records, limits and usage in Redis at 127.0.0.1:$REDIS_PORT"
 for r in $(seq 1 "$ROUNDS"); do
   if [ $((r % 2)) = 1 ]; then a=$(round A "$r"); b=$(round B "$r"); else b=$(round B "$r"); a=$(round A "$r"); fi
   echo "$a | $b"
@@ -165,4 +192,11 @@ show("req/s", lambda r: r[0], lambda r: r[0])
 show("user us/req", lambda r: r[1], lambda r: r[1])
 show("kernel us/req", lambda r: r[2], lambda r: r[2])
 show("CPU us/req", lambda r: r[1] + r[2], lambda r: r[1] + r[2])
+show("p50 us", lambda r: r[3], lambda r: r[3])
+d = [b[3] - a[3] for a, b in zip(A, B)]
+print(f"p50 B-A us     median {st.median(d):+.1f} (rounds {min(d):+.1f} to {max(d):+.1f})")
 EOF
+if [ "$SHARED_B" = 1 ]; then
+  ops=$(redis-cli -p "$REDIS_PORT" info commandstats | tr -d '\r' | awk -F'[=,:]' '/^cmdstat_/ { s += $3 } END { print s + 0 }')
+  log "redis served $ops commands in all (B's rounds, warm-up and checks included)"
+fi

@@ -104,6 +104,14 @@ impl Conn {
         }
     }
 
+    /// Runs a pipeline (several commands, one write, their answers in order).
+    pub async fn pipeline<T: FromRedisValue>(&mut self, pipe: &redis::Pipeline) -> RedisResult<T> {
+        match self {
+            Conn::Single(c) => pipe.query_async(c).await,
+            Conn::Cluster(c) => pipe.query_async(c).await,
+        }
+    }
+
     /// Runs one command.
     pub async fn query<T: FromRedisValue>(&mut self, cmd: &redis::Cmd) -> RedisResult<T> {
         match self {

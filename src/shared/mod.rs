@@ -19,6 +19,7 @@
 //! | `P{fleet}:epoch` | set once; a different value means Redis lost its data |
 //! | `P{eN}:epoch` | under Redis Cluster, the same on each master (`eN`: a tag in its slots) |
 
+pub mod batch;
 pub mod breaker;
 pub mod conn;
 pub mod lease;
@@ -431,6 +432,15 @@ impl Shared {
         cell.get_or_try_init(|| Conn::open(&self.cfg)).await.cloned()
     }
 
+    /// This thread's batcher of signature records (see `batch.rs`).
+    fn batcher(&self) -> Arc<batch::Batcher> {
+        thread_local! {
+            static BATCHERS: std::cell::RefCell<std::collections::HashMap<usize, Arc<batch::Batcher>>> =
+                std::cell::RefCell::new(std::collections::HashMap::new());
+        }
+        BATCHERS.with(|b| b.borrow_mut().entry(self.id).or_default().clone())
+    }
+
     async fn run<T: redis::FromRedisValue>(&self, inv: &redis::ScriptInvocation<'_>) -> redis::RedisResult<T> {
         let mut conn = self.local().await?;
         conn.run(inv).await
@@ -597,11 +607,25 @@ impl Shared {
     }
 
     /// Records a signature for its window; false: it was recorded before (a replay).
+    ///
+    /// On one Redis, the records of the signed requests a worker has ready at once go out
+    /// as one pipeline (`batch.rs`); under Redis Cluster each is its own command (the keys
+    /// are in different slots).
     async fn record_signature(&self, key_id: &str, s: SignatureRecord<'_>) -> Result<bool, Unavailable> {
-        let mut cmd = redis::cmd("SET");
-        cmd.arg(self.signature_key(key_id, s.signature)).arg("1").arg("NX").arg("PX").arg(s.ttl_ms());
-        let set: Option<String> = self.op(Op::Replay, self.query(&cmd)).await?;
-        Ok(set.is_some())
+        let key = self.signature_key(key_id, s.signature);
+        let record = async {
+            let conn = self.local().await?;
+            match conn {
+                Conn::Single(_) => self.batcher().record(&conn, key, s.ttl_ms()).await,
+                Conn::Cluster(mut c) => {
+                    let mut cmd = redis::cmd("SET");
+                    cmd.arg(key).arg("1").arg("NX").arg("PX").arg(s.ttl_ms());
+                    let set: Option<String> = cmd.query_async(&mut c).await?;
+                    Ok(set.is_some())
+                }
+            }
+        };
+        self.op(Op::Replay, record).await
     }
 
     /// Charges one failed authentication to a client network (`ip`: its limiter key) with

@@ -97,6 +97,35 @@ async fn a_signature_accepted_by_one_gateway_is_refused_by_every_other_on_a_redi
     replay_is_refused_fleet_wide(Redis::Cluster(&cluster.urls())).await;
 }
 
+/// One signature sent at once on 90 connections spread over three gateways (so that each
+/// worker's records go to Redis together, in one pipeline): exactly one is accepted, the
+/// rest are replays, and the upstream sees one request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_signature_sent_many_times_at_once_is_accepted_once() {
+    let port = redis::shared().await;
+    let url = format!("redis://127.0.0.1:{port}");
+    let up = TestUpstream::start().await;
+    let mut creds = Creds::new();
+    let key = creds.hmac_user("signer");
+    let config = fleet_config(&creds, &up, Redis::One(&url), &redis::unique_prefix("burst"));
+    let fleet = start_fleet(&config.rate_limit(10_000, 10_000).failed_per_ip_per_minute(100_000), 3).await;
+    let now = crate::support::creds::unix_now();
+    for round in 0..5 {
+        let target = format!("/api/burst/{round}");
+        let clients: Vec<H1> = (0..90).map(|_| H1::new()).collect();
+        let replies = futures_util::future::join_all(
+            clients.iter().enumerate().map(|(i, c)| signed(c, &fleet[i % 3], &key, now, &target)),
+        )
+        .await;
+        let ok = replies.iter().filter(|r| r.status == 200).count();
+        assert_eq!(ok, 1, "round {round}: {ok} of 90 copies of one signature accepted");
+        for r in replies.iter().filter(|r| r.status != 200) {
+            assert_unauthorized(r, "Replayed request");
+        }
+    }
+    assert_eq!(up.count(), 5);
+}
+
 /// Drives `key` at 40 requests a second for 10 s, round-robin over `gateways`; returns
 /// how many were admitted and checks that `X-RateLimit-Remaining` only falls until the
 /// first refusal (the burst being spent).
