@@ -16,7 +16,7 @@
 #
 # SHARED_B=1 gives side B `shared_state:` in a redis-server that pair.sh starts on a free port
 # (Debian's; it must be installed): run with the same binary on both sides, it compares
-# shared mode with local mode in one alternating run (issue 19's acceptance: B/A req/s,
+# shared mode with local mode in one alternating run (the shared-state rows: B/A req/s,
 # and at CONNS=1 the p50 shared mode adds). Redis's CPU is the box's, shared by both sides.
 #
 # Usage
