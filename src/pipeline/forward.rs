@@ -43,7 +43,11 @@ pub async fn send(upstream: &Arc<Upstream>, out: Outbound, tried: &mut Option<us
         let _in_flight = route.upstreams.begin(target);
         match tokio::time::timeout_at(deadline, upstream.send(target, request, &added, route.timeout)).await {
             Err(_) => {
-                failed(&route, target, "timeout");
+                // A client's own shorter deadline (grpc-timeout) is not the target's failure:
+                // a client must not be able to eject targets by asking for 1 ns.
+                if limit == route.timeout {
+                    failed(&route, target, "timeout");
+                }
                 return Err(GateError::UpstreamTimeout);
             }
             Ok(Ok(sent)) => {

@@ -202,6 +202,7 @@ async fn grpc_timeout_is_honoured_as_the_deadline() {
                 .authenticated()
                 .timeout("5s"),
         )
+        .admin("grpc-admin-token-0123456789abcdef")
         .start()
         .await;
     let started = std::time::Instant::now();
@@ -215,6 +216,16 @@ async fn grpc_timeout_is_honoured_as_the_deadline() {
     let record = gw.audit_of("/test.Echo/Slow", 1).await.remove(0);
     assert_eq!(record["status"], 504, "{record}");
     assert_eq!(server.calls().len(), 1);
+
+    // A client's short deadline is not the target's failure: six in a row eject nothing.
+    let headers = [("grpc-timeout", "50m".to_string()), ("x-api-key", key.token.clone())];
+    for _ in 0..6 {
+        let (head, _, _) = raw_grpc_call(gw.addr(), "/test.Echo/Slow", &headers, b"ping").await;
+        assert_eq!(head.headers["grpc-status"], "4");
+    }
+    let metrics = gw.admin().get("/metrics").await.text();
+    let ejections = metrics.lines().find(|l| l.starts_with("gatehouse_upstream_ejections_total{")).unwrap();
+    assert!(ejections.ends_with(" 0"), "{ejections}");
 }
 
 /// One unary gRPC call by a raw HTTP/2 client (hyper's) that keeps no deadline of its
