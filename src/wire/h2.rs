@@ -192,9 +192,11 @@ fn into_h2(target: &Target, req: Request<Body>, added: &[(HeaderName, HeaderValu
     parts.version = Version::HTTP_2;
     parts.headers.reserve(added.len() + 1);
     // `Connection`/`Upgrade` (a WebSocket upgrade) do not exist in HTTP/2: such a route
-    // serves the request without the switch.
+    // serves the request without the switch. Inserted, not appended (the names in
+    // `added` are distinct): a request handed back by a refused connection goes through
+    // here again for the next target, and must not carry the gateway's headers twice.
     for (name, value) in added.iter().filter(|(n, _)| n != CONNECTION && n != UPGRADE) {
-        parts.headers.append(name.clone(), value.clone());
+        parts.headers.insert(name.clone(), value.clone());
     }
     if parts.extensions.remove::<TeTrailers>().is_some() {
         parts.headers.insert(TE, HeaderValue::from_static("trailers"));

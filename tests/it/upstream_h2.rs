@@ -250,3 +250,31 @@ async fn a_clients_request_trailers_never_reach_the_upstream() {
     }
     assert_eq!(up.count(), 2);
 }
+
+/// A route of two HTTP/2 targets, one refusing connections: requests that first went to
+/// the dead one are sent to the other, each with the gateway's headers once.
+#[tokio::test]
+async fn a_request_retried_on_another_h2_target_carries_the_gateways_headers_once() {
+    let dead = TestUpstream::with(Mode::Refused).await;
+    let up = TestUpstream::start().await;
+    let gw = TestGateway::builder()
+        .route(
+            RouteSpec::new("r", "/")
+                .upstream_url(&dead.url().replace("http://", "h2c://"))
+                .upstream_url(&up.url().replace("http://", "h2c://")),
+        )
+        .start()
+        .await;
+    let client = H1::new();
+    for i in 0..6 {
+        let reply = client.get(&gw.url(&format!("/n/{i}"))).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    let seen = up.requests();
+    assert_eq!(seen.len(), 6);
+    for s in &seen {
+        // `header` insists on exactly one value.
+        assert!(!s.header("x-request-id").is_empty());
+        assert!(!s.header("x-forwarded-for").is_empty());
+    }
+}
