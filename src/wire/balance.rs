@@ -146,7 +146,14 @@ impl Health {
 
     /// True while passively ejected.
     pub fn is_ejected(&self) -> bool {
-        self.ejected_until_ms.load(Ordering::Relaxed) > self.now_ms()
+        self.ejected_at(self.now_ms())
+    }
+
+    /// [`Health::is_ejected`] at `now_ms` since the route's epoch (which a target's
+    /// health shares with its route's [`Upstreams`]): a pick reads the clock once for
+    /// every target it looks at.
+    fn ejected_at(&self, now_ms: u64) -> bool {
+        self.ejected_until_ms.load(Ordering::Relaxed) > now_ms
     }
 
     /// Healthy and not ejected: what `gatehouse_upstream_healthy` reports.
@@ -171,13 +178,14 @@ impl Health {
     pub fn failed(&self) -> Option<Duration> {
         let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
         let ejections = self.ejections.load(Ordering::Relaxed);
-        if self.is_ejected() || (failures < EJECT_AFTER && ejections == 0) {
+        let now = self.now_ms();
+        if self.ejected_at(now) || (failures < EJECT_AFTER && ejections == 0) {
             return None;
         }
         self.failures.store(0, Ordering::Relaxed);
         self.ejections.store(ejections.saturating_add(1), Ordering::Relaxed);
         let span = EJECT_BASE.saturating_mul(1u32 << ejections.min(8)).min(EJECT_MAX);
-        self.ejected_until_ms.store(self.now_ms() + span.as_millis() as u64, Ordering::Relaxed);
+        self.ejected_until_ms.store(now + span.as_millis() as u64, Ordering::Relaxed);
         self.ejections_total.fetch_add(1, Ordering::Relaxed);
         Some(span)
     }
@@ -268,7 +276,7 @@ impl Upstreams {
         }
         let now = self.now_ms();
         let preferred = |t: &Target| {
-            t.health.is_healthy() && t.down_until_ms.load(Ordering::Relaxed) <= now && !t.health.is_ejected()
+            t.health.is_healthy() && t.down_until_ms.load(Ordering::Relaxed) <= now && !t.health.ejected_at(now)
         };
         if self.balance == Balance::LeastRequests {
             // Two distinct positions from one counter, scrambled (no RNG state to share).

@@ -237,14 +237,7 @@ async fn raw_grpc_call(
     message: &[u8],
 ) -> (http::response::Parts, Option<http::HeaderMap>, bytes::Bytes) {
     use http_body_util::BodyExt;
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake::<_, _, http_body_util::Full<bytes::Bytes>>(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut send = crate::support::client::h2c::<http_body_util::Full<bytes::Bytes>>(addr).await;
     let mut req = http::Request::post(format!("http://{addr}{path}"))
         .header("content-type", "application/grpc")
         .header("te", "trailers")

@@ -21,10 +21,7 @@ use tokio::net::TcpListener;
 #[tokio::test]
 async fn h2c_upstream_gets_http2_multiplexed() {
     let up = TestUpstream::start().await;
-    let gw = TestGateway::builder()
-        .route(RouteSpec::new("r", "/").upstream_url(&up.url().replace("http://", "h2c://")))
-        .start()
-        .await;
+    let gw = TestGateway::builder().route(RouteSpec::new("r", "/").upstream_url(&up.h2c_url())).start().await;
     let mut calls = tokio::task::JoinSet::new();
     for i in 0..40 {
         let url = gw.url(&format!("/items/{i}?q=1"));
@@ -218,16 +215,8 @@ async fn the_upstreams_stream_limit_is_respected() {
 async fn a_clients_request_trailers_never_reach_the_upstream() {
     use http_body_util::{BodyExt, StreamBody};
     let up = TestUpstream::start().await;
-    let gw = TestGateway::builder()
-        .route(RouteSpec::new("r", "/").upstream_url(&up.url().replace("http://", "h2c://")))
-        .start()
-        .await;
-    let tcp = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
-    let (mut send, conn) =
-        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let gw = TestGateway::builder().route(RouteSpec::new("r", "/").upstream_url(&up.h2c_url())).start().await;
+    let mut send = crate::support::client::h2c(gw.addr()).await;
     // A body of unknown length, and one with a Content-Length: two ways in.
     for length in [None, Some("4")] {
         let mut trailers = http::HeaderMap::new();
@@ -258,11 +247,7 @@ async fn a_request_retried_on_another_h2_target_carries_the_gateways_headers_onc
     let dead = TestUpstream::with(Mode::Refused).await;
     let up = TestUpstream::start().await;
     let gw = TestGateway::builder()
-        .route(
-            RouteSpec::new("r", "/")
-                .upstream_url(&dead.url().replace("http://", "h2c://"))
-                .upstream_url(&up.url().replace("http://", "h2c://")),
-        )
+        .route(RouteSpec::new("r", "/").upstream_url(&dead.h2c_url()).upstream_url(&up.h2c_url()))
         .start()
         .await;
     let client = H1::new();

@@ -123,3 +123,17 @@ pub async fn h2_over(io: TlsStream<TcpStream>, req: Request<ReqBody>) -> Reply {
     let res = within(STEP, "h2 response head", sender.send_request(req)).await.unwrap();
     collect(res).await
 }
+
+/// A raw HTTP/2 client (hyper's, prior knowledge, no TLS) on one new connection to
+/// `addr`: for requests the pooled [`H1`] cannot make (trailers, no deadline of its own).
+pub async fn h2c<B>(addr: std::net::SocketAddr) -> hyper::client::conn::http2::SendRequest<B>
+where
+    B: http_body::Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let tcp = within(STEP, "connect", tokio::net::TcpStream::connect(addr)).await.unwrap();
+    let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await.unwrap();
+    tokio::spawn(conn);
+    send
+}

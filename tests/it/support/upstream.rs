@@ -205,6 +205,11 @@ impl TestUpstream {
         format!("{}://{}", if self.tls { "https" } else { "http" }, self.addr)
     }
 
+    /// `h2c://127.0.0.1:<port>`: the same upstream reached with HTTP/2 by prior knowledge.
+    pub fn h2c_url(&self) -> String {
+        format!("h2c://{}", self.addr)
+    }
+
     /// The value of the `x-upstream-id` header this upstream puts on its responses.
     pub fn id(&self) -> &str {
         &self.id
