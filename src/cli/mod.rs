@@ -1,5 +1,6 @@
 //! The `gatehouse` command line: one file per subcommand.
 
+mod admin_tokens;
 mod check_config;
 mod credentials;
 mod db;
@@ -60,6 +61,8 @@ enum Command {
     Keys(keys::KeysArgs),
     /// Manage roles (named sets of rules).
     Roles(roles::RolesArgs),
+    /// Named admin tokens (`gha_…`) for the admin API and the console: create, list, revoke.
+    AdminTokens(admin_tokens::AdminTokensArgs),
     /// Exit 0 when the admin /healthz answers 200 (container health checks without curl).
     Healthcheck(healthcheck::HealthcheckArgs),
     /// Rotate the master key that encrypts HMAC signing secrets at rest.
@@ -88,6 +91,7 @@ pub fn run() -> ExitCode {
         Command::Users(_)
             | Command::Keys(_)
             | Command::Roles(_)
+            | Command::AdminTokens(_)
             | Command::Sign(_)
             | Command::MasterKey(_)
             | Command::Healthcheck(_)
@@ -103,6 +107,7 @@ pub fn run() -> ExitCode {
         Command::Users(args) => users::run(args),
         Command::Keys(args) => keys::run(args),
         Command::Roles(args) => roles::run(args),
+        Command::AdminTokens(args) => admin_tokens::run(args),
         Command::MasterKey(args) => master_key::run(args),
         Command::Healthcheck(args) => healthcheck::run(args),
         Command::Db(args) => db::run(args),

@@ -55,10 +55,14 @@ impl Ctx {
     /// Appends an admin record (actor `cli:<os user>`) to the audit file, when the config
     /// names one; a failure is a warning: the change is made.
     pub fn record(&self, command: &str, target: &str, changes: Value) {
-        let Some(sink) = &self.audit else { return };
         let actor = format!("cli:{}", os_user());
-        let record = AdminRecord::new(&actor, command, target, changes);
-        if let Err(e) = crate::pipeline::audit::append_now(sink, &record) {
+        self.append(command, &AdminRecord::new(&actor, command, target, changes));
+    }
+
+    /// Appends `record` to the audit file, when the config names one.
+    pub fn append(&self, command: &str, record: &AdminRecord<'_>) {
+        let Some(sink) = &self.audit else { return };
+        if let Err(e) = crate::pipeline::audit::append_now(sink, record) {
             eprintln!("gatehouse {command}: warning: change made, but not recorded in the audit log: {e}");
         }
     }
@@ -67,7 +71,7 @@ impl Ctx {
 /// The user this process runs as, from its uid (the owner of `/proc/self`) and
 /// `/etc/passwd`: not `$USER`, which anyone can set and containers leave unset. A uid
 /// with no name there is `uid:<n>`.
-fn os_user() -> String {
+pub fn os_user() -> String {
     use std::os::unix::fs::MetadataExt;
     let Ok(uid) = std::fs::metadata("/proc/self").map(|m| m.uid()) else { return "unknown".into() };
     std::fs::read_to_string("/etc/passwd")

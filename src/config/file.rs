@@ -89,6 +89,14 @@ pub struct FileAdmin {
     pub token_env: Option<String>,
     #[serde(default)]
     pub token_file: Option<PathBuf>,
+    #[serde(default)]
+    pub failed_per_ip_per_minute: Option<u32>,
+    #[serde(default)]
+    pub session_idle: Option<Dur>,
+    #[serde(default)]
+    pub session_lifetime: Option<Dur>,
+    #[serde(default)]
+    pub key_rotation_age: Option<Dur>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -127,6 +127,14 @@ pub struct AdminConfig {
     pub address: SocketAddr,
     pub token_env: Option<String>,
     pub token_file: Option<PathBuf>,
+    /// Failed admin authentications (API and console sign-in) per client IP per minute.
+    pub failed_per_ip_per_minute: u32,
+    /// A console session ends after this long without a request…
+    pub session_idle: Duration,
+    /// …and this long after sign-in, whatever its use.
+    pub session_lifetime: Duration,
+    /// Keys older than this are listed on the console's overview as due for rotation.
+    pub key_rotation_age: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -342,8 +350,15 @@ impl Validator {
             })
             .collect();
 
-        let admin =
-            f.admin.map(|a| AdminConfig { address: a.address, token_env: a.token_env, token_file: a.token_file });
+        let admin = f.admin.map(|a| AdminConfig {
+            address: a.address,
+            token_env: a.token_env,
+            token_file: a.token_file,
+            failed_per_ip_per_minute: a.failed_per_ip_per_minute.unwrap_or(5).max(1),
+            session_idle: a.session_idle.map_or(Duration::from_secs(30 * 60), |d| d.0),
+            session_lifetime: a.session_lifetime.map_or(Duration::from_secs(12 * 3600), |d| d.0),
+            key_rotation_age: a.key_rotation_age.map_or(Duration::from_secs(90 * 86_400), |d| d.0),
+        });
 
         let (credentials, credential_db) = match f.credentials {
             Some(c) if credential_db::is_database_url(&c.value) => {

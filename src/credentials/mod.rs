@@ -2,6 +2,7 @@
 //! `ArcSwap` that requests read once each; `reload.rs` keeps it current; `secrets.rs`
 //! makes and seals tokens and signing secrets.
 
+pub mod admin_tokens;
 pub mod db;
 pub mod file;
 pub mod ops;

@@ -88,6 +88,26 @@ pub fn new_token() -> Result<Secret, getrandom::Error> {
     Ok(Secret(body + &check))
 }
 
+/// Prefix of every named admin token (docs/admin.md#admin-tokens).
+pub const ADMIN_TOKEN_PREFIX: &str = "gha_";
+
+/// A new random admin token: `gha_` + 43 base62 characters + the checksum of API tokens
+/// (so secret scanners and a mistyped token are told apart the same way).
+pub fn new_admin_token() -> Result<Secret, getrandom::Error> {
+    let body = format!("{ADMIN_TOKEN_PREFIX}{}", base62(&random_bytes::<32>()?, BODY_LEN));
+    let check = checksum(&body);
+    Ok(Secret(body + &check))
+}
+
+/// True when `s` has the shape of an admin token and its checksum is right.
+pub fn is_well_formed_admin_token(s: &str) -> bool {
+    s.len() == TOKEN_LEN
+        && s.starts_with(ADMIN_TOKEN_PREFIX)
+        && s.bytes().skip(ADMIN_TOKEN_PREFIX.len()).all(|b| b.is_ascii_alphanumeric())
+        && decode_base62(&s.as_bytes()[TOKEN_LEN - CHECK_LEN..])
+            == Some(u64::from(crc32fast::hash(&s.as_bytes()[..TOKEN_LEN - CHECK_LEN])))
+}
+
 /// A new random HMAC signing secret.
 pub fn new_hmac_secret() -> Result<Secret, getrandom::Error> {
     Ok(Secret(format!("{SECRET_PREFIX}{}", base62(&random_bytes::<32>()?, BODY_LEN))))
@@ -250,6 +270,21 @@ impl MasterKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// an admin token has its own prefix, the same length and checksum; an API token is no
+    /// admin token and the other way round
+    #[test]
+    fn admin_tokens_carry_a_checksum() {
+        let t = new_admin_token().unwrap();
+        let s = t.expose();
+        assert!(s.starts_with("gha_") && s.len() == TOKEN_LEN, "{s}");
+        assert!(is_well_formed_admin_token(s));
+        assert!(!is_well_formed_token(s));
+        assert!(!is_well_formed_admin_token(new_token().unwrap().expose()));
+        let mut flipped = s.as_bytes().to_vec();
+        flipped[10] = if flipped[10] == b'a' { b'b' } else { b'a' };
+        assert!(!is_well_formed_admin_token(std::str::from_utf8(&flipped).unwrap()));
+    }
 
     /// a new token is well formed, 53 characters, and any single change breaks its checksum
     #[test]

@@ -85,8 +85,8 @@ pub struct Store {
 
 /// The credential database and how a synchronous caller waits for it.
 #[derive(Debug)]
-struct DbBackend {
-    db: Database,
+pub(super) struct DbBackend {
+    pub(super) db: Database,
     /// The CLI's runtime; `None` in a gateway, whose own runtime is used.
     runtime: Option<tokio::runtime::Runtime>,
 }
@@ -94,7 +94,7 @@ struct DbBackend {
 impl DbBackend {
     /// Runs `f` to completion from synchronous code: on the CLI's runtime, or on the
     /// gateway's, taking this thread out of its worker pool meanwhile.
-    fn run<T>(&self, f: impl std::future::Future<Output = T>) -> T {
+    pub(super) fn run<T>(&self, f: impl std::future::Future<Output = T>) -> T {
         match &self.runtime {
             Some(rt) => rt.block_on(f),
             None => {
@@ -105,7 +105,7 @@ impl DbBackend {
     }
 }
 
-fn io(path: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
+pub(super) fn io(path: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
     move |source| match source.kind() {
         std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem => {
             StoreError::ReadOnly { path: path.to_path_buf(), source }
@@ -134,6 +134,11 @@ impl Store {
     /// The credentials file (with a database: its URL without the password).
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The credential database, when this store is one.
+    pub(super) fn backend(&self) -> Option<&DbBackend> {
+        self.database.as_deref()
     }
 
     /// Whether this store is the credential database.
@@ -326,7 +331,7 @@ pub fn to_yaml(creds: &FileCredentials) -> Result<String, StoreError> {
 
 /// A database error: a constraint the change broke is the caller's conflict; anything
 /// else means the database is not there for us.
-fn db_error(db: &Database, e: tokio_postgres::Error) -> StoreError {
+pub(super) fn db_error(db: &Database, e: tokio_postgres::Error) -> StoreError {
     match e.code() {
         Some(c) if c.code().starts_with("23") => StoreError::Conflict(super::db::describe_pg_error(&e)),
         _ => StoreError::Unavailable(db.query_error(e).to_string()),
@@ -402,7 +407,7 @@ fn reseal(
 /// A file whose mode grants no write permission to anyone was made read-only on purpose
 /// (e.g. `chmod 0444`): refuse, rather than replace it by rename (which only needs a
 /// writable directory, and which root would be allowed anyway).
-fn refuse_read_only(path: &Path) -> Result<(), StoreError> {
+pub(super) fn refuse_read_only(path: &Path) -> Result<(), StoreError> {
     match std::fs::metadata(path) {
         Ok(m) if m.permissions().readonly() => Err(StoreError::ReadOnly {
             path: path.to_path_buf(),
@@ -421,7 +426,11 @@ fn probe_dir(path: &Path) -> Result<(), StoreError> {
 
 /// Replaces `path` durably (temp file, fsync, rename, directory fsync: see
 /// `atomic_file`) with mode `mode`, else 0600.
-fn write_atomically(path: &Path, bytes: &[u8], mode: Option<std::fs::Permissions>) -> Result<(), StoreError> {
+pub(super) fn write_atomically(
+    path: &Path,
+    bytes: &[u8],
+    mode: Option<std::fs::Permissions>,
+) -> Result<(), StoreError> {
     write_durably(path, bytes, mode).map_err(|e| io(&e.path)(e.source))
 }
 

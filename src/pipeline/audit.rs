@@ -186,21 +186,51 @@ pub struct AdminRecord<'a> {
     pub client: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token: Option<&'a str>,
+    /// The admin token's id (`adt_…`, or `bootstrap` for the environment's token) and name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_name: Option<&'a str>,
     pub action: &'a str,
     pub target: &'a str,
     /// Changed fields with their new, non-secret values.
     pub changes: serde_json::Value,
 }
 
+/// The admin token an admin API call was made with, as its audit record names it.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenRef<'a> {
+    pub fingerprint: &'a str,
+    pub id: &'a str,
+    pub name: &'a str,
+}
+
 impl<'a> AdminRecord<'a> {
     /// The record of one admin change, made now.
     pub fn new(actor: &'a str, action: &'a str, target: &'a str, changes: serde_json::Value) -> AdminRecord<'a> {
-        AdminRecord { kind: "admin", time: now_rfc3339(), actor, client: None, token: None, action, target, changes }
+        AdminRecord {
+            kind: "admin",
+            time: now_rfc3339(),
+            actor,
+            client: None,
+            token: None,
+            token_id: None,
+            token_name: None,
+            action,
+            target,
+            changes,
+        }
     }
 
-    /// The record names the admin API caller: its address and token fingerprint.
-    pub fn by(self, client: Option<&'a str>, token: Option<&'a str>) -> AdminRecord<'a> {
-        AdminRecord { client, token, ..self }
+    /// The record names the admin API caller: its address and admin token.
+    pub fn by(self, client: Option<&'a str>, token: TokenRef<'a>) -> AdminRecord<'a> {
+        AdminRecord {
+            client,
+            token: Some(token.fingerprint),
+            token_id: Some(token.id),
+            token_name: Some(token.name),
+            ..self
+        }
     }
 }
 

@@ -78,7 +78,13 @@ impl RateLimits {
     /// Limits with a failed-authentication budget of `failed_per_minute` per client IP,
     /// on `clock`.
     pub fn new(failed_per_minute: u32, clock: Clock) -> RateLimits {
-        let q = GovQuota::per_minute(nonzero(failed_per_minute)).allow_burst(nonzero(failed_per_minute));
+        RateLimits::with_failure_burst(failed_per_minute, failed_per_minute, clock)
+    }
+
+    /// Limits whose failed-authentication budget refills at `per_minute` and holds
+    /// `burst` failures: the failure after them blocks the address.
+    pub fn with_failure_burst(per_minute: u32, burst: u32, clock: Clock) -> RateLimits {
+        let q = GovQuota::per_minute(nonzero(per_minute)).allow_burst(nonzero(burst));
         RateLimits {
             keys: DashMap::default(),
             failed: RateLimiter::new(q, DefaultKeyedStateStore::default(), clock.clone()),

@@ -49,6 +49,8 @@ async fn fixture_in(kept: Kept) -> Fx {
     let mut config = TestGateway::builder()
         .credentials(&creds)
         .admin(TOKEN)
+        // The 401 tests send dozens of wrong tokens; the budget has a test of its own.
+        .admin_setting("failed_per_ip_per_minute", "100000")
         .route(RouteSpec::new("api", "/api/").to(&up).authenticated());
     if kept == Kept::Database {
         let url = crate::support::postgres::fresh_database("admin").await;
@@ -178,6 +180,9 @@ fn the_router_scanner_finds_every_route_it_should() {
         ("GET", "/admin/v1/roles"),
         ("PUT", "/admin/v1/roles"),
         ("GET", "/admin/v1/audit"),
+        ("GET", "/admin/v1/admin-tokens"),
+        ("POST", "/admin/v1/admin-tokens"),
+        ("DELETE", "/admin/v1/admin-tokens/{id}"),
     ];
     for (m, p) in at_least {
         assert!(found.contains(&(m.to_string(), p.to_string())), "{m} {p} not found in the router; found {found:#?}");
@@ -1031,4 +1036,212 @@ async fn a_refused_request_names_the_key_it_identified_in_its_audit_record_only(
     assert_eq!((u["requests"].clone(), u["errors"].clone()), (json!(1), json!(0)), "{u}");
     let u = a.expect(200, "GET", "/admin/v1/users/svc/usage", None).await;
     assert_eq!((u["requests"].clone(), u["last_used_at"].clone()), (json!(0), Value::Null), "{u}");
+}
+
+/// Creates a named admin token with the bootstrap token; returns (id, token).
+async fn new_admin_token(fx: &Fx, name: &str, role: &str) -> (String, String) {
+    let v = fx.admin.expect(201, "POST", "/admin/v1/admin-tokens", Some(&json!({"name": name, "role": role}))).await;
+    let token = v["token"].as_str().unwrap().to_string();
+    assert!(token.starts_with("gha_") && token.len() == 53, "{token}");
+    assert_eq!(v["admin_token"]["role"], role);
+    assert_eq!(v["admin_token"]["status"], "active");
+    assert_eq!(v["admin_token"]["hint"], format!("gha_…{}", &token[49..]));
+    assert!(v["admin_token"].get("token_sha256").is_none(), "{v}");
+    (v["admin_token"]["id"].as_str().unwrap().to_string(), token)
+}
+
+/// The role a route needs (docs/admin.md#roles), for the matrix below.
+fn role_needed(method: &str, path: &str) -> &'static str {
+    if path.starts_with("/admin/v1/admin-tokens") || path == "/admin/v1/reload" {
+        "admin"
+    } else if method == "GET" {
+        "viewer"
+    } else if path == "/admin/v1/roles" {
+        "admin"
+    } else {
+        "operator"
+    }
+}
+
+/// Every admin route the router handles, called with a viewer's, an operator's and an
+/// admin's token, in the file and the database store: below the route's role, 403 with
+/// the exact body, nothing changed, the refusal audited with the token's id and name; at
+/// or above it, never 401 or 403.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_admin_route_is_refused_below_its_role_and_served_at_it() {
+    for kept in [Kept::File, Kept::Database] {
+        let fx = fixture_in(kept).await;
+        let mut tokens = vec![];
+        for role in ["viewer", "operator", "admin"] {
+            let (id, token) = new_admin_token(&fx, &format!("{role}-1"), role).await;
+            tokens.push((role, id, token));
+        }
+        let rank = |r: &str| ["viewer", "operator", "admin"].iter().position(|x| *x == r).unwrap();
+        let routes: Vec<(String, String)> =
+            routes_from_router().into_iter().filter(|(_, p)| p.starts_with("/admin/v1/")).collect();
+        for (role, id, token) in &tokens {
+            let as_role = fx.admin.with_token(Some(token));
+            let me = as_role.expect(200, "GET", "/admin/v1/whoami", None).await;
+            assert_eq!(me, json!({"id": id, "name": format!("{role}-1"), "role": role}));
+            for (method, path) in &routes {
+                let needed = role_needed(method, path);
+                let url = concrete(path).replace("{id}", "svc");
+                let body = (method != "GET" && method != "DELETE").then(|| json!({}));
+                let before = fx.credentials_text().await;
+                let res = as_role.call(method, &url, body.as_ref()).await;
+                if rank(role) < rank(needed) {
+                    let msg = format!("Admin token \"{role}-1\" has role {role}; this call needs {needed}");
+                    assert_error(&res, 403, "permission_error", &msg);
+                    assert_eq!(fx.credentials_text().await, before, "{role}: {method} {url} changed the store");
+                    // The audit log is written by its own task: wait for the record.
+                    let denied = || {
+                        fx.audit_text()
+                            .lines()
+                            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                            .any(|r| r["action"] == "admin.denied" && r["target"] == url && r["token_id"] == *id)
+                    };
+                    crate::support::eventually(crate::support::STEP, &format!("{role}: {method} {url} denied"), denied)
+                        .await;
+                } else {
+                    let s = res.status.as_u16();
+                    assert!(s != 401 && s != 403, "{kept:?} {role}: {method} {url} → {s}: {}", res.text());
+                }
+            }
+        }
+        // A change names the token that made it.
+        let (_, operator, op_token) = &tokens[1];
+        let as_op = fx.admin.with_token(Some(op_token));
+        as_op
+            .expect(201, "POST", "/admin/v1/users", Some(&json!({"id": "made-by-op", "auth_method": "api_key"})))
+            .await;
+        let find = || {
+            fx.audit_text()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .find(|r| r["action"] == "user.create" && r["target"] == "made-by-op")
+        };
+        crate::support::eventually(crate::support::STEP, "user.create record", || find().is_some()).await;
+        let rec = find().unwrap();
+        assert_eq!(rec["token_id"], *operator, "{rec}");
+        assert_eq!(rec["token_name"], "operator-1", "{rec}");
+        assert!(rec["token"].as_str().unwrap().starts_with("sha256:"), "{rec}");
+        // The list never shows a token; a revoked token is 401 from the next call on.
+        let list = fx.admin.expect(200, "GET", "/admin/v1/admin-tokens", None).await;
+        assert_eq!(list.as_array().unwrap().len(), 3);
+        assert!(!list.to_string().contains(op_token.as_str()) && !list.to_string().contains("token_sha256"));
+        fx.admin.expect(200, "DELETE", &format!("/admin/v1/admin-tokens/{operator}"), None).await;
+        assert_error(&as_op.get("/admin/v1/users").await, 401, "authentication_error", "Invalid admin token");
+        let list = fx.admin.expect(200, "GET", "/admin/v1/admin-tokens", None).await;
+        assert_eq!(list[1]["status"], "revoked", "{list}");
+        // A live name is unique; bad input is refused with the reason.
+        let dup = fx.admin.post("/admin/v1/admin-tokens", &json!({"name": "viewer-1", "role": "viewer"})).await;
+        assert_error(
+            &dup,
+            409,
+            "conflict",
+            "a live admin token named \"viewer-1\" exists; revoke it first or choose another name",
+        );
+        let bad_role = fx.admin.post("/admin/v1/admin-tokens", &json!({"name": "x", "role": "root"})).await;
+        assert_eq!(bad_role.status, 422, "{}", bad_role.text());
+        let bad_name = fx.admin.post("/admin/v1/admin-tokens", &json!({"name": "<b>x</b>", "role": "viewer"})).await;
+        assert_error(
+            &bad_name,
+            422,
+            "validation_error",
+            "admin token name \"<b>x</b>\": 1 to 64 letters, digits, '.', '_', '@' or '-'",
+        );
+    }
+}
+
+/// `gatehouse admin-tokens create|list|revoke` write the store the running gateway reads
+/// (a file beside the credentials): the printed token works at once, the list shows no
+/// token, a revoked or expired token is 401.
+#[tokio::test]
+async fn admin_tokens_from_the_cli_work_at_once_and_revoke_at_once() {
+    let fx = fixture().await;
+    let creds = fx.gw.written().credentials_path().display().to_string();
+    let out = crate::support::process::run_cli(&[
+        "admin-tokens",
+        "create",
+        "--name",
+        "ci-reader",
+        "--role",
+        "viewer",
+        "--json",
+        "--credentials",
+        &creds,
+    ])
+    .await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let token = v["token"].as_str().unwrap();
+    let id = v["admin_token"]["id"].as_str().unwrap();
+    assert!(id.starts_with("adt_"), "{v}");
+    let stored =
+        std::fs::read_to_string(fx.gw.written().credentials_path().with_file_name("admin-tokens.yaml")).unwrap();
+    assert!(!stored.contains(token), "the token is stored in clear");
+    let viewer = fx.admin.with_token(Some(token));
+    assert_eq!(viewer.get("/admin/v1/users").await.status, 200);
+    assert_eq!(viewer.post("/admin/v1/reload", &json!({})).await.status, 403);
+
+    let list = crate::support::process::run_cli(&["admin-tokens", "list", "--credentials", &creds]).await;
+    let text = String::from_utf8_lossy(&list.stdout);
+    assert!(text.contains(id) && text.contains("ci-reader") && text.contains("viewer") && text.contains("active"));
+    assert!(!text.contains(token), "{text}");
+
+    let revoke = crate::support::process::run_cli(&["admin-tokens", "revoke", id, "--credentials", &creds]).await;
+    assert!(revoke.status.success(), "{}", String::from_utf8_lossy(&revoke.stderr));
+    assert_error(&viewer.get("/admin/v1/users").await, 401, "authentication_error", "Invalid admin token");
+
+    // An expiry in the past (edited into the file by hand) is 401 as well.
+    let (_, other) = new_admin_token(&fx, "soon-gone", "viewer").await;
+    let path = fx.gw.written().credentials_path().with_file_name("admin-tokens.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let edited = text.replace(
+        "  created_by: admin-api:bootstrap\n",
+        "  created_by: admin-api:bootstrap\n  expires_at: 2020-01-01T00:00:00Z\n",
+    );
+    assert_ne!(edited, text, "{text}");
+    std::fs::write(&path, edited).unwrap();
+    assert_error(
+        &fx.admin.with_token(Some(&other)).get("/admin/v1/users").await,
+        401,
+        "authentication_error",
+        "Invalid admin token",
+    );
+}
+
+/// Wrong admin tokens are charged to the address like failed API authentication: over
+/// the budget, every call from it is 429 with `Retry-After` — the right token too, since
+/// the address is refused before any lookup — and nothing is changed.
+#[tokio::test]
+async fn wrong_admin_tokens_use_up_the_address_budget() {
+    let up = TestUpstream::start().await;
+    let creds = Creds::new();
+    let gw = TestGateway::builder()
+        .credentials(&creds)
+        .admin(TOKEN)
+        .admin_setting("failed_per_ip_per_minute", "3")
+        .route(RouteSpec::new("api", "/api/").to(&up).authenticated())
+        .start()
+        .await;
+    let admin = gw.admin();
+    let wrong = admin.with_token(Some("gha_not-a-real-token"));
+    // No token at all is not a guess: not charged.
+    for _ in 0..5 {
+        assert_eq!(admin.with_token(None).get("/admin/v1/users").await.status, 401);
+    }
+    // The third failure in a minute uses up a budget of 3: from then on, 429.
+    for _ in 0..3 {
+        assert_error(&wrong.get("/admin/v1/users").await, 401, "authentication_error", "Invalid admin token");
+    }
+    let blocked = wrong.post("/admin/v1/users", &json!({"id": "x", "auth_method": "api_key"})).await;
+    assert_error(&blocked, 429, "rate_limit_error", "Too many failed admin authentications from this address");
+    let wait: u64 = blocked.header("retry-after").parse().unwrap();
+    assert!((1..=20).contains(&wait), "Retry-After {wait}");
+    let right = admin.get("/admin/v1/users").await;
+    assert_error(&right, 429, "rate_limit_error", "Too many failed admin authentications from this address");
+    assert!(!std::fs::read_to_string(gw.written().credentials_path()).unwrap().contains("id: x\n"));
+    // Probes need no token and are never blocked.
+    assert_eq!(admin.with_token(None).get("/healthz").await.status, 200);
 }

@@ -77,9 +77,9 @@ async fn a_key_revoked_through_one_gateway_is_refused_by_the_others() {
     let path = written.path.display().to_string();
     let out = run_cli(&["db", "migrate", "--config", &path]).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("applied migration(s) 1"), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("applied migration(s) 1, 2; schema at version 2"), "{out:?}");
     let again = run_cli(&["db", "migrate", "--config", &path]).await;
-    assert!(String::from_utf8_lossy(&again.stdout).contains("schema already at version 1"), "{again:?}");
+    assert!(String::from_utf8_lossy(&again.stdout).contains("schema already at version 2"), "{again:?}");
 
     let a = GatewayProcess::serve_written(written, &[], &[]).await;
     let b = GatewayProcess::serve(&config).await;
@@ -185,12 +185,12 @@ async fn a_database_that_cannot_be_used_stops_start_up_with_the_reason() {
         (
             format!("postgres://{}@127.0.0.1:{port}/{db_name}?sslmode=disable", postgres::USER),
             &right,
-            "schema version 0, this gatehouse needs 1: run `gatehouse db migrate`",
+            "schema version 0, this gatehouse needs 2: run `gatehouse db migrate`",
         ),
         (
             format!("postgres://{}@127.0.0.1:{port}/{ahead_name}?sslmode=disable", postgres::USER),
             &right,
-            "schema version 99 is newer than this gatehouse knows (1): a downgrade is not supported",
+            "schema version 99 is newer than this gatehouse knows (2): a downgrade is not supported",
         ),
     ];
     for (db, env, reason) in cases {
@@ -791,6 +791,54 @@ async fn the_master_key_rotates_with_the_database() {
     assert_eq!(signed("/api/after").await, 200);
 }
 
+/// A database of schema version 1 (as the previous release left it, with a user in it)
+/// is upgraded by `db migrate` to version 2 with migration 2 only, its rows kept; until
+/// then `check-config` refuses it with the command to run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_1_database_is_upgraded_by_migration_2_only() {
+    let url = postgres::fresh_database("v1").await;
+    let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    db.batch_execute(
+        "CREATE TABLE gatehouse_schema (version integer PRIMARY KEY, description text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now());
+         INSERT INTO gatehouse_schema (version, description) VALUES (1, 'credential store');",
+    )
+    .await
+    .unwrap();
+    db.batch_execute(include_str!("../../src/credentials/db/migrations/0001_init.sql")).await.unwrap();
+    db.batch_execute(
+        "INSERT INTO gatehouse_users (id, status, auth_method, created_at, updated_at) VALUES ('kept', 'active', 'api_key', now(), now())",
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gatehouse.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "listeners:\n  - address: 127.0.0.1:0\ncredentials: \"{url}\"\nmaster_key: {}\nroutes: []\n",
+            dir.path().join("master.key").display()
+        ),
+    )
+    .unwrap();
+    let path = path.display().to_string();
+    let before = run_cli(&["check-config", "--config", &path]).await;
+    assert_eq!(before.status.code(), Some(78));
+    assert!(
+        String::from_utf8_lossy(&before.stderr)
+            .contains("schema version 1, this gatehouse needs 2: run `gatehouse db migrate`"),
+        "{before:?}"
+    );
+    let out = run_cli(&["db", "migrate", "--config", &path]).await;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("applied migration(s) 2; schema at version 2"), "{out:?}");
+    let users: i64 = db.query_one("SELECT count(*) FROM gatehouse_users WHERE id = 'kept'", &[]).await.unwrap().get(0);
+    assert_eq!(users, 1);
+    let made = run_cli(&["admin-tokens", "create", "--name", "ops", "--role", "admin", "--config", &path]).await;
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let tokens: i64 = db.query_one("SELECT count(*) FROM gatehouse_admin_tokens", &[]).await.unwrap().get(0);
+    assert_eq!(tokens, 1);
+}
+
 /// The password from a file (a mounted Secret; its final line break ignored), and three
 /// `gatehouse db migrate` started at once (gateways starting together): one applies the
 /// migration, the others wait for it and find nothing to do. A wrong or empty password
@@ -824,12 +872,12 @@ async fn the_password_comes_from_a_file_and_concurrent_migrations_apply_once() {
         })
         .collect();
     said.sort();
-    assert!(said[0].contains("applied migration(s) 1"), "{said:?}");
-    assert!(said[1..].iter().all(|s| s.contains("schema already at version 1")), "{said:?}");
+    assert!(said[0].contains("applied migration(s) 1, 2; schema at version 2"), "{said:?}");
+    assert!(said[1..].iter().all(|s| s.contains("schema already at version 2")), "{said:?}");
     let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(conn);
     let rows: i64 = db.query_one("SELECT count(*) FROM gatehouse_schema", &[]).await.unwrap().get(0);
-    assert_eq!(rows, 1);
+    assert_eq!(rows, 2);
     let out = run_cli(&["check-config", "--config", &path]).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 

@@ -8,10 +8,13 @@
 use super::{Database, DbError};
 
 /// (version, what it does, SQL).
-const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "credential store", include_str!("migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "credential store", include_str!("migrations/0001_init.sql")),
+    (2, "admin tokens", include_str!("migrations/0002_admin_tokens.sql")),
+];
 
 /// The schema version this binary reads and writes.
-pub const CURRENT: i32 = 1;
+pub const CURRENT: i32 = 2;
 
 /// An arbitrary constant that names Gatehouse's migration lock among the database's
 /// advisory locks ("gatehous" in ASCII).

@@ -2,7 +2,9 @@
 //! through `Store::update` (lock, validate, atomic write) and is then loaded into the
 //! live snapshot before the response, so it is in force on the next request.
 
+use super::caller::{Caller, required_role};
 use super::{Admin, Peer, json};
+use crate::credentials::admin_tokens::AdminRole;
 use crate::credentials::file::{AuthMethod, FileRateLimit, Status};
 use crate::credentials::ops::{self, UserFields};
 use crate::credentials::reload::Removal;
@@ -176,14 +178,14 @@ async fn body<T: for<'de> Deserialize<'de> + Default>(req: Request<Incoming>) ->
 const OPENAPI: &str = include_str!("../../../docs/admin-api.yaml");
 
 /// Routes and runs one authorised `/admin/v1` call.
-pub(super) async fn handle(admin: &Admin, req: Request<Incoming>, id: &HeaderValue) -> Response<Body> {
+pub(super) async fn handle(admin: &Admin, req: Request<Incoming>, id: &HeaderValue, caller: &Caller) -> Response<Body> {
     if (req.method(), req.uri().path().trim_end_matches('/')) == (&Method::GET, "/admin/v1/openapi.yaml") {
         let mut res = Response::new(Body::full(OPENAPI));
         res.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/yaml"));
         return res;
     }
     let mut etag = None;
-    match route(admin, req, &mut etag).await {
+    match route(admin, req, caller, &mut etag).await {
         Ok((status, v)) => {
             let mut res = json(status, &v);
             if let Some(tag) = etag.and_then(|t| HeaderValue::from_str(&t).ok()) {
@@ -201,6 +203,7 @@ pub(super) async fn handle(admin: &Admin, req: Request<Incoming>, id: &HeaderVal
 async fn route(
     admin: &Admin,
     req: Request<Incoming>,
+    caller: &Caller,
     etag: &mut Option<String>,
 ) -> Result<(StatusCode, Value), ApiError> {
     let if_match = req.headers().get(http::header::IF_MATCH).map(|v| v.to_str().unwrap_or("\u{0}").to_string());
@@ -208,6 +211,30 @@ async fn route(
     let path = req.uri().path().trim_end_matches('/').to_string();
     let segs: Vec<&str> = path.trim_start_matches("/admin/v1").split('/').filter(|s| !s.is_empty()).collect();
     let method = req.method().clone();
+    let by = By { client: req.extensions().get::<Peer>().map(|p| p.0.to_string()), caller };
+    let needed = required_role(&method, &segs);
+    if caller.role < needed {
+        // Refused, and recorded: a viewer's token trying a write is worth knowing about.
+        let record = AdminRecord::new("admin-api", "admin.denied", &path, j!({"method": method.as_str()}))
+            .by(by.client.as_deref(), caller.token_ref());
+        admin.audit.send(&record);
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            "permission_error",
+            format!(
+                "Admin token {:?} has role {}; this call needs {}",
+                caller.name,
+                caller.role.as_str(),
+                needed.as_str()
+            ),
+        ));
+    }
+    if segs.first() == Some(&"admin-tokens") {
+        return admin_tokens(admin, req, &segs, &by).await;
+    }
+    if let (Method::GET, ["whoami"]) = (method.clone(), segs.as_slice()) {
+        return Ok((StatusCode::OK, j!({"id": caller.id, "name": caller.name, "role": caller.role})));
+    }
     if (method.clone(), segs.as_slice()) == (Method::POST, &["reload"][..]) {
         // The one deliberate way to apply a file that takes away nearly every user.
         let removal = match req.uri().query() {
@@ -222,7 +249,6 @@ async fn route(
             Err(e) => Err(bad(e.to_string())),
         };
     }
-    let by = By { client: req.extensions().get::<Peer>().map(|p| p.0.to_string()) };
     let store = admin
         .store
         .as_ref()
@@ -350,18 +376,71 @@ async fn route(
     Ok(out)
 }
 
+/// The body of `POST /admin-tokens`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdminTokenBody {
+    name: Option<String>,
+    role: Option<AdminRole>,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    expires_at: Option<OffsetDateTime>,
+}
+
+/// `/admin-tokens`: list, create (the token shown once), revoke. Admin only.
+async fn admin_tokens(
+    admin: &Admin,
+    req: Request<Incoming>,
+    segs: &[&str],
+    by: &By<'_>,
+) -> Result<(StatusCode, Value), ApiError> {
+    let store = admin
+        .store
+        .as_ref()
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, "not_found", "no credential store is configured".into()))?;
+    fn record<'r>(by: &'r By<'_>, action: &'r str, target: &'r str, changes: Value) -> AdminRecord<'r> {
+        AdminRecord::new("admin-api", action, target, changes).by(by.client.as_deref(), by.caller.token_ref())
+    }
+    match (req.method().clone(), segs) {
+        (Method::GET, ["admin-tokens"]) => {
+            let tokens = blocking(|| store.admin_tokens())?;
+            Ok((StatusCode::OK, Value::from(tokens.iter().map(|t| t.view()).collect::<Vec<_>>())))
+        }
+        (Method::POST, ["admin-tokens"]) => {
+            let b: AdminTokenBody = body(req).await?;
+            let name = b.name.ok_or_else(|| bad("field `name` is required"))?;
+            let role = b.role.ok_or_else(|| bad("field `role` is required (viewer, operator or admin)"))?;
+            let changes = j!({"name": name, "role": role, "expires_at": b.expires_at.map(|t| t.unix_timestamp())});
+            let r = record(by, "admin_token.create", &name, changes);
+            let kept = store.is_database().then(|| serde_json::to_value(&r).unwrap_or_default());
+            let (t, secret) =
+                blocking(|| store.create_admin_token(&name, role, b.expires_at, &by.caller.actor(), kept.as_ref()))?;
+            admin.audit.send(&r);
+            // The only response that ever contains an admin token.
+            Ok((StatusCode::CREATED, j!({"admin_token": t.view(), "token": secret.expose()})))
+        }
+        (Method::DELETE, ["admin-tokens", id]) => {
+            let r = record(by, "admin_token.revoke", id, Value::Null);
+            let kept = store.is_database().then(|| serde_json::to_value(&r).unwrap_or_default());
+            let t = blocking(|| store.revoke_admin_token(id, kept.as_ref()))?;
+            admin.audit.send(&r);
+            Ok((StatusCode::OK, j!({"revoked": t.id})))
+        }
+        _ => Err(ApiError(StatusCode::NOT_FOUND, "not_found", "No such admin endpoint".into())),
+    }
+}
+
 /// The value of `key` in a query string (`a=1&b=2`), as sent.
 fn query_param<'q>(query: &'q str, key: &str) -> Option<&'q str> {
     query.split('&').find_map(|kv| kv.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
 }
 
-/// What an admin change was, for its audit record.
-/// Who makes an admin API change: the caller's address (the token is the gateway's one
-/// admin token, named by its fingerprint).
-struct By {
+/// Who makes an admin API change: the caller's address and admin token.
+struct By<'c> {
     client: Option<String>,
+    caller: &'c Caller,
 }
 
+/// What an admin change was, for its audit record.
 struct Change<'a> {
     action: &'a str,
     target: &'a str,
@@ -373,7 +452,7 @@ struct Change<'a> {
 fn change<T>(
     admin: &Admin,
     store: &Store,
-    by: &By,
+    by: &By<'_>,
     what: Change<'_>,
     f: impl FnOnce(&mut crate::credentials::file::FileCredentials) -> Result<T, StoreError>,
 ) -> Result<T, ApiError> {
@@ -381,7 +460,7 @@ fn change<T>(
     // users that is most of a second of disk and CPU.
     blocking(|| {
         let record = AdminRecord::new("admin-api", what.action, what.target, what.changes)
-            .by(by.client.as_deref(), admin.token_fingerprint.as_deref());
+            .by(by.client.as_deref(), by.caller.token_ref());
         // The database keeps the record in the change's own transaction; the audit log
         // gets it too, once the change is made.
         let kept = store.is_database().then(|| serde_json::to_value(&record).unwrap_or_default());
@@ -409,7 +488,7 @@ fn read(store: &Store) -> Result<crate::credentials::file::FileCredentials, Stor
 /// stalling the other tasks of the runtime thread it is on (the accept loops share the
 /// runtime with the admin listener). On a single-threaded runtime, as in some tests, it just
 /// runs.
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
+pub(super) fn blocking<T>(f: impl FnOnce() -> T) -> T {
     match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
         Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
         _ => f(),

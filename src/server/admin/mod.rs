@@ -6,6 +6,7 @@
 //! says why) — never open.
 
 mod api;
+mod caller;
 
 use crate::config::{AdminConfig, Config};
 use crate::credentials::reload::Credentials;
@@ -23,7 +24,6 @@ use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -36,10 +36,11 @@ pub struct Admin {
     /// With `shared_state:`, where the fleet's usage is read.
     shared: Option<Arc<crate::shared::Shared>>,
     store: Option<Store>,
-    /// SHA-256 of the admin token: compared in constant time, never kept in clear.
+    /// SHA-256 of the bootstrap admin token (the environment's): compared in constant
+    /// time, never kept in clear. `None`: the admin API is disabled.
     token_digest: Option<[u8; 32]>,
-    /// What admin audit records name the token by (see [`fingerprint`]).
-    token_fingerprint: Option<String>,
+    /// Failed admin authentications per client address (see [`caller`]).
+    failed: crate::pipeline::limit::RateLimits,
 }
 
 /// The address an admin request came from (set by the admin listener, read by the
@@ -128,25 +129,9 @@ impl Admin {
             metrics,
             shared,
             store,
-            token_fingerprint: digest.as_ref().map(fingerprint),
             token_digest: digest,
+            failed: caller::failure_budget(admin.failed_per_ip_per_minute),
         })
-    }
-
-    fn authorised(&self, req: &Request<Incoming>) -> bool {
-        let Some(want) = &self.token_digest else { return false };
-        let Some(got) = req
-            .headers()
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, t)| t.trim())
-        else {
-            return false;
-        };
-        let got: [u8; 32] = Sha256::digest(got.as_bytes()).into();
-        got.ct_eq(want).into()
     }
 
     /// Serves one admin request.
@@ -195,16 +180,11 @@ impl Admin {
                         "Admin API is disabled: no admin token configured",
                         &id,
                     )
-                } else if !self.authorised(&req) {
-                    let mut r =
-                        error_response(StatusCode::UNAUTHORIZED, "authentication_error", "Invalid admin token", &id);
-                    r.headers_mut().insert(
-                        http::header::WWW_AUTHENTICATE,
-                        HeaderValue::from_static("Bearer realm=\"gatehouse-admin\""),
-                    );
-                    r
                 } else {
-                    api::handle(self, req, &id).await
+                    match self.bearer_caller(&req) {
+                        Ok(caller) => api::handle(self, req, &id, &caller).await,
+                        Err(refused) => caller::refusal_response(&refused, &id),
+                    }
                 }
             }
             _ => error_response(StatusCode::NOT_FOUND, "not_found", "No such admin endpoint", &id),

@@ -147,6 +147,8 @@ pub struct GatewayConfig {
     credentials: Option<CredsText>,
     credentials_at: Option<PathBuf>,
     admin: Option<AdminSpec>,
+    /// Extra `admin:` settings (`failed_per_ip_per_minute`, `session_idle`…).
+    admin_settings: Vec<(String, String)>,
     rate_limit: Option<(u32, u32)>,
     identity_headers: Vec<(String, String)>,
     shared_state: Vec<(String, String)>,
@@ -314,6 +316,12 @@ impl GatewayConfig {
         self
     }
 
+    /// One more `admin:` setting, as YAML (`failed_per_ip_per_minute`, `"1000"`).
+    pub fn admin_setting(mut self, key: &str, value: &str) -> Self {
+        self.admin_settings.push((key.into(), value.into()));
+        self
+    }
+
     /// An admin listener with no token configured: `/admin/v1` is disabled.
     pub fn admin_without_token(mut self) -> Self {
         self.admin = Some(AdminSpec { token: None });
@@ -342,6 +350,9 @@ impl GatewayConfig {
             y.push_str("admin:\n  address: 127.0.0.1:0\n");
             if a.token.is_some() {
                 y.push_str(&format!("  token_file: {}\n", q(&dir.join("admin.token").display().to_string())));
+            }
+            for (k, v) in &self.admin_settings {
+                y.push_str(&format!("  {k}: {v}\n"));
             }
         }
         if let Some((per_second, burst)) = self.rate_limit {
