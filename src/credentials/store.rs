@@ -141,6 +141,17 @@ impl Store {
         self.database.as_deref()
     }
 
+    /// Why changes cannot be made here, if they cannot: the file (or its directory) is
+    /// read-only, e.g. a Kubernetes Secret mount. Creates and removes a temporary file
+    /// beside the credentials file to find out. A database is always writable (when it is
+    /// down, a write says so).
+    pub fn read_only_reason(&self) -> Option<String> {
+        if self.database.is_some() {
+            return None;
+        }
+        refuse_read_only(&self.path).and_then(|()| probe_dir(&self.path)).err().map(|e| e.to_string())
+    }
+
     /// Whether this store is the credential database.
     pub fn is_database(&self) -> bool {
         self.database.is_some()

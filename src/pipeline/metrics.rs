@@ -175,6 +175,51 @@ struct StoreGauges {
     revision: IntGauge,
 }
 
+/// What the console's overview counts: requests and refused authentications since start.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Every request (`gatehouse_requests_total`, all labels).
+    pub requests: u64,
+    /// `gatehouse_auth_failures_total` by reason.
+    pub auth_failures: std::collections::BTreeMap<String, u64>,
+}
+
+impl Totals {
+    /// What happened between `earlier` and `self`.
+    pub fn since(&self, earlier: &Totals) -> Totals {
+        Totals {
+            requests: self.requests.saturating_sub(earlier.requests),
+            auth_failures: self
+                .auth_failures
+                .iter()
+                .map(|(k, v)| (k.clone(), v.saturating_sub(earlier.auth_failures.get(k).copied().unwrap_or(0))))
+                .filter(|(_, v)| *v > 0)
+                .collect(),
+        }
+    }
+}
+
+impl Metrics {
+    /// The counters the console's overview shows, summed over their labels.
+    pub fn totals(&self) -> Totals {
+        use prometheus::core::Collector;
+        let requests = self
+            .requests
+            .collect()
+            .iter()
+            .flat_map(|mf| mf.get_metric().iter().map(|m| m.get_counter().get_value() as u64))
+            .sum();
+        let mut auth_failures = std::collections::BTreeMap::new();
+        for mf in self.auth_failures.collect() {
+            for m in mf.get_metric() {
+                let reason = m.get_label().iter().find(|l| l.name() == "reason").map(|l| l.value().to_string());
+                *auth_failures.entry(reason.unwrap_or_default()).or_insert(0) += m.get_counter().get_value() as u64;
+            }
+        }
+        Totals { requests, auth_failures }
+    }
+}
+
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec, prometheus::Error> {
     let c = IntCounterVec::new(Opts::new(name, help), labels)?;
     r.register(Box::new(c.clone()))?;

@@ -172,7 +172,8 @@ impl Server {
                     metrics.clone(),
                     shared.clone(),
                 )
-                .map_err(StartError::Admin)?;
+                .map_err(StartError::Admin)?
+                .with_proxy(listeners.first().map(|b| (b.addr, b.tls.is_some())));
                 let tcp = TcpListener::bind(a.address)
                     .await
                     .map_err(|source| StartError::Bind { addr: a.address, source })?;

@@ -1050,7 +1050,7 @@ async fn new_admin_token(fx: &Fx, name: &str, role: &str) -> (String, String) {
     (v["admin_token"]["id"].as_str().unwrap().to_string(), token)
 }
 
-/// The role a route needs (docs/admin.md#roles), for the matrix below.
+/// The role a route needs (docs/admin.md#admin-roles), for the matrix below.
 fn role_needed(method: &str, path: &str) -> &'static str {
     if path.starts_with("/admin/v1/admin-tokens") || path == "/admin/v1/reload" {
         "admin"

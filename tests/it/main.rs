@@ -13,6 +13,7 @@ mod auth_hmac;
 mod authz;
 mod cli;
 mod config;
+mod console;
 mod credential_db;
 mod demo;
 mod differential;

@@ -24,8 +24,8 @@ const MAX_BODY: usize = 1 << 20;
 /// The message of a write refused while the credential database is away.
 const UNAVAILABLE: &str = "the credential database is unavailable: nothing was changed; gateways keep serving their last snapshot, retry later";
 
-/// An admin call that failed, with its status.
-struct ApiError(StatusCode, &'static str, String);
+/// An admin call that failed: its status, error code and message.
+pub(super) struct ApiError(pub StatusCode, pub &'static str, pub String);
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
@@ -57,7 +57,7 @@ impl From<StoreError> for ApiError {
 }
 
 /// Every key's usage: this gateway's, or with shared state the fleet's.
-async fn usage_now(
+pub(super) async fn usage_now(
     admin: &Admin,
 ) -> Result<std::collections::BTreeMap<String, crate::pipeline::usage::KeyUsageRecord>, ApiError> {
     match &admin.shared {
@@ -155,18 +155,64 @@ struct RoleBody {
     rules: Vec<String>,
 }
 
-async fn body<T: for<'de> Deserialize<'de> + Default>(req: Request<Incoming>) -> Result<T, ApiError> {
-    let bytes = Limited::new(req.into_body(), MAX_BODY)
-        .collect()
-        .await
-        .map_err(|_| ApiError(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "Request body is too large".into()))?
-        .to_bytes();
+/// One admin call, however it arrived: a JSON request to `/admin/v1`, or a console form
+/// (which makes the same calls, so that roles, validation and audit are decided once).
+#[derive(Debug)]
+pub(super) struct Call {
+    pub method: Method,
+    /// `/admin/v1/…`.
+    pub path: String,
+    pub query: String,
+    pub if_match: Option<String>,
+    /// The JSON body (empty: none).
+    pub body: bytes::Bytes,
+    pub peer: Option<std::net::IpAddr>,
+}
+
+impl Call {
+    /// The call a request makes: its body read up to 1 MiB (413 beyond).
+    async fn of(req: Request<Incoming>) -> Result<Call, ApiError> {
+        let (parts, body) = req.into_parts();
+        let body = Limited::new(body, MAX_BODY)
+            .collect()
+            .await
+            .map_err(|_| {
+                ApiError(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "Request body is too large".into())
+            })?
+            .to_bytes();
+        Ok(Call {
+            if_match: parts.headers.get(http::header::IF_MATCH).map(|v| v.to_str().unwrap_or("\u{0}").to_string()),
+            path: parts.uri.path().to_string(),
+            query: parts.uri.query().unwrap_or("").to_string(),
+            peer: parts.extensions.get::<Peer>().map(|p| p.0),
+            method: parts.method,
+            body,
+        })
+    }
+
+    /// A call without a body.
+    pub fn get(path: &str, query: &str, peer: Option<std::net::IpAddr>) -> Call {
+        Call::with(Method::GET, path, Value::Null, peer).query(query)
+    }
+
+    /// A call with `body` as JSON (`Value::Null`: none).
+    pub fn with(method: Method, path: &str, body: Value, peer: Option<std::net::IpAddr>) -> Call {
+        let body = if body.is_null() { bytes::Bytes::new() } else { bytes::Bytes::from(body.to_string()) };
+        Call { method, path: path.to_string(), query: String::new(), if_match: None, body, peer }
+    }
+
+    fn query(self, query: &str) -> Call {
+        Call { query: query.to_string(), ..self }
+    }
+}
+
+fn body<T: for<'de> Deserialize<'de> + Default>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.is_empty() {
         return Ok(T::default());
     }
     // Not JSON at all: 400. JSON of the wrong shape (unknown or mistyped field): 422,
     // with serde's message, which names the field.
-    let value: Value = serde_json::from_slice(&bytes).map_err(|e| bad(format!("body is not JSON: {e}")))?;
+    let value: Value = serde_json::from_slice(bytes).map_err(|e| bad(format!("body is not JSON: {e}")))?;
     serde_path_to_error::deserialize(value).map_err(|e| {
         let field = e.path().to_string();
         ApiError(StatusCode::UNPROCESSABLE_ENTITY, "validation_error", format!("field `{field}`: {}", e.into_inner()))
@@ -185,7 +231,11 @@ pub(super) async fn handle(admin: &Admin, req: Request<Incoming>, id: &HeaderVal
         return res;
     }
     let mut etag = None;
-    match route(admin, req, caller, &mut etag).await {
+    let out = match Call::of(req).await {
+        Ok(call) => run(admin, &call, caller, &mut etag).await,
+        Err(e) => Err(e),
+    };
+    match out {
         Ok((status, v)) => {
             let mut res = json(status, &v);
             if let Some(tag) = etag.and_then(|t| HeaderValue::from_str(&t).ok()) {
@@ -200,18 +250,17 @@ pub(super) async fn handle(admin: &Admin, req: Request<Incoming>, id: &HeaderVal
 /// Routes one call; `etag` receives the `ETag` of the user or role set it read or wrote.
 /// Writes to a user or to the roles honour `If-Match`, checked under the store's lock
 /// (or in its transaction), so two clients cannot overwrite each other unseen.
-async fn route(
+pub(super) async fn run(
     admin: &Admin,
-    req: Request<Incoming>,
+    call: &Call,
     caller: &Caller,
     etag: &mut Option<String>,
 ) -> Result<(StatusCode, Value), ApiError> {
-    let if_match = req.headers().get(http::header::IF_MATCH).map(|v| v.to_str().unwrap_or("\u{0}").to_string());
-    let if_match = if_match.as_deref();
-    let path = req.uri().path().trim_end_matches('/').to_string();
+    let if_match = call.if_match.as_deref();
+    let path = call.path.trim_end_matches('/').to_string();
     let segs: Vec<&str> = path.trim_start_matches("/admin/v1").split('/').filter(|s| !s.is_empty()).collect();
-    let method = req.method().clone();
-    let by = By { client: req.extensions().get::<Peer>().map(|p| p.0.to_string()), caller };
+    let method = call.method.clone();
+    let by = By { client: call.peer.map(|p| p.to_string()), caller };
     let needed = required_role(&method, &segs);
     if caller.role < needed {
         // Refused, and recorded: a viewer's token trying a write is worth knowing about.
@@ -230,15 +279,15 @@ async fn route(
         ));
     }
     if segs.first() == Some(&"admin-tokens") {
-        return admin_tokens(admin, req, &segs, &by).await;
+        return admin_tokens(admin, call, &segs, &by);
     }
     if let (Method::GET, ["whoami"]) = (method.clone(), segs.as_slice()) {
         return Ok((StatusCode::OK, j!({"id": caller.id, "name": caller.name, "role": caller.role})));
     }
     if (method.clone(), segs.as_slice()) == (Method::POST, &["reload"][..]) {
         // The one deliberate way to apply a file that takes away nearly every user.
-        let removal = match req.uri().query() {
-            Some("allow_mass_removal=true") => Removal::Allowed,
+        let removal = match call.query.as_str() {
+            "allow_mass_removal=true" => Removal::Allowed,
             _ => Removal::Guarded,
         };
         return match blocking(|| admin.credentials.reload_with(removal)) {
@@ -253,7 +302,7 @@ async fn route(
         .store
         .as_ref()
         .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, "not_found", "no credentials file is configured".into()))?;
-    let query = req.uri().query().unwrap_or("").to_string();
+    let query = call.query.clone();
     let out = match (method, segs.as_slice()) {
         (Method::GET, ["users"]) => {
             let c = read(store)?;
@@ -261,7 +310,7 @@ async fn route(
             (StatusCode::OK, Value::from(ops::list_users(&c, param("status"), param("role"), param("organization"))))
         }
         (Method::POST, ["users"]) => {
-            let mut b: UserBody = body(req).await?;
+            let mut b: UserBody = body(&call.body)?;
             let id = b.id.take().ok_or_else(|| bad("field `id` is required"))?;
             let method =
                 b.auth_method.take().ok_or_else(|| bad("field `auth_method` is required (api_key or hmac)"))?;
@@ -293,7 +342,7 @@ async fn route(
             (StatusCode::OK, crate::pipeline::usage::usage_view(ops::user(&c, id)?, &usage))
         }
         (Method::PATCH, ["users", id]) => {
-            let mut b: UserBody = body(req).await?;
+            let mut b: UserBody = body(&call.body)?;
             if b.id.is_some() || b.auth_method.is_some() {
                 return Err(bad("`id` and `auth_method` cannot be changed"));
             }
@@ -322,7 +371,7 @@ async fn route(
             (StatusCode::OK, j!({"deleted": id}))
         }
         (Method::POST, ["users", id, "keys"]) => {
-            let b: KeyBody = body(req).await?;
+            let b: KeyBody = body(&call.body)?;
             let changes = j!({"label": b.label, "expires_at": b.expires_at.map(|t| t.unix_timestamp())});
             let v = change(admin, store, &by, Change { action: "key.add", target: id, changes }, |c| {
                 let hmac = ops::user(c, id)?.auth_method == AuthMethod::Hmac;
@@ -355,7 +404,7 @@ async fn route(
         }
         (Method::GET, ["audit"]) => (StatusCode::OK, blocking(|| audit_tail(admin, &query))?),
         (Method::PUT, ["roles"]) => {
-            let b: std::collections::BTreeMap<String, RoleBody> = body(req).await?;
+            let b: std::collections::BTreeMap<String, RoleBody> = body(&call.body)?;
             let changes = j!(b.iter().map(|(n, r)| (n.clone(), j!(r.rules))).collect::<serde_json::Map<_, _>>());
             let v = change(admin, store, &by, Change { action: "roles.set", target: "roles", changes }, |c| {
                 ops::check_if_match(if_match, &ops::roles_etag(c), "the roles")?;
@@ -387,12 +436,7 @@ struct AdminTokenBody {
 }
 
 /// `/admin-tokens`: list, create (the token shown once), revoke. Admin only.
-async fn admin_tokens(
-    admin: &Admin,
-    req: Request<Incoming>,
-    segs: &[&str],
-    by: &By<'_>,
-) -> Result<(StatusCode, Value), ApiError> {
+fn admin_tokens(admin: &Admin, call: &Call, segs: &[&str], by: &By<'_>) -> Result<(StatusCode, Value), ApiError> {
     let store = admin
         .store
         .as_ref()
@@ -400,13 +444,13 @@ async fn admin_tokens(
     fn record<'r>(by: &'r By<'_>, action: &'r str, target: &'r str, changes: Value) -> AdminRecord<'r> {
         AdminRecord::new("admin-api", action, target, changes).by(by.client.as_deref(), by.caller.token_ref())
     }
-    match (req.method().clone(), segs) {
+    match (call.method.clone(), segs) {
         (Method::GET, ["admin-tokens"]) => {
             let tokens = blocking(|| store.admin_tokens())?;
             Ok((StatusCode::OK, Value::from(tokens.iter().map(|t| t.view()).collect::<Vec<_>>())))
         }
         (Method::POST, ["admin-tokens"]) => {
-            let b: AdminTokenBody = body(req).await?;
+            let b: AdminTokenBody = body(&call.body)?;
             let name = b.name.ok_or_else(|| bad("field `name` is required"))?;
             let role = b.role.ok_or_else(|| bad("field `role` is required (viewer, operator or admin)"))?;
             let changes = j!({"name": name, "role": role, "expires_at": b.expires_at.map(|t| t.unix_timestamp())});

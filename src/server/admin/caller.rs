@@ -1,7 +1,7 @@
 //! Who an admin call comes from, and what it may do: the bearer token is the bootstrap
 //! token (the environment's, role `admin`) or a named `gha_` token of the store; wrong
 //! tokens are charged to the caller's address like failed API authentication; each route
-//! needs a role (docs/admin.md#roles).
+//! needs a role (docs/admin.md#admin-roles).
 
 use super::Admin;
 use crate::credentials::admin_tokens::AdminRole;
@@ -65,36 +65,41 @@ impl Admin {
             return Err(Refusal::Blocked(retry_after_secs));
         }
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        let fingerprint = super::fingerprint(&digest);
+        // Only the bootstrap token and well-formed `gha_` tokens are looked up: a guess
+        // costs no store read.
+        let named = secrets::is_well_formed_admin_token(token);
+        match self.caller_of(&digest, named)? {
+            Some(c) => Ok(c),
+            None => {
+                self.failed.charge_failure(ip);
+                Err(Refusal::Invalid)
+            }
+        }
+    }
+
+    /// The caller whose token has SHA-256 `digest`, if that token is (still) live: the
+    /// bootstrap token, or with `named` a named token of the store. A console session
+    /// asks this on every request, so a revoked or expired token ends its sessions.
+    pub fn caller_of(&self, digest: &[u8; 32], named: bool) -> Result<Option<Caller>, Refusal> {
+        let fingerprint = super::fingerprint(digest);
         if let Some(want) = &self.token_digest
             && bool::from(digest.ct_eq(want))
         {
-            return Ok(Caller {
-                id: "bootstrap".into(),
-                name: "bootstrap".into(),
-                role: AdminRole::Admin,
-                fingerprint,
-            });
+            let id = "bootstrap".to_string();
+            return Ok(Some(Caller { name: id.clone(), id, role: AdminRole::Admin, fingerprint }));
         }
-        // Only a well-formed `gha_` token is looked up: a guess costs no store read.
-        if secrets::is_well_formed_admin_token(token)
-            && let Some(store) = &self.store
-        {
-            match super::api::blocking(|| store.find_admin_token(&digest)) {
-                Ok(Some(t)) => return Ok(Caller { id: t.id, name: t.name, role: t.role, fingerprint }),
-                Ok(None) => {}
-                Err(e @ (StoreError::Unavailable(_) | StoreError::Io { .. } | StoreError::ReadOnly { .. })) => {
-                    tracing::warn!(error = %e, "admin token lookup failed: the admin token store is unavailable");
-                    return Err(Refusal::Unavailable);
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "admin token lookup failed: the admin token store is unreadable");
-                    return Err(Refusal::Unavailable);
-                }
+        let Some(store) = self.store.as_ref().filter(|_| named) else { return Ok(None) };
+        match super::api::blocking(|| store.find_admin_token(digest)) {
+            Ok(found) => Ok(found.map(|t| Caller { id: t.id, name: t.name, role: t.role, fingerprint })),
+            Err(e @ (StoreError::Unavailable(_) | StoreError::Io { .. } | StoreError::ReadOnly { .. })) => {
+                tracing::warn!(error = %e, "admin token lookup failed: the admin token store is unavailable");
+                Err(Refusal::Unavailable)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "admin token lookup failed: the admin token store is unreadable");
+                Err(Refusal::Unavailable)
             }
         }
-        self.failed.charge_failure(ip);
-        Err(Refusal::Invalid)
     }
 
     /// The caller of an `/admin/v1` request, from its `Authorization: Bearer` header, or

@@ -7,6 +7,7 @@
 
 mod api;
 mod caller;
+mod console;
 
 use crate::config::{AdminConfig, Config};
 use crate::credentials::reload::Credentials;
@@ -41,6 +42,14 @@ pub struct Admin {
     token_digest: Option<[u8; 32]>,
     /// Failed admin authentications per client address (see [`caller`]).
     failed: crate::pipeline::limit::RateLimits,
+    /// The console's signed-in browsers.
+    sessions: console::Sessions,
+    /// The console overview's samples of the counters.
+    traffic: console::Traffic,
+    /// Keys older than this are due for rotation (the console's overview).
+    key_rotation_age: Duration,
+    /// Where the console's examples send requests: the first proxy listener.
+    example_base: String,
 }
 
 /// The address an admin request came from (set by the admin listener, read by the
@@ -122,6 +131,9 @@ impl Admin {
             None => config.credentials.clone().map(|p| Store::new(p, config.master_key.clone(), config.rate_limit)),
         };
         let digest: Option<[u8; 32]> = token.map(|t| Sha256::digest(t.as_bytes()).into());
+        // The overview's first sample: its "last hour" starts with the gateway.
+        let traffic = console::Traffic::default();
+        traffic.sample(&metrics);
         Ok(Admin {
             credentials,
             usage,
@@ -131,7 +143,17 @@ impl Admin {
             store,
             token_digest: digest,
             failed: caller::failure_budget(admin.failed_per_ip_per_minute),
+            sessions: console::Sessions::new(admin.session_idle, admin.session_lifetime),
+            traffic,
+            key_rotation_age: admin.key_rotation_age,
+            example_base: example_base(None),
         })
+    }
+
+    /// Names the first proxy listener (as bound, and whether it is TLS) for the console's
+    /// examples.
+    pub fn with_proxy(self, proxy: Option<(SocketAddr, bool)>) -> Admin {
+        Admin { example_base: example_base(proxy), ..self }
     }
 
     /// Serves one admin request.
@@ -172,6 +194,9 @@ impl Admin {
                     .insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
                 r
             }
+            (_, p) if (p.starts_with("/ui/") || p == "/ui") && self.token_digest.is_some() => {
+                console::handle(self, req).await
+            }
             (_, p) if p.starts_with("/admin/v1/") || p == "/admin/v1" => {
                 if self.token_digest.is_none() {
                     error_response(
@@ -195,6 +220,16 @@ impl Admin {
     }
 }
 
+/// `http(s)://host:port` of the first proxy listener (as bound, with whether it is TLS),
+/// for the console's examples; an unspecified address is shown as 127.0.0.1.
+fn example_base(proxy: Option<(SocketAddr, bool)>) -> String {
+    let Some((mut addr, tls)) = proxy else { return "http://127.0.0.1:8080".into() };
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::IpAddr::from([127, 0, 0, 1]));
+    }
+    format!("{}://{addr}", if tls { "https" } else { "http" })
+}
+
 fn json(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
     let mut res = Response::new(Body::full(v.to_string()));
     *res.status_mut() = status;
@@ -211,6 +246,20 @@ pub async fn serve(
     header_timeout: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
+    // The console overview's counters, sampled once a minute while the listener runs.
+    let sampler = admin.clone();
+    let mut sampler_stop = stop.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => sampler.traffic.sample(&sampler.metrics),
+                _ = sampler_stop.wait_for(|&s| s) => return,
+            }
+        }
+    });
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
