@@ -1245,3 +1245,37 @@ async fn wrong_admin_tokens_use_up_the_address_budget() {
     // Probes need no token and are never blocked.
     assert_eq!(admin.with_token(None).get("/healthz").await.status, 200);
 }
+
+/// `POST …/keys/{key_id}/rotate`: a new key at once; the old one revoked now (grace 0) or
+/// after the grace period; the token is in the response only; bad grace periods and a
+/// revoked key are refused with the reason — in the file and the database store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotate_adds_a_key_and_revokes_the_old_one_after_the_grace_period() {
+    for kept in [Kept::File, Kept::Database] {
+        let fx = fixture_in(kept).await;
+        let path = format!("/admin/v1/users/svc/keys/{}/rotate", fx.svc.key_id);
+        let v = fx.admin.expect(201, "POST", &path, Some(&json!({"label": "next", "grace_seconds": 3600}))).await;
+        let next = v["token"].as_str().unwrap().to_string();
+        assert_eq!(v["replaces"]["id"], fx.svc.key_id.as_str(), "{v}");
+        assert_eq!(v["key"]["label"], "next");
+        assert_eq!(fx.with_token(&next).await.status, 200, "{kept:?}");
+        assert_eq!(fx.with_token(&fx.svc.token).await.status, 200, "{kept:?}: the old key in its grace period");
+        // Rotating the new key with no grace: it is refused from the next request on.
+        let next_id = v["key"]["id"].as_str().unwrap();
+        let now_path = format!("/admin/v1/users/svc/keys/{next_id}/rotate");
+        let third = fx.admin.expect(201, "POST", &now_path, Some(&json!({}))).await;
+        crate::support::assert_unauthorized(&fx.with_token(&next).await, "Invalid API key");
+        assert_eq!(fx.with_token(third["token"].as_str().unwrap()).await.status, 200);
+        let again = fx.admin.post(&now_path, &json!({})).await;
+        crate::support::assert_error(&again, 409, "conflict", &format!("key \"{next_id}\" is already revoked"));
+        for grace in [-1, 2_592_001] {
+            let bad = fx.admin.post(&path, &json!({"grace_seconds": grace})).await;
+            crate::support::assert_error(
+                &bad,
+                400,
+                "invalid_request",
+                "`grace_seconds` must be from 0 to 2592000 (30 days)",
+            );
+        }
+    }
+}

@@ -339,3 +339,47 @@ async fn posts_need_this_origin_and_a_revoked_token_ends_its_sessions() {
     let js = h1.get(&format!("{admin}/ui/static/console.js")).await;
     assert_eq!((js.status.as_u16(), js.header("content-type")), (200, "text/javascript; charset=utf-8"));
 }
+
+/// Rotation with a grace period (the old key keeps working, the new one works), an edit
+/// refused with the API's reason and the typed value kept, then saved; disable and
+/// enable, each behind a confirmation that says what happens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_rotates_edits_disables_and_enables() {
+    let fx = fixture().await;
+    let token = fx.token("oscar", "operator").await;
+    let v = fx.browse("lifecycle", &token).await;
+    let rotate = v["rotate_consequence"].as_str().unwrap();
+    assert!(rotate.contains("keeps working for the grace period") && rotate.contains("401"), "{v}");
+    assert_eq!(v["replaces"], fx.svc.key_id.as_str(), "{v}");
+    assert_eq!(v["new_token_status"], 200, "{v}");
+    let states: Vec<&str> = v["key_states"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
+    assert_eq!(states.len(), 2, "{v}");
+    assert!(states[0].starts_with("active until "), "the old key in its grace period: {states:?}");
+    assert_eq!(states[1], "active", "{states:?}");
+    let edit_error = v["edit_error"].as_str().unwrap();
+    assert!(edit_error.contains("rule \"GET nowhere\": the path pattern must start with '/'"), "{v}");
+    assert_eq!(v["kept_typed"], "GET nowhere", "{v}");
+    assert_eq!(v["after_edit"], "edited in the console", "{v}");
+    assert!(v["disable_consequence"].as_str().unwrap().contains("refused with 401"), "{v}");
+    assert_eq!(v["disabled_status"], 401, "{v}");
+    assert_eq!(v["enabled_status"], 200, "{v}");
+    // The old key still works in its grace period.
+    assert_eq!(fx.svc_status().await, 200);
+    let audit = fx.audit();
+    let rotated = audit.iter().find(|r| r["action"] == "key.rotate").expect("no key.rotate record");
+    assert_eq!(rotated["changes"]["grace_seconds"], 3600, "{rotated}");
+    assert_eq!(rotated["token_name"], "oscar", "{rotated}");
+}
+
+/// An admin edits roles: a bad rule is refused with the reason, a good one is created and
+/// then deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_creates_and_deletes_a_role() {
+    let fx = fixture().await;
+    let token = fx.token("ada", "admin").await;
+    let v = fx.browse("roles", &token).await;
+    assert!(v["role_error"].as_str().unwrap().contains("rule \"GET x\": the path pattern must start with '/'"), "{v}");
+    assert_eq!(v["roles_after_create"], json!(["all", "reader", "New role"]), "{v}");
+    assert_eq!(v["roles_after_delete"], json!(["all", "New role"]), "{v}");
+    assert!(!fx.credentials_text().contains("reader"));
+}

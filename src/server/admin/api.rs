@@ -147,6 +147,19 @@ struct KeyBody {
     expires_at: Option<OffsetDateTime>,
 }
 
+/// The body of `POST /users/{id}/keys/{key_id}/rotate`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RotateBody {
+    #[serde(default)]
+    label: String,
+    /// How long the old key stays valid (default 0: revoked now).
+    grace_seconds: Option<i64>,
+}
+
+/// Longest grace period of a rotation: 30 days.
+const MAX_GRACE_SECONDS: i64 = 30 * 86_400;
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RoleBody {
@@ -396,6 +409,30 @@ pub(super) async fn run(
                 Ok(())
             })?;
             (StatusCode::OK, j!({"revoked": key_id}))
+        }
+        (Method::POST, ["users", id, "keys", key_id, "rotate"]) => {
+            let b: RotateBody = body(&call.body)?;
+            let grace = b.grace_seconds.unwrap_or(0);
+            if !(0..=MAX_GRACE_SECONDS).contains(&grace) {
+                return Err(bad(format!("`grace_seconds` must be from 0 to {MAX_GRACE_SECONDS} (30 days)")));
+            }
+            let changes = j!({"key_id": key_id, "label": b.label, "grace_seconds": grace});
+            let v = change(admin, store, &by, Change { action: "key.rotate", target: id, changes }, |c| {
+                let hmac = ops::user(c, id)?.auth_method == AuthMethod::Hmac;
+                ops::check_if_match(if_match, &ops::user_etag(ops::user(c, id)?), &format!("user {id:?}"))?;
+                let until = ops::now() + time::Duration::seconds(grace);
+                ops::revoke_key(c, id, key_id, until)?;
+                let (view, secret) = ops::add_key(c, id, &b.label, None, || store.master_key())?;
+                *etag = Some(ops::user_etag(ops::user(c, id)?));
+                let old = j!({"id": key_id, "revoked_at": ops::ts(&until)});
+                // With `POST …/keys`, the only responses that contain a token or secret.
+                Ok(if hmac {
+                    j!({"key": view, "secret": secret.expose(), "replaces": old})
+                } else {
+                    j!({"key": view, "token": secret.expose(), "replaces": old})
+                })
+            })?;
+            (StatusCode::CREATED, v)
         }
         (Method::GET, ["roles"]) => {
             let c = read(store)?;

@@ -124,6 +124,61 @@ def operator_flow(driver, a, out):
         "return document.documentElement.scrollWidth <= window.innerWidth + 1")
 
 
+def lifecycle_flow(driver, a, out):
+    """Rotate with a grace period, edit with a refused value, disable and enable."""
+    sign_in(driver, a.admin, a.token)
+    driver.get(a.admin + "/ui/users/svc")
+    click(driver, driver.find_element(By.LINK_TEXT, "Rotate"))
+    out["rotate_consequence"] = driver.find_element(By.ID, "consequence").text
+    submit(driver, driver.find_element(By.ID, "rotate"))
+    new_token = driver.find_element(By.ID, "secret").text
+    out["replaces"] = driver.find_element(By.ID, "replaces").text
+    out["new_token_status"] = proxy_status(a.proxy, new_token)
+    driver.get(a.admin + "/ui/users/svc")
+    out["key_states"] = [td.text for td in driver.find_elements(By.CSS_SELECTOR, "#keys tbody tr td:nth-child(4)")]
+    # Edit: an invalid rule comes back with the API's reason and what was typed.
+    driver.get(a.admin + "/ui/users/svc/edit")
+    endpoints = driver.find_element(By.ID, "allowed_endpoints")
+    endpoints.clear()
+    endpoints.send_keys("GET nowhere")
+    description = driver.find_element(By.ID, "description")
+    description.clear()
+    description.send_keys("edited in the console")
+    submit(driver, driver.find_element(By.ID, "user-form"))
+    out["edit_error"] = driver.find_element(By.ID, "form-error").text
+    out["kept_typed"] = driver.find_element(By.ID, "allowed_endpoints").get_attribute("value")
+    endpoints = driver.find_element(By.ID, "allowed_endpoints")
+    endpoints.clear()
+    endpoints.send_keys("GET /api/**")
+    submit(driver, driver.find_element(By.ID, "user-form"))
+    out["after_edit"] = driver.find_element(By.ID, "description").text
+    # Disable (the confirmation says what happens), then enable.
+    click(driver, driver.find_element(By.LINK_TEXT, "Disable"))
+    out["disable_consequence"] = driver.find_element(By.ID, "consequence").text
+    click(driver, driver.find_element(By.ID, "confirm"))
+    out["disabled_status"] = proxy_status(a.proxy, new_token)
+    click(driver, driver.find_element(By.LINK_TEXT, "Enable"))
+    click(driver, driver.find_element(By.ID, "confirm"))
+    out["enabled_status"] = proxy_status(a.proxy, new_token)
+
+
+def roles_flow(driver, a, out):
+    """An admin creates a role (a bad rule first), and deletes it."""
+    sign_in(driver, a.admin, a.token)
+    driver.get(a.admin + "/ui/roles")
+    driver.find_element(By.ID, "new-name").send_keys("reader")
+    driver.find_element(By.ID, "new-rules").send_keys("GET /api/**\nGET x")
+    submit(driver, driver.find_element(By.ID, "new-role"))
+    out["role_error"] = driver.find_element(By.ID, "form-error").text
+    rules = driver.find_element(By.ID, "new-rules")
+    rules.clear()
+    rules.send_keys("GET /api/**")
+    submit(driver, driver.find_element(By.ID, "new-role"))
+    out["roles_after_create"] = [h.text for h in driver.find_elements(By.CSS_SELECTOR, "main h2")]
+    click(driver, driver.find_element(By.XPATH, "//button[normalize-space()='Delete role reader']"))
+    out["roles_after_delete"] = [h.text for h in driver.find_elements(By.CSS_SELECTOR, "main h2")]
+
+
 def viewer_flow(driver, a, out):
     """A viewer sees no write control, and a write with its session is 403: acceptance 2."""
     sign_in(driver, a.admin, a.token)
@@ -238,6 +293,8 @@ def sign_out_flow(driver, a, out):
 
 FLOWS = {
     "operator": operator_flow,
+    "lifecycle": lifecycle_flow,
+    "roles": roles_flow,
     "viewer": viewer_flow,
     "csrf": csrf_flow,
     "xss": xss_flow,

@@ -217,6 +217,8 @@ async fn serve(admin: &Admin, req: Request<Incoming>) -> Response<Body> {
                 Err(e) => error_page(&ctx, e),
             }
         }
+        (Method::GET, ["users", id, "keys", key, "rotate"]) => confirm_rotate(&ctx, id, key).await,
+        (Method::POST, ["users", id, "keys", key, "rotate"]) => rotate_key(&ctx, id, key, &form).await,
         (Method::GET, ["users", id, "status", action]) => confirm_status(&ctx, id, action).await,
         (Method::POST, ["users", id, "status", action]) => {
             let Some((status, _, _)) = pages::status_action(action) else { return not_found() };
@@ -382,6 +384,33 @@ async fn confirm_revoke(ctx: &Ctx<'_>, id: &str, key: &str) -> Response<Body> {
     match ctx.get(&format!("/admin/v1/users/{}", enc(id)), "").await {
         Ok(u) => html(StatusCode::OK, pages::confirm_revoke(ctx, &u, key)),
         Err(e) => error_page(ctx, e),
+    }
+}
+
+async fn confirm_rotate(ctx: &Ctx<'_>, id: &str, key: &str) -> Response<Body> {
+    if let Some(why) = ctx.write_block(AdminRole::Operator) {
+        return html(StatusCode::FORBIDDEN, pages::refused(ctx, &why));
+    }
+    match ctx.get(&format!("/admin/v1/users/{}", enc(id)), "").await {
+        Ok(u) => html(StatusCode::OK, pages::confirm_rotate(ctx, &u, key)),
+        Err(e) => error_page(ctx, e),
+    }
+}
+
+/// Grace periods the rotate page offers, in seconds.
+const GRACES: [i64; 4] = [0, 3600, 86_400, 7 * 86_400];
+
+async fn rotate_key(ctx: &Ctx<'_>, id: &str, key: &str, form: &Form) -> Response<Body> {
+    let grace = form.get("grace").and_then(|g| g.parse::<i64>().ok()).filter(|g| GRACES.contains(g)).unwrap_or(0);
+    let body = json!({"label": form.get("label").unwrap_or("").trim(), "grace_seconds": grace});
+    let path = format!("/admin/v1/users/{}/keys/{}/rotate", enc(id), enc(key));
+    match ctx.send(Method::POST, &path, body).await {
+        Ok(v) => {
+            let user = ctx.get(&format!("/admin/v1/users/{}", enc(id)), "").await.unwrap_or_default();
+            html(StatusCode::OK, pages::key_shown(ctx, &user, &v))
+        }
+        Err(ApiError(StatusCode::FORBIDDEN, _, msg)) => html(StatusCode::FORBIDDEN, pages::refused(ctx, &msg)),
+        Err(ApiError(_, _, msg)) => user(ctx, id, Some(pages::error_notice(&msg))).await,
     }
 }
 

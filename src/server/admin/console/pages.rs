@@ -179,18 +179,22 @@ fn unix_text(t: Option<i64>) -> String {
         .unwrap_or_else(|| "never".into())
 }
 
-/// Neither revoked nor expired at `now`.
-fn key_live(k: &Value, now: OffsetDateTime) -> bool {
-    k["revoked_at"].is_null() && k["expires_at"].as_str().and_then(parse_time).is_none_or(|e| e > now)
+/// When a key is (or was) revoked: a rotation's grace period puts it in the future.
+fn revoked_at(k: &Value) -> Option<OffsetDateTime> {
+    k["revoked_at"].as_str().and_then(parse_time)
 }
 
-fn key_status(k: &Value, now: OffsetDateTime) -> &'static str {
-    if !k["revoked_at"].is_null() {
-        "revoked"
-    } else if key_live(k, now) {
-        "active"
-    } else {
-        "expired"
+/// Neither revoked nor expired at `now`.
+fn key_live(k: &Value, now: OffsetDateTime) -> bool {
+    revoked_at(k).is_none_or(|r| r > now) && k["expires_at"].as_str().and_then(parse_time).is_none_or(|e| e > now)
+}
+
+fn key_status(k: &Value, now: OffsetDateTime) -> String {
+    match revoked_at(k) {
+        Some(r) if r <= now => "revoked".into(),
+        _ if !key_live(k, now) => "expired".into(),
+        Some(_) => format!("active until {}", s(k, "revoked_at")),
+        None => "active".into(),
     }
 }
 
@@ -328,19 +332,26 @@ pub fn user(ctx: &Ctx<'_>, u: &Value, notice: Option<Markup>) -> Markup {
                 tbody {
                     @for k in &keys {
                         @let st = key_status(k, now);
+                        @let class = st.split(' ').next().unwrap_or_default().to_string();
                         tr {
                             td { code { (s(k, "id")) } }
                             td { (s(k, "label")) }
                             td { code { (s(k, "hint")) } }
-                            td class={ "status-" (st) } { (st) }
+                            td class={ "status-" (class) } { (st) }
                             td { (s(k, "created_at")) }
                             td { (k["expires_at"].as_str().unwrap_or("never")) }
                             td { (k["last_used_at"].as_str().unwrap_or("never")) }
                             td { (k["requests"].as_u64().unwrap_or(0)) }
                             @if enabled {
-                                td { @if k["revoked_at"].is_null() {
-                                    a href={ "/ui/users/" (enc(id)) "/keys/" (enc(s(k, "id"))) "/revoke" } { "Revoke" }
-                                } }
+                                td {
+                                    @if k["revoked_at"].is_null() && key_live(k, now) {
+                                        a href={ "/ui/users/" (enc(id)) "/keys/" (enc(s(k, "id"))) "/rotate" } { "Rotate" }
+                                        " · "
+                                    }
+                                    @if key_live(k, now) {
+                                        a href={ "/ui/users/" (enc(id)) "/keys/" (enc(s(k, "id"))) "/revoke" } { "Revoke" }
+                                    }
+                                }
                             }
                         }
                     }
@@ -469,6 +480,9 @@ pub fn key_shown(ctx: &Ctx<'_>, user: &Value, added: &Value) -> Markup {
     let body = html! {
         div.notice.ok role="status" {
             "Key " code { (key_id) } " added for " a href={ "/ui/users/" (enc(s(user, "id"))) } { (s(user, "id")) } ". "
+            @if let Some(old) = added.get("replaces") {
+                "It replaces " code #replaces { (s(old, "id")) } ", which stops working at " (s(old, "revoked_at")) ". "
+            }
             strong { "This is the only time its " (what) " is shown: copy it now." } " It is stored only as a digest (or sealed) and cannot be shown again."
         }
         h2 { "The " (what) }
@@ -504,6 +518,41 @@ pub fn confirm_revoke(ctx: &Ctx<'_>, u: &Value, key_id: &str) -> Markup {
         }
     };
     layout(ctx, "Revoke a key", "Users", body)
+}
+
+pub fn confirm_rotate(ctx: &Ctx<'_>, u: &Value, key_id: &str) -> Markup {
+    let id = s(u, "id");
+    let key = u["keys"].as_array().into_iter().flatten().find(|k| s(k, "id") == key_id);
+    let body = html! {
+        @match key {
+            None => div.notice.error role="alert" { "User " (id) " has no key " (key_id) "." }
+            Some(k) => {
+                p.notice #consequence {
+                    "Rotate key " code { (key_id) } " (" (s(k, "label")) ", " code { (s(k, "hint")) } ") of " (id) ": "
+                    "a new key is added now and shown once; the old key keeps working for the grace period you choose, "
+                    "then every request with it is refused with 401. Move the client to the new key within that time."
+                }
+                form #rotate method="post" action={ "/ui/users/" (enc(id)) "/keys/" (enc(key_id)) "/rotate" } {
+                    (csrf(ctx))
+                    div.field { label for="label" { "Label of the new key" } input #label type="text" name="label" value=(s(k, "label")); }
+                    div.field {
+                        label for="grace" { "The old key stops working" }
+                        select #grace name="grace" {
+                            option value="0" { "now" }
+                            option value="3600" selected { "in 1 hour" }
+                            option value="86400" { "in 24 hours" }
+                            option value="604800" { "in 7 days" }
+                        }
+                    }
+                    div.actions {
+                        button #confirm type="submit" { "Rotate key" }
+                        a.button.secondary href={ "/ui/users/" (enc(id)) } { "Cancel" }
+                    }
+                }
+            }
+        }
+    };
+    layout(ctx, "Rotate a key", "Users", body)
 }
 
 pub fn confirm_status(ctx: &Ctx<'_>, u: &Value, action: &str) -> Markup {
