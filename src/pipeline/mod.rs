@@ -20,6 +20,7 @@ pub mod error;
 pub mod fleet;
 pub mod forward;
 pub mod health;
+pub mod history;
 pub mod limit;
 pub mod metrics;
 pub mod record;

@@ -8,6 +8,7 @@
 
 use crate::credentials::file::FileUser;
 use crate::credentials::ops::ts;
+use crate::pipeline::history::History;
 use crate::shared::{Shared, Unavailable, UsageRow};
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
@@ -42,6 +43,17 @@ pub struct KeyUsageRecord {
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct StateFile {
     keys: BTreeMap<String, KeyUsageRecord>,
+    /// Requests per hour and day (docs/console.md); absent in files of older versions.
+    #[serde(default, skip_serializing_if = "History::is_empty")]
+    history: History,
+}
+
+/// [`StateFile`] as written, borrowing what it holds.
+#[derive(Serialize)]
+struct StateFileRef<'a> {
+    keys: &'a BTreeMap<String, KeyUsageRecord>,
+    #[serde(skip_serializing_if = "History::is_empty")]
+    history: &'a History,
 }
 
 /// All keys' usage.
@@ -56,21 +68,24 @@ pub struct Usage {
     /// With shared state: what this gateway has added to the fleet's totals in Redis.
     /// Locked across the write, so two flushes never send the same requests twice.
     sent: tokio::sync::Mutex<BTreeMap<String, KeyUsageRecord>>,
+    /// Requests per hour and day, sampled from the counters (never per request).
+    history: std::sync::Mutex<History>,
 }
 
 /// Reads a state file; missing or unreadable reads as empty.
 pub fn read_state(path: &Path) -> BTreeMap<String, KeyUsageRecord> {
-    std::fs::read(path)
-        .ok()
-        .and_then(|b| serde_json::from_slice::<StateFile>(&b).ok())
-        .map(|s| s.keys)
-        .unwrap_or_default()
+    read_state_file(path).keys
+}
+
+fn read_state_file(path: &Path) -> StateFile {
+    std::fs::read(path).ok().and_then(|b| serde_json::from_slice::<StateFile>(&b).ok()).unwrap_or_default()
 }
 
 impl Usage {
     /// Usage persisted at `path` (loaded now), or in memory only.
     pub fn load(path: Option<PathBuf>) -> Usage {
-        let on_disk = path.as_deref().map(read_state).unwrap_or_default();
+        let StateFile { keys: on_disk, mut history } = path.as_deref().map(read_state_file).unwrap_or_default();
+        history.baseline(on_disk.iter().map(|(k, r)| (k.clone(), r.requests)));
         let keys = DashMap::default();
         for (key, r) in &on_disk {
             let k = KeyUsage::default();
@@ -82,7 +97,7 @@ impl Usage {
             keys.insert(Arc::from(key.as_str()), Arc::new(k));
         }
         let written = AtomicU64::new(on_disk.values().map(|r| r.requests).sum());
-        Usage { keys, path, written, sent: Default::default() }
+        Usage { keys, path, written, sent: Default::default(), history: std::sync::Mutex::new(history) }
     }
 
     /// Counts one request made with `key` of `user`.
@@ -134,10 +149,37 @@ impl Usage {
             return Ok(());
         }
         // An error here must not become an empty file written over the counts.
-        let body = serde_json::to_vec_pretty(&StateFile { keys }).map_err(std::io::Error::other)?;
+        let body = {
+            let history = self.sampled_history(crate::credentials::ops::now().unix_timestamp());
+            let empty = History::default();
+            let history = history.as_deref().unwrap_or(&empty);
+            serde_json::to_vec_pretty(&StateFileRef { keys: &keys, history }).map_err(std::io::Error::other)?
+        };
         crate::fs::atomic_file::write_durably(path, &body, None)?;
         self.written.store(total, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// The history, brought up to `now` (unix seconds) first; held locked while the
+    /// guard lives.
+    pub fn sampled_history(&self, now: i64) -> Option<std::sync::MutexGuard<'_, History>> {
+        let totals: Vec<(String, u64)> =
+            self.keys.iter().map(|e| (e.key().to_string(), e.value().requests.load(Ordering::Relaxed))).collect();
+        let mut h = self.history.lock().ok()?;
+        h.sample(totals, now);
+        Some(h)
+    }
+
+    /// Samples the history every `every` until the process ends, so that requests land
+    /// in the hour they were made in even when nobody reads it.
+    pub fn spawn_history_sampler(self: Arc<Self>, every: std::time::Duration) {
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let now = crate::credentials::ops::now().unix_timestamp();
+                drop(self.sampled_history(now));
+            }
+        });
     }
 
     /// Flushes every `every` until the process ends; logs a failing write once per streak.
@@ -305,9 +347,63 @@ pub fn usage_view(u: &FileUser, usage: &BTreeMap<String, KeyUsageRecord>) -> Val
     })
 }
 
+impl Usage {
+    /// Adds this gateway's history to a [`usage_view`]: `requests_24h` per key and in
+    /// total, and `per_day` (`[{"date", "requests"}]`, the last 30 days, oldest first,
+    /// days without requests left out).
+    pub fn add_history(&self, view: &mut Value, now: i64) {
+        let Some(h) = self.sampled_history(now) else { return };
+        let mut days: BTreeMap<i64, u64> = BTreeMap::new();
+        let mut total = 0;
+        if let Some(keys) = view["keys"].as_object_mut() {
+            for (id, k) in keys.iter_mut() {
+                let n = h.last_24h(id, now);
+                total += n;
+                k["requests_24h"] = n.into();
+                for (d, n) in h.per_day(id, now) {
+                    *days.entry(d).or_default() += n;
+                }
+            }
+        }
+        drop(h);
+        view["requests_24h"] = total.into();
+        view["per_day"] = days
+            .into_iter()
+            .filter_map(|(d, n)| {
+                let date = time::OffsetDateTime::from_unix_timestamp(d * 86_400).ok()?.date();
+                Some(json!({"date": date.to_string(), "requests": n}))
+            })
+            .collect::<Vec<_>>()
+            .into();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// the hourly and daily history survives a flush and a reload, and what was counted
+    /// before the reload is not counted again
+    #[test]
+    fn history_round_trips_through_the_state_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("u.json");
+        let u = Usage::load(Some(path.clone()));
+        let (user, key) = (Arc::from("erp"), Arc::from("ak_1"));
+        for _ in 0..3 {
+            u.record(&user, &key, false, false, 100);
+        }
+        u.flush().unwrap();
+        let back = Usage::load(Some(path));
+        back.record(&user, &key, false, false, 200);
+        let now = crate::credentials::ops::now().unix_timestamp();
+        let mut view = json!({"keys": {"ak_1": {}}});
+        back.add_history(&mut view, now);
+        assert_eq!(view["requests_24h"], 4, "{view}");
+        assert_eq!(view["keys"]["ak_1"]["requests_24h"], 4);
+        assert_eq!(view["per_day"].as_array().unwrap().len(), 1, "{view}");
+        assert_eq!(view["per_day"][0]["requests"], 4);
+    }
 
     /// counts survive a flush and a reload from the state file
     #[test]

@@ -213,6 +213,7 @@ impl Server {
         let (stop_tx, stop_rx) = watch::channel(false);
         gw.credentials.clone().spawn_reloader();
         gw.usage.clone().spawn_flusher(Duration::from_secs(5));
+        gw.usage.clone().spawn_history_sampler(Duration::from_secs(10));
         if let Some(s) = &gw.shared {
             s.clone().spawn();
             gw.usage.clone().spawn_shared_flusher(s.clone(), Duration::from_secs(1));

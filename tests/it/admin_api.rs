@@ -737,7 +737,8 @@ async fn usage_counts_requests_errors_and_last_used_at_per_key_in(kept: Kept) {
     assert_eq!(
         idle,
         json!({"user": "svc", "requests": 0, "errors": 0, "rate_limited": 0, "last_used_at": null,
-               "keys": {fx.svc.key_id.clone(): {"requests": 0, "errors": 0, "rate_limited": 0, "last_used_at": null}}})
+               "requests_24h": 0, "per_day": [],
+               "keys": {fx.svc.key_id.clone(): {"requests": 0, "errors": 0, "rate_limited": 0, "last_used_at": null, "requests_24h": 0}}})
     );
 
     // Narrow svc so that a request can be authenticated yet refused (an error).
@@ -764,6 +765,10 @@ async fn usage_counts_requests_errors_and_last_used_at_per_key_in(kept: Kept) {
         (json!(4), json!(1), json!(0))
     );
     assert_eq!(u["keys"][k2.as_str()]["requests"], 1);
+    // The same requests, in the last 24 hours and in today's count.
+    assert_eq!((k1["requests_24h"].clone(), u["requests_24h"].clone()), (json!(4), json!(5)), "{u}");
+    let today = time::OffsetDateTime::now_utc().date().to_string();
+    assert_eq!(u["per_day"], json!([{"date": today, "requests": 5}]), "{u}");
     let parse = |v: &Value| {
         time::OffsetDateTime::parse(v.as_str().unwrap(), &time::format_description::well_known::Rfc3339)
             .unwrap()

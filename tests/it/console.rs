@@ -111,6 +111,10 @@ async fn an_operator_creates_a_user_adds_a_key_uses_it_and_revokes_it() {
     assert!(consequence.contains("refused with 401") && consequence.contains("cannot be undone"), "{consequence}");
     assert_eq!(v["after_revoke"], "User console-made", "{v}");
     assert_eq!(v["key_status"], "revoked", "{v}");
+    // The one request is in the key's last 24 hours and in today's bar.
+    assert_eq!(v["key_24h"], "1", "{v}");
+    let today = time::OffsetDateTime::now_utc().date().to_string();
+    assert_eq!(v["per_day"], json!([[today, "1"]]), "{v}");
     assert_eq!(v["status_after_revoke"], 401, "{v}");
     assert_eq!(v["phone_table_scrolls"], true, "the page is wider than a phone: {v}");
     // The upstream saw the one request made with the key, as the new user.
@@ -256,6 +260,10 @@ async fn the_overview_matches_the_metrics_and_the_admin_api() {
     // The admin API: svc's five requests.
     let usage = fx.admin.expect(200, "GET", "/admin/v1/users/svc/usage", None).await;
     assert_eq!(usage["requests"], 5, "{usage}");
+    assert_eq!(usage["requests_24h"], 5, "{usage}");
+    let today = time::OffsetDateTime::now_utc().date().to_string();
+    assert_eq!(usage["per_day"], json!([{"date": today, "requests": 5}]), "{usage}");
+    assert_eq!(usage["keys"][fx.svc.key_id.as_str()]["requests_24h"], 5, "{usage}");
     assert_eq!(v["keyless"], json!(["keyless"]), "{v}");
 }
 

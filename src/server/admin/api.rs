@@ -352,7 +352,9 @@ pub(super) async fn run(
         (Method::GET, ["users", id, "usage"]) => {
             let c = read(store)?;
             let usage = usage_now(admin).await?;
-            (StatusCode::OK, crate::pipeline::usage::usage_view(ops::user(&c, id)?, &usage))
+            let mut v = crate::pipeline::usage::usage_view(ops::user(&c, id)?, &usage);
+            admin.usage.add_history(&mut v, ops::now().unix_timestamp());
+            (StatusCode::OK, v)
         }
         (Method::PATCH, ["users", id]) => {
             let mut b: UserBody = body(&call.body)?;

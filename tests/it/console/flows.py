@@ -114,6 +114,9 @@ def operator_flow(driver, a, out):
     click(driver, driver.find_element(By.ID, "confirm"))
     out["after_revoke"] = driver.find_element(By.TAG_NAME, "h1").text
     out["key_status"] = driver.find_element(By.CSS_SELECTOR, "#keys tbody tr td:nth-child(4)").text
+    out["key_24h"] = driver.find_element(By.CSS_SELECTOR, "#keys tbody tr td:nth-child(8)").text
+    out["per_day"] = [[td.get_attribute("textContent") for td in tr.find_elements(By.TAG_NAME, "td")]
+                      for tr in driver.find_elements(By.CSS_SELECTOR, "#per-day tbody tr")]
     out["status_after_revoke"] = proxy_status(a.proxy, token)
     driver.get(a.admin + "/ui/users")
     shot(driver, a.screenshots, "console-users.png")

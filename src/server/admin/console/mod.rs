@@ -301,12 +301,19 @@ async fn users(ctx: &Ctx<'_>, q: &Form) -> Response<Body> {
     };
     let usage = api::usage_now(ctx.admin).await.unwrap_or_default();
     let roles = ctx.get("/admin/v1/roles", "").await.unwrap_or_default();
-    html(StatusCode::OK, pages::users(ctx, &list, &usage, &roles, q))
+    let now = crate::credentials::ops::now().unix_timestamp();
+    let Some(history) = ctx.admin.usage.sampled_history(now) else { return unavailable() };
+    let recent = |key: &str| history.last_24h(key, now);
+    html(StatusCode::OK, pages::users(ctx, &list, &usage, &recent, &roles, q))
 }
 
 async fn user(ctx: &Ctx<'_>, id: &str, notice: Option<Markup>) -> Response<Body> {
-    match ctx.get(&format!("/admin/v1/users/{}", enc(id)), "").await {
-        Ok(u) => html(StatusCode::OK, pages::user(ctx, &u, notice)),
+    let u = match ctx.get(&format!("/admin/v1/users/{}", enc(id)), "").await {
+        Ok(u) => u,
+        Err(e) => return error_page(ctx, e),
+    };
+    match ctx.get(&format!("/admin/v1/users/{}/usage", enc(id)), "").await {
+        Ok(usage) => html(StatusCode::OK, pages::user(ctx, &u, &usage, notice)),
         Err(e) => error_page(ctx, e),
     }
 }

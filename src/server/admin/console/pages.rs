@@ -211,7 +211,14 @@ fn user_usage(u: &Value, usage: &UsageMap) -> (u64, Option<i64>) {
     (requests, last)
 }
 
-pub fn users(ctx: &Ctx<'_>, list: &Value, usage: &UsageMap, roles: &Value, q: &Form) -> Markup {
+pub fn users(
+    ctx: &Ctx<'_>,
+    list: &Value,
+    usage: &UsageMap,
+    recent: &dyn Fn(&str) -> u64,
+    roles: &Value,
+    q: &Form,
+) -> Markup {
     let now = crate::credentials::ops::now();
     let want = |k: &str| q.get(k).map(str::trim).filter(|v| !v.is_empty());
     let search = want("q").map(str::to_lowercase);
@@ -265,11 +272,12 @@ pub fn users(ctx: &Ctx<'_>, list: &Value, usage: &UsageMap, roles: &Value, q: &F
         p { (shown.len()) " of " (list.as_array().map_or(0, Vec::len)) " users" }
         div.table-wrap {
             table #users {
-                thead { tr { th { "ID" } th { "Name" } th { "Status" } th { "Organisation" } th { "Teams" } th { "Roles" } th { "Live keys" } th { "Last used" } th { "Requests" } } }
+                thead { tr { th { "ID" } th { "Name" } th { "Status" } th { "Organisation" } th { "Teams" } th { "Roles" } th { "Live keys" } th { "Last used" } th { "Requests (24 h)" } th { "Requests (all)" } } }
                 tbody {
                     @for u in &shown {
                         @let (requests, last) = user_usage(u, usage);
                         @let live = u["keys"].as_array().map_or(0, |k| k.iter().filter(|k| key_live(k, now)).count());
+                        @let day: u64 = u["keys"].as_array().into_iter().flatten().map(|k| recent(s(k, "id"))).sum();
                         tr {
                             td { a href={ "/ui/users/" (enc(s(u, "id"))) } { (s(u, "id")) } }
                             td { (s(u, "display_name")) }
@@ -279,6 +287,7 @@ pub fn users(ctx: &Ctx<'_>, list: &Value, usage: &UsageMap, roles: &Value, q: &F
                             td { (strs(u, "roles").join(", ")) }
                             td { (live) }
                             td { (unix_text(last)) }
+                            td { (day) }
                             td { (requests) }
                         }
                     }
@@ -289,7 +298,7 @@ pub fn users(ctx: &Ctx<'_>, list: &Value, usage: &UsageMap, roles: &Value, q: &F
     layout(ctx, "Users", "Users", body)
 }
 
-pub fn user(ctx: &Ctx<'_>, u: &Value, notice: Option<Markup>) -> Markup {
+pub fn user(ctx: &Ctx<'_>, u: &Value, usage: &Value, notice: Option<Markup>) -> Markup {
     let now = crate::credentials::ops::now();
     let id = s(u, "id");
     let status = s(u, "status");
@@ -328,7 +337,7 @@ pub fn user(ctx: &Ctx<'_>, u: &Value, notice: Option<Markup>) -> Markup {
         h2 { "Keys" }
         div.table-wrap {
             table #keys {
-                thead { tr { th { "Key" } th { "Label" } th { "Hint" } th { "Status" } th { "Created" } th { "Expires" } th { "Last used" } th { "Requests" } @if enabled { th { span.hint { "Action" } } } } }
+                thead { tr { th { "Key" } th { "Label" } th { "Hint" } th { "Status" } th { "Created" } th { "Expires" } th { "Last used" } th { "Requests (24 h)" } th { "Requests (all)" } @if enabled { th { span.hint { "Action" } } } } }
                 tbody {
                     @for k in &keys {
                         @let st = key_status(k, now);
@@ -341,6 +350,7 @@ pub fn user(ctx: &Ctx<'_>, u: &Value, notice: Option<Markup>) -> Markup {
                             td { (s(k, "created_at")) }
                             td { (k["expires_at"].as_str().unwrap_or("never")) }
                             td { (k["last_used_at"].as_str().unwrap_or("never")) }
+                            td { (usage["keys"][s(k, "id")]["requests_24h"].as_u64().unwrap_or(0)) }
                             td { (k["requests"].as_u64().unwrap_or(0)) }
                             @if enabled {
                                 td {
@@ -358,7 +368,7 @@ pub fn user(ctx: &Ctx<'_>, u: &Value, notice: Option<Markup>) -> Markup {
                 }
             }
         }
-        (chart(&keys))
+        (chart(usage, now, ctx.admin.shared.is_some()))
         @match &control {
             Control::Hidden => {}
             Control::Disabled(_) | Control::Enabled if status == "retired" => {}
@@ -384,25 +394,47 @@ pub fn user(ctx: &Ctx<'_>, u: &Value, notice: Option<Markup>) -> Markup {
     layout(ctx, &format!("User {id}"), "Users", body)
 }
 
-/// Requests per key as horizontal bars (SVG attributes, not inline styles: the CSP
-/// allows no inline style).
-fn chart(keys: &[&Value]) -> Markup {
-    let max = keys.iter().filter_map(|k| k["requests"].as_u64()).max().unwrap_or(0).max(1);
-    let row = 18u64;
-    let height = row * keys.len() as u64 + 4;
+/// Requests per day over the last 30 days as bars (SVG attributes, not inline styles:
+/// the CSP allows no inline style), with the numbers in a table beside it for screen
+/// readers and for reading exact values.
+fn chart(usage: &Value, now: OffsetDateTime, shared: bool) -> Markup {
+    let by_day: BTreeMap<String, u64> = usage["per_day"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|d| (s(d, "date").to_string(), d["requests"].as_u64().unwrap_or(0)))
+        .collect();
+    let days: Vec<(String, u64)> = (0..crate::pipeline::history::DAYS)
+        .rev()
+        .map(|back| {
+            let date = (now - time::Duration::days(back)).date().to_string();
+            let n = by_day.get(&date).copied().unwrap_or(0);
+            (date, n)
+        })
+        .collect();
+    let max = days.iter().map(|(_, n)| *n).max().unwrap_or(0).max(1);
+    let (width, height, bar) = (600u64, 120u64, 20u64);
+    let first = days.first().map(|(d, _)| d.clone()).unwrap_or_default();
+    let last = days.last().map(|(d, _)| d.clone()).unwrap_or_default();
     html! {
-        @if !keys.is_empty() {
-            h2 { "Requests per key" }
-            svg.chart role="img" aria-label="Requests per key" viewBox={ "0 0 400 " (height) } {
-                @for (i, k) in keys.iter().enumerate() {
-                    @let n = k["requests"].as_u64().unwrap_or(0);
-                    @let y = row * i as u64 + 2;
-                    text x="0" y=(y + 12) { (s(k, "id")) }
-                    rect x="180" y=(y + 2) height="12" width=(n * 180 / max) {}
-                    text x=(185 + n * 180 / max) y=(y + 12) { (n) }
-                }
+        h2 { "Requests per day" }
+        svg.chart role="img" aria-label={ "Requests per day from " (first) " to " (last) } viewBox={ "0 0 " (width) " " (height + 16) } {
+            @for (i, (date, n)) in days.iter().enumerate() {
+                @let h = n * height / max;
+                rect x=(i as u64 * bar + 2) y=(height - h) width=(bar - 4) height=(h) { title { (date) ": " (n) } }
+            }
+            text x="0" y=(height + 12) { (first) }
+            text x=(width - 60) y=(height + 12) { (last) }
+            text x="0" y="10" { "max " (max) }
+        }
+        details {
+            summary { "As a table" }
+            table #per-day {
+                thead { tr { th { "Day" } th { "Requests" } } }
+                tbody { @for (date, n) in days.iter().filter(|(_, n)| *n > 0) { tr { td { (date) } td { (n) } } } }
             }
         }
+        @if shared { p.hint { "Counted by this gateway: each gateway of the fleet shows its own share." } }
     }
 }
 
