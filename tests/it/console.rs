@@ -24,15 +24,22 @@ struct Fx {
 /// A gateway with an admin listener, an api_key user `svc` (role `all`), `/api/` to a
 /// recording upstream.
 async fn fixture() -> Fx {
+    fixture_with(&[]).await
+}
+
+/// [`fixture`] with more `admin:` settings.
+async fn fixture_with(admin_settings: &[(&str, &str)]) -> Fx {
     let up = TestUpstream::start().await;
     let mut creds = Creds::new();
     let svc = creds.api_user("svc");
-    let gw = TestGateway::builder()
+    let mut config = TestGateway::builder()
         .credentials(&creds)
         .admin(TOKEN)
-        .route(RouteSpec::new("api", "/api/").to(&up).authenticated())
-        .start()
-        .await;
+        .route(RouteSpec::new("api", "/api/").to(&up).authenticated());
+    for (k, v) in admin_settings {
+        config = config.admin_setting(k, v);
+    }
+    let gw = config.start().await;
     let admin = gw.admin();
     Fx { up, gw, admin, svc }
 }
@@ -179,6 +186,21 @@ async fn forms_without_the_csrf_token_or_from_another_origin_change_nothing() {
 }
 
 impl Fx {
+    /// Signs in over plain HTTP; the session cookie (`name=value`).
+    async fn sign_in_http(&self, token: &str) -> String {
+        let admin = self.admin_url();
+        let headers = [("origin", admin.as_str()), ("content-type", "application/x-www-form-urlencoded")];
+        let signed =
+            H1::new().request("POST", &format!("{admin}/ui/sign-in"), &headers, format!("token={token}")).await;
+        assert_eq!(signed.status, 303, "{}", signed.text());
+        signed.header("set-cookie").split(';').next().unwrap().to_string()
+    }
+
+    /// GET a console page with a session cookie.
+    async fn page(&self, cookie: &str, path: &str) -> crate::support::Reply {
+        H1::new().get_with(&format!("{}{path}", self.admin_url()), &[("cookie", cookie)]).await
+    }
+
     async fn svc_status(&self) -> u16 {
         H1::new().get_with(&self.gw.url("/api/x"), &[("x-api-key", self.svc.token.as_str())]).await.status.as_u16()
     }
@@ -217,10 +239,10 @@ async fn markup_in_user_fields_is_shown_as_text_everywhere() {
 }
 
 /// Acceptance 4: after a known sequence of requests, the overview shows the numbers the
-/// metrics and the admin API give.
+/// metrics and the admin API give. (A rotation age of 1 ms makes every live key due.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_overview_matches_the_metrics_and_the_admin_api() {
-    let fx = fixture().await;
+    let fx = fixture_with(&[("key_rotation_age", "1ms")]).await;
     // A user without a key, for the overview's list.
     fx.admin.expect(201, "POST", "/admin/v1/users", Some(&json!({"id": "keyless", "auth_method": "api_key"}))).await;
     let proxy = H1::new();
@@ -265,6 +287,30 @@ async fn the_overview_matches_the_metrics_and_the_admin_api() {
     assert_eq!(usage["per_day"], json!([{"date": today, "requests": 5}]), "{usage}");
     assert_eq!(usage["keys"][fx.svc.key_id.as_str()]["requests_24h"], 5, "{usage}");
     assert_eq!(v["keyless"], json!(["keyless"]), "{v}");
+    assert_eq!(v["old"], json!([["svc", fx.svc.key_id.as_str()]]), "{v}");
+}
+
+/// With a credentials file that cannot be written here (mode 0444), the write controls
+/// are shown disabled with the reason, to an operator; a viewer still sees none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_store_shows_write_controls_disabled_with_the_reason() {
+    use std::os::unix::fs::PermissionsExt;
+    let fx = fixture().await;
+    let operator = fx.token("opal", "operator").await;
+    let viewer = fx.token("vito", "viewer").await;
+    let path = fx.gw.written().credentials_path().to_path_buf();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444)).unwrap();
+    let cookie = fx.sign_in_http(&operator).await;
+    for page in ["/ui/users", "/ui/users/svc"] {
+        let html = fx.page(&cookie, page).await.text();
+        assert!(html.contains("The credential store is read-only here"), "{page}: {html}");
+        assert!(html.contains("disabled"), "{page}: no disabled control");
+        assert!(!html.contains("id=\"new-user\"") && !html.contains("id=\"add-key\""), "{page}: an enabled control");
+    }
+    let cookie = fx.sign_in_http(&viewer).await;
+    let html = fx.page(&cookie, "/ui/users/svc").await.text();
+    assert!(!html.contains("read-only") && !html.contains("disabled"), "a viewer is shown write controls: {html}");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
 }
 
 /// Wrong admin tokens at sign-in: the sign-in page with a message and no session; the

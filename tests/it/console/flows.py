@@ -270,6 +270,8 @@ def overview_flow(driver, a, out):
     out["by_reason"] = {r.find_elements(By.TAG_NAME, "td")[0].text: r.find_elements(By.TAG_NAME, "td")[1].text
                         for r in rows}
     out["keyless"] = [li.text for li in driver.find_elements(By.CSS_SELECTOR, "#keyless li")]
+    out["old"] = [[td.text for td in tr.find_elements(By.TAG_NAME, "td")[:2]]
+                  for tr in driver.find_elements(By.CSS_SELECTOR, "#old tbody tr")]
 
 
 def sign_in_flow(driver, a, out):

@@ -794,3 +794,41 @@ pub fn overview(ctx: &Ctx<'_>, w: &Window, facts: &Facts) -> Markup {
     };
     layout(ctx, "Overview", "Overview", body)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// a live key idle for 90 days (by its last use, or by its creation when never used)
+    /// is listed; a revoked or expired one is not; a user whose keys are all gone is
+    /// keyless; a retired user is left out; a future revocation (a rotation's grace) is live
+    #[test]
+    fn overview_facts() {
+        let now = OffsetDateTime::parse("2026-12-07T12:00:00Z", &Rfc3339).unwrap();
+        let key = |id: &str, created: &str, revoked: Option<&str>| json!({"id": id, "created_at": created, "revoked_at": revoked, "expires_at": null});
+        let users = json!([
+            {"id": "a", "status": "active", "keys": [
+                key("old-unused", "2026-01-01T00:00:00Z", None),
+                key("used-lately", "2026-01-01T00:00:00Z", None),
+                key("new", "2026-12-01T00:00:00Z", None),
+                key("grace", "2026-12-01T00:00:00Z", Some("2026-12-08T00:00:00Z")),
+                key("revoked", "2026-01-01T00:00:00Z", Some("2026-02-01T00:00:00Z")),
+            ]},
+            {"id": "b", "status": "inactive", "keys": [key("gone", "2026-01-01T00:00:00Z", Some("2026-02-01T00:00:00Z"))]},
+            {"id": "c", "status": "retired", "keys": []},
+        ]);
+        let mut usage = UsageMap::new();
+        usage.insert(
+            "used-lately".into(),
+            KeyUsageRecord { last_used_at: Some(now.unix_timestamp() - 86_400), ..Default::default() },
+        );
+        let f = Facts::gather(&users, &usage, now, std::time::Duration::from_secs(180 * 86_400));
+        let ids = |v: &[(String, String, String)]| v.iter().map(|(_, k, _)| k.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(&f.unused), ["old-unused"]);
+        assert_eq!(ids(&f.old), ["old-unused", "used-lately"]);
+        assert_eq!(f.keyless, ["b"]);
+        assert_eq!(key_status(&users[0]["keys"][3], now), "active until 2026-12-08T00:00:00Z");
+        assert_eq!(key_status(&users[0]["keys"][4], now), "revoked");
+    }
+}
