@@ -155,8 +155,26 @@ impl Store {
     pub fn find_admin_token(&self, digest: &[u8; 32]) -> Result<Option<AdminToken>, StoreError> {
         let now = super::ops::now();
         let want = hex::encode(digest);
-        let found =
-            self.admin_tokens()?.into_iter().find(|t| bool::from(t.token_sha256.as_bytes().ct_eq(want.as_bytes())));
+        if let Some(b) = self.backend() {
+            // By the unique index: one row, not every token (a digest's lookup time tells
+            // nothing about a token: finding a preimage of SHA-256 is the hard part).
+            let row = b.run(async {
+                let c = b.db.client().await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
+                c.query_opt(
+                    "SELECT id, name, role, token_sha256, hint, created_at, created_by, expires_at, revoked_at
+                     FROM gatehouse_admin_tokens WHERE token_sha256 = $1",
+                    &[&want],
+                )
+                .await
+                .map_err(|e| super::store::db_error(&b.db, e))
+            })?;
+            return Ok(row.as_ref().map(token_from_row).transpose()?.filter(|t| t.is_live(now)));
+        }
+        let found = self
+            .read_tokens_file()?
+            .admin_tokens
+            .into_iter()
+            .find(|t| bool::from(t.token_sha256.as_bytes().ct_eq(want.as_bytes())));
         Ok(found.filter(|t| t.is_live(now)))
     }
 

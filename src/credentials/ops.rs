@@ -224,7 +224,9 @@ pub fn revoke_key(c: &mut FileCredentials, user_id: &str, key_id: &str, at: Offs
     if k.revoked_at.is_some_and(|t| t <= now()) {
         return Err(conflict(format!("key {key_id:?} is already revoked")));
     }
-    k.revoked_at = Some(at);
+    // A revocation already scheduled (a rotation's grace period) can come sooner, never
+    // later: repeating a rotation must not keep a key alive.
+    k.revoked_at = Some(k.revoked_at.map_or(at, |t| t.min(at)));
     u.updated_at = now();
     Ok(())
 }

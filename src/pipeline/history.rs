@@ -44,11 +44,13 @@ impl History {
     pub fn sample(&mut self, totals: impl IntoIterator<Item = (String, u64)>, now: i64) {
         let (hour, day) = (now.div_euclid(3600), now.div_euclid(86_400));
         for (key, total) in totals {
-            let before = self.seen.insert(key.clone(), total).unwrap_or(0);
-            let delta = total.saturating_sub(before);
-            if delta == 0 {
+            // Never backwards: a reading older than the last one adds nothing.
+            let before = self.seen.get(&key).copied().unwrap_or(0);
+            if total <= before {
                 continue;
             }
+            self.seen.insert(key.clone(), total);
+            let delta = total - before;
             *self.hours.entry(key.clone()).or_default().entry(hour).or_default() += delta;
             *self.days.entry(key).or_default().entry(day).or_default() += delta;
         }
@@ -93,6 +95,9 @@ mod tests {
         h.sample([("k".to_string(), 108)], t0 + 3600 * 20);
         assert_eq!(h.last_24h("k", t0 + 3600 * 20), 8);
         assert_eq!(h.per_day("k", t0 + 3600 * 20), BTreeMap::from([(20_000, 5), (20_001, 3)]));
+        // An older reading (lower totals) adds nothing and does not lower the baseline.
+        h.sample([("k".to_string(), 101)], t0 + 3600 * 20);
+        assert_eq!(h.last_24h("k", t0 + 3600 * 20), 8);
         // 24 hours later the first hour is out of the window, the day is not.
         assert_eq!(h.last_24h("k", t0 + 3600 * 24), 3);
         h.sample([("k".to_string(), 108)], t0 + 31 * DAY);

@@ -143,18 +143,21 @@ impl Usage {
     /// directory fsync): a crash or a failed write leaves the previous file whole.
     pub fn flush(&self) -> std::io::Result<()> {
         let Some(path) = &self.path else { return Ok(()) };
+        // The counts and the history from one reading, under the history's lock: what the
+        // file says was counted is what the history has seen, so a restart counts nothing
+        // twice.
+        let mut history = self.history.lock().map_err(|_| std::io::Error::other("usage history lock poisoned"))?;
         let keys = self.snapshot();
         let total = keys.values().map(|r| r.requests).sum();
         if self.written.load(Ordering::Relaxed) == total {
             return Ok(());
         }
+        history
+            .sample(keys.iter().map(|(k, r)| (k.clone(), r.requests)), crate::credentials::ops::now().unix_timestamp());
         // An error here must not become an empty file written over the counts.
-        let body = {
-            let history = self.sampled_history(crate::credentials::ops::now().unix_timestamp());
-            let empty = History::default();
-            let history = history.as_deref().unwrap_or(&empty);
-            serde_json::to_vec_pretty(&StateFileRef { keys: &keys, history }).map_err(std::io::Error::other)?
-        };
+        let body = serde_json::to_vec_pretty(&StateFileRef { keys: &keys, history: &history })
+            .map_err(std::io::Error::other)?;
+        drop(history);
         crate::fs::atomic_file::write_durably(path, &body, None)?;
         self.written.store(total, Ordering::Relaxed);
         Ok(())
@@ -163,9 +166,11 @@ impl Usage {
     /// The history, brought up to `now` (unix seconds) first; held locked while the
     /// guard lives.
     pub fn sampled_history(&self, now: i64) -> Option<std::sync::MutexGuard<'_, History>> {
+        // The counters are read under the lock: two samplers cannot interleave a reading
+        // and a sample (an older reading applied last would count its requests again).
+        let mut h = self.history.lock().ok()?;
         let totals: Vec<(String, u64)> =
             self.keys.iter().map(|e| (e.key().to_string(), e.value().requests.load(Ordering::Relaxed))).collect();
-        let mut h = self.history.lock().ok()?;
         h.sample(totals, now);
         Some(h)
     }

@@ -113,6 +113,8 @@ async fn an_operator_creates_a_user_adds_a_key_uses_it_and_revokes_it() {
     assert_eq!(v["token_prefix"], "ghk_", "{v}");
     assert_eq!(v["example_has_token"], true, "{v}");
     assert_eq!(v["copy_button_visible"], true, "{v}");
+    let reload = v["after_reload"].as_str().unwrap();
+    assert!(reload.contains("was shown already; it cannot be shown again") && !reload.contains("ghk_"), "{reload}");
     assert_eq!(v["status_with_key"], 200, "{v}");
     let consequence = v["consequence"].as_str().unwrap();
     assert!(consequence.contains("refused with 401") && consequence.contains("cannot be undone"), "{consequence}");
@@ -436,4 +438,51 @@ async fn an_admin_creates_and_deletes_a_role() {
     assert_eq!(v["roles_after_create"], json!(["all", "reader", "New role"]), "{v}");
     assert_eq!(v["roles_after_delete"], json!(["all", "New role"]), "{v}");
     assert!(!fx.credentials_text().contains("reader"));
+}
+
+/// Without a browser: an edit form older than the user's last change is refused (412)
+/// and overwrites nothing; a user named `new` has its page; an audit filter of any
+/// value is answered; a key in its grace period cannot be rotated again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_forms_odd_ids_and_odd_filters_are_handled() {
+    let fx = fixture().await;
+    let token = fx.token("omar", "operator").await;
+    let cookie = fx.sign_in_http(&token).await;
+    let admin = fx.admin_url();
+    let form = fx.page(&cookie, "/ui/users/svc/edit").await.text();
+    let field = |name: &str| {
+        form.split(&format!("name=\"{name}\" value=\"")).nth(1).and_then(|r| r.split('"').next()).unwrap().to_string()
+    };
+    let (csrf, etag) = (field("csrf"), field("etag").replace("&quot;", "\""));
+    assert!(etag.starts_with('"'), "{etag}");
+    // Somebody else changes svc meanwhile.
+    fx.admin.expect(200, "PATCH", "/admin/v1/users/svc", Some(&json!({"description": "theirs"}))).await;
+    let body = format!("csrf={csrf}&etag={}&description=mine&roles=all&teams=team-a", etag.replace('"', "%22"));
+    let headers = [
+        ("cookie", cookie.as_str()),
+        ("origin", admin.as_str()),
+        ("content-type", "application/x-www-form-urlencoded"),
+    ];
+    let res = H1::new().request("POST", &format!("{admin}/ui/users/svc"), &headers, body).await;
+    assert_eq!(res.status, 412, "{}", res.text());
+    assert!(res.text().contains("form-error"), "{}", res.text());
+    let svc = fx.admin.expect(200, "GET", "/admin/v1/users/svc", None).await;
+    assert_eq!(svc["description"], "theirs", "a stale form overwrote a change");
+
+    fx.admin.expect(201, "POST", "/admin/v1/users", Some(&json!({"id": "new", "auth_method": "api_key"}))).await;
+    let page = fx.page(&cookie, "/ui/users/new").await;
+    assert_eq!(page.status, 200);
+    assert!(page.text().contains("<h1>User new</h1>"), "{}", page.text());
+
+    for since in ["-100000000", "9223372036854775807", "x", "24"] {
+        let page = fx.page(&cookie, &format!("/ui/audit?since={since}")).await;
+        assert_eq!(page.status, 200, "since={since}");
+    }
+
+    let path = format!("/admin/v1/users/svc/keys/{}/rotate", fx.svc.key_id);
+    fx.admin.expect(201, "POST", &path, Some(&json!({"grace_seconds": 600}))).await;
+    let again = fx.admin.post(&path, &json!({"grace_seconds": 2_592_000})).await;
+    assert_eq!(again.status, 409, "{}", again.text());
+    assert!(again.text().contains("is already being replaced"), "{}", again.text());
+    assert_eq!(fx.svc_status().await, 200, "the old key in its grace period");
 }

@@ -423,6 +423,14 @@ pub(super) async fn run(
                 let hmac = ops::user(c, id)?.auth_method == AuthMethod::Hmac;
                 ops::check_if_match(if_match, &ops::user_etag(ops::user(c, id)?), &format!("user {id:?}"))?;
                 let until = ops::now() + time::Duration::seconds(grace);
+                // A key already on its way out is not rotated again: its successor is.
+                let pending = ops::user(c, id)?.keys.iter().find(|k| k.id.value == *key_id).and_then(|k| k.revoked_at);
+                if let Some(t) = pending.filter(|t| *t > ops::now()) {
+                    return Err(StoreError::Conflict(format!(
+                        "key {key_id:?} is already being replaced (it stops working at {}); rotate its successor",
+                        t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+                    )));
+                }
                 ops::revoke_key(c, id, key_id, until)?;
                 let (view, secret) = ops::add_key(c, id, &b.label, None, || store.master_key())?;
                 *etag = Some(ops::user_etag(ops::user(c, id)?));

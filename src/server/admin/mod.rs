@@ -46,6 +46,8 @@ pub struct Admin {
     sessions: console::Sessions,
     /// The console overview's samples of the counters.
     traffic: console::Traffic,
+    /// Whether the console may offer changes (the credentials file can be written).
+    read_only: console::ReadOnlyProbe,
     /// Keys older than this are due for rotation (the console's overview).
     key_rotation_age: Duration,
     /// Where the console's examples send requests: the first proxy listener.
@@ -145,6 +147,7 @@ impl Admin {
             failed: caller::failure_budget(admin.failed_per_ip_per_minute),
             sessions: console::Sessions::new(admin.session_idle, admin.session_lifetime),
             traffic,
+            read_only: console::ReadOnlyProbe::default(),
             key_rotation_age: admin.key_rotation_age,
             example_base: example_base(None),
         })

@@ -107,6 +107,10 @@ def operator_flow(driver, a, out):
     out["example_has_token"] = token in driver.find_element(By.ID, "example").text
     out["copy_button_visible"] = driver.find_element(By.CSS_SELECTOR, "button[data-copy=secret]").is_displayed()
     shot(driver, a.screenshots, "console-key-shown.png")
+    # A reload shows nothing: the token was shown once (the form's POST redirected here,
+    # so nothing is posted again either).
+    driver.refresh()
+    out["after_reload"] = driver.find_element(By.TAG_NAME, "main").text
     out["status_with_key"] = proxy_status(a.proxy, token)
     driver.get(a.admin + "/ui/users/console-made")
     click(driver, driver.find_element(By.LINK_TEXT, "Revoke"))
@@ -194,7 +198,7 @@ def viewer_flow(driver, a, out):
             if driver.find_elements(By.XPATH, "//*[self::a or self::button][normalize-space()='%s']" % text):
                 forms.append(page + ": " + text)
     out["write_controls"] = forms
-    driver.get(a.admin + "/ui/users/new")
+    driver.get(a.admin + "/ui/new-user")
     out["new_user_page"] = driver.find_element(By.TAG_NAME, "main").text
     # A write sent with the viewer's own session and CSRF token, from a form the test
     # puts into the console's page (same origin, right token): the server refuses it.

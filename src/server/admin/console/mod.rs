@@ -48,6 +48,8 @@ pub(super) struct Ctx<'a> {
     admin: &'a Admin,
     caller: Caller,
     session: Session,
+    /// The session cookie's value (the session's id), for its one-time values.
+    cookie: String,
     peer: Option<IpAddr>,
 }
 
@@ -67,25 +69,64 @@ impl Ctx<'_> {
                 role.as_str()
             ));
         }
-        self.admin
-            .store
-            .as_ref()
-            .and_then(|s| s.read_only_reason())
-            .map(|r| format!("The credential store is read-only here: {r}"))
+        self.admin.read_only.reason(self.admin).map(|r| format!("The credential store is read-only here: {r}"))
     }
 
-    /// Runs one admin API call as the signed-in token.
-    async fn call(&self, call: Call) -> Result<Value, ApiError> {
+    /// Runs one admin API call as the signed-in token; its result and `ETag`.
+    async fn call(&self, call: Call) -> Result<(Value, Option<String>), ApiError> {
         let mut etag = None;
-        api::run(self.admin, &call, &self.caller, &mut etag).await.map(|(_, v)| v)
+        let (_, v) = api::run(self.admin, &call, &self.caller, &mut etag).await?;
+        Ok((v, etag))
     }
 
     async fn get(&self, path: &str, query: &str) -> Result<Value, ApiError> {
-        self.call(Call::get(path, query, self.peer)).await
+        self.call(Call::get(path, query, self.peer)).await.map(|(v, _)| v)
+    }
+
+    /// A read and the `ETag` of what it read (a user, the roles).
+    async fn get_tagged(&self, path: &str) -> Result<(Value, Option<String>), ApiError> {
+        self.call(Call::get(path, "", self.peer)).await
     }
 
     async fn send(&self, method: Method, path: &str, body: Value) -> Result<Value, ApiError> {
-        self.call(Call::with(method, path, body, self.peer)).await
+        self.send_if(method, path, body, None).await
+    }
+
+    /// A change made only if what it changes still has the `ETag` `if_match` (else 412:
+    /// somebody changed it since the form was shown).
+    async fn send_if(
+        &self,
+        method: Method,
+        path: &str,
+        body: Value,
+        if_match: Option<&str>,
+    ) -> Result<Value, ApiError> {
+        let mut call = Call::with(method, path, body, self.peer);
+        call.if_match = if_match.filter(|t| !t.is_empty()).map(String::from);
+        self.call(call).await.map(|(v, _)| v)
+    }
+}
+
+/// Whether the credentials file can be written here, asked at most every few seconds
+/// (the answer takes a temporary file beside it), off the runtime's worker threads.
+#[derive(Debug, Default)]
+pub struct ReadOnlyProbe(std::sync::Mutex<Option<(std::time::Instant, Option<String>)>>);
+
+impl ReadOnlyProbe {
+    const FRESH: std::time::Duration = std::time::Duration::from_secs(5);
+
+    fn reason(&self, admin: &Admin) -> Option<String> {
+        if let Ok(cached) = self.0.lock()
+            && let Some((at, reason)) = cached.as_ref()
+            && at.elapsed() < Self::FRESH
+        {
+            return reason.clone();
+        }
+        let reason = admin.store.as_ref().and_then(|s| api::blocking(|| s.read_only_reason()));
+        if let Ok(mut cached) = self.0.lock() {
+            *cached = Some((std::time::Instant::now(), reason.clone()));
+        }
+        reason
     }
 }
 
@@ -130,8 +171,8 @@ async fn serve(admin: &Admin, req: Request<Incoming>) -> Response<Body> {
     let same_origin = same_origin(req.headers());
     let form = if method == Method::POST {
         match read_form(req).await {
-            Some(f) => f,
-            None => return html(StatusCode::PAYLOAD_TOO_LARGE, pages::message("Too large", "The form is too large.")),
+            Ok(f) => f,
+            Err(res) => return res,
         }
     } else {
         Form::default()
@@ -171,11 +212,10 @@ async fn serve(admin: &Admin, req: Request<Incoming>) -> Response<Body> {
         tracing::warn!(path = %path, "console form refused: no CSRF token or another origin");
         return forbidden_post();
     }
-    let ctx = Ctx { admin, caller, session, peer };
+    let Some(cookie) = cookie else { return redirect("/ui/sign-in") };
+    let ctx = Ctx { admin, caller, session, cookie, peer };
     if (method.clone(), path.as_str()) == (Method::POST, "/ui/sign-out") {
-        if let Some(c) = cookie.as_deref() {
-            admin.sessions.end(c);
-        }
+        admin.sessions.end(&ctx.cookie);
         let mut res = redirect("/ui/sign-in");
         res.headers_mut().insert(
             header::SET_COOKIE,
@@ -194,7 +234,7 @@ async fn serve(admin: &Admin, req: Request<Incoming>) -> Response<Body> {
     match (method, segs.as_slice()) {
         (Method::GET, []) => overview(&ctx).await,
         (Method::GET, ["users"]) => users(&ctx, &q).await,
-        (Method::GET, ["users", "new"]) => match ctx.write_block(AdminRole::Operator) {
+        (Method::GET, ["new-user"]) => match ctx.write_block(AdminRole::Operator) {
             Some(why) => html(StatusCode::FORBIDDEN, pages::refused(&ctx, &why)),
             None => user_form(&ctx, None, &Form::default(), None).await,
         },
@@ -202,13 +242,18 @@ async fn serve(admin: &Admin, req: Request<Incoming>) -> Response<Body> {
         (Method::GET, ["users", id]) => user(&ctx, id, None).await,
         (Method::GET, ["users", id, "edit"]) => match ctx.write_block(AdminRole::Operator) {
             Some(why) => html(StatusCode::FORBIDDEN, pages::refused(&ctx, &why)),
-            None => match ctx.get(&format!("/admin/v1/users/{id}"), "").await {
-                Ok(u) => user_form(&ctx, Some(&u), &Form::from_user(&u), None).await,
+            None => match ctx.get_tagged(&format!("/admin/v1/users/{}", enc(id))).await {
+                Ok((u, etag)) => {
+                    let mut form = Form::from_user(&u);
+                    form.0.push(("etag".into(), etag.unwrap_or_default()));
+                    user_form(&ctx, Some(&u), &form, None).await
+                }
                 Err(e) => error_page(&ctx, e),
             },
         },
         (Method::POST, ["users", id]) => save_user(&ctx, Some(id), &form).await,
         (Method::POST, ["users", id, "keys"]) => add_key(&ctx, id, &form).await,
+        (Method::GET, ["users", id, "new-key"]) => new_key(&ctx, id).await,
         (Method::GET, ["users", id, "keys", key, "revoke"]) => confirm_revoke(&ctx, id, key).await,
         (Method::POST, ["users", id, "keys", key, "revoke"]) => {
             let path = format!("/admin/v1/users/{}/keys/{}", enc(id), enc(key));
@@ -229,7 +274,7 @@ async fn serve(admin: &Admin, req: Request<Incoming>) -> Response<Body> {
         }
         (Method::GET, ["roles"]) => roles(&ctx, None, &Form::default()).await,
         (Method::POST, ["roles"]) => save_role(&ctx, &form).await,
-        (Method::POST, ["roles", name, "delete"]) => delete_role(&ctx, name).await,
+        (Method::POST, ["roles", name, "delete"]) => delete_role(&ctx, name, &form).await,
         (Method::GET, ["audit"]) => audit(&ctx, &q).await,
         _ => not_found(),
     }
@@ -307,21 +352,30 @@ async fn users(ctx: &Ctx<'_>, q: &Form) -> Response<Body> {
     html(StatusCode::OK, pages::users(ctx, &list, &usage, &recent, &roles, q))
 }
 
-async fn user(ctx: &Ctx<'_>, id: &str, notice: Option<Markup>) -> Response<Body> {
+async fn user(ctx: &Ctx<'_>, id: &str, notice: Option<(StatusCode, Markup)>) -> Response<Body> {
+    let (status, notice) = match notice {
+        Some((status, n)) => (status, Some(n)),
+        None => (StatusCode::OK, None),
+    };
     let u = match ctx.get(&format!("/admin/v1/users/{}", enc(id)), "").await {
         Ok(u) => u,
         Err(e) => return error_page(ctx, e),
     };
     match ctx.get(&format!("/admin/v1/users/{}/usage", enc(id)), "").await {
-        Ok(usage) => html(StatusCode::OK, pages::user(ctx, &u, &usage, notice)),
+        Ok(usage) => html(status, pages::user(ctx, &u, &usage, notice)),
         Err(e) => error_page(ctx, e),
     }
 }
 
-async fn user_form(ctx: &Ctx<'_>, existing: Option<&Value>, form: &Form, error: Option<&str>) -> Response<Body> {
+async fn user_form(
+    ctx: &Ctx<'_>,
+    existing: Option<&Value>,
+    form: &Form,
+    error: Option<(StatusCode, &str)>,
+) -> Response<Body> {
     let roles = ctx.get("/admin/v1/roles", "").await.unwrap_or_default();
-    let status = if error.is_some() { StatusCode::UNPROCESSABLE_ENTITY } else { StatusCode::OK };
-    html(status, pages::user_form(ctx, existing, form, &roles, error))
+    let status = error.map_or(StatusCode::OK, |(s, _)| s);
+    html(status, pages::user_form(ctx, existing, form, &roles, error.map(|(_, m)| m)))
 }
 
 /// Creates (`id` None) or updates a user from the form; on a refusal the form comes back
@@ -349,17 +403,17 @@ async fn save_user(ctx: &Ctx<'_>, id: Option<&str>, form: &Form) -> Response<Bod
             body["auth_method"] = form.get("auth_method").unwrap_or("").into();
             ctx.send(Method::POST, "/admin/v1/users", body).await
         }
-        Some(id) => ctx.send(Method::PATCH, &format!("/admin/v1/users/{}", enc(id)), body).await,
+        Some(id) => ctx.send_if(Method::PATCH, &format!("/admin/v1/users/{}", enc(id)), body, form.get("etag")).await,
     };
     match result {
         Ok(u) => redirect(&format!("/ui/users/{}", enc(u["id"].as_str().unwrap_or_default()))),
         Err(ApiError(StatusCode::FORBIDDEN, _, msg)) => html(StatusCode::FORBIDDEN, pages::refused(ctx, &msg)),
-        Err(ApiError(_, _, msg)) => {
+        Err(ApiError(status, _, msg)) => {
             let existing = match id {
                 Some(id) => ctx.get(&format!("/admin/v1/users/{}", enc(id)), "").await.ok(),
                 None => None,
             };
-            user_form(ctx, existing.as_ref(), form, Some(&msg)).await
+            user_form(ctx, existing.as_ref(), form, Some((status, &msg))).await
         }
     }
 }
@@ -369,19 +423,39 @@ async fn add_key(ctx: &Ctx<'_>, id: &str, form: &Form) -> Response<Body> {
     if let Some(days) = form.get("expires_in_days").map(str::trim).filter(|d| !d.is_empty()) {
         let Some(days) = days.parse::<i64>().ok().filter(|d| (1..=3650).contains(d)) else {
             let notice = pages::error_notice("Expires in: a whole number of days from 1 to 3650.");
-            return user(ctx, id, Some(notice)).await;
+            return user(ctx, id, Some((StatusCode::UNPROCESSABLE_ENTITY, notice))).await;
         };
         let at = crate::credentials::ops::now() + time::Duration::days(days);
         body["expires_at"] = at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default().into();
     }
-    match ctx.send(Method::POST, &format!("/admin/v1/users/{}/keys", enc(id)), body).await {
+    let result = ctx.send(Method::POST, &format!("/admin/v1/users/{}/keys", enc(id)), body).await;
+    key_made(ctx, id, result).await
+}
+
+/// After a key was added (or rotated in): its secret is kept for the one page that shows
+/// it, and the browser is sent there (a reload of that page cannot add another key).
+async fn key_made(ctx: &Ctx<'_>, id: &str, result: Result<Value, ApiError>) -> Response<Body> {
+    match result {
         Ok(v) => {
-            let user = ctx.get(&format!("/admin/v1/users/{}", enc(id)), "").await.unwrap_or_default();
-            html(StatusCode::OK, pages::key_shown(ctx, &user, &v))
+            ctx.admin.sessions.put_flash(&ctx.cookie, json!({"user": id, "added": v}));
+            redirect(&format!("/ui/users/{}/new-key", enc(id)))
         }
         Err(ApiError(StatusCode::FORBIDDEN, _, msg)) => html(StatusCode::FORBIDDEN, pages::refused(ctx, &msg)),
-        Err(ApiError(_, _, msg)) => user(ctx, id, Some(pages::error_notice(&msg))).await,
+        Err(ApiError(status, _, msg)) => user(ctx, id, Some((status, pages::error_notice(&msg)))).await,
     }
+}
+
+/// The page that shows a new key's token or secret: once.
+async fn new_key(ctx: &Ctx<'_>, id: &str) -> Response<Body> {
+    let flash = ctx.admin.sessions.take_flash(&ctx.cookie).filter(|f| f["user"] == id);
+    let Some(flash) = flash else {
+        return html(
+            StatusCode::GONE,
+            pages::refused(ctx, "This key's token or secret was shown already; it cannot be shown again."),
+        );
+    };
+    let user = ctx.get(&format!("/admin/v1/users/{}", enc(id)), "").await.unwrap_or_default();
+    html(StatusCode::OK, pages::key_shown(ctx, &user, &flash["added"]))
 }
 
 async fn confirm_revoke(ctx: &Ctx<'_>, id: &str, key: &str) -> Response<Body> {
@@ -411,14 +485,8 @@ async fn rotate_key(ctx: &Ctx<'_>, id: &str, key: &str, form: &Form) -> Response
     let grace = form.get("grace").and_then(|g| g.parse::<i64>().ok()).filter(|g| GRACES.contains(g)).unwrap_or(0);
     let body = json!({"label": form.get("label").unwrap_or("").trim(), "grace_seconds": grace});
     let path = format!("/admin/v1/users/{}/keys/{}/rotate", enc(id), enc(key));
-    match ctx.send(Method::POST, &path, body).await {
-        Ok(v) => {
-            let user = ctx.get(&format!("/admin/v1/users/{}", enc(id)), "").await.unwrap_or_default();
-            html(StatusCode::OK, pages::key_shown(ctx, &user, &v))
-        }
-        Err(ApiError(StatusCode::FORBIDDEN, _, msg)) => html(StatusCode::FORBIDDEN, pages::refused(ctx, &msg)),
-        Err(ApiError(_, _, msg)) => user(ctx, id, Some(pages::error_notice(&msg))).await,
-    }
+    let result = ctx.send(Method::POST, &path, body).await;
+    key_made(ctx, id, result).await
 }
 
 async fn confirm_status(ctx: &Ctx<'_>, id: &str, action: &str) -> Response<Body> {
@@ -434,49 +502,52 @@ async fn confirm_status(ctx: &Ctx<'_>, id: &str, action: &str) -> Response<Body>
     }
 }
 
-async fn roles(ctx: &Ctx<'_>, error: Option<&str>, form: &Form) -> Response<Body> {
-    match ctx.get("/admin/v1/roles", "").await {
-        Ok(r) => {
-            let status = if error.is_some() { StatusCode::UNPROCESSABLE_ENTITY } else { StatusCode::OK };
-            html(status, pages::roles(ctx, &r, error, form))
+async fn roles(ctx: &Ctx<'_>, error: Option<(StatusCode, &str)>, form: &Form) -> Response<Body> {
+    match ctx.get_tagged("/admin/v1/roles").await {
+        Ok((r, etag)) => {
+            let status = error.map_or(StatusCode::OK, |(s, _)| s);
+            html(status, pages::roles(ctx, &r, etag.as_deref().unwrap_or(""), error.map(|(_, m)| m), form))
         }
         Err(e) => error_page(ctx, e),
     }
 }
 
 /// Creates or replaces one role: the API replaces the whole set, so the others are sent
-/// as they are.
+/// as they are — if the set is still the one the page showed (its `ETag` rides in the
+/// form), else 412 and nothing changes.
 async fn save_role(ctx: &Ctx<'_>, form: &Form) -> Response<Body> {
-    let mut all = match ctx.get("/admin/v1/roles", "").await {
+    let (mut all, now_tag) = match ctx.get_tagged("/admin/v1/roles").await {
         Ok(r) => r,
         Err(e) => return error_page(ctx, e),
     };
     let name = form.get("name").unwrap_or("").trim().to_string();
     if name.is_empty() {
-        return roles(ctx, Some("A role needs a name."), form).await;
+        return roles(ctx, Some((StatusCode::UNPROCESSABLE_ENTITY, "A role needs a name.")), form).await;
     }
     let rules: Vec<String> =
         form.get("rules").unwrap_or("").lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
     all[name.as_str()] = json!({"description": form.get("description").unwrap_or("").trim(), "rules": rules});
-    match ctx.send(Method::PUT, "/admin/v1/roles", all).await {
+    let tag = form.get("etag").or(now_tag.as_deref());
+    match ctx.send_if(Method::PUT, "/admin/v1/roles", all, tag).await {
         Ok(_) => redirect("/ui/roles"),
         Err(ApiError(StatusCode::FORBIDDEN, _, msg)) => html(StatusCode::FORBIDDEN, pages::refused(ctx, &msg)),
-        Err(ApiError(_, _, msg)) => roles(ctx, Some(&msg), form).await,
+        Err(ApiError(status, _, msg)) => roles(ctx, Some((status, &msg)), form).await,
     }
 }
 
-async fn delete_role(ctx: &Ctx<'_>, name: &str) -> Response<Body> {
-    let mut all = match ctx.get("/admin/v1/roles", "").await {
+async fn delete_role(ctx: &Ctx<'_>, name: &str, form: &Form) -> Response<Body> {
+    let (mut all, now_tag) = match ctx.get_tagged("/admin/v1/roles").await {
         Ok(r) => r,
         Err(e) => return error_page(ctx, e),
     };
     if let Some(o) = all.as_object_mut() {
         o.remove(name);
     }
-    match ctx.send(Method::PUT, "/admin/v1/roles", all).await {
+    let tag = form.get("etag").or(now_tag.as_deref());
+    match ctx.send_if(Method::PUT, "/admin/v1/roles", all, tag).await {
         Ok(_) => redirect("/ui/roles"),
         Err(ApiError(StatusCode::FORBIDDEN, _, msg)) => html(StatusCode::FORBIDDEN, pages::refused(ctx, &msg)),
-        Err(ApiError(_, _, msg)) => roles(ctx, Some(&msg), &Form::default()).await,
+        Err(ApiError(status, _, msg)) => roles(ctx, Some((status, &msg)), &Form::default()).await,
     }
 }
 
@@ -620,7 +691,24 @@ impl Form {
     }
 }
 
-async fn read_form(req: Request<Incoming>) -> Option<Form> {
-    let bytes = Limited::new(req.into_body(), MAX_FORM).collect().await.ok()?.to_bytes();
-    Some(Form::parse(&bytes))
+/// How long a form's body may take to arrive (the listener bounds only the head).
+const FORM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+async fn read_form(req: Request<Incoming>) -> Result<Form, Response<Body>> {
+    let body = Limited::new(req.into_body(), MAX_FORM).collect();
+    match tokio::time::timeout(FORM_TIMEOUT, body).await {
+        Ok(Ok(b)) => Ok(Form::parse(&b.to_bytes())),
+        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(html(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            pages::message("Too large", "The form is too large; nothing was changed."),
+        )),
+        Ok(Err(_)) => Err(html(
+            StatusCode::BAD_REQUEST,
+            pages::message("Bad request", "The form could not be read; nothing was changed."),
+        )),
+        Err(_) => Err(html(
+            StatusCode::REQUEST_TIMEOUT,
+            pages::message("Too slow", "The form did not arrive in time; nothing was changed."),
+        )),
+    }
 }

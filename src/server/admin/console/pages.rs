@@ -267,7 +267,7 @@ pub fn users(
         @match control(ctx, AdminRole::Operator) {
             Control::Hidden => {}
             Control::Disabled(why) => div.actions { button type="button" disabled { "New user" } span.hint { (why) } },
-            Control::Enabled => div.actions { a.button #new-user href="/ui/users/new" { "New user" } },
+            Control::Enabled => div.actions { a.button #new-user href="/ui/new-user" { "New user" } },
         }
         p { (shown.len()) " of " (list.as_array().map_or(0, Vec::len)) " users" }
         div.table-wrap {
@@ -450,6 +450,10 @@ pub fn user_form(ctx: &Ctx<'_>, existing: Option<&Value>, form: &Form, roles: &V
         @if let Some(e) = error { (error_notice(e)) }
         form #user-form method="post" action=(action) {
             (csrf(ctx))
+            @if let Some(tag) = form.get("etag") {
+                // The user as the form showed it: a change made since is not overwritten.
+                input type="hidden" name="etag" value=(tag);
+            }
             @if existing.is_none() {
                 div.field {
                     label for="id" { "ID " span.hint { "letters, digits, '.', '_', '-', '@'; cannot be changed later" } }
@@ -605,7 +609,7 @@ pub fn confirm_status(ctx: &Ctx<'_>, u: &Value, action: &str) -> Markup {
     layout(ctx, button, "Users", body)
 }
 
-pub fn roles(ctx: &Ctx<'_>, roles: &Value, error: Option<&str>, form: &Form) -> Markup {
+pub fn roles(ctx: &Ctx<'_>, roles: &Value, etag: &str, error: Option<&str>, form: &Form) -> Markup {
     let control = control(ctx, AdminRole::Admin);
     let body = html! {
         @if let Some(e) = error { (error_notice(e)) }
@@ -618,6 +622,7 @@ pub fn roles(ctx: &Ctx<'_>, roles: &Value, error: Option<&str>, form: &Form) -> 
                     Control::Enabled => {
                         form method="post" action="/ui/roles" {
                             (csrf(ctx))
+                            input type="hidden" name="etag" value=(etag);
                             input type="hidden" name="name" value=(name);
                             div.field { label for={ "desc-" (name) } { "Description" } input id={ "desc-" (name) } type="text" name="description" value=(s(r, "description")); }
                             div.field {
@@ -628,6 +633,7 @@ pub fn roles(ctx: &Ctx<'_>, roles: &Value, error: Option<&str>, form: &Form) -> 
                         }
                         form method="post" action={ "/ui/roles/" (enc(name)) "/delete" } {
                             (csrf(ctx))
+                            input type="hidden" name="etag" value=(etag);
                             button.danger type="submit" { "Delete role " (name) }
                         }
                     }
@@ -639,6 +645,7 @@ pub fn roles(ctx: &Ctx<'_>, roles: &Value, error: Option<&str>, form: &Form) -> 
             h2 { "New role" }
             form #new-role method="post" action="/ui/roles" {
                 (csrf(ctx))
+                input type="hidden" name="etag" value=(etag);
                 div.field { label for="new-name" { "Name" } input #new-name type="text" name="name" required value=(form.get("name").unwrap_or("")); }
                 div.field { label for="new-description" { "Description" } input #new-description type="text" name="description" value=(form.get("description").unwrap_or("")); }
                 div.field {
@@ -654,7 +661,8 @@ pub fn roles(ctx: &Ctx<'_>, roles: &Value, error: Option<&str>, form: &Form) -> 
 
 pub fn audit(ctx: &Ctx<'_>, records: &Value, q: &Form) -> Markup {
     let want = |k: &str| q.get(k).map(str::trim).filter(|v| !v.is_empty());
-    let since = want("since").and_then(|h| h.parse::<i64>().ok());
+    // Only the periods the form offers: any other value is no filter (and cannot overflow).
+    let since = want("since").and_then(|h| h.parse::<i64>().ok()).filter(|h| [1, 24, 168].contains(h));
     let cutoff = since.map(|h| crate::credentials::ops::now() - time::Duration::hours(h));
     let shown: Vec<&Value> = records
         .as_array()
@@ -743,7 +751,8 @@ impl Facts {
                 if now - idle_since >= unused_for {
                     f.unused.push((s(u, "id").into(), s(k, "id").into(), unix_text(last)));
                 }
-                if now - created_at >= rotation {
+                // A key already being replaced (a grace period running) is not due again.
+                if now - created_at >= rotation && k["revoked_at"].is_null() {
                     f.old.push((s(u, "id").into(), s(k, "id").into(), created));
                 }
             }
@@ -826,7 +835,7 @@ mod tests {
         let f = Facts::gather(&users, &usage, now, std::time::Duration::from_secs(180 * 86_400));
         let ids = |v: &[(String, String, String)]| v.iter().map(|(_, k, _)| k.clone()).collect::<Vec<_>>();
         assert_eq!(ids(&f.unused), ["old-unused"]);
-        assert_eq!(ids(&f.old), ["old-unused", "used-lately"]);
+        assert_eq!(ids(&f.old), ["old-unused", "used-lately"], "a key in its grace period is not due");
         assert_eq!(f.keyless, ["b"]);
         assert_eq!(key_status(&users[0]["keys"][3], now), "active until 2026-12-08T00:00:00Z");
         assert_eq!(key_status(&users[0]["keys"][4], now), "revoked");

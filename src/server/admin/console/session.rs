@@ -16,6 +16,21 @@ pub const COOKIE: &str = "gatehouse_console";
 /// against a holder of one signing in in a loop. Expired sessions are dropped first.
 const MAX_SESSIONS: usize = 10_000;
 
+/// Sessions one admin token may hold: its oldest goes when it signs in once more, so one
+/// token holder signing in in a loop cannot push everybody else's sessions out.
+const MAX_PER_TOKEN: usize = 20;
+
+/// A new key's token or secret, held for the one page that shows it (the form's POST
+/// redirects there, so a reload cannot resubmit the form). Never printed by `Debug`.
+#[derive(Clone)]
+pub struct Flash(pub serde_json::Value);
+
+impl std::fmt::Debug for Flash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Flash(<redacted>)")
+    }
+}
+
 /// One signed-in browser.
 #[derive(Debug, Clone)]
 pub struct Session {
@@ -27,6 +42,7 @@ pub struct Session {
     pub csrf: String,
     created: Instant,
     last_seen: Instant,
+    flash: Option<Flash>,
 }
 
 /// Every session of this process.
@@ -56,9 +72,31 @@ impl Sessions {
     /// Starts a session for the token with SHA-256 `token_digest`; returns the cookie
     /// value (the session id), or `None` when no randomness is available.
     pub fn start(&self, token_digest: [u8; 32], named: bool) -> Option<String> {
+        let mine: Vec<([u8; 32], Instant)> = self
+            .by_id
+            .iter()
+            .filter(|e| e.value().token_digest == token_digest)
+            .map(|e| (*e.key(), e.value().created))
+            .collect();
+        if mine.len() >= MAX_PER_TOKEN
+            && let Some((k, _)) = mine.iter().min_by_key(|(_, created)| *created)
+        {
+            self.by_id.remove(k);
+        }
         if self.by_id.len() >= MAX_SESSIONS {
             let now = Instant::now();
             self.by_id.retain(|_, s| self.live(s, now));
+            let mine: Vec<([u8; 32], Instant)> = self
+                .by_id
+                .iter()
+                .filter(|e| e.value().token_digest == token_digest)
+                .map(|e| (*e.key(), e.value().created))
+                .collect();
+            if mine.len() >= MAX_PER_TOKEN
+                && let Some((k, _)) = mine.iter().min_by_key(|(_, created)| *created)
+            {
+                self.by_id.remove(k);
+            }
             if self.by_id.len() >= MAX_SESSIONS {
                 // Still full of live sessions: the oldest goes.
                 let oldest = self.by_id.iter().min_by_key(|e| e.value().created).map(|e| *e.key());
@@ -70,7 +108,8 @@ impl Sessions {
         let id = random_text()?;
         let csrf = random_text()?;
         let now = Instant::now();
-        self.by_id.insert(digest(&id), Session { token_digest, named, csrf, created: now, last_seen: now });
+        self.by_id
+            .insert(digest(&id), Session { token_digest, named, csrf, created: now, last_seen: now, flash: None });
         Some(id)
     }
 
@@ -90,7 +129,20 @@ impl Sessions {
             return None;
         }
         entry.last_seen = now;
-        Some(entry.clone())
+        // The copy handed out carries no secret: a flash is taken only by `take_flash`.
+        Some(Session { flash: None, ..entry.clone() })
+    }
+
+    /// Keeps `flash` for the session's next [`Sessions::take_flash`].
+    pub fn put_flash(&self, id: &str, flash: serde_json::Value) {
+        if let Some(mut s) = self.by_id.get_mut(&digest(id)) {
+            s.flash = Some(Flash(flash));
+        }
+    }
+
+    /// What [`Sessions::put_flash`] kept, once.
+    pub fn take_flash(&self, id: &str) -> Option<serde_json::Value> {
+        self.by_id.get_mut(&digest(id)).and_then(|mut s| s.flash.take()).map(|f| f.0)
     }
 
     /// Ends the session with cookie value `id`.
@@ -138,5 +190,23 @@ mod tests {
         let short = Sessions::new(Duration::from_secs(60), Duration::ZERO);
         let id = short.start([1; 32], false).unwrap();
         assert!(short.touch(&id).is_none(), "absolute deadline");
+    }
+
+    /// a flash is taken once; one token's sessions are capped, its oldest goes first, and
+    /// another token's sessions are untouched
+    #[test]
+    fn flashes_and_the_per_token_cap() {
+        let s = Sessions::new(Duration::from_secs(60), Duration::from_secs(3600));
+        let other = s.start([2; 32], false).unwrap();
+        let first = s.start([1; 32], false).unwrap();
+        s.put_flash(&first, serde_json::json!({"token": "ghk_x"}));
+        assert!(!format!("{:?}", s.by_id).contains("ghk_x"), "a flash in Debug output");
+        assert_eq!(s.take_flash(&first), Some(serde_json::json!({"token": "ghk_x"})));
+        assert_eq!(s.take_flash(&first), None);
+        for _ in 0..MAX_PER_TOKEN {
+            s.start([1; 32], false).unwrap();
+        }
+        assert!(s.touch(&first).is_none(), "the token's oldest session was kept");
+        assert!(s.touch(&other).is_some(), "another token's session was evicted");
     }
 }
