@@ -101,11 +101,7 @@ pub fn new_admin_token() -> Result<Secret, getrandom::Error> {
 
 /// True when `s` has the shape of an admin token and its checksum is right.
 pub fn is_well_formed_admin_token(s: &str) -> bool {
-    s.len() == TOKEN_LEN
-        && s.starts_with(ADMIN_TOKEN_PREFIX)
-        && s.bytes().skip(ADMIN_TOKEN_PREFIX.len()).all(|b| b.is_ascii_alphanumeric())
-        && decode_base62(&s.as_bytes()[TOKEN_LEN - CHECK_LEN..])
-            == Some(u64::from(crc32fast::hash(&s.as_bytes()[..TOKEN_LEN - CHECK_LEN])))
+    well_formed(s, ADMIN_TOKEN_PREFIX)
 }
 
 /// A new random HMAC signing secret.
@@ -121,9 +117,15 @@ pub fn new_key_id(prefix: &str) -> Result<String, getrandom::Error> {
 
 /// True when `s` has the shape of a token and its checksum is right.
 pub fn is_well_formed_token(s: &str) -> bool {
+    well_formed(s, TOKEN_PREFIX)
+}
+
+/// `prefix` (4 bytes, like both token prefixes), base62, and the right checksum.
+#[inline]
+fn well_formed(s: &str, prefix: &str) -> bool {
     s.len() == TOKEN_LEN
-        && s.starts_with(TOKEN_PREFIX)
-        && s.bytes().skip(TOKEN_PREFIX.len()).all(|b| b.is_ascii_alphanumeric())
+        && s.starts_with(prefix)
+        && s.bytes().skip(prefix.len()).all(|b| b.is_ascii_alphanumeric())
         && decode_base62(&s.as_bytes()[TOKEN_LEN - CHECK_LEN..])
             == Some(u64::from(crc32fast::hash(&s.as_bytes()[..TOKEN_LEN - CHECK_LEN])))
 }

@@ -86,17 +86,6 @@ impl Sessions {
         if self.by_id.len() >= MAX_SESSIONS {
             let now = Instant::now();
             self.by_id.retain(|_, s| self.live(s, now));
-            let mine: Vec<([u8; 32], Instant)> = self
-                .by_id
-                .iter()
-                .filter(|e| e.value().token_digest == token_digest)
-                .map(|e| (*e.key(), e.value().created))
-                .collect();
-            if mine.len() >= MAX_PER_TOKEN
-                && let Some((k, _)) = mine.iter().min_by_key(|(_, created)| *created)
-            {
-                self.by_id.remove(k);
-            }
             if self.by_id.len() >= MAX_SESSIONS {
                 // Still full of live sessions: the oldest goes.
                 let oldest = self.by_id.iter().min_by_key(|e| e.value().created).map(|e| *e.key());
