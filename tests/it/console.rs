@@ -330,12 +330,18 @@ async fn wrong_tokens_at_sign_in_give_a_message_no_session_and_then_a_pause() {
     assert!(v["users_page_without_session"].as_str().unwrap().ends_with("/ui/sign-in"), "{v}");
 }
 
-/// The session cookie is HttpOnly, SameSite=Strict, for /ui only; signing out ends it.
+/// By keyboard alone: the token field has the focus, Enter signs in, Tab reaches the
+/// navigation and Enter follows it. The session cookie is HttpOnly, SameSite=Strict, for
+/// /ui only; signing out ends it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_session_cookie_is_strict_and_sign_out_ends_the_session() {
+async fn the_console_works_by_keyboard_and_sign_out_ends_the_session() {
     let fx = fixture().await;
     let token = fx.token("sam", "viewer").await;
     let v = fx.browse("sign-out", &token).await;
+    assert_eq!(v["focused"], "token", "{v}");
+    assert_eq!(v["signed_in_as"], "Overview", "{v}");
+    assert_eq!(v["tabbed_to"], "Users", "{v}");
+    assert_eq!(v["after_enter"], "Users", "{v}");
     assert_eq!(v["cookie"], json!({"httpOnly": true, "sameSite": "Strict", "path": "/ui", "secure": false}), "{v}");
     assert!(v["after_sign_out"].as_str().unwrap().ends_with("/ui/sign-in"), "{v}");
 }

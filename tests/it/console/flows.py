@@ -20,6 +20,7 @@ from selenium import webdriver
 from selenium.common.exceptions import NoAlertPresentException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -291,8 +292,22 @@ def sign_in_flow(driver, a, out):
 
 
 def sign_out_flow(driver, a, out):
-    """Signing out ends the session: the next page is the sign-in page."""
-    sign_in(driver, a.admin, a.token)
+    """Keyboard only: sign in (the token field has the focus), reach the users page by
+    Tab and Enter, then sign out; the session is gone."""
+    driver.get(a.admin + "/ui/sign-in")
+    out["focused"] = driver.switch_to.active_element.get_attribute("id")
+    navigating(driver, lambda: driver.switch_to.active_element.send_keys(a.token, Keys.ENTER))
+    out["signed_in_as"] = driver.find_element(By.TAG_NAME, "h1").text
+    # Tab from the top of the page to the "Users" link (the second link of the navigation).
+    body = driver.find_element(By.TAG_NAME, "body")
+    body.send_keys(Keys.TAB)
+    for _ in range(5):
+        if driver.switch_to.active_element.text == "Users":
+            break
+        driver.switch_to.active_element.send_keys(Keys.TAB)
+    out["tabbed_to"] = driver.switch_to.active_element.text
+    navigating(driver, lambda: driver.switch_to.active_element.send_keys(Keys.ENTER))
+    out["after_enter"] = driver.find_element(By.TAG_NAME, "h1").text
     cookie = driver.get_cookie("gatehouse_console")
     out["cookie"] = {k: cookie.get(k) for k in ("httpOnly", "sameSite", "path", "secure")}
     click(driver, driver.find_element(By.XPATH, "//button[normalize-space()='Sign out']"))
