@@ -532,63 +532,62 @@ pub fn key_shown(ctx: &Ctx<'_>, user: &Value, added: &Value) -> Markup {
     layout(ctx, "Key added", "Users", body)
 }
 
-pub fn confirm_revoke(ctx: &Ctx<'_>, u: &Value, key_id: &str) -> Markup {
+/// A page about one key of `u`: `body` of the user's id and the key, or a notice that
+/// the user has no such key.
+fn about_key(ctx: &Ctx<'_>, u: &Value, key_id: &str, title: &str, body: impl FnOnce(&str, &Value) -> Markup) -> Markup {
     let id = s(u, "id");
-    let key = u["keys"].as_array().into_iter().flatten().find(|k| s(k, "id") == key_id);
-    let body = html! {
-        @match key {
-            None => div.notice.error role="alert" { "User " (id) " has no key " (key_id) "." }
-            Some(k) => {
-                p.notice.error #consequence {
-                    "Revoke key " code { (key_id) } " (" (s(k, "label")) ", " code { (s(k, "hint")) } ") of " (id) "? "
-                    "Every request with this key is refused with 401 from the next request on; a client still using it stops working. This cannot be undone."
-                }
-                form method="post" action={ "/ui/users/" (enc(id)) "/keys/" (enc(key_id)) "/revoke" } {
-                    (csrf(ctx))
-                    div.actions {
-                        button.danger #confirm type="submit" { "Revoke key" }
-                        a.button.secondary href={ "/ui/users/" (enc(id)) } { "Cancel" }
-                    }
+    let inner = match u["keys"].as_array().into_iter().flatten().find(|k| s(k, "id") == key_id) {
+        None => html! { div.notice.error role="alert" { "User " (id) " has no key " (key_id) "." } },
+        Some(k) => body(id, k),
+    };
+    layout(ctx, title, "Users", inner)
+}
+
+pub fn confirm_revoke(ctx: &Ctx<'_>, u: &Value, key_id: &str) -> Markup {
+    about_key(ctx, u, key_id, "Revoke a key", |id, k| {
+        html! {
+            p.notice.error #consequence {
+                "Revoke key " code { (key_id) } " (" (s(k, "label")) ", " code { (s(k, "hint")) } ") of " (id) "? "
+                "Every request with this key is refused with 401 from the next request on; a client still using it stops working. This cannot be undone."
+            }
+            form method="post" action={ "/ui/users/" (enc(id)) "/keys/" (enc(key_id)) "/revoke" } {
+                (csrf(ctx))
+                div.actions {
+                    button.danger #confirm type="submit" { "Revoke key" }
+                    a.button.secondary href={ "/ui/users/" (enc(id)) } { "Cancel" }
                 }
             }
         }
-    };
-    layout(ctx, "Revoke a key", "Users", body)
+    })
 }
 
 pub fn confirm_rotate(ctx: &Ctx<'_>, u: &Value, key_id: &str) -> Markup {
-    let id = s(u, "id");
-    let key = u["keys"].as_array().into_iter().flatten().find(|k| s(k, "id") == key_id);
-    let body = html! {
-        @match key {
-            None => div.notice.error role="alert" { "User " (id) " has no key " (key_id) "." }
-            Some(k) => {
-                p.notice #consequence {
-                    "Rotate key " code { (key_id) } " (" (s(k, "label")) ", " code { (s(k, "hint")) } ") of " (id) ": "
-                    "a new key is added now and shown once; the old key keeps working for the grace period you choose, "
-                    "then every request with it is refused with 401. Move the client to the new key within that time."
+    about_key(ctx, u, key_id, "Rotate a key", |id, k| {
+        html! {
+            p.notice #consequence {
+                "Rotate key " code { (key_id) } " (" (s(k, "label")) ", " code { (s(k, "hint")) } ") of " (id) ": "
+                "a new key is added now and shown once; the old key keeps working for the grace period you choose, "
+                "then every request with it is refused with 401. Move the client to the new key within that time."
+            }
+            form #rotate method="post" action={ "/ui/users/" (enc(id)) "/keys/" (enc(key_id)) "/rotate" } {
+                (csrf(ctx))
+                div.field { label for="label" { "Label of the new key" } input #label type="text" name="label" value=(s(k, "label")); }
+                div.field {
+                    label for="grace" { "The old key stops working" }
+                    select #grace name="grace" {
+                        option value="0" { "now" }
+                        option value="3600" selected { "in 1 hour" }
+                        option value="86400" { "in 24 hours" }
+                        option value="604800" { "in 7 days" }
+                    }
                 }
-                form #rotate method="post" action={ "/ui/users/" (enc(id)) "/keys/" (enc(key_id)) "/rotate" } {
-                    (csrf(ctx))
-                    div.field { label for="label" { "Label of the new key" } input #label type="text" name="label" value=(s(k, "label")); }
-                    div.field {
-                        label for="grace" { "The old key stops working" }
-                        select #grace name="grace" {
-                            option value="0" { "now" }
-                            option value="3600" selected { "in 1 hour" }
-                            option value="86400" { "in 24 hours" }
-                            option value="604800" { "in 7 days" }
-                        }
-                    }
-                    div.actions {
-                        button #confirm type="submit" { "Rotate key" }
-                        a.button.secondary href={ "/ui/users/" (enc(id)) } { "Cancel" }
-                    }
+                div.actions {
+                    button #confirm type="submit" { "Rotate key" }
+                    a.button.secondary href={ "/ui/users/" (enc(id)) } { "Cancel" }
                 }
             }
         }
-    };
-    layout(ctx, "Rotate a key", "Users", body)
+    })
 }
 
 pub fn confirm_status(ctx: &Ctx<'_>, u: &Value, action: &str) -> Markup {
