@@ -199,4 +199,8 @@ EOF
 if [ "$SHARED_B" = 1 ]; then
   ops=$(redis-cli -p "$REDIS_PORT" info commandstats | tr -d '\r' | awk -F'[=,:]' '/^cmdstat_/ { s += $3 } END { print s + 0 }')
   log "redis served $ops commands in all (B's rounds, warm-up and checks included)"
+  # Each read event of Redis's is one batch from a gateway connection: commands per read
+  # is the pipeline depth the batching achieved (1.0: a round trip per request).
+  reads=$(redis-cli -p "$REDIS_PORT" info stats | tr -d '\r' | awk -F: '/^total_reads_processed:/ { print $2 }')
+  log "redis processed $reads reads: $(python3 -c "print(f'{$ops / max($reads, 1):.2f}')") commands per read"
 fi
