@@ -53,21 +53,8 @@ fn bench_route(c: &mut Criterion) {
 }
 
 fn twenty_routes() -> Vec<RouteConfig> {
-    let route = |name: &str, host: Option<&str>, prefix: &str| RouteConfig {
-        name: name.into(),
-        host: host.map(str::to_string),
-        path_prefix: prefix.into(),
-        upstreams: vec!["http://127.0.0.1:3000".parse().unwrap()],
-        base_path: String::new(),
-        strip_prefix: false,
-        upstream_tls: None,
-        health_check: None,
-        balance: Default::default(),
-        protocol: Default::default(),
-        allow_anonymous: false,
-        forward_credentials: false,
-        timeout: Duration::from_secs(30),
-        set_headers: vec![],
+    let route = |name: &str, host: Option<&str>, prefix: &str| {
+        RouteConfig::plain(name, host, prefix, vec!["http://127.0.0.1:3000".parse().unwrap()], Duration::from_secs(30))
     };
     let mut routes = vec![route("root", None, "/"), route("api", None, "/api/"), route("api-v1", None, "/api/v1/")];
     for name in ["orders", "accounts", "invoices", "payments", "customers", "products", "shipments", "refunds"] {

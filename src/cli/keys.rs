@@ -2,7 +2,7 @@
 
 use super::store_args::{StoreArgs, fail, parse_in, print, run_update};
 use crate::credentials::ops;
-use serde_json::{Value, json};
+use serde_json::json;
 use std::process::ExitCode;
 
 #[derive(Debug, clap::Args)]
@@ -40,10 +40,6 @@ enum KeysCommand {
     },
 }
 
-fn secret_json(view: Value, secret: &str, hmac: bool) -> Value {
-    if hmac { json!({"key": view, "secret": secret}) } else { json!({"key": view, "token": secret}) }
-}
-
 pub fn run(a: KeysArgs) -> ExitCode {
     let ctx = match a.store.open() {
         Ok(s) => s,
@@ -60,7 +56,7 @@ pub fn run(a: KeysArgs) -> ExitCode {
             run_update("keys add", &user, &ctx, |c| {
                 let hmac = ops::user(c, &user)?.auth_method == crate::credentials::file::AuthMethod::Hmac;
                 let (view, secret) = ops::add_key(c, &user, &label, expires, master)?;
-                Ok((secret_json(view, secret.expose(), hmac), hmac))
+                Ok((ops::key_with_secret(view, &secret, hmac), hmac))
             })
             .map(|(v, hmac)| {
                 print(json, &v, || {
@@ -117,7 +113,7 @@ pub fn run(a: KeysArgs) -> ExitCode {
                 let hmac = ops::user(c, &user)?.auth_method == crate::credentials::file::AuthMethod::Hmac;
                 ops::revoke_key(c, &user, &key_id, at)?;
                 let (view, secret) = ops::add_key(c, &user, &label, None, master)?;
-                Ok(secret_json(view, secret.expose(), hmac))
+                Ok(ops::key_with_secret(view, &secret, hmac))
             })
             .map(|v| {
                 print(json, &v, || {

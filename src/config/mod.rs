@@ -227,6 +227,30 @@ pub struct RouteConfig {
     pub set_headers: Vec<(HeaderName, HeaderValue)>,
 }
 
+impl RouteConfig {
+    /// A route with only the essentials set and every other field at its config default
+    /// (no base path, no stripping, plain HTTP/1.1, round robin, no health checks, no
+    /// anonymous access, no headers): what a unit test or a bench needs.
+    pub fn plain(name: &str, host: Option<&str>, path_prefix: &str, upstreams: Vec<Uri>, timeout: Duration) -> Self {
+        RouteConfig {
+            name: name.into(),
+            host: host.map(str::to_string),
+            path_prefix: path_prefix.into(),
+            upstreams,
+            base_path: String::new(),
+            strip_prefix: false,
+            upstream_tls: None,
+            health_check: None,
+            balance: Balance::default(),
+            protocol: Protocol::default(),
+            allow_anonymous: false,
+            forward_credentials: false,
+            timeout,
+            set_headers: vec![],
+        }
+    }
+}
+
 /// One problem in a config file, with where it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {

@@ -213,6 +213,12 @@ pub fn add_key(
     Ok((view, secret))
 }
 
+/// What the CLI and the admin API answer a new key with: its view and, this once, its
+/// API token (`token`) or HMAC signing secret (`secret`).
+pub fn key_with_secret(view: Value, secret: &super::secrets::Secret, hmac: bool) -> Value {
+    if hmac { json!({"key": view, "secret": secret.expose()}) } else { json!({"key": view, "token": secret.expose()}) }
+}
+
 /// Revokes a key at `at` (now, or later for a rotation's grace period).
 pub fn revoke_key(c: &mut FileCredentials, user_id: &str, key_id: &str, at: OffsetDateTime) -> Result<(), StoreError> {
     let u = user_mut(c, user_id)?;

@@ -143,22 +143,8 @@ mod tests {
     use super::*;
 
     fn route(name: &str, host: Option<&str>, prefix: &str, ups: &[&str]) -> RouteConfig {
-        RouteConfig {
-            name: name.into(),
-            host: host.map(str::to_string),
-            path_prefix: prefix.into(),
-            upstreams: ups.iter().map(|u| u.parse().unwrap()).collect(),
-            base_path: String::new(),
-            strip_prefix: false,
-            upstream_tls: None,
-            health_check: None,
-            balance: Default::default(),
-            protocol: Default::default(),
-            allow_anonymous: false,
-            forward_credentials: false,
-            timeout: Duration::from_secs(1),
-            set_headers: vec![],
-        }
+        let ups = ups.iter().map(|u| u.parse().unwrap()).collect();
+        RouteConfig::plain(name, host, prefix, ups, Duration::from_secs(1))
     }
 
     /// longest prefix wins; a host-specific route beats a host-less one of equal length

@@ -277,8 +277,7 @@ pub(super) async fn run(
     let needed = required_role(&method, &segs);
     if caller.role < needed {
         // Refused, and recorded: a viewer's token trying a write is worth knowing about.
-        let record = AdminRecord::new("admin-api", "admin.denied", &path, j!({"method": method.as_str()}))
-            .by(by.client.as_deref(), caller.token_ref());
+        let record = by.record("admin.denied", &path, j!({"method": method.as_str()}));
         admin.audit.send(&record);
         return Err(ApiError(
             StatusCode::FORBIDDEN,
@@ -394,11 +393,7 @@ pub(super) async fn run(
                 let (view, secret) = ops::add_key(c, id, &b.label, b.expires_at, || store.master_key())?;
                 *etag = Some(ops::user_etag(ops::user(c, id)?));
                 // The only response that ever contains a token or secret (docs/admin.md).
-                Ok(if hmac {
-                    j!({"key": view, "secret": secret.expose()})
-                } else {
-                    j!({"key": view, "token": secret.expose()})
-                })
+                Ok(ops::key_with_secret(view, &secret, hmac))
             })?;
             (StatusCode::CREATED, v)
         }
@@ -436,11 +431,9 @@ pub(super) async fn run(
                 *etag = Some(ops::user_etag(ops::user(c, id)?));
                 let old = j!({"id": key_id, "revoked_at": ops::ts(&until)});
                 // With `POST …/keys`, the only responses that contain a token or secret.
-                Ok(if hmac {
-                    j!({"key": view, "secret": secret.expose(), "replaces": old})
-                } else {
-                    j!({"key": view, "token": secret.expose(), "replaces": old})
-                })
+                let mut v = ops::key_with_secret(view, &secret, hmac);
+                v["replaces"] = old;
+                Ok(v)
             })?;
             (StatusCode::CREATED, v)
         }
@@ -488,9 +481,6 @@ fn admin_tokens(admin: &Admin, call: &Call, segs: &[&str], by: &By<'_>) -> Resul
         .store
         .as_ref()
         .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, "not_found", "no credential store is configured".into()))?;
-    fn record<'r>(by: &'r By<'_>, action: &'r str, target: &'r str, changes: Value) -> AdminRecord<'r> {
-        AdminRecord::new("admin-api", action, target, changes).by(by.client.as_deref(), by.caller.token_ref())
-    }
     match (call.method.clone(), segs) {
         (Method::GET, ["admin-tokens"]) => {
             let tokens = blocking(|| store.admin_tokens())?;
@@ -501,7 +491,7 @@ fn admin_tokens(admin: &Admin, call: &Call, segs: &[&str], by: &By<'_>) -> Resul
             let name = b.name.ok_or_else(|| bad("field `name` is required"))?;
             let role = b.role.ok_or_else(|| bad("field `role` is required (viewer, operator or admin)"))?;
             let changes = j!({"name": name, "role": role, "expires_at": b.expires_at.map(|t| t.unix_timestamp())});
-            let r = record(by, "admin_token.create", &name, changes);
+            let r = by.record("admin_token.create", &name, changes);
             let kept = store.is_database().then(|| serde_json::to_value(&r).unwrap_or_default());
             let (t, secret) =
                 blocking(|| store.create_admin_token(&name, role, b.expires_at, &by.caller.actor(), kept.as_ref()))?;
@@ -510,7 +500,7 @@ fn admin_tokens(admin: &Admin, call: &Call, segs: &[&str], by: &By<'_>) -> Resul
             Ok((StatusCode::CREATED, j!({"admin_token": t.view(), "token": secret.expose()})))
         }
         (Method::DELETE, ["admin-tokens", id]) => {
-            let r = record(by, "admin_token.revoke", id, Value::Null);
+            let r = by.record("admin_token.revoke", id, Value::Null);
             let kept = store.is_database().then(|| serde_json::to_value(&r).unwrap_or_default());
             let t = blocking(|| store.revoke_admin_token(id, kept.as_ref()))?;
             admin.audit.send(&r);
@@ -529,6 +519,13 @@ fn query_param<'q>(query: &'q str, key: &str) -> Option<&'q str> {
 struct By<'c> {
     client: Option<String>,
     caller: &'c Caller,
+}
+
+impl By<'_> {
+    /// The audit record of `action` on `target` by this caller.
+    fn record<'r>(&'r self, action: &'r str, target: &'r str, changes: Value) -> AdminRecord<'r> {
+        AdminRecord::new("admin-api", action, target, changes).by(self.client.as_deref(), self.caller.token_ref())
+    }
 }
 
 /// What an admin change was, for its audit record.
@@ -550,8 +547,7 @@ fn change<T>(
     // A locked read-modify-write of the file, then a rebuild of the snapshot: with 100,000
     // users that is most of a second of disk and CPU.
     blocking(|| {
-        let record = AdminRecord::new("admin-api", what.action, what.target, what.changes)
-            .by(by.client.as_deref(), by.caller.token_ref());
+        let record = by.record(what.action, what.target, what.changes);
         // The database keeps the record in the change's own transaction; the audit log
         // gets it too, once the change is made.
         let kept = store.is_database().then(|| serde_json::to_value(&record).unwrap_or_default());

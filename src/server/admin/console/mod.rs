@@ -254,7 +254,7 @@ async fn serve(admin: &Admin, req: Request<Incoming>) -> Response<Body> {
         (Method::POST, ["users", id]) => save_user(&ctx, Some(id), &form).await,
         (Method::POST, ["users", id, "keys"]) => add_key(&ctx, id, &form).await,
         (Method::GET, ["users", id, "new-key"]) => new_key(&ctx, id).await,
-        (Method::GET, ["users", id, "keys", key, "revoke"]) => confirm_revoke(&ctx, id, key).await,
+        (Method::GET, ["users", id, "keys", key, "revoke"]) => confirm(&ctx, id, key, pages::confirm_revoke).await,
         (Method::POST, ["users", id, "keys", key, "revoke"]) => {
             let path = format!("/admin/v1/users/{}/keys/{}", enc(id), enc(key));
             match ctx.send(Method::DELETE, &path, Value::Null).await {
@@ -262,9 +262,15 @@ async fn serve(admin: &Admin, req: Request<Incoming>) -> Response<Body> {
                 Err(e) => error_page(&ctx, e),
             }
         }
-        (Method::GET, ["users", id, "keys", key, "rotate"]) => confirm_rotate(&ctx, id, key).await,
+        (Method::GET, ["users", id, "keys", key, "rotate"]) => confirm(&ctx, id, key, pages::confirm_rotate).await,
         (Method::POST, ["users", id, "keys", key, "rotate"]) => rotate_key(&ctx, id, key, &form).await,
-        (Method::GET, ["users", id, "status", action]) => confirm_status(&ctx, id, action).await,
+        // An unknown action is 404 to whoever could act (a viewer is refused first).
+        (Method::GET, ["users", _, "status", action])
+            if pages::status_action(action).is_none() && ctx.write_block(AdminRole::Operator).is_none() =>
+        {
+            not_found()
+        }
+        (Method::GET, ["users", id, "status", action]) => confirm(&ctx, id, action, pages::confirm_status).await,
         (Method::POST, ["users", id, "status", action]) => {
             let Some((status, _, _)) = pages::status_action(action) else { return not_found() };
             match ctx.send(Method::PATCH, &format!("/admin/v1/users/{}", enc(id)), json!({"status": status})).await {
@@ -308,7 +314,9 @@ async fn sign_in(admin: &Admin, form: &Form, peer: Option<IpAddr>) -> Response<B
         Err(Refusal::Unavailable) => return unavailable(),
     };
     let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-    let Some(id) = admin.sessions.start(digest, session::is_named(token)) else { return unavailable() };
+    let Some(id) = admin.sessions.start(digest, crate::credentials::secrets::is_well_formed_admin_token(token)) else {
+        return unavailable();
+    };
     let client = peer.map(|p| p.to_string());
     let record = crate::pipeline::audit::AdminRecord::new("console", "console.sign_in", &caller.name, Value::Null)
         .by(client.as_deref(), caller.token_ref());
@@ -458,22 +466,14 @@ async fn new_key(ctx: &Ctx<'_>, id: &str) -> Response<Body> {
     html(StatusCode::OK, pages::key_shown(ctx, &user, &flash["added"]))
 }
 
-async fn confirm_revoke(ctx: &Ctx<'_>, id: &str, key: &str) -> Response<Body> {
+/// A confirmation page about user `id` (`page` of the user and `what`: a key, an action),
+/// offered only to a caller who may make the change.
+async fn confirm(ctx: &Ctx<'_>, id: &str, what: &str, page: fn(&Ctx<'_>, &Value, &str) -> Markup) -> Response<Body> {
     if let Some(why) = ctx.write_block(AdminRole::Operator) {
         return html(StatusCode::FORBIDDEN, pages::refused(ctx, &why));
     }
     match ctx.get(&format!("/admin/v1/users/{}", enc(id)), "").await {
-        Ok(u) => html(StatusCode::OK, pages::confirm_revoke(ctx, &u, key)),
-        Err(e) => error_page(ctx, e),
-    }
-}
-
-async fn confirm_rotate(ctx: &Ctx<'_>, id: &str, key: &str) -> Response<Body> {
-    if let Some(why) = ctx.write_block(AdminRole::Operator) {
-        return html(StatusCode::FORBIDDEN, pages::refused(ctx, &why));
-    }
-    match ctx.get(&format!("/admin/v1/users/{}", enc(id)), "").await {
-        Ok(u) => html(StatusCode::OK, pages::confirm_rotate(ctx, &u, key)),
+        Ok(u) => html(StatusCode::OK, page(ctx, &u, what)),
         Err(e) => error_page(ctx, e),
     }
 }
@@ -487,19 +487,6 @@ async fn rotate_key(ctx: &Ctx<'_>, id: &str, key: &str, form: &Form) -> Response
     let path = format!("/admin/v1/users/{}/keys/{}/rotate", enc(id), enc(key));
     let result = ctx.send(Method::POST, &path, body).await;
     key_made(ctx, id, result).await
-}
-
-async fn confirm_status(ctx: &Ctx<'_>, id: &str, action: &str) -> Response<Body> {
-    if let Some(why) = ctx.write_block(AdminRole::Operator) {
-        return html(StatusCode::FORBIDDEN, pages::refused(ctx, &why));
-    }
-    if pages::status_action(action).is_none() {
-        return not_found();
-    }
-    match ctx.get(&format!("/admin/v1/users/{}", enc(id)), "").await {
-        Ok(u) => html(StatusCode::OK, pages::confirm_status(ctx, &u, action)),
-        Err(e) => error_page(ctx, e),
-    }
 }
 
 async fn roles(ctx: &Ctx<'_>, error: Option<(StatusCode, &str)>, form: &Form) -> Response<Body> {

@@ -3,7 +3,6 @@
 //! SHA-256, the admin token's SHA-256 (to ask on every request whether that token is
 //! still live), a CSRF token, and two deadlines (idle and absolute).
 
-use crate::credentials::secrets;
 use dashmap::DashMap;
 use sha2::{Digest, Sha256};
 use std::time::{Duration, Instant};
@@ -139,7 +138,7 @@ impl Sessions {
         self.by_id.remove(&digest(id));
     }
 
-    /// How long a session may stay idle (the cookie's `Max-Age` is the lifetime).
+    /// How long a session lives at most after sign-in (the cookie's `Max-Age`).
     pub fn lifetime(&self) -> Duration {
         self.lifetime
     }
@@ -150,11 +149,6 @@ impl Session {
     pub fn csrf_ok(&self, sent: &str) -> bool {
         sent.len() == self.csrf.len() && bool::from(sent.as_bytes().ct_eq(self.csrf.as_bytes()))
     }
-}
-
-/// Whether `token` could be an admin token worth looking up as a named one.
-pub fn is_named(token: &str) -> bool {
-    secrets::is_well_formed_admin_token(token)
 }
 
 #[cfg(test)]
