@@ -17,11 +17,10 @@ import urllib.error
 import urllib.request
 
 from selenium import webdriver
-from selenium.common.exceptions import NoAlertPresentException
+from selenium.common.exceptions import NoAlertPresentException, StaleElementReferenceException, WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
-from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
 
@@ -52,7 +51,22 @@ def navigating(driver, action):
     this one: reading the new page before that reads the old one."""
     page = driver.find_element(By.TAG_NAME, "html")
     action()
-    WebDriverWait(driver, 20).until(expected_conditions.staleness_of(page))
+    WebDriverWait(driver, 20).until(lambda _: replaced(page))
+
+
+def replaced(element):
+    """Whether `element`'s page is gone. Mid-navigation chromedriver may answer "Node with
+    given id does not belong to the document" instead of a stale-element error (seen in
+    CI): that is gone too."""
+    try:
+        element.is_enabled()
+        return False
+    except StaleElementReferenceException:
+        return True
+    except WebDriverException as e:
+        if "does not belong to the document" in str(e):
+            return True
+        raise
 
 
 def submit(driver, element):
