@@ -203,4 +203,9 @@ if [ "$SHARED_B" = 1 ]; then
   # is the pipeline depth the batching achieved (1.0: a round trip per request).
   reads=$(redis-cli -p "$REDIS_PORT" info stats | tr -d '\r' | awk -F: '/^total_reads_processed:/ { print $2 }')
   log "redis processed $reads reads: $(python3 -c "print(f'{$ops / max($reads, 1):.2f}')") commands per read"
+  # Redis's own CPU (user + kernel) per request of B's rounds: the part of the shared
+  # mode's cost that the gateway's CPU per request above does not show.
+  cpu=$(redis-cli -p "$REDIS_PORT" info cpu | tr -d '\r' | awk -F: '/^used_cpu_(sys|user):/ { s += $2 } END { print s + 0 }')
+  served=$(awk -F'|' -v d="$DURATION" '{ split($2, b, " "); s += b[1] * d } END { print s + 0 }' "$BASE/rounds.txt")
+  log "redis used $cpu s of CPU: $(python3 -c "print(f'{$cpu * 1e6 / max($served, 1):.2f}')") us per request of B's rounds ($served)"
 fi

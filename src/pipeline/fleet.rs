@@ -41,6 +41,7 @@ pub async fn admit(gw: &Gateway, shared: &Shared, id: &Identity, client: IpAddr)
     }
     let record = in_redis.map(|s| SignatureRecord {
         signature: &s.bytes,
+        timestamp: s.timestamp,
         ttl: Duration::from_secs(u64::try_from(s.expires_at - now).unwrap_or(0).max(1)),
     });
     let rate = key.rate_limit;

@@ -12,7 +12,7 @@
 //! | key | holds |
 //! |---|---|
 //! | `P{k:KEY_ID}:rate` | the key's GCRA bucket |
-//! | `P{k:KEY_ID}:sig:HASH` | one accepted signature (its SHA-256, first 16 bytes), until its window ends |
+//! | `P{k:KEY_ID}:sig:TS` | the accepted signatures with timestamp `TS` (their SHA-256, first 16 bytes), until that timestamp leaves the window |
 //! | `P{ip:HEX}:fail` | a client network's failed-authentication bucket |
 //! | `P{fleet}:usage` | usage counts and `last_used` of every key |
 //! | `P{fleet}:gateways` | gateways alive (sorted by last heartbeat) |
@@ -63,6 +63,9 @@ pub struct Unavailable;
 #[derive(Debug, Clone, Copy)]
 pub struct SignatureRecord<'a> {
     pub signature: &'a [u8; 32],
+    /// Its signed timestamp, unix seconds: the signatures of one key with one timestamp
+    /// are one set in Redis.
+    pub timestamp: i64,
     /// How long it stays acceptable from now.
     pub ttl: Duration,
 }
@@ -90,7 +93,7 @@ pub struct UsageRow {
 pub enum Op {
     /// A lease, with a signature when there is one.
     Admit,
-    /// A signature alone (`SET NX PX`).
+    /// A signature alone (`SADD`).
     Replay,
     FailedAuth,
     Usage,
@@ -320,6 +323,15 @@ fn tag_in_slots(start: u16, end: u16) -> Option<String> {
     (0..1_000_000u32).map(|n| format!("e{n}")).find(|t| (start..=end).contains(&(crc16(t.as_bytes()) % 16384)))
 }
 
+/// What a signature's record holds: the first 16 bytes of its SHA-256 (never the
+/// signature itself, and never the secret).
+fn signature_member(signature: &[u8; 32]) -> [u8; 16] {
+    let digest = Sha256::digest(signature);
+    let mut m = [0u8; 16];
+    m.copy_from_slice(&digest[..16]);
+    m
+}
+
 /// `PREFIX{TAG ID}REST`: everything of one operation shares the braces' hash tag. A `}`
 /// inside `id` ends the tag early, but at the same place in every key of the operation.
 fn key(prefix: &str, tag: &str, id: &str, rest: &str) -> String {
@@ -503,7 +515,7 @@ impl Shared {
     /// records its signature, when there is one, if the bucket admits it.
     ///
     /// At most one round trip: none while this gateway's lease of the key holds requests
-    /// (an API-key request), one `SET NX PX` for a signed request then, or one script that
+    /// (an API-key request), one `SADD` for a signed request then, or one script that
     /// takes a new lease and records the signature together.
     pub async fn admit(
         &self,
@@ -566,11 +578,15 @@ impl Shared {
         let mut inv = self.take.prepare_invoke();
         inv.key(self.key("k:", key_id, ":rate"));
         let ttl_ms = signature.map_or(0, |s| s.ttl_ms());
+        let member = signature.map(|s| signature_member(s.signature));
         if let Some(s) = signature {
-            inv.key(self.signature_key(key_id, s.signature));
+            inv.key(self.signature_set(key_id, s.timestamp));
         }
         let step = 1_000_000 / u64::from(per_second.max(1));
         inv.arg(step).arg(burst.max(1)).arg(ttl_ms).arg(want);
+        if let Some(m) = &member {
+            inv.arg(&m[..]);
+        }
         let (code, n): (i64, i64) = self.op(Op::Admit, self.run(&inv)).await?;
         // The lease is updated before the lock goes: a waiter must find it filled.
         let admission = match code {
@@ -601,27 +617,40 @@ impl Shared {
         self.leases.retain(|id, _| keep(id));
     }
 
-    fn signature_key(&self, key_id: &str, signature: &[u8; 32]) -> String {
-        let digest = Sha256::digest(signature);
-        self.key("k:", key_id, &format!(":sig:{}", hex(&digest[..16])))
+    /// The set of a key's accepted signatures with one timestamp.
+    ///
+    /// Why a set per timestamp rather than a key per signature: every signature with
+    /// that timestamp leaves the window at the same moment, so the set expires as a whole,
+    /// and adding a member to a set costs Redis about a third of creating a key with its
+    /// own expiry (measured: ~1 µs against ~3 µs of Redis CPU per signature), which is most
+    /// of what shared mode adds to a signed request on a small box.
+    fn signature_set(&self, key_id: &str, timestamp: i64) -> String {
+        let mut ts = itoa::Buffer::new();
+        let mut rest = String::with_capacity(26);
+        rest.push_str(":sig:");
+        rest.push_str(ts.format(timestamp));
+        self.key("k:", key_id, &rest)
     }
 
     /// Records a signature for its window; false: it was recorded before (a replay).
     ///
     /// On one Redis, the records of the signed requests a worker has ready at once go out
-    /// as one pipeline (`batch.rs`); under Redis Cluster each is its own command (the keys
-    /// are in different slots).
+    /// as one pipeline (`batch.rs`); under Redis Cluster each is its own (the sets of
+    /// different keys are in different slots).
     async fn record_signature(&self, key_id: &str, s: SignatureRecord<'_>) -> Result<bool, Unavailable> {
-        let key = self.signature_key(key_id, s.signature);
+        let set = self.signature_set(key_id, s.timestamp);
+        let member = signature_member(s.signature);
         let record = async {
             let conn = self.local().await?;
             match conn {
-                Conn::Single(_) => self.batcher().record(&conn, key, s.ttl_ms()).await,
+                Conn::Single(_) => self.batcher().record(&conn, set, member, s.ttl_ms()).await,
                 Conn::Cluster(mut c) => {
-                    let mut cmd = redis::cmd("SET");
-                    cmd.arg(key).arg("1").arg("NX").arg("PX").arg(s.ttl_ms());
-                    let set: Option<String> = cmd.query_async(&mut c).await?;
-                    Ok(set.is_some())
+                    // One slot (the set's), one round trip.
+                    let mut pipe = redis::pipe();
+                    pipe.cmd("SADD").arg(&set).arg(&member[..]);
+                    pipe.cmd("PEXPIRE").arg(&set).arg(s.ttl_ms()).ignore();
+                    let (added,): (i64,) = pipe.query_async(&mut c).await?;
+                    Ok(added == 1)
                 }
             }
         };
@@ -792,7 +821,7 @@ mod tests {
             &k[open + 1..close]
         }
         for id in ["ak_1", "ak_1}x", "{x}"] {
-            assert_eq!(tag(&key("gh:", "k:", id, ":rate")), tag(&key("gh:", "k:", id, ":sig:00")));
+            assert_eq!(tag(&key("gh:", "k:", id, ":rate")), tag(&key("gh:", "k:", id, ":sig:1765120000")));
         }
         assert_eq!(key("gh:", "fleet", "", ":usage"), "gh:{fleet}:usage");
         // Redis Cluster's own figures: CRC16 of "123456789", CLUSTER KEYSLOT foo.

@@ -8,9 +8,10 @@
 /// replay record.
 ///
 /// `KEYS[1]`: the bucket (its theoretical arrival time, microseconds); `KEYS[2]`, when
-/// given: the replay record of a signature.
+/// given: the set of the key's signatures with this one's timestamp.
 /// `ARGV[1]`: microseconds between requests at the sustained rate; `ARGV[2]`: burst;
-/// `ARGV[3]`: how long the replay record lives, milliseconds; `ARGV[4]`: `n`.
+/// `ARGV[3]`: how long the set lives, milliseconds; `ARGV[4]`: `n`; `ARGV[5]`, with
+/// `KEYS[2]`: the signature's record (its hash).
 ///
 /// Returns `{granted, remaining}` (1 ≤ granted ≤ n; remaining: what the bucket still
 /// holds), `{0, wait_us}` (nothing to grant) or `{-1, 0}` (the signature was accepted
@@ -29,9 +30,10 @@ if free < 1 then
   return {0, tat + step - step * burst - now}
 end
 if #KEYS > 1 then
-  if not redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[3]) then
+  if redis.call('SADD', KEYS[2], ARGV[5]) == 0 then
     return {-1, 0}
   end
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
 end
 local n = math.min(want, free)
 local new = tat + n * step

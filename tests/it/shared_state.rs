@@ -47,11 +47,13 @@ async fn start_fleet(config: &GatewayConfig, n: usize) -> Vec<GatewayProcess> {
 
 /// A signature accepted by one gateway is refused by the two others; 1,000 distinct
 /// signatures round-robin over the three are each accepted exactly once.
-async fn replay_is_refused_fleet_wide(redis: Redis<'_>) {
+/// Returns the key prefix it used and the signed timestamp.
+async fn replay_is_refused_fleet_wide(redis: Redis<'_>) -> (String, i64) {
     let up = TestUpstream::start().await;
     let mut creds = Creds::new();
     let key = creds.hmac_user("signer");
-    let config = fleet_config(&creds, &up, redis, &redis::unique_prefix("replay"));
+    let prefix = redis::unique_prefix("replay");
+    let config = fleet_config(&creds, &up, redis, &prefix);
     // 2,000 replays are 2,000 failed authentications from one client address.
     let fleet = start_fleet(&config.rate_limit(10_000, 10_000).failed_per_ip_per_minute(100_000), 3).await;
     let client = H1::new();
@@ -82,19 +84,34 @@ async fn replay_is_refused_fleet_wide(redis: Redis<'_>) {
     }
     assert_eq!(accepted, 1000);
     assert_eq!(up.count(), 1001, "every signature forwarded exactly once");
+    (prefix, now)
 }
 
+/// ... and what Redis holds for them: one set for the key's signatures with that
+/// timestamp, of 1,001 16-byte hashes (not the signatures), expiring with the window.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_signature_accepted_by_one_gateway_is_refused_by_every_other() {
     let port = redis::shared().await;
     let url = format!("redis://127.0.0.1:{port}");
-    replay_is_refused_fleet_wide(Redis::One(&url)).await;
+    let (prefix, now) = replay_is_refused_fleet_wide(Redis::One(&url)).await;
+    let sets = redis::cli(port, &["--scan", "--pattern", &format!("{prefix}*:sig:*")]).await;
+    let sets: Vec<&str> = sets.lines().collect();
+    assert_eq!(sets.len(), 1, "{sets:?}");
+    assert!(sets[0].ends_with(&format!(":sig:{now}")), "{}", sets[0]);
+    assert_eq!(redis::cli(port, &["type", sets[0]]).await.trim(), "set");
+    assert_eq!(redis::cli(port, &["scard", sets[0]]).await.trim(), "1001");
+    let not_16_bytes = "local n = 0 for _, m in ipairs(redis.call('SMEMBERS', KEYS[1])) do if #m ~= 16 then n = n + 1 end end return n";
+    assert_eq!(redis::cli(port, &["eval", not_16_bytes, "1", sets[0]]).await.trim(), "0");
+    // The default window is 300 s either side: the set lives until `now + 300`.
+    let pttl: i64 = redis::cli(port, &["pttl", sets[0]]).await.trim().parse().unwrap();
+    let left = (now + 300 - crate::support::creds::unix_now()) * 1000;
+    assert!(pttl > 0 && pttl <= left + 1000 && pttl >= left - 60_000, "PTTL {pttl} ms, window left {left} ms");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_signature_accepted_by_one_gateway_is_refused_by_every_other_on_a_redis_cluster() {
     let cluster = RedisCluster::start().await;
-    replay_is_refused_fleet_wide(Redis::Cluster(&cluster.urls())).await;
+    let _ = replay_is_refused_fleet_wide(Redis::Cluster(&cluster.urls())).await;
 }
 
 /// One signature sent at once on 90 connections spread over three gateways (so that each
@@ -543,6 +560,7 @@ async fn an_acl_user_limited_to_gatehouse_commands_and_prefix_is_enough() {
         "+time",
         "+get",
         "+set",
+        "+sadd",
         "+pexpire",
         "+hget",
         "+hset",
