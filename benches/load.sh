@@ -147,7 +147,13 @@ if [ "$SHARED" = 1 ]; then
   grep '^gatehouse_shared_state_op_duration_seconds_count' "$WORK/shared.metrics" | sed 's/^/[load]   /' >&2
   redis_cpu=$(awk '{ printf "%.1f", ($14 + $15) / '"$(getconf CLK_TCK)"' }' "/proc/$REDIS_PID/stat")
   log "redis: $ops operations for $served requests served in shared mode = $(awk -v c="$ops" -v s="$served" 'BEGIN { printf "%.4f", s ? c / s : 0 }') round trips per request; redis-server CPU ${redis_cpu}s"
-  redis-cli -p "$REDIS_PORT" info commandstats | tr -d '\r' | grep -E '^cmdstat_(evalsha|eval|set):' | sed 's/^/[load]   /' >&2
+  redis-cli -p "$REDIS_PORT" info commandstats | tr -d '\r' | grep -E '^cmdstat_(evalsha|eval|set|sadd|pexpire):' | sed 's/^/[load]   /' >&2
+  # Commands as Redis counted them (a pipeline of records is one round trip of many
+  # commands; scripts' inner commands count too), and its read events: each read is one
+  # batch from one connection, so reads per request are the round trips Redis served.
+  cmds=$(redis-cli -p "$REDIS_PORT" info commandstats | tr -d '\r' | awk -F'[=,:]' '/^cmdstat_/ && !/^cmdstat_(info|config)/ { s += $3 } END { print s + 0 }')
+  reads=$(redis-cli -p "$REDIS_PORT" info stats | tr -d '\r' | awk -F: '/^total_reads_processed:/ { print $2 }')
+  log "redis: $cmds commands in $reads reads for $served requests = $(awk -v c="$cmds" -v r="$reads" -v s="$served" 'BEGIN { printf "%.3f commands and %.4f reads", s ? c / s : 0, s ? r / s : 0 }') per request"
   # A signed request waits for one round trip to Redis before it goes upstream, so the p50
   # it adds at light load cannot be below Redis's own: measured here, in the same run, by
   # Redis's benchmark with one connection (its keys are its own, after the counts above).

@@ -207,5 +207,9 @@ if [ "$SHARED_B" = 1 ]; then
   # mode's cost that the gateway's CPU per request above does not show.
   cpu=$(redis-cli -p "$REDIS_PORT" info cpu | tr -d '\r' | awk -F: '/^used_cpu_(sys|user):/ { s += $2 } END { print s + 0 }')
   served=$(awk -F'|' -v d="$DURATION" '{ split($2, b, " "); s += b[1] * d } END { print s + 0 }' "$BASE/rounds.txt")
+  # A signed request in B waits for one round trip to Redis: Redis's own, with one
+  # connection, is the floor of the p50 that B adds at CONNS=1.
+  rtt=$(redis-benchmark -p "$REDIS_PORT" -c 1 -n 20000 -q SADD pair:rtt __rand_int__ 2>/dev/null | tr '\r' '\n' | sed -n 's/.*p50=\([0-9.]*\) msec.*/\1/p' | tail -n 1)
+  log "redis round trip (redis-benchmark -c 1 SADD): p50 ${rtt:-?} ms"
   log "redis used $cpu s of CPU: $(python3 -c "print(f'{$cpu * 1e6 / max($served, 1):.2f}')") us per request of B's rounds ($served)"
 fi
