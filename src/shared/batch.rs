@@ -11,7 +11,7 @@
 //!
 //! How long a record waits before it is sent: the flusher yields once, so that the other
 //! requests ready in this turn add theirs; while each yield brings more (a loaded
-//! worker), it yields again, up to [`GATHER_TURNS`] times. A yield never sleeps: at light
+//! worker), it yields again, up to `GATHER_TURNS` times. A yield never sleeps: at light
 //! load the first one finds nothing new and the record goes out at once. Records queued
 //! while a pipeline is in flight go in the next one, sent when its answer is back (one
 //! pipeline in flight per worker).
