@@ -603,6 +603,89 @@ async fn an_acl_user_limited_to_gatehouse_commands_and_prefix_is_enough() {
     }
 }
 
+/// Redis answers, but more slowly than an operation may wait (each answer held 400 ms by a
+/// relay, against an `op_timeout` of 200 ms; the heartbeat itself waits up to 500 ms, so
+/// its probes succeed): the first signed request times out and opens the breaker, and the
+/// probes' slow answers keep it open, so no later request waits for Redis (the timeout
+/// count stays 1) and every signed one fails closed at once. Once Redis is fast again the
+/// gateway is back in shared mode by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_slower_than_the_operation_timeout_keeps_the_breaker_open_until_it_is_fast() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = RedisServer::start().await;
+    let slow = Arc::new(AtomicBool::new(false));
+    // A TCP relay that, while `slow` is set, holds each chunk of Redis's answers 400 ms.
+    let relay = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_addr = relay.local_addr().unwrap();
+    let redis_port = server.port;
+    let relay_slow = slow.clone();
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = relay.accept().await {
+            let slow = relay_slow.clone();
+            tokio::spawn(async move {
+                let Ok(outbound) = tokio::net::TcpStream::connect(("127.0.0.1", redis_port)).await else { return };
+                let (mut from_client, mut to_client) = inbound.into_split();
+                let (mut from_redis, mut to_redis) = outbound.into_split();
+                tokio::spawn(async move { tokio::io::copy(&mut from_client, &mut to_redis).await });
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n) = from_redis.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    if slow.load(Ordering::SeqCst) {
+                        tokio::time::sleep(Duration::from_millis(400)).await;
+                    }
+                    if to_client.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let up = TestUpstream::start().await;
+    let mut creds = Creds::new();
+    let signer = creds.hmac_user("signer");
+    let config = fleet_config(&creds, &up, Redis::One(&format!("redis://{relay_addr}")), "slowanswer:");
+    let gw = GatewayProcess::serve(&config).await;
+    let client = H1::new();
+    let now = crate::support::creds::unix_now();
+    assert_eq!(signed(&client, &gw, &signer, now, "/api/fast").await.status, 200);
+
+    slow.store(true, Ordering::SeqCst);
+    assert_replay_unavailable(&signed(&client, &gw, &signer, now, "/api/slow").await);
+    let timeouts = "gatehouse_shared_state_errors_total{kind=\"timeout\",op=\"admit\"}";
+    let replay_timeouts = "gatehouse_shared_state_errors_total{kind=\"timeout\",op=\"replay\"}";
+    let opened = metric(&gw, timeouts).await + metric(&gw, replay_timeouts).await;
+    assert_eq!(opened, 1.0, "the first slow operation times out");
+    // Three probes answered, slowly (a signal: the heartbeat count, not a sleep).
+    let beats = "gatehouse_shared_state_op_duration_seconds_count{op=\"heartbeat\"}";
+    let before = metric(&gw, beats).await;
+    within(Duration::from_secs(10), "three probes of the slow Redis", async {
+        let mut n = 0;
+        while metric(&gw, beats).await < before + 3.0 {
+            n += 1;
+            let r = signed(&client, &gw, &signer, now, &format!("/api/slow/{n}")).await;
+            assert_replay_unavailable(&r);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert_eq!(metric(&gw, "gatehouse_shared_state_up").await, 0.0, "a slow probe closed the breaker");
+    let waited = metric(&gw, timeouts).await + metric(&gw, replay_timeouts).await;
+    assert_eq!(waited, 1.0, "requests waited for the slow Redis again");
+    assert!(
+        metric(&gw, "gatehouse_shared_state_errors_total{kind=\"breaker_open\",op=\"admit\"}").await >= 1.0
+            || metric(&gw, "gatehouse_shared_state_errors_total{kind=\"breaker_open\",op=\"replay\"}").await >= 1.0
+    );
+    assert_eq!(up.count(), 1, "a signed request reached the upstream without its replay check");
+
+    slow.store(false, Ordering::SeqCst);
+    until_metric(&gw, "gatehouse_shared_state_up", 1.0, Duration::from_secs(5)).await;
+    assert_eq!(signed(&client, &gw, &signer, crate::support::creds::unix_now(), "/api/fast/again").await.status, 200);
+}
+
 /// Opening a connection to Redis takes longer than an operation may (300 ms against an
 /// `op_timeout` of 50 ms, as TLS and AUTH to a distant Redis can): the first requests of a
 /// worker thread fall back, its connection keeps opening in the background, and then the
