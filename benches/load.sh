@@ -108,7 +108,7 @@ if [ "$SHARED" = 1 ]; then
     log "installing redis-server (Debian)"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server redis-tools >/dev/null
   fi
-  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --daemonize no \
+  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --lazyfree-lazy-expire yes --daemonize no \
     --dir "$WORK" >"$WORK/redis.log" 2>&1 &
   REDIS_PID=$!
   PIDS+=("$REDIS_PID")

@@ -54,7 +54,7 @@ SHARED_YAML=""
 if [ "$SHARED_B" = 1 ]; then
   command -v redis-server >/dev/null || { log "SHARED_B=1 needs redis-server"; exit 1; }
   REDIS_PORT=$(bench_free_port)
-  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$BASE" >"$BASE/redis.log" 2>&1 &
+  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --lazyfree-lazy-expire yes --dir "$BASE" >"$BASE/redis.log" 2>&1 &
   PIDS+=($!)
   for _ in $(seq 50); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
   SHARED_YAML="shared_state:

@@ -34,7 +34,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 0' INT TERM
 
-redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --daemonize no --dir "$DIR" >"$DIR/redis.log" 2>&1 &
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --lazyfree-lazy-expire yes --daemonize no --dir "$DIR" >"$DIR/redis.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
 redis-cli -p "$REDIS_PORT" ping >/dev/null || { cat "$DIR/redis.log"; exit 1; }
