@@ -88,6 +88,58 @@ pub struct UsageRow {
     pub last_used: i64,
 }
 
+/// How one Redis node may drop keys before they expire (`scripts::EVICTION`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Eviction {
+    /// `maxmemory-policy`; `None`: unknown (the user may not run `INFO`).
+    policy: Option<String>,
+    /// `maxmemory`, bytes; 0: no limit.
+    maxmemory: u64,
+    /// Keys evicted since the node started (or its stats were reset); `None`: unknown.
+    evicted: Option<u64>,
+}
+
+impl Eviction {
+    fn from_reply((policy, maxmemory, evicted): (String, String, String)) -> Eviction {
+        Eviction {
+            policy: (!policy.is_empty()).then_some(policy),
+            maxmemory: maxmemory.parse().unwrap_or(0),
+            evicted: evicted.parse().ok(),
+        }
+    }
+
+    /// True when the node may drop a replay record inside its window: a memory limit with
+    /// any policy but `noeviction` (the `volatile-*` ones evict exactly the keys that
+    /// expire, which replay records are).
+    fn may_evict(&self) -> bool {
+        self.maxmemory > 0 && self.policy.as_deref().is_some_and(|p| p != "noeviction")
+    }
+
+    /// What an operator reads in the log or the start-up error.
+    fn describe(&self) -> String {
+        format!("maxmemory-policy {} with maxmemory {} bytes", self.policy.as_deref().unwrap_or("?"), self.maxmemory)
+    }
+}
+
+/// Whether a node's evicted-keys count went from `before` (`None`: first look) to `now`
+/// by evicting: it rose, or it restarted from 0 and is above 0 again.
+fn evicted_between(before: Option<u64>, now: u64) -> bool {
+    before.is_some_and(|before| now > before || (now < before && now > 0))
+}
+
+/// What a look at every node found (`Shared::check_nodes`).
+#[derive(Debug, Default)]
+struct NodesSeen {
+    /// A node's epoch key changed: it lost its data.
+    lost: bool,
+    /// A node evicted keys since the last look.
+    evicted: bool,
+    /// A node that may evict keys, described.
+    evicting: Option<String>,
+    /// A node whose eviction settings could not be read (`INFO` not allowed).
+    unknown: bool,
+}
+
 /// A Redis operation, as the metrics name it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
@@ -156,6 +208,7 @@ pub struct SharedMetrics {
     op_errors: IntCounterVec,
     fallbacks: IntCounterVec,
     pub data_lost: IntCounter,
+    pub evicting: IntGauge,
     /// By [`Op`] and by [`Fallback`], in the order of their `ALL`.
     ops: Vec<OpSeries>,
     fallback_series: Vec<IntCounter>,
@@ -196,7 +249,11 @@ impl SharedMetrics {
             )?,
             data_lost: IntCounter::new(
                 "gatehouse_shared_state_data_lost_total",
-                "Times Redis was found without the fleet's data (restarted empty, flushed).",
+                "Times Redis was found without the fleet's data (restarted empty, flushed, keys evicted).",
+            )?,
+            evicting: IntGauge::new(
+                "gatehouse_shared_state_evicting",
+                "1 while a Redis node of the shared state may evict keys before they expire (maxmemory with a policy other than noeviction): replay records could be dropped.",
             )?,
             ops: Vec::new(),
             fallback_series: Vec::new(),
@@ -231,6 +288,7 @@ impl SharedMetrics {
             Box::new(self.op_errors.clone()),
             Box::new(self.fallbacks.clone()),
             Box::new(self.data_lost.clone()),
+            Box::new(self.evicting.clone()),
         ]
     }
 }
@@ -255,6 +313,8 @@ pub struct Shared {
     /// Each epoch key as first read (the fleet's, and under Redis Cluster one per master);
     /// a different value later means Redis lost its data.
     epochs: Mutex<std::collections::HashMap<String, String>>,
+    /// Each node's count of evicted keys as last read, by the node's epoch key.
+    evictions: Mutex<std::collections::HashMap<String, u64>>,
     /// Signatures with a timestamp before this (unix seconds) may have been accepted
     /// before Redis lost its data: Redis cannot vouch for them (see `fence`).
     fence: AtomicI64,
@@ -266,11 +326,14 @@ pub struct Shared {
     leases: dashmap::DashMap<Arc<str>, Arc<Lease>, crate::credentials::KeyIdHasher>,
     heartbeat: Script,
     set_epoch: Script,
+    eviction: Script,
     pub metrics: SharedMetrics,
     /// The description for logs (URLs without passwords).
     describe: String,
     /// When an outage was last logged (one line per outage, one per minute at most).
     last_logged: Mutex<Option<Instant>>,
+    /// When an evicting Redis was last logged (one line a minute at most).
+    evicting_logged: Mutex<Option<Instant>>,
     /// Wakes the background task when the breaker opens, so that it probes at once.
     opened: tokio::sync::Notify,
 }
@@ -378,6 +441,7 @@ impl Shared {
             live: AtomicU32::new(1),
             node: random_id(),
             epochs: Mutex::new(std::collections::HashMap::new()),
+            evictions: Mutex::new(std::collections::HashMap::new()),
             fence: AtomicI64::new(0),
             max_skew: i64::try_from(max_skew.as_secs()).unwrap_or(i64::MAX),
             take: Script::new(scripts::TAKE),
@@ -385,11 +449,28 @@ impl Shared {
             add_usage: Script::new(scripts::ADD_USAGE),
             heartbeat: Script::new(scripts::HEARTBEAT),
             set_epoch: Script::new(scripts::SET_EPOCH),
+            eviction: Script::new(scripts::EVICTION),
             metrics: SharedMetrics::new().map_err(|e| fail(format!("metrics: {e}")))?,
             describe: cfg.describe(),
             last_logged: Mutex::new(None),
+            evicting_logged: Mutex::new(None),
             opened: tokio::sync::Notify::new(),
         };
+        // Before announcing anything: a Redis that may evict keys can drop a replay record
+        // inside its window, and then a replay is accepted. That is a configuration to fix
+        // before traffic, like a wrong password.
+        let seen = tokio::time::timeout(Duration::from_secs(5), shared.check_nodes(false))
+            .await
+            .map_err(|_| fail("no answer within 5s".into()))?
+            .map_err(|e| fail(e.to_string()))?;
+        if let Some(evicting) = seen.evicting {
+            return Err(fail(format!(
+                "Redis may evict keys before they expire ({evicting}): a replay record could be dropped inside its window; set maxmemory-policy noeviction (docs/shared-state.md)"
+            )));
+        }
+        if seen.unknown {
+            tracing::warn!(redis = %shared.describe, "cannot check whether Redis may evict keys (INFO is not allowed for this user): grant +info, and run Redis with maxmemory-policy noeviction");
+        }
         let first = if announce {
             shared.beat().await.map(|_| ())
         } else {
@@ -730,21 +811,29 @@ impl Shared {
         self.live.store(alive.max(1), Ordering::Relaxed);
         self.metrics.gateways.set(i64::from(alive.max(1)));
         let mut lost = self.epoch_changed(&self.key("fleet", "", ":epoch"), epoch);
-        if matches!(self.conn, Conn::Cluster(_)) {
-            // The fleet's epoch lives on one node: every other node needs one of its own.
-            lost |= tokio::time::timeout(self.op_timeout.max(Duration::from_millis(500)), self.node_epochs_changed())
-                .await
-                .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "node epochs timed out")))??;
+        let seen = tokio::time::timeout(self.op_timeout.max(Duration::from_millis(500)), self.check_nodes(true))
+            .await
+            .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "node checks timed out")))??;
+        lost |= seen.lost;
+        self.metrics.evicting.set(i64::from(seen.evicting.is_some()));
+        if let Some(evicting) = &seen.evicting {
+            self.log_evicting(evicting);
         }
-        if lost {
-            // Redis (or a node of it) restarted without its data, or was flushed:
-            // signatures accepted before are forgotten. Any of them is at most `max_skew`
-            // old plus `max_skew` ahead, so nothing signed before now + max_skew can be
-            // vouched for: those go to the replay fallback until the window has passed.
+        if lost || seen.evicted {
+            // Redis (or a node of it) restarted without its data, was flushed, or evicted
+            // keys: signatures accepted before may be forgotten. Any of them is at most
+            // `max_skew` old plus `max_skew` ahead, so nothing signed before now +
+            // max_skew can be vouched for: those go to the replay fallback until the
+            // window has passed. (Checked before the heartbeat that closes an open
+            // breaker returns, so no request meets the forgetful Redis unfenced.)
             let now = time::OffsetDateTime::now_utc().unix_timestamp();
             self.fence.store(now + self.max_skew, Ordering::Relaxed);
             self.metrics.data_lost.inc();
-            tracing::error!(redis = %self.describe, fence_seconds = self.max_skew, "Redis lost the fleet's shared state (restarted empty or flushed): signed requests use the replay fallback until the HMAC window has passed");
+            if lost {
+                tracing::error!(redis = %self.describe, fence_seconds = self.max_skew, "Redis lost the fleet's shared state (restarted empty or flushed): signed requests use the replay fallback until the HMAC window has passed");
+            } else {
+                tracing::error!(redis = %self.describe, fence_seconds = self.max_skew, "Redis evicted keys (maxmemory): replay records may be gone, so signed requests use the replay fallback until the HMAC window has passed; set maxmemory-policy noeviction");
+            }
         }
         Ok(round_trip)
     }
@@ -756,25 +845,65 @@ impl Shared {
         known.insert(key.to_string(), seen.clone()).is_some_and(|before| before != seen)
     }
 
-    /// Under Redis Cluster: an epoch key on every master (a hash tag in one of its slot
-    /// ranges), each set once and read at each heartbeat; true when one was lost.
-    async fn node_epochs_changed(&self) -> redis::RedisResult<bool> {
-        let slots: Vec<redis::Value> = self.conn.clone().query(redis::cmd("CLUSTER").arg("SLOTS")).await?;
-        let mut changed = false;
-        for range in slots {
-            let redis::Value::Array(items) = range else { continue };
-            let (Some(redis::Value::Int(start)), Some(redis::Value::Int(end))) = (items.first(), items.get(1)) else {
-                continue;
-            };
-            let (Ok(start), Ok(end)) = (u16::try_from(*start), u16::try_from(*end)) else { continue };
-            let Some(tag) = tag_in_slots(start, end) else { continue };
-            let key = self.key(&tag, "", ":epoch");
-            let mut inv = self.set_epoch.prepare_invoke();
-            inv.key(key.as_str()).arg(random_id());
-            let seen: String = self.conn.clone().run(&inv).await?;
-            changed |= self.epoch_changed(&key, seen);
+    /// Looks at every node: under Redis Cluster each master's epoch key (a hash tag in one
+    /// of its slot ranges, set once and read at each heartbeat; with `epochs`), and on every
+    /// node how it evicts and whether it evicted keys since the last look.
+    async fn check_nodes(&self, epochs: bool) -> redis::RedisResult<NodesSeen> {
+        let mut nodes = Vec::new();
+        if matches!(self.conn, Conn::Cluster(_)) {
+            let slots: Vec<redis::Value> = self.conn.clone().query(redis::cmd("CLUSTER").arg("SLOTS")).await?;
+            for range in slots {
+                let redis::Value::Array(items) = range else { continue };
+                let (Some(redis::Value::Int(start)), Some(redis::Value::Int(end))) = (items.first(), items.get(1))
+                else {
+                    continue;
+                };
+                let (Ok(start), Ok(end)) = (u16::try_from(*start), u16::try_from(*end)) else { continue };
+                let Some(tag) = tag_in_slots(start, end) else { continue };
+                nodes.push((self.key(&tag, "", ":epoch"), format!(" on the master of slots {start}-{end}")));
+            }
+        } else {
+            // The fleet's epoch is read by the heartbeat itself.
+            nodes.push((self.key("fleet", "", ":epoch"), String::new()));
         }
-        Ok(changed)
+        let mut seen = NodesSeen::default();
+        for (key, node) in nodes {
+            if epochs && !node.is_empty() {
+                let mut inv = self.set_epoch.prepare_invoke();
+                inv.key(key.as_str()).arg(random_id());
+                let epoch: String = self.conn.clone().run(&inv).await?;
+                seen.lost |= self.epoch_changed(&key, epoch);
+            }
+            let mut inv = self.eviction.prepare_invoke();
+            inv.key(key.as_str());
+            let e = Eviction::from_reply(self.conn.clone().run(&inv).await?);
+            if e.may_evict() && seen.evicting.is_none() {
+                seen.evicting = Some(format!("{}{node}", e.describe()));
+            }
+            seen.unknown |= e.policy.is_none() || e.evicted.is_none();
+            if let Some(count) = e.evicted {
+                seen.evicted |= self.evicted_since(&key, count);
+            }
+        }
+        Ok(seen)
+    }
+
+    /// Records `count` as the node's evicted keys; true when it shows evictions since the
+    /// last look. A lower count means its stats restarted (a restart, which the epoch
+    /// catches, or `CONFIG RESETSTAT`): any count above 0 then may be new evictions.
+    fn evicted_since(&self, key: &str, count: u64) -> bool {
+        let before = self.evictions.lock().unwrap_or_else(PoisonError::into_inner).insert(key.to_string(), count);
+        evicted_between(before, count)
+    }
+
+    /// Logs that a node may evict keys, once a minute at most.
+    fn log_evicting(&self, evicting: &str) {
+        let mut last = self.evicting_logged.lock().unwrap_or_else(PoisonError::into_inner);
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(60)) {
+            return;
+        }
+        *last = Some(Instant::now());
+        tracing::error!(redis = %self.describe, eviction = %evicting, "Redis may evict keys before they expire: a replay record dropped inside its window would let a replay through until the next heartbeat notices; set maxmemory-policy noeviction");
     }
 
     /// Heartbeats every second. When the breaker opens, probes at once and then every
@@ -855,5 +984,25 @@ mod tests {
         let tag = tag_in_slots(5461, 10922).unwrap();
         assert!((5461..=10922).contains(&(crc16(tag.as_bytes()) % 16384)));
         assert_eq!(hex(&[0, 15, 255]), "000fff");
+    }
+
+    /// a node may drop replay records only with a memory limit and an evicting policy;
+    /// evictions are a rising count (or one that restarted and rose again)
+    #[test]
+    fn eviction_is_read_from_the_node_and_its_count() {
+        let e = |p: &str, m: &str, n: &str| Eviction::from_reply((p.into(), m.into(), n.into()));
+        assert!(e("allkeys-lru", "1048576", "0").may_evict());
+        assert!(e("volatile-ttl", "1048576", "0").may_evict());
+        assert!(!e("noeviction", "1048576", "0").may_evict());
+        assert!(!e("allkeys-lru", "0", "0").may_evict(), "no limit: nothing is evicted");
+        let unknown = e("", "0", "-1");
+        assert!(!unknown.may_evict());
+        assert_eq!((unknown.policy, unknown.evicted), (None, None));
+        assert_eq!(e("volatile-lru", "64", "3").describe(), "maxmemory-policy volatile-lru with maxmemory 64 bytes");
+        assert!(!evicted_between(None, 5), "the first look is the baseline");
+        assert!(!evicted_between(Some(5), 5));
+        assert!(evicted_between(Some(5), 6));
+        assert!(!evicted_between(Some(5), 0), "a restart's 0: the epoch tells whether data was lost");
+        assert!(evicted_between(Some(5), 2), "stats reset, then evictions");
     }
 }

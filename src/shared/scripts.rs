@@ -82,3 +82,23 @@ pub const SET_EPOCH: &str = r"
 redis.call('SET', KEYS[1], ARGV[1], 'NX')
 return redis.call('GET', KEYS[1])
 ";
+
+/// How the node asked may drop keys before they expire: its `maxmemory-policy`, its
+/// `maxmemory` (bytes, 0: no limit) and how many keys it evicted since it started (or its
+/// stats were reset). Read-only.
+///
+/// `KEYS[1]`: any key of the node (under Redis Cluster its slot picks the node; it is
+/// not read). Returns `{policy, maxmemory, evicted}` as strings; `{'', '0', '-1'}` when
+/// the user may not run `INFO` (an ACL without `+info`).
+pub const EVICTION: &str = r"
+local mem = redis.pcall('INFO', 'memory')
+local stats = redis.pcall('INFO', 'stats')
+if type(mem) ~= 'string' or type(stats) ~= 'string' then
+  return {'', '0', '-1'}
+end
+return {
+  string.match(mem, 'maxmemory_policy:([%w%-]+)') or '',
+  string.match(mem, '\nmaxmemory:(%d+)') or '0',
+  string.match(stats, 'evicted_keys:(%d+)') or '-1'
+}
+";

@@ -462,6 +462,97 @@ async fn a_redis_that_cannot_be_used_stops_start_up_with_the_reason() {
     assert!(stdout.contains(&format!("ok (shared state in Redis at {})", server.url())), "{stdout}");
 }
 
+/// A Redis that may evict keys before they expire (a memory limit with any policy but
+/// `noeviction`) could drop a replay record inside its window: `check-config` and `serve`
+/// stop with exit 78 and the reason, announce no gateway and listen on nothing; with
+/// `noeviction` they pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_may_evict_keys_stops_start_up_with_the_reason() {
+    use crate::support::process::run_cli_with;
+    let server = RedisServer::start_with(&["--maxmemory", "64mb", "--maxmemory-policy", "volatile-ttl"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = crate::support::free_port();
+    let path = dir.path().join("gatehouse.yaml");
+    let yaml = format!(
+        "listeners:\n  - address: 127.0.0.1:{port}\nshared_state:\n  redis: {}\n  key_prefix: \"evicting:\"\nroutes: []\n",
+        server.url()
+    );
+    std::fs::write(&path, yaml).unwrap();
+    let path = path.display().to_string();
+    for policy in ["volatile-ttl", "allkeys-lru"] {
+        assert_eq!(server.cli(&["config", "set", "maxmemory-policy", policy]).await.trim(), "OK");
+        for command in ["check-config", "serve"] {
+            let out = run_cli_with(&[], &[], &["--log-format", "json", command, "--config", &path]).await;
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(78), "{command} with {policy}:\n{stderr}");
+            let reason = format!(
+                "Redis may evict keys before they expire (maxmemory-policy {policy} with maxmemory 67108864 bytes): a replay record could be dropped inside its window; set maxmemory-policy noeviction"
+            );
+            assert!(stderr.contains(&reason), "{command}: no {reason:?} in:\n{stderr}");
+            assert!(!stderr.contains("\"listening\""), "{command} listened:\n{stderr}");
+        }
+    }
+    assert!(crate::support::connection_refused(std::net::SocketAddr::from(([127, 0, 0, 1], port))).await);
+    assert_eq!(server.cli(&["keys", "evicting:*"]).await.trim(), "", "a refused gateway announced itself");
+    assert_eq!(server.cli(&["config", "set", "maxmemory-policy", "noeviction"]).await.trim(), "OK");
+    let out = run_cli_with(&[], &[], &["check-config", "--config", &path]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Redis turned into an evicting one under running gateways: they say so (metric, one log
+/// line), and once it evicted keys — the replay records among them, while the fleet's
+/// epoch (no expiry) stays — a signature accepted before is not accepted again by any
+/// gateway: Redis cannot vouch for it any more, so the replay fallback decides (`reject`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_evicts_keys_cannot_be_used_to_replay_an_earlier_signature() {
+    let server = RedisServer::start().await;
+    let up = TestUpstream::start().await;
+    let mut creds = Creds::new();
+    let signer = creds.hmac_user("signer");
+    let config = fleet_config(&creds, &up, Redis::One(&server.url()), "evict:");
+    let fleet = start_fleet(&config, 2).await;
+    let client = H1::new();
+    let then = crate::support::creds::unix_now();
+    assert_eq!(signed(&client, &fleet[0], &signer, then, "/api/x").await.status, 200);
+    assert_unauthorized(&signed(&client, &fleet[1], &signer, then, "/api/x").await, "Replayed request");
+    for gw in &fleet {
+        assert_eq!(metric(gw, "gatehouse_shared_state_evicting").await, 0.0);
+    }
+
+    assert_eq!(server.cli(&["config", "set", "maxmemory-policy", "volatile-random"]).await.trim(), "OK");
+    assert_eq!(server.cli(&["config", "set", "maxmemory", "100mb"]).await.trim(), "OK");
+    for gw in &fleet {
+        until_metric(gw, "gatehouse_shared_state_evicting", 1.0, STEP).await;
+    }
+    fleet[0].logged("Redis may evict keys before they expire", 1).await;
+    // A limit below what Redis holds: the next command makes it evict every key with an
+    // expiry (and still refuse to write).
+    assert_eq!(server.cli(&["config", "set", "maxmemory", "1"]).await.trim(), "OK");
+    let refused = server.cli(&["set", "filler", "x"]).await;
+    assert!(refused.contains("OOM"), "{refused}");
+    assert_eq!(server.cli(&["keys", "evict:*:sig:*"]).await.trim(), "", "the replay record is still there");
+    assert_ne!(server.cli(&["get", "evict:{fleet}:epoch"]).await.trim(), "", "the epoch was evicted too");
+    assert_eq!(server.cli(&["config", "set", "maxmemory", "0"]).await.trim(), "OK");
+
+    for gw in &fleet {
+        within(STEP, "the gateway to count the evictions", async {
+            while metric(gw, "gatehouse_shared_state_data_lost_total").await < 1.0 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        until_metric(gw, "gatehouse_shared_state_evicting", 0.0, STEP).await;
+        until_metric(gw, "gatehouse_shared_state_up", 1.0, STEP).await;
+    }
+    let seen = up.count();
+    for gw in &fleet {
+        assert_replay_unavailable(&signed(&client, gw, &signer, then, "/api/x").await);
+    }
+    assert_eq!(up.count(), seen, "a replay reached the upstream");
+    fleet[1].logged("Redis evicted keys", 1).await;
+    assert_eq!(fleet[1].count_logged("Redis may evict keys before they expire"), 1, "one line a minute");
+}
+
 /// A flood of unknown keys writes to Redis only up to the client's failed-auth budget:
 /// after that the gateway refuses the client itself. Every key Gatehouse wrote is under
 /// its prefix, and none holds a secret.
@@ -540,7 +631,8 @@ async fn shared_state_over_tls_with_a_private_ca() {
 
 /// The ACL user of docs/shared-state.md — only Gatehouse's commands, only its prefix — is
 /// enough for everything a gateway does: replay records, leases, the failed-auth budget,
-/// usage, the heartbeat.
+/// usage, the heartbeat, the check of Redis's eviction (`+info`; without it a gateway
+/// still works, and warns that it cannot check).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_acl_user_limited_to_gatehouse_commands_and_prefix_is_enough() {
     let server = RedisServer::start().await;
@@ -569,8 +661,10 @@ async fn an_acl_user_limited_to_gatehouse_commands_and_prefix_is_enough() {
         "+zadd",
         "+zremrangebyscore",
         "+zcard",
+        "+info",
     ];
-    assert_eq!(server.cli(&acl).await.trim(), "OK");
+    // First without `+info`: the gateway works, and warns that it cannot check eviction.
+    assert_eq!(server.cli(&acl[..acl.len() - 1]).await.trim(), "OK");
     let up = TestUpstream::start().await;
     let mut creds = Creds::new();
     let signer = creds.hmac_user("signer");
@@ -580,7 +674,10 @@ async fn an_acl_user_limited_to_gatehouse_commands_and_prefix_is_enough() {
         fleet_config(&creds, &up, Redis::One(&url), "gh:").shared_state("password_env", "GH_TEST_REDIS_PASSWORD");
     let env = [("GH_TEST_REDIS_PASSWORD", "the-acl-password-for-gatehouse")];
     let a = GatewayProcess::serve_with_env(&config, &env).await;
+    a.logged("cannot check whether Redis may evict keys", 1).await;
+    assert_eq!(server.cli(&acl).await.trim(), "OK");
     let b = GatewayProcess::serve_with_env(&config, &env).await;
+    assert_eq!(b.count_logged("cannot check whether Redis may evict keys"), 0);
     let client = H1::new();
     let now = crate::support::creds::unix_now();
     assert_eq!(signed(&client, &a, &signer, now, "/api/acl").await.status, 200);
