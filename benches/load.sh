@@ -25,7 +25,9 @@
 #      the same gateway a second time with `shared_state:` in it (rows shared-key, shared-hmac);
 #      afterwards prints Redis's own count of commands per request it served (INFO
 #      commandstats over the usage it recorded) and its CPU time, and Redis's own round trip
-#      at light load (redis-benchmark -c1), the floor of the p50 a signed request gains.
+#      at light load (redis-benchmark -c1), the floor of the p50 a signed request gains —
+#      also with the benchmark and Redis pinned to one CPU and to two (taskset), to show
+#      what waking a process on the other CPU costs on this box.
 #
 # Settings: USERS=1000, SKIP_BUILD=0, GATEWAY_PORT=18090, SHARED_PORT=18091, REDIS_PORT=18092,
 # BASE_PORT=18080 (the upstream), SHARED=1, plus every setting of benches/peers.sh (DURATION,
@@ -159,4 +161,13 @@ if [ "$SHARED" = 1 ]; then
   # Redis's benchmark with one connection (its keys are its own, after the counts above).
   rtt=$(redis-benchmark -p "$REDIS_PORT" -c 1 -n 20000 -t set -q 2>/dev/null | tr '\r' '\n' | sed -n 's/.*p50=\([0-9.]*\) msec.*/\1/p' | tail -n 1)
   echo "redis round trip at light load (redis-benchmark -c1 SET): p50 ${rtt:-?} ms, the floor of what shared-hmac adds over gateway-hmac"
+  # The same with the benchmark on Redis's CPU: how much of that round trip is waking a
+  # process on another CPU (on a VM without halt polling, most of it), which a request
+  # pays whenever the scheduler put its worker and Redis on different CPUs.
+  if command -v taskset >/dev/null && [ "$(nproc)" -gt 1 ]; then
+    taskset -pc 0 "$REDIS_PID" >/dev/null
+    same=$(taskset -c 0 redis-benchmark -p "$REDIS_PORT" -c 1 -n 20000 -t set -q 2>/dev/null | tr '\r' '\n' | sed -n 's/.*p50=\([0-9.]*\) msec.*/\1/p' | tail -n 1)
+    other=$(taskset -c 1 redis-benchmark -p "$REDIS_PORT" -c 1 -n 20000 -t set -q 2>/dev/null | tr '\r' '\n' | sed -n 's/.*p50=\([0-9.]*\) msec.*/\1/p' | tail -n 1)
+    echo "redis round trip, benchmark and Redis on one CPU: p50 ${same:-?} ms; on two CPUs: p50 ${other:-?} ms"
+  fi
 fi

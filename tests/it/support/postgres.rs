@@ -197,6 +197,9 @@ pub async fn shared() -> u16 {
         .get_or_init(|| async {
             super::outliving_the_tests(|| async {
                 let server = PgServer::start().await;
+                // SIGQUIT: an immediate shutdown (its data is about to be removed).
+                let pid = server.child.as_ref().and_then(Child::id).unwrap();
+                super::reap_at_exit(pid, "QUIT", server.dir.path());
                 (server.port, server)
             })
         })

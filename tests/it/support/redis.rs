@@ -147,6 +147,8 @@ pub async fn shared() -> u16 {
         .get_or_init(|| async {
             super::outliving_the_tests(|| async {
                 let server = RedisServer::start().await;
+                let pid = server.child.as_ref().and_then(Child::id).unwrap();
+                super::reap_at_exit(pid, "TERM", server.dir.path());
                 (server.port, server)
             })
         })
