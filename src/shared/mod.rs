@@ -17,6 +17,7 @@
 //! | `P{fleet}:usage` | usage counts and `last_used` of every key |
 //! | `P{fleet}:gateways` | gateways alive (sorted by last heartbeat) |
 //! | `P{fleet}:epoch` | set once; a different value means Redis lost its data |
+//! | `P{fleet}:fence` | signatures signed before it may have been accepted before Redis lost its data |
 //! | `P{eN}:epoch` | under Redis Cluster, the same on each master (`eN`: a tag in its slots) |
 
 pub mod batch;
@@ -127,13 +128,19 @@ fn evicted_between(before: Option<u64>, now: u64) -> bool {
     before.is_some_and(|before| now > before || (now < before && now > 0))
 }
 
-/// What a look at every node found (`Shared::check_nodes`).
+/// How Redis lost replay records (`Shared::forget`).
+#[derive(Debug, Clone, Copy)]
+enum Loss {
+    /// An epoch key changed: restarted empty, or flushed.
+    Data,
+    /// A node evicted keys.
+    Evicted,
+}
+
+/// What a look at every node found (`Shared::check_nodes`), besides losses (fenced at
+/// once).
 #[derive(Debug, Default)]
 struct NodesSeen {
-    /// A node's epoch key changed: it lost its data.
-    lost: bool,
-    /// A node evicted keys since the last look.
-    evicted: bool,
     /// A node that may evict keys, described.
     evicting: Option<String>,
     /// A node whose eviction settings could not be read (`INFO` not allowed).
@@ -327,6 +334,7 @@ pub struct Shared {
     heartbeat: Script,
     set_epoch: Script,
     eviction: Script,
+    fence_script: Script,
     pub metrics: SharedMetrics,
     /// The description for logs (URLs without passwords).
     describe: String,
@@ -450,6 +458,7 @@ impl Shared {
             heartbeat: Script::new(scripts::HEARTBEAT),
             set_epoch: Script::new(scripts::SET_EPOCH),
             eviction: Script::new(scripts::EVICTION),
+            fence_script: Script::new(scripts::FENCE),
             metrics: SharedMetrics::new().map_err(|e| fail(format!("metrics: {e}")))?,
             describe: cfg.describe(),
             last_logged: Mutex::new(None),
@@ -498,6 +507,8 @@ impl Shared {
 
     /// True when a signature with this timestamp cannot be checked in Redis because
     /// Redis lost its data while it could still be replayed.
+    /// The fence is this gateway's own (it saw Redis lose data) or the fleet's (another
+    /// gateway saw it, `P{fleet}:fence`), whichever reaches further.
     pub fn fenced(&self, timestamp: i64) -> bool {
         timestamp < self.fence.load(Ordering::Relaxed)
     }
@@ -667,7 +678,9 @@ impl Shared {
         if let Some(s) = signature {
             inv.key(self.signature_set(key_id, s.timestamp));
         }
-        let step = 1_000_000 / u64::from(per_second.max(1));
+        // Redis's buckets count in microseconds: a limit above 1,000,000 req/s acts as that
+        // (a step of 0 would admit everything).
+        let step = (1_000_000 / u64::from(per_second.max(1))).max(1);
         inv.arg(step).arg(burst.max(1)).arg(ttl_ms).arg(want);
         if let Some(m) = &member {
             inv.arg(&m[..]);
@@ -748,7 +761,7 @@ impl Shared {
         let mut inv = self.take.prepare_invoke();
         inv.key(self.key("ip:", &format!("{ip:x}"), ":fail"));
         let per_minute = per_minute.max(1);
-        inv.arg(60_000_000 / u64::from(per_minute)).arg(per_minute).arg(0).arg(1);
+        inv.arg((60_000_000 / u64::from(per_minute)).max(1)).arg(per_minute).arg(0).arg(1);
         let (code, n): (i64, i64) = self.op(Op::FailedAuth, self.run(&inv)).await?;
         Ok((code == 0).then(|| Duration::from_micros(u64::try_from(n).unwrap_or(0))))
     }
@@ -810,32 +823,54 @@ impl Shared {
         self.metrics.op(Op::Heartbeat).duration.observe(round_trip.as_secs_f64());
         self.live.store(alive.max(1), Ordering::Relaxed);
         self.metrics.gateways.set(i64::from(alive.max(1)));
-        let mut lost = self.epoch_changed(&self.key("fleet", "", ":epoch"), epoch);
+        if self.epoch_changed(&self.key("fleet", "", ":epoch"), epoch) {
+            self.forget(Loss::Data);
+        }
         let seen = tokio::time::timeout(self.op_timeout.max(Duration::from_millis(500)), self.check_nodes(true))
             .await
             .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "node checks timed out")))??;
-        lost |= seen.lost;
         self.metrics.evicting.set(i64::from(seen.evicting.is_some()));
         if let Some(evicting) = &seen.evicting {
             self.log_evicting(evicting);
         }
-        if lost || seen.evicted {
-            // Redis (or a node of it) restarted without its data, was flushed, or evicted
-            // keys: signatures accepted before may be forgotten. Any of them is at most
-            // `max_skew` old plus `max_skew` ahead, so nothing signed before now +
-            // max_skew can be vouched for: those go to the replay fallback until the
-            // window has passed. (Checked before the heartbeat that closes an open
-            // breaker returns, so no request meets the forgetful Redis unfenced.)
-            let now = time::OffsetDateTime::now_utc().unix_timestamp();
-            self.fence.store(now + self.max_skew, Ordering::Relaxed);
-            self.metrics.data_lost.inc();
-            if lost {
-                tracing::error!(redis = %self.describe, fence_seconds = self.max_skew, "Redis lost the fleet's shared state (restarted empty or flushed): signed requests use the replay fallback until the HMAC window has passed");
-            } else {
-                tracing::error!(redis = %self.describe, fence_seconds = self.max_skew, "Redis evicted keys (maxmemory): replay records may be gone, so signed requests use the replay fallback until the HMAC window has passed; set maxmemory-policy noeviction");
+        tokio::time::timeout(self.op_timeout.max(Duration::from_millis(500)), self.share_fence())
+            .await
+            .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "fence timed out")))??;
+        Ok(round_trip)
+    }
+
+    /// Redis (or a node of it) restarted without its data, was flushed, or evicted keys:
+    /// signatures accepted before may be forgotten. Any of them is at most `max_skew` old
+    /// plus `max_skew` ahead, so nothing signed up to now + `max_skew` can be vouched for:
+    /// those go to the replay fallback until the window has passed.
+    ///
+    /// Fenced here, at once, when the loss is seen: not at the end of the heartbeat, which
+    /// a later failure could cut short (the next one sees the new epoch as known). The
+    /// heartbeat then shares the fence with the fleet (`share_fence`).
+    fn forget(&self, loss: Loss) {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        self.fence.fetch_max(now.saturating_add(self.max_skew).saturating_add(1), Ordering::Relaxed);
+        self.metrics.data_lost.inc();
+        match loss {
+            Loss::Data => {
+                tracing::error!(redis = %self.describe, fence_seconds = self.max_skew, "Redis lost the fleet's shared state (restarted empty or flushed): signed requests use the replay fallback until the HMAC window has passed")
+            }
+            Loss::Evicted => {
+                tracing::error!(redis = %self.describe, fence_seconds = self.max_skew, "Redis evicted keys (maxmemory): replay records may be gone, so signed requests use the replay fallback until the HMAC window has passed; set maxmemory-policy noeviction")
             }
         }
-        Ok(round_trip)
+    }
+
+    /// Publishes this gateway's fence to the fleet and takes the fleet's: a gateway that
+    /// starts (or first reaches Redis) after the loss has no earlier epoch to compare, and
+    /// would otherwise trust the forgetful Redis. Each gateway republishes its fence at
+    /// every heartbeat while it lasts, so it outlives the loss of the node holding it.
+    async fn share_fence(&self) -> redis::RedisResult<()> {
+        let mut inv = self.fence_script.prepare_invoke();
+        inv.key(self.key("fleet", "", ":fence")).arg(self.fence.load(Ordering::Relaxed));
+        let fleet: i64 = self.conn.clone().run(&inv).await?;
+        self.fence.fetch_max(fleet, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Records `seen` as the epoch under `key`; true when it differs from the one read
@@ -872,7 +907,9 @@ impl Shared {
                 let mut inv = self.set_epoch.prepare_invoke();
                 inv.key(key.as_str()).arg(random_id());
                 let epoch: String = self.conn.clone().run(&inv).await?;
-                seen.lost |= self.epoch_changed(&key, epoch);
+                if self.epoch_changed(&key, epoch) {
+                    self.forget(Loss::Data);
+                }
             }
             let mut inv = self.eviction.prepare_invoke();
             inv.key(key.as_str());
@@ -881,8 +918,8 @@ impl Shared {
                 seen.evicting = Some(format!("{}{node}", e.describe()));
             }
             seen.unknown |= e.policy.is_none() || e.evicted.is_none();
-            if let Some(count) = e.evicted {
-                seen.evicted |= self.evicted_since(&key, count);
+            if e.evicted.is_some_and(|count| self.evicted_since(&key, count)) {
+                self.forget(Loss::Evicted);
             }
         }
         Ok(seen)
@@ -927,6 +964,7 @@ impl Shared {
                     () = tokio::time::sleep(pause) => {}
                     () = self.opened.notified() => {}
                 }
+                let mark = self.breaker.mark();
                 let open = !self.breaker.closed();
                 if !open && last_beat.elapsed() < HEARTBEAT_EVERY {
                     continue;
@@ -939,8 +977,9 @@ impl Shared {
                     }
                     Ok(_) => {
                         last_beat = Instant::now();
-                        if !self.breaker.closed() {
-                            self.breaker.close();
+                        // Not when an operation failed during this probe: it may have
+                        // read Redis just before a restart that the failure was.
+                        if self.breaker.close_if_unchanged(mark) {
                             self.metrics.up.set(1);
                             tracing::info!(redis = %self.describe, "shared state available again");
                         }

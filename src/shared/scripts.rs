@@ -102,3 +102,20 @@ return {
   string.match(stats, 'evicted_keys:(%d+)') or '-1'
 }
 ";
+
+/// The fleet's replay fence: signatures with a timestamp before it (unix seconds) may have
+/// been accepted before Redis lost its data. Raises it to `ARGV[1]` when that is later
+/// (and still ahead, by Redis's clock; it then lives until it has passed), and returns it
+/// (0: none).
+///
+/// `KEYS[1]`: the fence. `ARGV[1]`: this gateway's fence, 0 for none.
+pub const FENCE: &str = r"
+local now = tonumber(redis.call('TIME')[1])
+local fence = tonumber(redis.call('GET', KEYS[1]) or '0')
+local mine = tonumber(ARGV[1])
+if mine > fence and mine > now then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', (mine - now) * 1000)
+  fence = mine
+end
+return fence
+";

@@ -401,6 +401,75 @@ async fn a_redis_that_comes_back_empty_cannot_be_used_to_replay_an_earlier_signa
     .await;
 }
 
+/// The heartbeat that finds Redis without its data fails afterwards (here: the eviction
+/// check's script cannot be loaded, as its user lost `+script|load` while the heartbeat's
+/// own script was loaded by hand). The next heartbeat finds the new epoch as known; the
+/// fence set when the loss was seen must hold anyway: the replay gets 503, not 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_that_fails_after_seeing_the_loss_still_fences() {
+    let server = RedisServer::start().await;
+    let acl = gatehouse_acl("cut:*");
+    let acl: Vec<&str> = acl.iter().map(String::as_str).collect();
+    assert_eq!(server.cli(&acl).await.trim(), "OK");
+    let up = TestUpstream::start().await;
+    let mut creds = Creds::new();
+    let signer = creds.hmac_user("signer");
+    let url = format!("redis://gatehouse@127.0.0.1:{}", server.port);
+    let config =
+        fleet_config(&creds, &up, Redis::One(&url), "cut:").shared_state("password_env", "GH_TEST_REDIS_PASSWORD");
+    let gw =
+        GatewayProcess::serve_with_env(&config, &[("GH_TEST_REDIS_PASSWORD", "the-acl-password-for-gatehouse")]).await;
+    let client = H1::new();
+    let then = crate::support::creds::unix_now();
+    assert_eq!(signed(&client, &gw, &signer, then, "/api/x").await.status, 200);
+
+    assert_eq!(server.cli(&["acl", "setuser", "gatehouse", "-script|load"]).await.trim(), "OK");
+    assert_eq!(server.cli(&["script", "flush"]).await.trim(), "OK");
+    server.cli(&["script", "load", gatehouse::shared::scripts::HEARTBEAT]).await;
+    assert_eq!(server.cli(&["flushall"]).await.trim(), "OK");
+    // The heartbeat runs, sees the new epoch, then fails on the eviction check.
+    until_metric(&gw, "gatehouse_shared_state_up", 0.0, STEP).await;
+    assert_eq!(server.cli(&["acl", "setuser", "gatehouse", "+script|load"]).await.trim(), "OK");
+    until_metric(&gw, "gatehouse_shared_state_up", 1.0, STEP).await;
+    let seen = up.count();
+    assert_replay_unavailable(&signed(&client, &gw, &signer, then, "/api/x").await);
+    assert_eq!(up.count(), seen, "a replay reached the upstream");
+    assert_eq!(metric(&gw, "gatehouse_shared_state_data_lost_total").await, 1.0);
+}
+
+/// Redis flushed under gateway A after it accepted a signature; gateway B starts after
+/// that, with no earlier epoch to compare: it takes the fence A shares in Redis, so the
+/// replay is refused by B as by A (503: Redis cannot vouch for it), and B counts no loss of
+/// its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_started_after_redis_lost_its_data_takes_the_fleet_fence() {
+    let server = RedisServer::start().await;
+    let up = TestUpstream::start().await;
+    let mut creds = Creds::new();
+    let signer = creds.hmac_user("signer");
+    let config = fleet_config(&creds, &up, Redis::One(&server.url()), "late:");
+    let a = GatewayProcess::serve(&config).await;
+    let client = H1::new();
+    let then = crate::support::creds::unix_now();
+    assert_eq!(signed(&client, &a, &signer, then, "/api/x").await.status, 200);
+    assert_eq!(server.cli(&["flushall"]).await.trim(), "OK");
+    // No connection breaks: A's next heartbeat finds the epoch changed and shares its fence.
+    until_metric(&a, "gatehouse_shared_state_data_lost_total", 1.0, STEP).await;
+    within(STEP, "A's fence in Redis", async {
+        while server.cli(&["get", "late:{fleet}:fence"]).await.trim().is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let b = GatewayProcess::serve(&config).await;
+    let seen = up.count();
+    for gw in [&b, &a] {
+        assert_replay_unavailable(&signed(&client, gw, &signer, then, "/api/x").await);
+    }
+    assert_eq!(up.count(), seen, "a replay reached the upstream");
+    assert_eq!(metric(&b, "gatehouse_shared_state_data_lost_total").await, 0.0);
+}
+
 /// Redis refusing the password, nothing at the URL, or TLS against a plain Redis: both
 /// `check-config` and `serve` stop with exit 78 and the reason — never the password —
 /// and `serve` listens on nothing. The right password passes.
@@ -629,6 +698,24 @@ async fn shared_state_over_tls_with_a_private_ca() {
     assert!(stderr.contains(&format!("shared_state: cannot use Redis at {url}")), "{stderr}");
 }
 
+/// The `ACL SETUSER gatehouse …` line of docs/shared-state.md, as it is written there
+/// (so the docs cannot drift from what is tested), with the password
+/// `the-acl-password-for-gatehouse` and keys matching `pattern`; `+info` is its last rule.
+fn gatehouse_acl(pattern: &str) -> Vec<String> {
+    let docs = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/shared-state.md")).unwrap();
+    let line = docs.lines().find(|l| l.starts_with("ACL SETUSER gatehouse ")).expect("the ACL line in the docs");
+    let acl: Vec<String> = line
+        .split(' ')
+        .map(|w| match w {
+            ">PASSWORD" => ">the-acl-password-for-gatehouse".to_string(),
+            "~gatehouse:*" => format!("~{pattern}"),
+            w => w.to_string(),
+        })
+        .collect();
+    assert_eq!(acl.last().map(String::as_str), Some("+info"), "{line}");
+    acl
+}
+
 /// The ACL user of docs/shared-state.md — only Gatehouse's commands, only its prefix — is
 /// enough for everything a gateway does: replay records, leases, the failed-auth budget,
 /// usage, the heartbeat, the check of Redis's eviction (`+info`; without it a gateway
@@ -636,33 +723,8 @@ async fn shared_state_over_tls_with_a_private_ca() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_acl_user_limited_to_gatehouse_commands_and_prefix_is_enough() {
     let server = RedisServer::start().await;
-    let acl = [
-        "acl",
-        "setuser",
-        "gatehouse",
-        "on",
-        ">the-acl-password-for-gatehouse",
-        "resetkeys",
-        "~gh:*",
-        "-@all",
-        "+evalsha",
-        "+eval",
-        "+script|load",
-        "+ping",
-        "+time",
-        "+get",
-        "+set",
-        "+sadd",
-        "+pexpire",
-        "+hget",
-        "+hset",
-        "+hincrby",
-        "+hgetall",
-        "+zadd",
-        "+zremrangebyscore",
-        "+zcard",
-        "+info",
-    ];
+    let acl = gatehouse_acl("gh:*");
+    let acl: Vec<&str> = acl.iter().map(String::as_str).collect();
     // First without `+info`: the gateway works, and warns that it cannot check eviction.
     assert_eq!(server.cli(&acl[..acl.len() - 1]).await.trim(), "OK");
     let up = TestUpstream::start().await;
