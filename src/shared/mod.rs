@@ -12,7 +12,7 @@
 //! | key | holds |
 //! |---|---|
 //! | `P{k:KEY_ID}:rate` | the key's GCRA bucket |
-//! | `P{k:KEY_ID}:sig:TS` | the accepted signatures with timestamp `TS` (their SHA-256, first 16 bytes), until that timestamp leaves the window |
+//! | `P{k:KEY_ID}:sig:TS` | the accepted signatures with timestamp `TS` (their SHA-256, first 16 bytes), until 30 s after that timestamp leaves the window (clock slack) |
 //! | `P{ip:HEX}:fail` | a client network's failed-authentication bucket |
 //! | `P{fleet}:usage` | usage counts and `last_used` of every key |
 //! | `P{fleet}:gateways` | gateways alive (sorted by last heartbeat) |
@@ -43,6 +43,16 @@ use std::time::{Duration, Instant};
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 const GONE_AFTER: Duration = Duration::from_secs(5);
 
+/// How much longer than its window a replay record lives in Redis. Each gateway sets the
+/// record's expiry by its own clock and decides freshness by it too, so a record set by a
+/// gateway whose clock is ahead would expire while a gateway whose clock is behind still
+/// accepts its timestamp: records outlive the window by this much, which keeps replay
+/// protection exact while the gateways' (and Redis's) clocks agree within it.
+const CLOCK_SLACK: Duration = Duration::from_secs(30);
+
+/// A gateway's clock this far from Redis's is logged (once a minute).
+const CLOCK_WARN_SECS: f64 = 10.0;
+
 /// What Redis decided for one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
@@ -72,9 +82,10 @@ pub struct SignatureRecord<'a> {
 }
 
 impl SignatureRecord<'_> {
-    /// How long its record lives, in milliseconds (at least 1: `PX 0` is an error).
+    /// How long its record lives, in milliseconds: the rest of its window plus
+    /// [`CLOCK_SLACK`].
     fn ttl_ms(&self) -> u64 {
-        u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX).max(1)
+        u64::try_from(self.ttl.saturating_add(CLOCK_SLACK).as_millis()).unwrap_or(u64::MAX)
     }
 }
 
@@ -211,6 +222,7 @@ struct OpSeries {
 pub struct SharedMetrics {
     pub up: IntGauge,
     pub gateways: IntGauge,
+    pub clock_offset: prometheus::Gauge,
     op_duration: HistogramVec,
     op_errors: IntCounterVec,
     fallbacks: IntCounterVec,
@@ -231,6 +243,10 @@ impl SharedMetrics {
             gateways: IntGauge::new(
                 "gatehouse_shared_state_gateways",
                 "Gateways that announced themselves in Redis in the last 5 s (fallback limits divide by it).",
+            )?,
+            clock_offset: prometheus::Gauge::new(
+                "gatehouse_shared_state_clock_offset_seconds",
+                "This gateway's clock minus Redis's, at the last heartbeat. Replay protection is exact while the fleet's clocks agree within 30 s.",
             )?,
             op_duration: HistogramVec::new(
                 HistogramOpts::new(
@@ -291,6 +307,7 @@ impl SharedMetrics {
         vec![
             Box::new(self.up.clone()),
             Box::new(self.gateways.clone()),
+            Box::new(self.clock_offset.clone()),
             Box::new(self.op_duration.clone()),
             Box::new(self.op_errors.clone()),
             Box::new(self.fallbacks.clone()),
@@ -342,6 +359,8 @@ pub struct Shared {
     last_logged: Mutex<Option<Instant>>,
     /// When an evicting Redis was last logged (one line a minute at most).
     evicting_logged: Mutex<Option<Instant>>,
+    /// When a far clock was last logged (one line a minute at most).
+    clock_logged: Mutex<Option<Instant>>,
     /// Wakes the background task when the breaker opens, so that it probes at once.
     opened: tokio::sync::Notify,
 }
@@ -463,6 +482,7 @@ impl Shared {
             describe: cfg.describe(),
             last_logged: Mutex::new(None),
             evicting_logged: Mutex::new(None),
+            clock_logged: Mutex::new(None),
             opened: tokio::sync::Notify::new(),
         };
         // Before announcing anything: a Redis that may evict keys can drop a replay record
@@ -815,11 +835,18 @@ impl Shared {
         inv.key(self.key("fleet", "", ":gateways")).key(self.key("fleet", "", ":epoch"));
         inv.arg(self.node.as_str()).arg(GONE_AFTER.as_millis() as u64).arg(random_id());
         let started = Instant::now();
-        let (alive, epoch): (u32, String) =
+        let (alive, epoch, redis_ms): (u32, String, i64) =
             tokio::time::timeout(self.op_timeout.max(Duration::from_millis(500)), self.conn.clone().run(&inv))
                 .await
                 .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "heartbeat timed out")))??;
         let round_trip = started.elapsed();
+        // Redis read its clock about halfway through the round trip.
+        let here = time::OffsetDateTime::now_utc() - round_trip / 2;
+        let offset = (here.unix_timestamp_nanos() / 1_000_000 - i128::from(redis_ms)) as f64 / 1000.0;
+        self.metrics.clock_offset.set(offset);
+        if offset.abs() > CLOCK_WARN_SECS {
+            self.log_clock(offset);
+        }
         self.metrics.op(Op::Heartbeat).duration.observe(round_trip.as_secs_f64());
         self.live.store(alive.max(1), Ordering::Relaxed);
         self.metrics.gateways.set(i64::from(alive.max(1)));
@@ -931,6 +958,16 @@ impl Shared {
     fn evicted_since(&self, key: &str, count: u64) -> bool {
         let before = self.evictions.lock().unwrap_or_else(PoisonError::into_inner).insert(key.to_string(), count);
         evicted_between(before, count)
+    }
+
+    /// Logs that this gateway's clock is far from Redis's, once a minute at most.
+    fn log_clock(&self, offset: f64) {
+        let mut last = self.clock_logged.lock().unwrap_or_else(PoisonError::into_inner);
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(60)) {
+            return;
+        }
+        *last = Some(Instant::now());
+        tracing::error!(redis = %self.describe, offset_seconds = offset, "this gateway's clock is far from Redis's: replay records outlive their window by 30 s to absorb clock differences, and beyond that a replay could be accepted by a gateway whose clock is behind; fix the clocks (NTP)");
     }
 
     /// Logs that a node may evict keys, once a minute at most.

@@ -65,7 +65,7 @@ return 1
 ///
 /// `KEYS[1]`: the sorted set of gateways; `KEYS[2]`: the epoch. `ARGV[1]`: this gateway's
 /// id; `ARGV[2]`: silence that counts as gone, ms; `ARGV[3]`: an epoch to set if none.
-/// Returns `{gateways alive, epoch}`.
+/// Returns `{gateways alive, epoch, Redis's clock in unix ms}`.
 pub const HEARTBEAT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -73,7 +73,7 @@ redis.call('ZADD', KEYS[1], now, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 2)
 redis.call('SET', KEYS[2], ARGV[3], 'NX')
-return {redis.call('ZCARD', KEYS[1]), redis.call('GET', KEYS[2])}
+return {redis.call('ZCARD', KEYS[1]), redis.call('GET', KEYS[2]), now}
 ";
 
 /// Sets an epoch key once (`ARGV[1]`) and returns its value: the first gateway to meet

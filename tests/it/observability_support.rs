@@ -60,6 +60,11 @@ pub async fn start_on_manual_clock(creds: &Creds, up: &TestUpstream, extra: &str
     start_on(creds, &up.url(), extra, None, Clock::manual()).await
 }
 
+/// `start`, on `clock` (e.g. the system's, set ahead with `Clock::advance`).
+pub async fn start_on_clock(creds: &Creds, up: &TestUpstream, extra: &str, clock: Clock) -> Running {
+    start_on(creds, &up.url(), extra, None, clock).await
+}
+
 /// `start_with_audit_log`, in front of the upstream at `upstream_url`.
 pub async fn start_to(creds: &Creds, upstream_url: &str, extra: &str, audit_log: Option<&str>) -> Running {
     start_on(creds, upstream_url, extra, audit_log, Clock::system()).await

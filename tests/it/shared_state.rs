@@ -88,7 +88,8 @@ async fn replay_is_refused_fleet_wide(redis: Redis<'_>) -> (String, i64) {
 }
 
 /// ... and what Redis holds for them: one set for the key's signatures with that
-/// timestamp, of 1,001 16-byte hashes (not the signatures), expiring with the window.
+/// timestamp, of 1,001 16-byte hashes (not the signatures), expiring with the window
+/// (plus the clock slack).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_signature_accepted_by_one_gateway_is_refused_by_every_other() {
     let port = redis::shared().await;
@@ -102,9 +103,10 @@ async fn a_signature_accepted_by_one_gateway_is_refused_by_every_other() {
     assert_eq!(redis::cli(port, &["scard", sets[0]]).await.trim(), "1001");
     let not_16_bytes = "local n = 0 for _, m in ipairs(redis.call('SMEMBERS', KEYS[1])) do if #m ~= 16 then n = n + 1 end end return n";
     assert_eq!(redis::cli(port, &["eval", not_16_bytes, "1", sets[0]]).await.trim(), "0");
-    // The default window is 300 s either side: the set lives until `now + 300`.
+    // The default window is 300 s either side: the set lives until `now + 300`, plus 30 s
+    // of clock slack.
     let pttl: i64 = redis::cli(port, &["pttl", sets[0]]).await.trim().parse().unwrap();
-    let left = (now + 300 - crate::support::creds::unix_now()) * 1000;
+    let left = (now + 300 + 30 - crate::support::creds::unix_now()) * 1000;
     assert!(pttl > 0 && pttl <= left + 1000 && pttl >= left - 60_000, "PTTL {pttl} ms, window left {left} ms");
 }
 
@@ -437,6 +439,45 @@ async fn a_heartbeat_that_fails_after_seeing_the_loss_still_fences() {
     assert_eq!(metric(&gw, "gatehouse_shared_state_data_lost_total").await, 1.0);
 }
 
+/// Each gateway sets a replay record's expiry, and decides freshness, by its own clock: a
+/// record set by a gateway whose clock is 20 s ahead must still be there while a gateway
+/// with the right clock accepts the timestamp (the rest of its window), and that gateway
+/// refuses the replay. Records outlive their window by 30 s of clock slack; without it this
+/// record would expire 20 s early.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_record_outlives_the_window_of_a_gateway_whose_clock_is_behind() {
+    let server = RedisServer::start().await;
+    let up = TestUpstream::start().await;
+    let mut creds = Creds::new();
+    let signer = creds.hmac_user("signer");
+    let extra = format!(
+        "auth:\n  hmac:\n    max_skew: 60s\nshared_state:\n  redis: {}\n  key_prefix: \"skew:\"\n",
+        server.url()
+    );
+    let clock = gatehouse::pipeline::clock::Clock::system();
+    clock.advance(Duration::from_secs(20));
+    let ahead = crate::observability_support::start_on_clock(&creds, &up, &extra, clock).await;
+    let right = GatewayProcess::serve(
+        &fleet_config(&creds, &up, Redis::One(&server.url()), "skew:").auth_hmac("max_skew", "60s"),
+    )
+    .await;
+    let client = H1::new();
+    let now = crate::support::creds::unix_now();
+    let headers = signer.headers_at(now, "GET", "/api/x", b"");
+    let r = client.request("GET", &format!("http://{}/api/x", ahead.addr), &headers, Vec::new()).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let sets = server.cli(&["keys", "skew:*:sig:*"]).await;
+    let set = sets.trim();
+    assert!(!set.is_empty() && !set.contains('\n'), "one replay set: {sets:?}");
+    let pttl: i64 = server.cli(&["pttl", set]).await.trim().parse().unwrap();
+    let accepted_until_ms = (now + 60 + 1 - crate::support::creds::unix_now()) * 1000;
+    println!(
+        "record lives {pttl} ms; the gateway with the right clock accepts the timestamp {accepted_until_ms} ms more"
+    );
+    assert!(pttl >= accepted_until_ms, "the record expires {} ms too early", accepted_until_ms - pttl);
+    assert_unauthorized(&signed(&client, &right, &signer, now, "/api/x").await, "Replayed request");
+}
+
 /// Redis flushed under gateway A after it accepted a signature; gateway B starts after
 /// that, with no earlier epoch to compare: it takes the fence A shares in Redis, so the
 /// replay is refused by B as by A (503: Redis cannot vouch for it), and B counts no loss of
@@ -754,6 +795,8 @@ async fn an_acl_user_limited_to_gatehouse_commands_and_prefix_is_enough() {
     .await;
     for gw in [&a, &b] {
         assert_eq!(metric(gw, "gatehouse_shared_state_up").await, 1.0);
+        let offset = metric(gw, "gatehouse_shared_state_clock_offset_seconds").await;
+        assert!(offset.abs() < 1.0, "same machine, clock offset {offset} s");
         let errors = gw.admin().get("/metrics").await.text();
         assert!(
             !errors.lines().any(|l| l.starts_with("gatehouse_shared_state_errors_total") && !l.ends_with(" 0")),
