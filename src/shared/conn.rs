@@ -32,8 +32,21 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// TCP_NODELAY on (the client's default is off): a command is written when it is ready,
 /// not held back while an earlier one is unacknowledged.
+///
+/// Keepalive probes (after 30 s idle, every 10 s, 3 tries) keep an idle connection's state
+/// alive in NATs and load balancers (some forget a flow after 350 s idle) and find a dead
+/// one; on Linux, a write unacknowledged for 10 s ends the connection (TCP_USER_TIMEOUT),
+/// so a silently dropped one fails and is replaced instead of timing out every operation
+/// for the many minutes of TCP's own retransmissions.
 fn tcp() -> redis::io::tcp::TcpSettings {
-    redis::io::tcp::TcpSettings::default().set_nodelay(true)
+    use redis::io::tcp::socket2::TcpKeepalive;
+    let keepalive = TcpKeepalive::new().with_time(Duration::from_secs(30)).with_interval(Duration::from_secs(10));
+    #[cfg(target_os = "linux")]
+    let keepalive = keepalive.with_retries(3);
+    let settings = redis::io::tcp::TcpSettings::default().set_nodelay(true).set_keepalive(keepalive);
+    #[cfg(target_os = "linux")]
+    let settings = settings.set_user_timeout(Duration::from_secs(10));
+    settings
 }
 
 impl Conn {

@@ -317,10 +317,20 @@ impl SharedMetrics {
     }
 }
 
+thread_local! {
+    /// Each connection worker thread's connection to Redis, by `Shared::id`, opened on its
+    /// first use there (see `Shared::local`).
+    static CONNS: std::cell::RefCell<std::collections::HashMap<usize, Arc<tokio::sync::OnceCell<Conn>>>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
 /// The fleet's shared state.
 pub struct Shared {
     /// The connection opened at start: heartbeats and probes (requests use [`Shared::local`]).
-    conn: Conn,
+    /// Replaced when a probe fails (`reopen_main`).
+    main: Mutex<Conn>,
+    /// A replacement of `main` is being opened.
+    reopening: std::sync::atomic::AtomicBool,
     /// What [`Shared::local`] opens its connections with.
     cfg: SharedStateConfig,
     /// Tells this instance's thread-local connections apart from another's (tests run
@@ -458,7 +468,8 @@ impl Shared {
         let conn = opened.map_err(|e| fail(e.to_string()))?;
         static IDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let shared = Shared {
-            conn,
+            main: Mutex::new(conn),
+            reopening: std::sync::atomic::AtomicBool::new(false),
             cfg: cfg.clone(),
             id: IDS.fetch_add(1, Ordering::Relaxed),
             prefix: cfg.key_prefix.clone(),
@@ -505,7 +516,7 @@ impl Shared {
         } else {
             // A script run, as a gateway's first heartbeat is: ACLs that forbid EVALSHA fail here.
             let ping = Script::new("return redis.call('PING')");
-            tokio::time::timeout(Duration::from_secs(5), shared.conn.clone().run::<String>(&ping.prepare_invoke()))
+            tokio::time::timeout(Duration::from_secs(5), shared.main().run::<String>(&ping.prepare_invoke()))
                 .await
                 .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "no answer within 5s")))
                 .and_then(|r| r.map(|_| ()))
@@ -541,10 +552,6 @@ impl Shared {
     /// 40 µs of CPU per signed request on 2 cores). Requests of one thread still share the
     /// connection and their commands are pipelined.
     async fn local(&self) -> redis::RedisResult<Conn> {
-        thread_local! {
-            static CONNS: std::cell::RefCell<std::collections::HashMap<usize, Arc<tokio::sync::OnceCell<Conn>>>> =
-                std::cell::RefCell::new(std::collections::HashMap::new());
-        }
         let cell = CONNS.with(|c| c.borrow_mut().entry(self.id).or_default().clone());
         if let Some(conn) = cell.get() {
             return Ok(conn.clone());
@@ -557,6 +564,42 @@ impl Shared {
             let _ = opening.get_or_try_init(|| Conn::open(&cfg)).await;
         });
         cell.get_or_try_init(|| Conn::open(&self.cfg)).await.cloned()
+    }
+
+    /// Forgets this thread's connection after an operation on it timed out: a connection
+    /// that a firewall or NAT dropped silently answers nothing and reports no error, so it
+    /// would time out every operation the breaker lets through until TCP gives up
+    /// (minutes). The next operation opens a new one. One still being opened is kept:
+    /// opening may take longer than an operation (TLS and AUTH to a distant Redis), and is
+    /// bounded by its own timeout.
+    fn forget_local(&self) {
+        CONNS.with(|c| {
+            let mut conns = c.borrow_mut();
+            if conns.get(&self.id).is_some_and(|cell| cell.initialized()) {
+                conns.remove(&self.id);
+            }
+        });
+    }
+
+    /// The heartbeat's connection.
+    fn main(&self) -> Conn {
+        self.main.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// After a failed probe: opens a new heartbeat connection in the background (one at a
+    /// time) and uses it once open, for the same reason as `forget_local`. The probes go on
+    /// meanwhile on the old one, which recovers by itself from anything but silence.
+    fn reopen_main(self: &Arc<Self>) {
+        if self.reopening.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Ok(Ok(conn)) = tokio::time::timeout(Duration::from_secs(5), Conn::open(&this.cfg)).await {
+                *this.main.lock().unwrap_or_else(PoisonError::into_inner) = conn;
+            }
+            this.reopening.store(false, Ordering::Release);
+        });
     }
 
     /// This thread's batcher of signature records (see `batch.rs`).
@@ -603,6 +646,7 @@ impl Shared {
             }
             Err(_) => {
                 series.timeout.inc();
+                self.forget_local();
                 Ok(self.op_timeout)
             }
         };
@@ -836,7 +880,7 @@ impl Shared {
         inv.arg(self.node.as_str()).arg(GONE_AFTER.as_millis() as u64).arg(random_id());
         let started = Instant::now();
         let (alive, epoch, redis_ms): (u32, String, i64) =
-            tokio::time::timeout(self.op_timeout.max(Duration::from_millis(500)), self.conn.clone().run(&inv))
+            tokio::time::timeout(self.op_timeout.max(Duration::from_millis(500)), self.main().run(&inv))
                 .await
                 .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "heartbeat timed out")))??;
         let round_trip = started.elapsed();
@@ -895,7 +939,7 @@ impl Shared {
     async fn share_fence(&self) -> redis::RedisResult<()> {
         let mut inv = self.fence_script.prepare_invoke();
         inv.key(self.key("fleet", "", ":fence")).arg(self.fence.load(Ordering::Relaxed));
-        let fleet: i64 = self.conn.clone().run(&inv).await?;
+        let fleet: i64 = self.main().run(&inv).await?;
         self.fence.fetch_max(fleet, Ordering::Relaxed);
         Ok(())
     }
@@ -912,8 +956,8 @@ impl Shared {
     /// node how it evicts and whether it evicted keys since the last look.
     async fn check_nodes(&self, epochs: bool) -> redis::RedisResult<NodesSeen> {
         let mut nodes = Vec::new();
-        if matches!(self.conn, Conn::Cluster(_)) {
-            let slots: Vec<redis::Value> = self.conn.clone().query(redis::cmd("CLUSTER").arg("SLOTS")).await?;
+        if matches!(self.main(), Conn::Cluster(_)) {
+            let slots: Vec<redis::Value> = self.main().query(redis::cmd("CLUSTER").arg("SLOTS")).await?;
             for range in slots {
                 let redis::Value::Array(items) = range else { continue };
                 let (Some(redis::Value::Int(start)), Some(redis::Value::Int(end))) = (items.first(), items.get(1))
@@ -933,14 +977,14 @@ impl Shared {
             if epochs && !node.is_empty() {
                 let mut inv = self.set_epoch.prepare_invoke();
                 inv.key(key.as_str()).arg(random_id());
-                let epoch: String = self.conn.clone().run(&inv).await?;
+                let epoch: String = self.main().run(&inv).await?;
                 if self.epoch_changed(&key, epoch) {
                     self.forget(Loss::Data);
                 }
             }
             let mut inv = self.eviction.prepare_invoke();
             inv.key(key.as_str());
-            let e = Eviction::from_reply(self.conn.clone().run(&inv).await?);
+            let e = Eviction::from_reply(self.main().run(&inv).await?);
             if e.may_evict() && seen.evicting.is_none() {
                 seen.evicting = Some(format!("{}{node}", e.describe()));
             }
@@ -1022,6 +1066,7 @@ impl Shared {
                         }
                     }
                     Err(e) => {
+                        self.reopen_main();
                         if self.breaker.failed() {
                             self.metrics.up.set(0);
                             self.log_outage(&e.to_string());
