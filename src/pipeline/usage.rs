@@ -276,13 +276,14 @@ impl Usage {
     /// Adds what this gateway counted since its last flush to the fleet's totals.
     pub async fn flush_shared(&self, shared: &Shared) -> Result<(), Unavailable> {
         let mut sent = self.sent.lock().await;
-        let delta = self.unsent(&sent);
-        if delta.is_empty() {
-            return Ok(());
-        }
-        shared.add_usage(&delta).await?;
-        for (id, d) in delta {
-            sent.entry(id).or_default().add(d);
+        let delta: Vec<(String, UsageRow)> = self.unsent(&sent).into_iter().collect();
+        // Each part is marked sent once Redis has it: a flush that fails part-way does not
+        // add the parts already written again at the next one.
+        for part in delta.chunks(crate::shared::USAGE_ROWS_PER_CALL) {
+            shared.add_usage(part).await?;
+            for (id, d) in part {
+                sent.entry(id.clone()).or_default().add(d.clone());
+            }
         }
         Ok(())
     }

@@ -43,6 +43,10 @@ use std::time::{Duration, Instant};
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 const GONE_AFTER: Duration = Duration::from_secs(5);
 
+/// Usage rows per `add_usage` call: a fleet with 100,000 keys writes in a few bounded
+/// scripts, not one huge one.
+pub const USAGE_ROWS_PER_CALL: usize = 500;
+
 /// How much longer than its window a replay record lives in Redis. Each gateway sets the
 /// record's expiry by its own clock and decides freshness by it too, so a record set by a
 /// gateway whose clock is ahead would expire while a gateway whose clock is behind still
@@ -724,7 +728,11 @@ impl Shared {
         signature: Option<SignatureRecord<'_>>,
     ) -> Result<Admission, Unavailable> {
         let lease = self.lease(key_id);
-        let guard = lease.refill.lock().await;
+        // Requests of one key wait here for one refill at a time (each its own round trip
+        // when the lease is one request): never longer than an operation may take.
+        let Ok(guard) = tokio::time::timeout(self.op_timeout, lease.refill.lock()).await else {
+            return Err(Unavailable);
+        };
         match lease.spend(Instant::now()) {
             Local::Spent(remaining) => {
                 drop(guard);
@@ -830,33 +838,45 @@ impl Shared {
         Ok((code == 0).then(|| Duration::from_micros(u64::try_from(n).unwrap_or(0))))
     }
 
-    /// Adds usage deltas (key id → row) to the fleet's totals.
-    pub async fn add_usage(&self, deltas: &BTreeMap<String, UsageRow>) -> Result<(), Unavailable> {
-        let rows: Vec<_> = deltas.iter().collect();
-        // Bounded scripts: a fleet with 100,000 keys writes in a few calls, not one huge one.
-        for chunk in rows.chunks(500) {
-            let mut inv = self.add_usage.prepare_invoke();
-            inv.key(self.key("fleet", "", ":usage"));
-            for (id, r) in chunk {
-                inv.arg(id.as_str())
-                    .arg(r.user.as_str())
-                    .arg(r.requests)
-                    .arg(r.errors)
-                    .arg(r.rate_limited)
-                    .arg(r.last_used);
-            }
-            let _: i64 = self.op(Op::Usage, self.run(&inv)).await?;
+    /// Adds usage deltas (key id → row) to the fleet's totals, in one script: callers give
+    /// at most [`USAGE_ROWS_PER_CALL`] rows.
+    pub async fn add_usage(&self, rows: &[(String, UsageRow)]) -> Result<(), Unavailable> {
+        let mut inv = self.add_usage.prepare_invoke();
+        inv.key(self.key("fleet", "", ":usage"));
+        for (id, r) in rows {
+            inv.arg(id.as_str())
+                .arg(r.user.as_str())
+                .arg(r.requests)
+                .arg(r.errors)
+                .arg(r.rate_limited)
+                .arg(r.last_used);
         }
+        let _: i64 = self.op(Op::Usage, self.run(&inv)).await?;
         Ok(())
     }
 
     /// Every key's usage, summed over the fleet.
+    ///
+    /// Read with `HSCAN`, a thousand fields a call: one `HGETALL` of a large fleet's hash
+    /// (100,000 keys are 500,000 fields) would stop Redis for every gateway for longer
+    /// than their operations may wait, and time out itself, opening the breaker.
     pub async fn read_usage(&self) -> Result<BTreeMap<String, UsageRow>, Unavailable> {
-        let mut cmd = redis::cmd("HGETALL");
-        cmd.arg(self.key("fleet", "", ":usage"));
-        let fields: Vec<(String, String)> = self.op(Op::Usage, self.query(&cmd)).await?;
+        let key = self.key("fleet", "", ":usage");
+        let mut fields: Vec<(String, String)> = Vec::new();
+        let mut cursor = 0u64;
+        loop {
+            let mut cmd = redis::cmd("HSCAN");
+            cmd.arg(&key).arg(cursor).arg("COUNT").arg(1000);
+            let (next, mut page): (u64, Vec<(String, String)>) = self.op(Op::Usage, self.query(&cmd)).await?;
+            fields.append(&mut page);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
         let mut out: BTreeMap<String, UsageRow> = BTreeMap::new();
         for (field, value) in fields {
+            // A field seen twice (HSCAN may return one more than once) is set twice.
             let Some((id, what)) = field.rsplit_once('|') else { continue };
             let row = out.entry(id.to_string()).or_default();
             let n = || value.parse::<u64>().unwrap_or(0);

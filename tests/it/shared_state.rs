@@ -573,6 +573,43 @@ async fn a_redis_that_cannot_be_used_stops_start_up_with_the_reason() {
     assert!(stdout.contains(&format!("ok (shared state in Redis at {})", server.url())), "{stdout}");
 }
 
+/// The fleet's usage hash holds 3,000 other keys' rows (15,000 fields, as a large fleet's
+/// does): a gateway reads it a page at a time (`HSCAN`; one `HGETALL` would stop Redis for
+/// every gateway) and still finds its key's count among them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_fleet_usage_is_read_a_page_at_a_time() {
+    let server = RedisServer::start().await;
+    let up = TestUpstream::start().await;
+    let mut creds = Creds::new();
+    let key = creds.api_user("counted");
+    let fill = "for i = 1, 3000 do local k = 'ak_other' .. i \
+        redis.call('HSET', KEYS[1], k .. '|user', 'u' .. i, k .. '|requests', i, k .. '|errors', 0, \
+        k .. '|rate_limited', 0, k .. '|last_used', 0) end return 1";
+    assert_eq!(server.cli(&["eval", fill, "1", "big:{fleet}:usage"]).await.trim(), "1");
+    let gw = GatewayProcess::serve(&fleet_config(&creds, &up, Redis::One(&server.url()), "big:")).await;
+    let client = H1::new();
+    for _ in 0..7 {
+        assert_eq!(client.get_with(&gw.url("/api/u"), &[("x-api-key", key.token.as_str())]).await.status, 200);
+    }
+    server.cli(&["config", "resetstat"]).await;
+    within(STEP, "the key's usage among 3,000 others", async {
+        while gw.admin().get("/admin/v1/users/counted/usage").await.json()["requests"] != 7 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let stats = server.cli(&["info", "commandstats"]).await;
+    let calls = |cmd: &str| {
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("cmdstat_{cmd}:calls=")))
+            .and_then(|rest| rest.split(',').next())
+            .map_or(0, |n| n.parse::<u64>().unwrap())
+    };
+    assert!(calls("hscan") >= 15, "pages read: {}\n{stats}", calls("hscan"));
+    assert_eq!(calls("hgetall"), 0, "{stats}");
+}
+
 /// A Redis that may evict keys before they expire (a memory limit with any policy but
 /// `noeviction`) could drop a replay record inside its window: `check-config` and `serve`
 /// stop with exit 78 and the reason, announce no gateway and listen on nothing; with
