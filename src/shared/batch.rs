@@ -108,8 +108,9 @@ impl Batcher {
                 pipe.cmd("SADD").arg(&p.set).arg(&p.member[..]);
             }
             // One `PEXPIRE` per set, after its members: the set may be new. Every batch
-            // that adds to a set sets its expiry again (to the same end of the window), so
-            // a set never outlives its window by more than a batch's rounding.
+            // that adds to a set sets its expiry again, to the end of the window plus the
+            // clock slack by the clock of the gateway that adds last, so no set lives
+            // without an expiry.
             let mut sets: HashMap<&str, u64> = HashMap::with_capacity(batch.len());
             for p in &batch {
                 let ttl = sets.entry(&p.set).or_default();

@@ -326,6 +326,16 @@ thread_local! {
     /// first use there (see `Shared::local`).
     static CONNS: std::cell::RefCell<std::collections::HashMap<usize, Arc<tokio::sync::OnceCell<Conn>>>> =
         std::cell::RefCell::new(std::collections::HashMap::new());
+    /// Each thread's batcher of signature records, by `Shared::id` (see `batch.rs`).
+    static BATCHERS: std::cell::RefCell<std::collections::HashMap<usize, Arc<batch::Batcher>>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+    /// Operations of this thread that timed out since one last succeeded (0 or 1).
+    static TIMEOUTS_IN_A_ROW: std::cell::Cell<u8> = const { std::cell::Cell::new(0) };
+}
+
+/// A wait for Redis that ran out, as the client reports its own (`is_timeout()`).
+fn timed_out(what: &str) -> redis::RedisError {
+    redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::TimedOut, what.to_string()))
 }
 
 /// The fleet's shared state.
@@ -375,6 +385,8 @@ pub struct Shared {
     evicting_logged: Mutex<Option<Instant>>,
     /// When a far clock was last logged (one line a minute at most).
     clock_logged: Mutex<Option<Instant>>,
+    /// When a loss of data was last logged (one line a minute at most).
+    lost_logged: Mutex<Option<Instant>>,
     /// Wakes the background task when the breaker opens, so that it probes at once.
     opened: tokio::sync::Notify,
 }
@@ -498,6 +510,7 @@ impl Shared {
             last_logged: Mutex::new(None),
             evicting_logged: Mutex::new(None),
             clock_logged: Mutex::new(None),
+            lost_logged: Mutex::new(None),
             opened: tokio::sync::Notify::new(),
         };
         // Before announcing anything: a Redis that may evict keys can drop a replay record
@@ -570,17 +583,25 @@ impl Shared {
         cell.get_or_try_init(|| Conn::open(&self.cfg)).await.cloned()
     }
 
-    /// Forgets this thread's connection after an operation on it timed out: a connection
-    /// that a firewall or NAT dropped silently answers nothing and reports no error, so it
-    /// would time out every operation the breaker lets through until TCP gives up
-    /// (minutes). The next operation opens a new one. One still being opened is kept:
-    /// opening may take longer than an operation (TLS and AUTH to a distant Redis), and is
-    /// bounded by its own timeout.
-    fn forget_local(&self) {
+    /// Counts an operation of this thread that timed out, and forgets the thread's
+    /// connection (and its batcher, whose sender holds it) at the second in a row: a
+    /// connection that a firewall or NAT dropped silently answers nothing and reports no
+    /// error, so it would time out every operation the breaker lets through until TCP gives
+    /// up. One timeout alone is kept: on a saturated box an operation can pass
+    /// `op_timeout` while Redis and the connection are fine, and reconnecting then would
+    /// only lengthen the outage. One still being opened is kept too: opening may take
+    /// longer than an operation (TLS and AUTH to a distant Redis) and has its own timeout.
+    fn timed_out_here(&self) {
+        if TIMEOUTS_IN_A_ROW.get() == 0 {
+            TIMEOUTS_IN_A_ROW.set(1);
+            return;
+        }
+        TIMEOUTS_IN_A_ROW.set(0);
         CONNS.with(|c| {
             let mut conns = c.borrow_mut();
             if conns.get(&self.id).is_some_and(|cell| cell.initialized()) {
                 conns.remove(&self.id);
+                BATCHERS.with(|b| b.borrow_mut().remove(&self.id));
             }
         });
     }
@@ -608,10 +629,6 @@ impl Shared {
 
     /// This thread's batcher of signature records (see `batch.rs`).
     fn batcher(&self) -> Arc<batch::Batcher> {
-        thread_local! {
-            static BATCHERS: std::cell::RefCell<std::collections::HashMap<usize, Arc<batch::Batcher>>> =
-                std::cell::RefCell::new(std::collections::HashMap::new());
-        }
         BATCHERS.with(|b| b.borrow_mut().entry(self.id).or_default().clone())
     }
 
@@ -643,14 +660,17 @@ impl Shared {
         let result = tokio::time::timeout(self.op_timeout, f).await;
         series.duration.observe(started.elapsed().as_secs_f64());
         let failure = match result {
-            Ok(Ok(v)) => return Ok(v),
+            Ok(Ok(v)) => {
+                TIMEOUTS_IN_A_ROW.set(0);
+                return Ok(v);
+            }
             Ok(Err(e)) => {
                 series.error.inc();
                 Err(e)
             }
             Err(_) => {
                 series.timeout.inc();
-                self.forget_local();
+                self.timed_out_here();
                 Ok(self.op_timeout)
             }
         };
@@ -729,7 +749,8 @@ impl Shared {
     ) -> Result<Admission, Unavailable> {
         let lease = self.lease(key_id);
         // Requests of one key wait here for one refill at a time (each its own round trip
-        // when the lease is one request): never longer than an operation may take.
+        // when the lease is one request): at most `op_timeout`, then the request falls
+        // back like any unanswered operation (so an admission waits at most twice that).
         let Ok(guard) = tokio::time::timeout(self.op_timeout, lease.refill.lock()).await else {
             return Err(Unavailable);
         };
@@ -902,7 +923,7 @@ impl Shared {
         let (alive, epoch, redis_ms): (u32, String, i64) =
             tokio::time::timeout(self.op_timeout.max(Duration::from_millis(500)), self.main().run(&inv))
                 .await
-                .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "heartbeat timed out")))??;
+                .map_err(|_| timed_out("heartbeat timed out"))??;
         let round_trip = started.elapsed();
         // Redis read its clock about halfway through the round trip.
         let here = time::OffsetDateTime::now_utc() - round_trip / 2;
@@ -919,35 +940,48 @@ impl Shared {
         }
         let seen = tokio::time::timeout(self.op_timeout.max(Duration::from_millis(500)), self.check_nodes(true))
             .await
-            .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "node checks timed out")))??;
+            .map_err(|_| timed_out("node checks timed out"))??;
         self.metrics.evicting.set(i64::from(seen.evicting.is_some()));
         if let Some(evicting) = &seen.evicting {
             self.log_evicting(evicting);
         }
         tokio::time::timeout(self.op_timeout.max(Duration::from_millis(500)), self.share_fence())
             .await
-            .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "fence timed out")))??;
+            .map_err(|_| timed_out("fence timed out"))??;
         Ok(round_trip)
     }
 
+    /// How far past now a fence reaches, seconds: a signature accepted before the loss is
+    /// at most `max_skew` ahead of the clock of the gateway that accepted it, which may be
+    /// [`CLOCK_SLACK`] ahead of this one.
+    fn fence_reach(&self) -> i64 {
+        self.max_skew.saturating_add(CLOCK_SLACK.as_secs() as i64).saturating_add(1)
+    }
+
     /// Redis (or a node of it) restarted without its data, was flushed, or evicted keys:
-    /// signatures accepted before may be forgotten. Any of them is at most `max_skew` old
-    /// plus `max_skew` ahead, so nothing signed up to now + `max_skew` can be vouched for:
-    /// those go to the replay fallback until the window has passed.
+    /// signatures accepted before may be forgotten, and Redis cannot vouch for any signed
+    /// before now + `fence_reach`: those go to the replay fallback until then.
     ///
     /// Fenced here, at once, when the loss is seen: not at the end of the heartbeat, which
     /// a later failure could cut short (the next one sees the new epoch as known). The
-    /// heartbeat then shares the fence with the fleet (`share_fence`).
+    /// heartbeat then shares the fence with the fleet (`share_fence`). Logged once a minute
+    /// at most (a Redis that keeps evicting would otherwise log every second).
     fn forget(&self, loss: Loss) {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        self.fence.fetch_max(now.saturating_add(self.max_skew).saturating_add(1), Ordering::Relaxed);
+        self.fence.fetch_max(now.saturating_add(self.fence_reach()), Ordering::Relaxed);
         self.metrics.data_lost.inc();
+        let mut last = self.lost_logged.lock().unwrap_or_else(PoisonError::into_inner);
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(60)) {
+            return;
+        }
+        *last = Some(Instant::now());
+        let fence_seconds = self.fence_reach();
         match loss {
             Loss::Data => {
-                tracing::error!(redis = %self.describe, fence_seconds = self.max_skew, "Redis lost the fleet's shared state (restarted empty or flushed): signed requests use the replay fallback until the HMAC window has passed")
+                tracing::error!(redis = %self.describe, fence_seconds, "Redis lost the fleet's shared state (restarted empty or flushed): signed requests use the replay fallback until the HMAC window has passed")
             }
             Loss::Evicted => {
-                tracing::error!(redis = %self.describe, fence_seconds = self.max_skew, "Redis evicted keys (maxmemory): replay records may be gone, so signed requests use the replay fallback until the HMAC window has passed; set maxmemory-policy noeviction")
+                tracing::error!(redis = %self.describe, fence_seconds, "Redis evicted keys (maxmemory): replay records may be gone, so signed requests use the replay fallback until the HMAC window has passed; set maxmemory-policy noeviction")
             }
         }
     }
@@ -956,11 +990,16 @@ impl Shared {
     /// starts (or first reaches Redis) after the loss has no earlier epoch to compare, and
     /// would otherwise trust the forgetful Redis. Each gateway republishes its fence at
     /// every heartbeat while it lasts, so it outlives the loss of the node holding it.
+    ///
+    /// A fence never reaches further than one fence from now, by Redis's clock when it is
+    /// published and by this gateway's when it is taken: a gateway whose clock is far ahead
+    /// must not refuse the whole fleet's signed requests for as long as its clock is off.
     async fn share_fence(&self) -> redis::RedisResult<()> {
         let mut inv = self.fence_script.prepare_invoke();
-        inv.key(self.key("fleet", "", ":fence")).arg(self.fence.load(Ordering::Relaxed));
+        inv.key(self.key("fleet", "", ":fence")).arg(self.fence.load(Ordering::Relaxed)).arg(self.fence_reach());
         let fleet: i64 = self.main().run(&inv).await?;
-        self.fence.fetch_max(fleet, Ordering::Relaxed);
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        self.fence.fetch_max(fleet.min(now.saturating_add(self.fence_reach())), Ordering::Relaxed);
         Ok(())
     }
 
@@ -1086,7 +1125,10 @@ impl Shared {
                         }
                     }
                     Err(e) => {
-                        self.reopen_main();
+                        // Silence, not an error answer: the connection may be dead.
+                        if e.is_timeout() {
+                            self.reopen_main();
+                        }
                         if self.breaker.failed() {
                             self.metrics.up.set(0);
                             self.log_outage(&e.to_string());

@@ -104,17 +104,19 @@ return {
 ";
 
 /// The fleet's replay fence: signatures with a timestamp before it (unix seconds) may have
-/// been accepted before Redis lost its data. Raises it to `ARGV[1]` when that is later
-/// (and still ahead, by Redis's clock; it then lives until it has passed), and returns it
-/// (0: none).
+/// been accepted before Redis lost its data. Raises it to `ARGV[1]` when that is later,
+/// still ahead and at most `ARGV[2]` seconds ahead (by Redis's clock: a gateway whose clock
+/// is far ahead cannot fence the fleet for longer than one fence); it then lives until it
+/// has passed. Returns it (0: none).
 ///
-/// `KEYS[1]`: the fence. `ARGV[1]`: this gateway's fence, 0 for none.
+/// `KEYS[1]`: the fence. `ARGV[1]`: this gateway's fence, 0 for none; `ARGV[2]`: how far
+/// ahead a fence may reach, seconds.
 pub const FENCE: &str = r"
 local now = tonumber(redis.call('TIME')[1])
 local fence = tonumber(redis.call('GET', KEYS[1]) or '0')
-local mine = tonumber(ARGV[1])
+local mine = math.min(tonumber(ARGV[1]), now + tonumber(ARGV[2]))
 if mine > fence and mine > now then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', (mine - now) * 1000)
+  redis.call('SET', KEYS[1], string.format('%d', mine), 'PX', (mine - now) * 1000)
   fence = mine
 end
 return fence
