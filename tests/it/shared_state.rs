@@ -866,56 +866,12 @@ async fn an_acl_user_limited_to_gatehouse_commands_and_prefix_is_enough() {
 /// restart, and none reached the upstream unchecked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_the_network_dropped_silently_are_replaced() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicU32, Ordering};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let server = RedisServer::start().await;
-    let generation = Arc::new(AtomicU32::new(0));
-    // A TCP relay to Redis. A connection accepted before the generation changed relays
-    // nothing after it, either way, and stays open: what a forgotten flow looks like.
-    let relay = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let relay_addr = relay.local_addr().unwrap();
-    let redis_port = server.port;
-    let relay_generation = generation.clone();
-    tokio::spawn(async move {
-        while let Ok((inbound, _)) = relay.accept().await {
-            let generation = relay_generation.clone();
-            let born = generation.load(Ordering::SeqCst);
-            tokio::spawn(async move {
-                let Ok(outbound) = tokio::net::TcpStream::connect(("127.0.0.1", redis_port)).await else { return };
-                let (from_client, to_client) = inbound.into_split();
-                let (from_redis, to_redis) = outbound.into_split();
-                for (mut from, mut to) in [
-                    (
-                        Box::new(from_client) as Box<dyn tokio::io::AsyncRead + Send + Unpin>,
-                        Box::new(to_redis) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
-                    ),
-                    (Box::new(from_redis), Box::new(to_client)),
-                ] {
-                    let generation = generation.clone();
-                    tokio::spawn(async move {
-                        let mut buf = vec![0u8; 64 * 1024];
-                        while let Ok(n) = from.read(&mut buf).await {
-                            if n == 0 {
-                                break;
-                            }
-                            if generation.load(Ordering::SeqCst) != born {
-                                // Held: the sockets stay open, nothing more passes.
-                                std::future::pending::<()>().await;
-                            }
-                            if to.write_all(&buf[..n]).await.is_err() {
-                                break;
-                            }
-                        }
-                    });
-                }
-            });
-        }
-    });
+    let relay = redis::Relay::start(server.port).await;
     let up = TestUpstream::start().await;
     let mut creds = Creds::new();
     let signer = creds.hmac_user("signer");
-    let config = fleet_config(&creds, &up, Redis::One(&format!("redis://{relay_addr}")), "silent:");
+    let config = fleet_config(&creds, &up, Redis::One(&relay.url()), "silent:");
     let gw = GatewayProcess::serve(&config).await;
     let now = crate::support::creds::unix_now();
     // One connection per request (a new client each): they spread over the gateway's
@@ -927,7 +883,7 @@ async fn connections_the_network_dropped_silently_are_replaced() {
     }
     let client = H1::new();
 
-    generation.fetch_add(1, Ordering::SeqCst);
+    relay.drop_existing();
     assert_replay_unavailable(&signed(&client, &gw, &signer, now, "/api/during").await);
     within(STEP, "signed requests accepted again on new connections", async {
         for n in 0.. {
@@ -952,49 +908,18 @@ async fn connections_the_network_dropped_silently_are_replaced() {
 /// gateway is back in shared mode by itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_slower_than_the_operation_timeout_keeps_the_breaker_open_until_it_is_fast() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let server = RedisServer::start().await;
-    let slow = Arc::new(AtomicBool::new(false));
-    // A TCP relay that, while `slow` is set, holds each chunk of Redis's answers 400 ms.
-    let relay = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let relay_addr = relay.local_addr().unwrap();
-    let redis_port = server.port;
-    let relay_slow = slow.clone();
-    tokio::spawn(async move {
-        while let Ok((inbound, _)) = relay.accept().await {
-            let slow = relay_slow.clone();
-            tokio::spawn(async move {
-                let Ok(outbound) = tokio::net::TcpStream::connect(("127.0.0.1", redis_port)).await else { return };
-                let (mut from_client, mut to_client) = inbound.into_split();
-                let (mut from_redis, mut to_redis) = outbound.into_split();
-                tokio::spawn(async move { tokio::io::copy(&mut from_client, &mut to_redis).await });
-                let mut buf = vec![0u8; 64 * 1024];
-                while let Ok(n) = from_redis.read(&mut buf).await {
-                    if n == 0 {
-                        break;
-                    }
-                    if slow.load(Ordering::SeqCst) {
-                        tokio::time::sleep(Duration::from_millis(400)).await;
-                    }
-                    if to_client.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
+    let relay = redis::Relay::start(server.port).await;
     let up = TestUpstream::start().await;
     let mut creds = Creds::new();
     let signer = creds.hmac_user("signer");
-    let config = fleet_config(&creds, &up, Redis::One(&format!("redis://{relay_addr}")), "slowanswer:");
+    let config = fleet_config(&creds, &up, Redis::One(&relay.url()), "slowanswer:");
     let gw = GatewayProcess::serve(&config).await;
     let client = H1::new();
     let now = crate::support::creds::unix_now();
     assert_eq!(signed(&client, &gw, &signer, now, "/api/fast").await.status, 200);
 
-    slow.store(true, Ordering::SeqCst);
+    relay.slow_answers(400);
     assert_replay_unavailable(&signed(&client, &gw, &signer, now, "/api/slow").await);
     let timeouts = "gatehouse_shared_state_errors_total{kind=\"timeout\",op=\"admit\"}";
     let replay_timeouts = "gatehouse_shared_state_errors_total{kind=\"timeout\",op=\"replay\"}";
@@ -1022,7 +947,7 @@ async fn a_redis_slower_than_the_operation_timeout_keeps_the_breaker_open_until_
     );
     assert_eq!(up.count(), 1, "a signed request reached the upstream without its replay check");
 
-    slow.store(false, Ordering::SeqCst);
+    relay.slow_answers(0);
     until_metric(&gw, "gatehouse_shared_state_up", 1.0, Duration::from_secs(5)).await;
     assert_eq!(signed(&client, &gw, &signer, crate::support::creds::unix_now(), "/api/fast/again").await.status, 200);
 }
@@ -1034,23 +959,12 @@ async fn a_redis_slower_than_the_operation_timeout_keeps_the_breaker_open_until_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_slower_to_connect_than_an_operation_is_still_reached() {
     let server = RedisServer::start().await;
-    // A TCP relay that holds each new connection for 300 ms before relaying it.
-    let relay = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let relay_addr = relay.local_addr().unwrap();
-    let redis_port = server.port;
-    tokio::spawn(async move {
-        while let Ok((mut inbound, _)) = relay.accept().await {
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", redis_port)).await else { return };
-                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-            });
-        }
-    });
+    let relay = redis::Relay::start(server.port).await;
+    relay.slow_connects(300);
     let up = TestUpstream::start().await;
     let mut creds = Creds::new();
     let signer = creds.hmac_user("signer");
-    let url = format!("redis://{relay_addr}");
+    let url = relay.url();
     let config = GatewayConfig::new()
         .credentials(&creds)
         .admin("admin-test-token-0123456789abcdef")

@@ -206,3 +206,92 @@ impl RedisCluster {
         self.nodes.iter().map(RedisServer::url).collect()
     }
 }
+
+/// A TCP relay in front of a Redis, with the faults a network between gateway and Redis
+/// has: answers held up (`slow_answers`), new connections held up (`slow_connects`), and
+/// every existing connection silently dropped (`drop_existing`: nothing passes on it any
+/// more, either way, and it stays open — what a flow a NAT or firewall forgot looks like).
+pub struct Relay {
+    pub addr: std::net::SocketAddr,
+    faults: std::sync::Arc<Faults>,
+}
+
+#[derive(Default)]
+struct Faults {
+    /// Each chunk of Redis's answers waits this long (ms; 0: none).
+    answer_delay_ms: AtomicU32,
+    /// Each new connection waits this long before it is relayed (ms).
+    connect_delay_ms: AtomicU32,
+    /// Connections accepted before it last changed pass nothing.
+    generation: AtomicU32,
+}
+
+impl Relay {
+    pub async fn start(redis_port: u16) -> Relay {
+        use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let faults = std::sync::Arc::new(Faults::default());
+        let shared = faults.clone();
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let faults = shared.clone();
+                let born = faults.generation.load(Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let wait = faults.connect_delay_ms.load(Ordering::SeqCst);
+                    tokio::time::sleep(std::time::Duration::from_millis(wait.into())).await;
+                    let Ok(outbound) = tokio::net::TcpStream::connect(("127.0.0.1", redis_port)).await else { return };
+                    let (from_client, to_client) = inbound.into_split();
+                    let (from_redis, to_redis) = outbound.into_split();
+                    type Half = (Box<dyn AsyncRead + Send + Unpin>, Box<dyn AsyncWrite + Send + Unpin>, bool);
+                    let halves: [Half; 2] = [
+                        (Box::new(from_client), Box::new(to_redis), false),
+                        (Box::new(from_redis), Box::new(to_client), true),
+                    ];
+                    for (mut from, mut to, answers) in halves {
+                        let faults = faults.clone();
+                        tokio::spawn(async move {
+                            let mut buf = vec![0u8; 64 * 1024];
+                            while let Ok(n) = from.read(&mut buf).await {
+                                if n == 0 {
+                                    break;
+                                }
+                                if faults.generation.load(Ordering::SeqCst) != born {
+                                    std::future::pending::<()>().await;
+                                }
+                                let delay = faults.answer_delay_ms.load(Ordering::SeqCst);
+                                if answers && delay > 0 {
+                                    tokio::time::sleep(std::time::Duration::from_millis(delay.into())).await;
+                                }
+                                if to.write_all(&buf[..n]).await.is_err() {
+                                    break;
+                                }
+                            }
+                        });
+                    }
+                });
+            }
+        });
+        Relay { addr, faults }
+    }
+
+    /// `redis://` to the relay.
+    pub fn url(&self) -> String {
+        format!("redis://{}", self.addr)
+    }
+
+    /// Holds each chunk of Redis's answers `ms` (0: none).
+    pub fn slow_answers(&self, ms: u32) {
+        self.faults.answer_delay_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// Holds each new connection `ms` before relaying it.
+    pub fn slow_connects(&self, ms: u32) {
+        self.faults.connect_delay_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// Every connection open now passes nothing more; new ones work.
+    pub fn drop_existing(&self) {
+        self.faults.generation.fetch_add(1, Ordering::SeqCst);
+    }
+}
