@@ -333,6 +333,21 @@ thread_local! {
     static TIMEOUTS_IN_A_ROW: std::cell::Cell<u8> = const { std::cell::Cell::new(0) };
 }
 
+/// A log line's last time: `due` says whether a minute has passed (and starts the next).
+#[derive(Debug, Default)]
+struct EveryMinute(Mutex<Option<Instant>>);
+
+impl EveryMinute {
+    fn due(&self) -> bool {
+        let mut last = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(60)) {
+            return false;
+        }
+        *last = Some(Instant::now());
+        true
+    }
+}
+
 /// A wait for Redis that ran out, as the client reports its own (`is_timeout()`).
 fn timed_out(what: &str) -> redis::RedisError {
     redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::TimedOut, what.to_string()))
@@ -379,14 +394,12 @@ pub struct Shared {
     pub metrics: SharedMetrics,
     /// The description for logs (URLs without passwords).
     describe: String,
-    /// When an outage was last logged (one line per outage, one per minute at most).
-    last_logged: Mutex<Option<Instant>>,
-    /// When an evicting Redis was last logged (one line a minute at most).
-    evicting_logged: Mutex<Option<Instant>>,
-    /// When a far clock was last logged (one line a minute at most).
-    clock_logged: Mutex<Option<Instant>>,
-    /// When a loss of data was last logged (one line a minute at most).
-    lost_logged: Mutex<Option<Instant>>,
+    /// One log line a minute at most, per kind: an outage (one per outage), an evicting
+    /// Redis, a far clock, a loss of data. Never a line per request or per heartbeat.
+    outage_log: EveryMinute,
+    evicting_log: EveryMinute,
+    clock_log: EveryMinute,
+    lost_log: EveryMinute,
     /// Wakes the background task when the breaker opens, so that it probes at once.
     opened: tokio::sync::Notify,
 }
@@ -507,10 +520,10 @@ impl Shared {
             fence_script: Script::new(scripts::FENCE),
             metrics: SharedMetrics::new().map_err(|e| fail(format!("metrics: {e}")))?,
             describe: cfg.describe(),
-            last_logged: Mutex::new(None),
-            evicting_logged: Mutex::new(None),
-            clock_logged: Mutex::new(None),
-            lost_logged: Mutex::new(None),
+            outage_log: EveryMinute::default(),
+            evicting_log: EveryMinute::default(),
+            clock_log: EveryMinute::default(),
+            lost_log: EveryMinute::default(),
             opened: tokio::sync::Notify::new(),
         };
         // Before announcing anything: a Redis that may evict keys can drop a replay record
@@ -687,11 +700,9 @@ impl Shared {
     }
 
     fn log_outage(&self, err: &str) {
-        let mut last = self.last_logged.lock().unwrap_or_else(PoisonError::into_inner);
-        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(60)) {
+        if !self.outage_log.due() {
             return;
         }
-        *last = Some(Instant::now());
         tracing::error!(redis = %self.describe, error = %err, "shared state unavailable: falling back (shared_state.on_unavailable) until Redis answers again");
     }
 
@@ -970,11 +981,9 @@ impl Shared {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         self.fence.fetch_max(now.saturating_add(self.fence_reach()), Ordering::Relaxed);
         self.metrics.data_lost.inc();
-        let mut last = self.lost_logged.lock().unwrap_or_else(PoisonError::into_inner);
-        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(60)) {
+        if !self.lost_log.due() {
             return;
         }
-        *last = Some(Instant::now());
         let fence_seconds = self.fence_reach();
         match loss {
             Loss::Data => {
@@ -1065,21 +1074,17 @@ impl Shared {
 
     /// Logs that this gateway's clock is far from Redis's, once a minute at most.
     fn log_clock(&self, offset: f64) {
-        let mut last = self.clock_logged.lock().unwrap_or_else(PoisonError::into_inner);
-        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(60)) {
+        if !self.clock_log.due() {
             return;
         }
-        *last = Some(Instant::now());
         tracing::error!(redis = %self.describe, offset_seconds = offset, "this gateway's clock is far from Redis's: replay records outlive their window by 30 s to absorb clock differences, and beyond that a replay could be accepted by a gateway whose clock is behind; fix the clocks (NTP)");
     }
 
     /// Logs that a node may evict keys, once a minute at most.
     fn log_evicting(&self, evicting: &str) {
-        let mut last = self.evicting_logged.lock().unwrap_or_else(PoisonError::into_inner);
-        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(60)) {
+        if !self.evicting_log.due() {
             return;
         }
-        *last = Some(Instant::now());
         tracing::error!(redis = %self.describe, eviction = %evicting, "Redis may evict keys before they expire: a replay record dropped inside its window would let a replay through until the next heartbeat notices; set maxmemory-policy noeviction");
     }
 
