@@ -932,9 +932,7 @@ impl Shared {
         inv.arg(self.node.as_str()).arg(GONE_AFTER.as_millis() as u64).arg(random_id());
         let started = Instant::now();
         let (alive, epoch, redis_ms): (u32, String, i64) =
-            tokio::time::timeout(self.op_timeout.max(Duration::from_millis(500)), self.main().run(&inv))
-                .await
-                .map_err(|_| timed_out("heartbeat timed out"))??;
+            self.beat_step("heartbeat timed out", self.main().run(&inv)).await?;
         let round_trip = started.elapsed();
         // Redis read its clock about halfway through the round trip.
         let here = time::OffsetDateTime::now_utc() - round_trip / 2;
@@ -949,17 +947,25 @@ impl Shared {
         if self.epoch_changed(&self.key("fleet", "", ":epoch"), epoch) {
             self.forget(Loss::Data);
         }
-        let seen = tokio::time::timeout(self.op_timeout.max(Duration::from_millis(500)), self.check_nodes(true))
-            .await
-            .map_err(|_| timed_out("node checks timed out"))??;
+        let seen = self.beat_step("node checks timed out", self.check_nodes(true)).await?;
         self.metrics.evicting.set(i64::from(seen.evicting.is_some()));
         if let Some(evicting) = &seen.evicting {
             self.log_evicting(evicting);
         }
-        tokio::time::timeout(self.op_timeout.max(Duration::from_millis(500)), self.share_fence())
-            .await
-            .map_err(|_| timed_out("fence timed out"))??;
+        self.beat_step("fence timed out", self.share_fence()).await?;
         Ok(round_trip)
+    }
+
+    /// One step of a heartbeat, bounded like an operation but never under 500 ms (a
+    /// heartbeat is not a request's wait); past it, a timeout (`is_timeout()`).
+    async fn beat_step<T>(
+        &self,
+        what: &str,
+        step: impl Future<Output = redis::RedisResult<T>>,
+    ) -> redis::RedisResult<T> {
+        tokio::time::timeout(self.op_timeout.max(Duration::from_millis(500)), step)
+            .await
+            .map_err(|_| timed_out(what))?
     }
 
     /// How far past now a fence reaches, seconds: a signature accepted before the loss is
