@@ -50,6 +50,13 @@ pub async fn admit(gw: &Gateway, shared: &Shared, id: &Identity, client: IpAddr)
         Ok(Admission::Limited { wait }) => {
             Err(GateError::TooManyRequests { retry_after_secs: retry_after(wait), scope: LimitScope::Key })
         }
+        Ok(Admission::Fenced { remaining }) => {
+            // Redis lost its data while this request's record was on its way.
+            if let Some(s) = in_redis {
+                replay_fallback(gw, shared, &key.id, s, now)?;
+            }
+            Ok(Quota { limit: key.limit_header.clone(), remaining })
+        }
         Ok(Admission::Replayed) => {
             // A replay is a failed authentication, charged like one.
             charge_failure(gw, shared, client).await;

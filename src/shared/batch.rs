@@ -15,6 +15,12 @@
 //! load the first one finds nothing new and the record goes out at once. Records queued
 //! while a pipeline is in flight go in the next one, sent when its answer is back (one
 //! pipeline in flight per worker).
+//!
+//! Each pipeline ends with a `GET` of the fleet's epoch, after its records: Redis runs one
+//! connection's commands in order, so an epoch that still reads as the one known means
+//! every record of the pipeline was checked against the data Redis had before any loss;
+//! a missing or different one means a record may have met an emptied Redis (see
+//! `Shared::vouch`).
 
 use crate::shared::conn::Conn;
 use redis::RedisResult;
@@ -37,13 +43,23 @@ struct Pending {
     set: String,
     member: [u8; 16],
     ttl_ms: u64,
-    answer: oneshot::Sender<RedisResult<bool>>,
+    answer: oneshot::Sender<RedisResult<Recorded>>,
+}
+
+/// One record's answer.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    /// Recorded now (false: it was there already, a replay).
+    pub added: bool,
+    /// The fleet's epoch as read after the record (`None`: no epoch, Redis lost it).
+    pub epoch: Option<Arc<str>>,
 }
 
 /// The records of one worker waiting for their pipeline.
-#[derive(Default)]
 pub struct Batcher {
     queue: Mutex<Queue>,
+    /// The fleet's epoch key, read at the end of each pipeline.
+    epoch_key: String,
 }
 
 #[derive(Default)]
@@ -54,6 +70,10 @@ struct Queue {
 }
 
 impl Batcher {
+    pub fn new(epoch_key: String) -> Batcher {
+        Batcher { queue: Mutex::default(), epoch_key }
+    }
+
     /// Adds `member` to `set`, which lives `ttl_ms` more, on `conn` along with the records
     /// queued in this turn.
     pub async fn record(
@@ -62,7 +82,7 @@ impl Batcher {
         set: String,
         member: [u8; 16],
         ttl_ms: u64,
-    ) -> RedisResult<bool> {
+    ) -> RedisResult<Recorded> {
         let (answer, rx) = oneshot::channel();
         let start = {
             let mut q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
@@ -119,11 +139,20 @@ impl Batcher {
             for (set, ttl_ms) in sets {
                 pipe.cmd("PEXPIRE").arg(set).arg(ttl_ms).ignore();
             }
-            let replies: RedisResult<Vec<i64>> = conn.pipeline(&pipe).await;
+            pipe.cmd("GET").arg(&self.epoch_key);
+            let replies: RedisResult<(Vec<i64>, Option<String>)> =
+                conn.pipeline::<Vec<redis::Value>>(&pipe).await.and_then(|mut v| {
+                    let epoch: Option<String> = match v.pop() {
+                        Some(e) => redis::from_redis_value(e)?,
+                        None => None,
+                    };
+                    Ok((redis::from_redis_value(redis::Value::Array(v))?, epoch))
+                });
             match replies {
-                Ok(replies) if replies.len() == batch.len() => {
+                Ok((replies, epoch)) if replies.len() == batch.len() => {
+                    let epoch: Option<Arc<str>> = epoch.map(Arc::from);
                     for (p, added) in batch.into_iter().zip(replies) {
-                        let _ = p.answer.send(Ok(added == 1));
+                        let _ = p.answer.send(Ok(Recorded { added: added == 1, epoch: epoch.clone() }));
                     }
                 }
                 Ok(_) => {

@@ -68,6 +68,23 @@ pub enum Admission {
     },
     /// The signature was accepted before, by this gateway or another.
     Replayed,
+    /// Admitted by the limit, but Redis lost its data while the signature could still be
+    /// replayed (found in the same round trip, or by the heartbeat meanwhile): Redis cannot
+    /// vouch that it was not accepted before, so the replay fallback decides.
+    Fenced {
+        remaining: u32,
+    },
+}
+
+/// What Redis said of one signature's record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Record {
+    /// Recorded now: its first use since Redis has had the fleet's data.
+    New,
+    /// Recorded before: a replay.
+    Seen,
+    /// Recorded now, but Redis may have lost an earlier record of it (see `Shared::vouch`).
+    Unvouched,
 }
 
 /// Redis could not answer in time (or the breaker is open): the caller falls back.
@@ -373,9 +390,15 @@ pub struct Shared {
     live: AtomicU32,
     /// This gateway's id in the fleet's heartbeat set.
     node: String,
-    /// Each epoch key as first read (the fleet's, and under Redis Cluster one per master);
-    /// a different value later means Redis lost its data.
-    epochs: Mutex<std::collections::HashMap<String, String>>,
+    /// Each epoch key as last read (the fleet's, and under Redis Cluster one per master;
+    /// `None`: found missing); a different value later means Redis lost its data.
+    epochs: Mutex<std::collections::HashMap<String, Option<String>>>,
+    /// The fleet's epoch key, and its value as last read (`None`: found missing), for the
+    /// requests that read it with their signature's record (one Redis: `vouch`).
+    fleet_epoch_key: String,
+    fleet_epoch: arc_swap::ArcSwapOption<String>,
+    /// One Redis, not a cluster: the fleet's epoch key is in every operation's reach.
+    single: bool,
     /// Each node's count of evicted keys as last read, by the node's epoch key.
     evictions: Mutex<std::collections::HashMap<String, u64>>,
     /// Signatures with a timestamp before this (unix seconds) may have been accepted
@@ -508,6 +531,9 @@ impl Shared {
             live: AtomicU32::new(1),
             node: random_id(),
             epochs: Mutex::new(std::collections::HashMap::new()),
+            fleet_epoch_key: key(&cfg.key_prefix, "fleet", "", ":epoch"),
+            fleet_epoch: arc_swap::ArcSwapOption::empty(),
+            single: matches!(cfg.endpoint, crate::config::shared_state::RedisEndpoint::Single(_)),
             evictions: Mutex::new(std::collections::HashMap::new()),
             fence: AtomicI64::new(0),
             max_skew: i64::try_from(max_skew.as_secs()).unwrap_or(i64::MAX),
@@ -571,7 +597,25 @@ impl Shared {
     /// The fence is this gateway's own (it saw Redis lose data) or the fleet's (another
     /// gateway saw it, `P{fleet}:fence`), whichever reaches further.
     pub fn fenced(&self, timestamp: i64) -> bool {
-        timestamp < self.fence.load(Ordering::Relaxed)
+        timestamp < self.fence.load(Ordering::SeqCst)
+    }
+
+    /// After a signature was recorded as new: true when Redis can vouch that it was not
+    /// accepted before. Redis restarted empty or flushed forgets the records; the
+    /// heartbeat notices within a second, but a replay in that second would meet an empty
+    /// set and be recorded as new. So on one Redis every record reads the fleet's epoch in
+    /// its round trip, after the record (`seen`; the cluster's epochs are on other nodes,
+    /// `None` here): one that still reads as the value known means the record met the
+    /// data Redis had; a missing or different one is the loss, fenced here. Either way the
+    /// signature must not be fenced now (the heartbeat may have found a loss meanwhile).
+    fn vouch(&self, seen: Option<Option<&str>>, timestamp: i64) -> bool {
+        if let Some(seen) = seen {
+            let known = self.fleet_epoch.load();
+            if known.as_deref().map(String::as_str) != seen {
+                self.saw_epoch(&self.fleet_epoch_key, seen.map(str::to_string));
+            }
+        }
+        !self.fenced(timestamp)
     }
 
     /// This thread's connection to Redis, opened on its first use here.
@@ -642,7 +686,12 @@ impl Shared {
 
     /// This thread's batcher of signature records (see `batch.rs`).
     fn batcher(&self) -> Arc<batch::Batcher> {
-        BATCHERS.with(|b| b.borrow_mut().entry(self.id).or_default().clone())
+        BATCHERS.with(|b| {
+            b.borrow_mut()
+                .entry(self.id)
+                .or_insert_with(|| Arc::new(batch::Batcher::new(self.fleet_epoch_key.clone())))
+                .clone()
+        })
     }
 
     async fn run<T: redis::FromRedisValue>(&self, inv: &redis::ScriptInvocation<'_>) -> redis::RedisResult<T> {
@@ -738,14 +787,15 @@ impl Shared {
     ) -> Result<Admission, Unavailable> {
         let Some(sig) = signature else { return Ok(Admission::Admitted { remaining }) };
         let recorded = self.record_signature(key_id, sig).await;
-        if !matches!(recorded, Ok(true))
+        if !matches!(recorded, Ok(Record::New))
             && let Some(lease) = self.leases.get(key_id)
         {
             lease.give_back();
         }
         match recorded? {
-            true => Ok(Admission::Admitted { remaining }),
-            false => Ok(Admission::Replayed),
+            Record::New => Ok(Admission::Admitted { remaining }),
+            Record::Seen => Ok(Admission::Replayed),
+            Record::Unvouched => Ok(Admission::Fenced { remaining }),
         }
     }
 
@@ -781,6 +831,9 @@ impl Shared {
         let member = signature.map(|s| signature_member(s.signature));
         if let Some(s) = signature {
             inv.key(self.signature_set(key_id, s.timestamp));
+            if self.single {
+                inv.key(&self.fleet_epoch_key);
+            }
         }
         // Redis's buckets count in microseconds: a limit above 1,000,000 req/s acts as that
         // (a step of 0 would admit everything).
@@ -789,12 +842,18 @@ impl Shared {
         if let Some(m) = &member {
             inv.arg(&m[..]);
         }
-        let (code, n): (i64, i64) = self.op(Op::Admit, self.run(&inv)).await?;
+        let (code, n, epoch): (i64, i64, Option<String>) = self.op(Op::Admit, self.run(&inv)).await?;
         // The lease is updated before the lock goes: a waiter must find it filled.
         let admission = match code {
-            c if c > 0 => Admission::Admitted {
-                remaining: lease.granted(now, u32::try_from(c).unwrap_or(1), u32::try_from(n).unwrap_or(0)),
-            },
+            c if c > 0 => {
+                let remaining = lease.granted(now, u32::try_from(c).unwrap_or(1), u32::try_from(n).unwrap_or(0));
+                match signature {
+                    Some(s) if !self.vouch(self.single.then_some(epoch.as_deref()), s.timestamp) => {
+                        Admission::Fenced { remaining }
+                    }
+                    _ => Admission::Admitted { remaining },
+                }
+            }
             0 => {
                 let wait = Duration::from_micros(u64::try_from(n).unwrap_or(0));
                 lease.limited(now, wait);
@@ -834,29 +893,37 @@ impl Shared {
         self.key("k:", key_id, &rest)
     }
 
-    /// Records a signature for its window; false: it was recorded before (a replay).
+    /// Records a signature for its window.
     ///
     /// On one Redis, the records of the signed requests a worker has ready at once go out
     /// as one pipeline (`batch.rs`); under Redis Cluster each is its own (the sets of
     /// different keys are in different slots).
-    async fn record_signature(&self, key_id: &str, s: SignatureRecord<'_>) -> Result<bool, Unavailable> {
+    async fn record_signature(&self, key_id: &str, s: SignatureRecord<'_>) -> Result<Record, Unavailable> {
         let set = self.signature_set(key_id, s.timestamp);
         let member = signature_member(s.signature);
         let record = async {
             let conn = self.local().await?;
             match conn {
-                Conn::Single(_) => self.batcher().record(&conn, set, member, s.ttl_ms()).await,
+                Conn::Single(_) => {
+                    let r = self.batcher().record(&conn, set, member, s.ttl_ms()).await?;
+                    Ok((r.added, Some(r.epoch)))
+                }
                 Conn::Cluster(mut c) => {
                     // One slot (the set's), one round trip.
                     let mut pipe = redis::pipe();
                     pipe.cmd("SADD").arg(&set).arg(&member[..]);
                     pipe.cmd("PEXPIRE").arg(&set).arg(s.ttl_ms()).ignore();
                     let (added,): (i64,) = pipe.query_async(&mut c).await?;
-                    Ok(added == 1)
+                    Ok((added == 1, None))
                 }
             }
         };
-        self.op(Op::Replay, record).await
+        let (added, epoch) = self.op(Op::Replay, record).await?;
+        Ok(match added {
+            false => Record::Seen,
+            true if self.vouch(epoch.as_ref().map(|e| e.as_deref()), s.timestamp) => Record::New,
+            true => Record::Unvouched,
+        })
     }
 
     /// Charges one failed authentication to a client network (`ip`: its limiter key) with
@@ -866,7 +933,7 @@ impl Shared {
         inv.key(self.key("ip:", &format!("{ip:x}"), ":fail"));
         let per_minute = per_minute.max(1);
         inv.arg((60_000_000 / u64::from(per_minute)).max(1)).arg(per_minute).arg(0).arg(1);
-        let (code, n): (i64, i64) = self.op(Op::FailedAuth, self.run(&inv)).await?;
+        let (code, n, _): (i64, i64, Option<String>) = self.op(Op::FailedAuth, self.run(&inv)).await?;
         Ok((code == 0).then(|| Duration::from_micros(u64::try_from(n).unwrap_or(0))))
     }
 
@@ -944,9 +1011,7 @@ impl Shared {
         self.metrics.op(Op::Heartbeat).duration.observe(round_trip.as_secs_f64());
         self.live.store(alive.max(1), Ordering::Relaxed);
         self.metrics.gateways.set(i64::from(alive.max(1)));
-        if self.epoch_changed(&self.key("fleet", "", ":epoch"), epoch) {
-            self.forget(Loss::Data);
-        }
+        self.saw_epoch(&self.fleet_epoch_key, Some(epoch));
         let seen = self.beat_step("node checks timed out", self.check_nodes(true)).await?;
         self.metrics.evicting.set(i64::from(seen.evicting.is_some()));
         if let Some(evicting) = &seen.evicting {
@@ -985,7 +1050,7 @@ impl Shared {
     /// at most (a Redis that keeps evicting would otherwise log every second).
     fn forget(&self, loss: Loss) {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        self.fence.fetch_max(now.saturating_add(self.fence_reach()), Ordering::Relaxed);
+        self.fence.fetch_max(now.saturating_add(self.fence_reach()), Ordering::SeqCst);
         self.metrics.data_lost.inc();
         if !self.lost_log.due() {
             return;
@@ -1014,15 +1079,31 @@ impl Shared {
         inv.key(self.key("fleet", "", ":fence")).arg(self.fence.load(Ordering::Relaxed)).arg(self.fence_reach());
         let fleet: i64 = self.main().run(&inv).await?;
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        self.fence.fetch_max(fleet.min(now.saturating_add(self.fence_reach())), Ordering::Relaxed);
+        self.fence.fetch_max(fleet.min(now.saturating_add(self.fence_reach())), Ordering::SeqCst);
         Ok(())
     }
 
-    /// Records `seen` as the epoch under `key`; true when it differs from the one read
-    /// there before (the key was lost and set again).
-    fn epoch_changed(&self, key: &str, seen: String) -> bool {
+    /// Records `seen` as the epoch under `key` (`None`: the key is missing), and fences when
+    /// it shows a loss: a value read before is gone, or another took its place. A loss
+    /// counts once: found missing by a request, then set again by a heartbeat, is one.
+    ///
+    /// The fence is raised before the fleet's new value is published (`fleet_epoch`): a
+    /// request that finds the value it read already known then finds the fence too.
+    fn saw_epoch(&self, key: &str, seen: Option<String>) {
         let mut known = self.epochs.lock().unwrap_or_else(PoisonError::into_inner);
-        known.insert(key.to_string(), seen.clone()).is_some_and(|before| before != seen)
+        let lost = match (known.get(key), &seen) {
+            (Some(Some(before)), Some(now)) => before != now,
+            (Some(Some(_)), None) => true,
+            // The first look, or a loss already counted.
+            _ => false,
+        };
+        if lost {
+            self.forget(Loss::Data);
+        }
+        if key == self.fleet_epoch_key {
+            self.fleet_epoch.store(seen.clone().map(Arc::new));
+        }
+        known.insert(key.to_string(), seen);
     }
 
     /// Looks at every node: under Redis Cluster each master's epoch key (a hash tag in one
@@ -1052,9 +1133,7 @@ impl Shared {
                 let mut inv = self.set_epoch.prepare_invoke();
                 inv.key(key.as_str()).arg(random_id());
                 let epoch: String = self.main().run(&inv).await?;
-                if self.epoch_changed(&key, epoch) {
-                    self.forget(Loss::Data);
-                }
+                self.saw_epoch(&key, Some(epoch));
             }
             let mut inv = self.eviction.prepare_invoke();
             inv.key(key.as_str());

@@ -8,14 +8,17 @@
 /// replay record.
 ///
 /// `KEYS[1]`: the bucket (its theoretical arrival time, microseconds); `KEYS[2]`, when
-/// given: the set of the key's signatures with this one's timestamp.
+/// given: the set of the key's signatures with this one's timestamp; `KEYS[3]`, when given
+/// (one Redis, not a cluster): the fleet's epoch, read with the record so that the gateway
+/// knows whether the record met the fleet's data or an emptied Redis.
 /// `ARGV[1]`: microseconds between requests at the sustained rate; `ARGV[2]`: burst;
 /// `ARGV[3]`: how long the set lives, milliseconds; `ARGV[4]`: `n`; `ARGV[5]`, with
 /// `KEYS[2]`: the signature's record (its hash).
 ///
-/// Returns `{granted, remaining}` (1 ≤ granted ≤ n; remaining: what the bucket still
-/// holds), `{0, wait_us}` (nothing to grant) or `{-1, 0}` (the signature was accepted
-/// before). A request over its limit records no signature (it was not accepted, and a key
+/// Returns `{granted, remaining, epoch}` (1 ≤ granted ≤ n; remaining: what the bucket
+/// still holds), `{0, wait_us, epoch}` (nothing to grant) or `{-1, 0, epoch}` (the
+/// signature was accepted before); `epoch`: `KEYS[3]`'s value, nil when missing or not
+/// given. A request over its limit records no signature (it was not accepted, and a key
 /// sending far over its limit must not fill Redis with records); a replay takes nothing.
 pub const TAKE: &str = r"
 local t = redis.call('TIME')
@@ -23,22 +26,24 @@ local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local step = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
 local want = tonumber(ARGV[4])
+local epoch = false
+if #KEYS > 2 then epoch = redis.call('GET', KEYS[3]) end
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
 local free = math.floor((now + step * burst - tat) / step)
 if free < 1 then
-  return {0, tat + step - step * burst - now}
+  return {0, tat + step - step * burst - now, epoch}
 end
 if #KEYS > 1 then
   if redis.call('SADD', KEYS[2], ARGV[5]) == 0 then
-    return {-1, 0}
+    return {-1, 0, epoch}
   end
   redis.call('PEXPIRE', KEYS[2], ARGV[3])
 end
 local n = math.min(want, free)
 local new = tat + n * step
 redis.call('SET', KEYS[1], string.format('%.0f', new), 'PX', math.ceil((new - now) / 1000) + 1)
-return {n, free - n}
+return {n, free - n, epoch}
 ";
 
 /// Adds usage deltas to one hash and keeps the latest `last_used`.

@@ -292,6 +292,16 @@ async fn until_data_lost(fleet: &[GatewayProcess], client: &H1) {
     }
 }
 
+/// Waits (at most `limit`) until a gateway's `series` reads `want` or more.
+async fn until_metric_at_least(gw: &GatewayProcess, series: &str, want: f64, limit: Duration) {
+    within(limit, &format!("{series} to reach {want}"), async {
+        while metric(gw, series).await < want {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}
+
 /// Waits (at most `limit`) until a gateway's `series` reads `want`.
 async fn until_metric(gw: &GatewayProcess, series: &str, want: f64, limit: Duration) {
     within(limit, &format!("{series} to read {want}"), async {
@@ -493,6 +503,58 @@ async fn a_replay_record_outlives_the_window_of_a_gateway_whose_clock_is_behind(
     );
     assert!(pttl >= accepted_until_ms, "the record expires {} ms too early", accepted_until_ms - pttl);
     assert_unauthorized(&signed(&client, &right, &signer, now, "/api/x").await, "Replayed request");
+}
+
+/// Redis flushed, and signatures accepted before replayed the moment after — before any
+/// heartbeat can notice (they run once a second) — each to the gateway that did not accept
+/// it (the one that did remembers it by itself): each record reads the fleet's epoch in its
+/// own round trip, so the replay is refused both by gateway A, whose lease of the key still
+/// holds a request (the record goes alone, in a pipeline), and by gateway B, which asks
+/// Redis for a lease (the record goes with the lease's script). Each counts the loss once,
+/// though its heartbeat then finds the epoch set again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_sent_the_moment_redis_is_flushed_is_refused() {
+    let server = RedisServer::start().await;
+    let up = TestUpstream::start().await;
+    let mut creds = Creds::new();
+    let signer = creds.hmac_user("signer");
+    let config = fleet_config(&creds, &up, Redis::One(&server.url()), "flush:");
+    let fleet = start_fleet(&config, 2).await;
+    let mut direct = ::redis::Client::open(server.url())
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("a connection to the test's Redis");
+    let client = H1::new();
+    let then = crate::support::creds::unix_now();
+    assert_eq!(signed(&client, &fleet[1], &signer, then, "/api/b").await.status, 200);
+    // Two signed requests to A: its second lease of the key is two requests, one left for 50 ms.
+    assert_eq!(signed(&client, &fleet[0], &signer, then, "/api/a").await.status, 200);
+    assert_eq!(signed(&client, &fleet[0], &signer, then, "/api/c").await.status, 200);
+    let replays_before = metric(&fleet[0], "gatehouse_shared_state_op_duration_seconds_count{op=\"replay\"}").await;
+    let seen = up.count();
+    let flushed: String = ::redis::cmd("FLUSHALL").query_async(&mut direct).await.expect("FLUSHALL");
+    assert_eq!(flushed, "OK");
+    for (gw, target) in [(&fleet[0], "/api/b"), (&fleet[1], "/api/a")] {
+        let r = signed(&client, gw, &signer, then, target).await;
+        assert_ne!(r.status, 200, "a replay was accepted right after Redis lost its records");
+        assert_replay_unavailable(&r);
+    }
+    assert_eq!(up.count(), seen, "a replay reached the upstream");
+    let replays = metric(&fleet[0], "gatehouse_shared_state_op_duration_seconds_count{op=\"replay\"}").await;
+    println!("records sent alone by A for its replay: {}", replays - replays_before);
+    // The heartbeats set the epoch again and find it changed: still one loss each.
+    for gw in &fleet {
+        until_metric(gw, "gatehouse_shared_state_data_lost_total", 1.0, STEP).await;
+    }
+    // Two heartbeats of each from now: the second surely read the epoch set again.
+    let beats = "gatehouse_shared_state_op_duration_seconds_count{op=\"heartbeat\"}";
+    for gw in &fleet {
+        let from = metric(gw, beats).await;
+        until_metric_at_least(gw, beats, from + 2.0, STEP).await;
+        assert_eq!(metric(gw, "gatehouse_shared_state_data_lost_total").await, 1.0, "one loss counted twice");
+    }
+    assert!(!server.cli(&["get", "flush:{fleet}:epoch"]).await.trim().is_empty(), "no epoch set again");
 }
 
 /// Redis flushed under gateway A after it accepted a signature; gateway B starts after
