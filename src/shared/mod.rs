@@ -390,13 +390,12 @@ pub struct Shared {
     live: AtomicU32,
     /// This gateway's id in the fleet's heartbeat set.
     node: String,
-    /// Each epoch key as last read (the fleet's, and under Redis Cluster one per master;
-    /// `None`: found missing); a different value later means Redis lost its data.
-    epochs: Mutex<std::collections::HashMap<String, Option<String>>>,
-    /// The fleet's epoch key, and its value as last read (`None`: found missing), for the
-    /// requests that read it with their signature's record (one Redis: `vouch`).
-    fleet_epoch_key: String,
-    fleet_epoch: arc_swap::ArcSwapOption<String>,
+    /// The epochs as last read, for the requests that read one with their record
+    /// (`vouch`); replaced whole, under `epochs_write`, when one changes.
+    epochs: arc_swap::ArcSwap<Epochs>,
+    epochs_write: Mutex<()>,
+    /// The fleet's epoch key.
+    fleet_epoch_key: Arc<str>,
     /// One Redis, not a cluster: the fleet's epoch key is in every operation's reach.
     single: bool,
     /// Each node's count of evicted keys as last read, by the node's epoch key.
@@ -407,6 +406,7 @@ pub struct Shared {
     /// The HMAC freshness window, seconds: how far a fence reaches.
     max_skew: i64,
     take: Script,
+    record: Script,
     add_usage: Script,
     /// This gateway's leases of keys' buckets (`lease.rs`); keys that authenticated only.
     leases: dashmap::DashMap<Arc<str>, Arc<Lease>, crate::credentials::KeyIdHasher>,
@@ -472,6 +472,29 @@ fn crc16(data: &[u8]) -> u16 {
     crc
 }
 
+/// The epochs as last read (see `Shared::vouch`).
+#[derive(Debug, Default)]
+struct Epochs {
+    /// Each epoch key's value (`None`: found missing).
+    values: std::collections::HashMap<String, Option<String>>,
+    /// Under Redis Cluster: each master's slot range and the epoch key in it.
+    ranges: Vec<(u16, u16, Arc<str>)>,
+}
+
+/// A key's slot under Redis Cluster: CRC16 of its hash tag (the first `{…}` with something
+/// inside), or of the whole key without one.
+fn slot_of(key: &str) -> u16 {
+    let b = key.as_bytes();
+    let hashed = match b.iter().position(|&c| c == b'{') {
+        Some(open) => match b[open + 1..].iter().position(|&c| c == b'}') {
+            Some(len) if len > 0 => &b[open + 1..open + 1 + len],
+            _ => b,
+        },
+        None => b,
+    };
+    crc16(hashed) % 16384
+}
+
 /// A hash tag whose slot is in `start..=end` (a master's range).
 fn tag_in_slots(start: u16, end: u16) -> Option<String> {
     (0..1_000_000u32).map(|n| format!("e{n}")).find(|t| (start..=end).contains(&(crc16(t.as_bytes()) % 16384)))
@@ -530,14 +553,15 @@ impl Shared {
             breaker: Breaker::new(),
             live: AtomicU32::new(1),
             node: random_id(),
-            epochs: Mutex::new(std::collections::HashMap::new()),
-            fleet_epoch_key: key(&cfg.key_prefix, "fleet", "", ":epoch"),
-            fleet_epoch: arc_swap::ArcSwapOption::empty(),
+            epochs: arc_swap::ArcSwap::from_pointee(Epochs::default()),
+            epochs_write: Mutex::new(()),
+            fleet_epoch_key: key(&cfg.key_prefix, "fleet", "", ":epoch").into(),
             single: matches!(cfg.endpoint, crate::config::shared_state::RedisEndpoint::Single(_)),
             evictions: Mutex::new(std::collections::HashMap::new()),
             fence: AtomicI64::new(0),
             max_skew: i64::try_from(max_skew.as_secs()).unwrap_or(i64::MAX),
             take: Script::new(scripts::TAKE),
+            record: Script::new(scripts::RECORD),
             leases: dashmap::DashMap::default(),
             add_usage: Script::new(scripts::ADD_USAGE),
             heartbeat: Script::new(scripts::HEARTBEAT),
@@ -601,21 +625,35 @@ impl Shared {
     }
 
     /// After a signature was recorded as new: true when Redis can vouch that it was not
-    /// accepted before. Redis restarted empty or flushed forgets the records; the
+    /// accepted before.
+    ///
+    /// Redis (or a node of a cluster) restarted empty or flushed forgets the records; the
     /// heartbeat notices within a second, but a replay in that second would meet an empty
-    /// set and be recorded as new. So on one Redis every record reads the fleet's epoch in
-    /// its round trip, after the record (`seen`; the cluster's epochs are on other nodes,
-    /// `None` here): one that still reads as the value known means the record met the
-    /// data Redis had; a missing or different one is the loss, fenced here. Either way the
-    /// signature must not be fenced now (the heartbeat may have found a loss meanwhile).
-    fn vouch(&self, seen: Option<Option<&str>>, timestamp: i64) -> bool {
-        if let Some(seen) = seen {
-            let known = self.fleet_epoch.load();
-            if known.as_deref().map(String::as_str) != seen {
-                self.saw_epoch(&self.fleet_epoch_key, seen.map(str::to_string));
-            }
+    /// set and be recorded as new. So every record reads, in its round trip and after the
+    /// record, the epoch of the node that holds it (`read`: that key and what it held):
+    /// one that still reads as the value known means the record met the data the node
+    /// had; a missing or different one is the loss, fenced here. No epoch read (a cluster
+    /// node this gateway does not know yet) cannot vouch. And the signature must not be
+    /// fenced now: the heartbeat may have found a loss meanwhile.
+    fn vouch(&self, read: Option<(&str, Option<&str>)>, timestamp: i64) -> bool {
+        let Some((key, seen)) = read else { return false };
+        match self.epochs.load().values.get(key) {
+            None => return false,
+            Some(known) if known.as_deref() == seen => {}
+            Some(_) => self.saw_epoch(key, seen.map(str::to_string)),
         }
         !self.fenced(timestamp)
+    }
+
+    /// The epoch key on the node that holds `tagged` (a key of an operation): the fleet's
+    /// on one Redis; under Redis Cluster the one in the slot range, as last read, of the
+    /// master of its slot. `None`: no master known for that slot.
+    fn epoch_key_of(&self, tagged: &str) -> Option<Arc<str>> {
+        if self.single {
+            return Some(self.fleet_epoch_key.clone());
+        }
+        let slot = slot_of(tagged);
+        self.epochs.load().ranges.iter().find(|(start, end, _)| (*start..=*end).contains(&slot)).map(|r| r.2.clone())
     }
 
     /// This thread's connection to Redis, opened on its first use here.
@@ -689,7 +727,7 @@ impl Shared {
         BATCHERS.with(|b| {
             b.borrow_mut()
                 .entry(self.id)
-                .or_insert_with(|| Arc::new(batch::Batcher::new(self.fleet_epoch_key.clone())))
+                .or_insert_with(|| Arc::new(batch::Batcher::new(self.fleet_epoch_key.to_string())))
                 .clone()
         })
     }
@@ -829,18 +867,16 @@ impl Shared {
         inv.key(self.key("k:", key_id, ":rate"));
         let ttl_ms = signature.map_or(0, |s| s.ttl_ms());
         let member = signature.map(|s| signature_member(s.signature));
+        let epoch_key = signature.and_then(|_| self.epoch_key_of(&self.key("k:", key_id, "")));
         if let Some(s) = signature {
             inv.key(self.signature_set(key_id, s.timestamp));
-            if self.single {
-                inv.key(&self.fleet_epoch_key);
-            }
         }
         // Redis's buckets count in microseconds: a limit above 1,000,000 req/s acts as that
         // (a step of 0 would admit everything).
         let step = (1_000_000 / u64::from(per_second.max(1))).max(1);
         inv.arg(step).arg(burst.max(1)).arg(ttl_ms).arg(want);
         if let Some(m) = &member {
-            inv.arg(&m[..]);
+            inv.arg(&m[..]).arg(epoch_key.as_deref().unwrap_or(""));
         }
         let (code, n, epoch): (i64, i64, Option<String>) = self.op(Op::Admit, self.run(&inv)).await?;
         // The lease is updated before the lock goes: a waiter must find it filled.
@@ -848,7 +884,7 @@ impl Shared {
             c if c > 0 => {
                 let remaining = lease.granted(now, u32::try_from(c).unwrap_or(1), u32::try_from(n).unwrap_or(0));
                 match signature {
-                    Some(s) if !self.vouch(self.single.then_some(epoch.as_deref()), s.timestamp) => {
+                    Some(s) if !self.vouch(epoch_key.as_deref().map(|k| (k, epoch.as_deref())), s.timestamp) => {
                         Admission::Fenced { remaining }
                     }
                     _ => Admission::Admitted { remaining },
@@ -902,26 +938,23 @@ impl Shared {
         let set = self.signature_set(key_id, s.timestamp);
         let member = signature_member(s.signature);
         let record = async {
-            let conn = self.local().await?;
-            match conn {
-                Conn::Single(_) => {
-                    let r = self.batcher().record(&conn, set, member, s.ttl_ms()).await?;
-                    Ok((r.added, Some(r.epoch)))
-                }
-                Conn::Cluster(mut c) => {
-                    // One slot (the set's), one round trip.
-                    let mut pipe = redis::pipe();
-                    pipe.cmd("SADD").arg(&set).arg(&member[..]);
-                    pipe.cmd("PEXPIRE").arg(&set).arg(s.ttl_ms()).ignore();
-                    let (added,): (i64,) = pipe.query_async(&mut c).await?;
-                    Ok((added == 1, None))
-                }
+            let mut conn = self.local().await?;
+            if let Conn::Single(_) = conn {
+                let r = self.batcher().record(&conn, set, member, s.ttl_ms()).await?;
+                return Ok((r.added, Some(self.fleet_epoch_key.clone()), r.epoch));
             }
+            // Cluster: one slot (the set's), one round trip; the node's epoch is in another
+            // slot of the same node.
+            let epoch_key = self.epoch_key_of(&set);
+            let mut inv = self.record.prepare_invoke();
+            inv.key(&set).arg(&member[..]).arg(s.ttl_ms()).arg(epoch_key.as_deref().unwrap_or(""));
+            let (added, epoch): (i64, Option<String>) = conn.run(&inv).await?;
+            Ok((added == 1, epoch_key, epoch.map(Arc::from)))
         };
-        let (added, epoch) = self.op(Op::Replay, record).await?;
+        let (added, epoch_key, epoch) = self.op(Op::Replay, record).await?;
         Ok(match added {
             false => Record::Seen,
-            true if self.vouch(epoch.as_ref().map(|e| e.as_deref()), s.timestamp) => Record::New,
+            true if self.vouch(epoch_key.as_deref().map(|k| (k, epoch.as_deref())), s.timestamp) => Record::New,
             true => Record::Unvouched,
         })
     }
@@ -1011,7 +1044,8 @@ impl Shared {
         self.metrics.op(Op::Heartbeat).duration.observe(round_trip.as_secs_f64());
         self.live.store(alive.max(1), Ordering::Relaxed);
         self.metrics.gateways.set(i64::from(alive.max(1)));
-        self.saw_epoch(&self.fleet_epoch_key, Some(epoch));
+        let fleet_key = self.fleet_epoch_key.clone();
+        self.saw_epoch(&fleet_key, Some(epoch));
         let seen = self.beat_step("node checks timed out", self.check_nodes(true)).await?;
         self.metrics.evicting.set(i64::from(seen.evicting.is_some()));
         if let Some(evicting) = &seen.evicting {
@@ -1087,11 +1121,13 @@ impl Shared {
     /// it shows a loss: a value read before is gone, or another took its place. A loss
     /// counts once: found missing by a request, then set again by a heartbeat, is one.
     ///
-    /// The fence is raised before the fleet's new value is published (`fleet_epoch`): a
+    /// The fence is raised before the new value is published to requests (`epochs`): a
     /// request that finds the value it read already known then finds the fence too.
     fn saw_epoch(&self, key: &str, seen: Option<String>) {
-        let mut known = self.epochs.lock().unwrap_or_else(PoisonError::into_inner);
-        let lost = match (known.get(key), &seen) {
+        let _writing = self.epochs_write.lock().unwrap_or_else(PoisonError::into_inner);
+        let known = self.epochs.load_full();
+        let lost = match (known.values.get(key), &seen) {
+            (Some(before), _) if *before == seen => return,
             (Some(Some(before)), Some(now)) => before != now,
             (Some(Some(_)), None) => true,
             // The first look, or a loss already counted.
@@ -1100,10 +1136,19 @@ impl Shared {
         if lost {
             self.forget(Loss::Data);
         }
-        if key == self.fleet_epoch_key {
-            self.fleet_epoch.store(seen.clone().map(Arc::new));
+        let mut next = Epochs { values: known.values.clone(), ranges: known.ranges.clone() };
+        next.values.insert(key.to_string(), seen);
+        self.epochs.store(Arc::new(next));
+    }
+
+    /// Publishes which master's epoch key covers which slots, once each is known.
+    fn publish_ranges(&self, ranges: Vec<(u16, u16, Arc<str>)>) {
+        let _writing = self.epochs_write.lock().unwrap_or_else(PoisonError::into_inner);
+        let known = self.epochs.load_full();
+        if known.ranges == ranges {
+            return;
         }
-        known.insert(key.to_string(), seen);
+        self.epochs.store(Arc::new(Epochs { values: known.values.clone(), ranges }));
     }
 
     /// Looks at every node: under Redis Cluster each master's epoch key (a hash tag in one
@@ -1111,6 +1156,7 @@ impl Shared {
     /// node how it evicts and whether it evicted keys since the last look.
     async fn check_nodes(&self, epochs: bool) -> redis::RedisResult<NodesSeen> {
         let mut nodes = Vec::new();
+        let mut ranges = Vec::new();
         if matches!(self.main(), Conn::Cluster(_)) {
             let slots: Vec<redis::Value> = self.main().query(redis::cmd("CLUSTER").arg("SLOTS")).await?;
             for range in slots {
@@ -1121,7 +1167,9 @@ impl Shared {
                 };
                 let (Ok(start), Ok(end)) = (u16::try_from(*start), u16::try_from(*end)) else { continue };
                 let Some(tag) = tag_in_slots(start, end) else { continue };
-                nodes.push((self.key(&tag, "", ":epoch"), format!(" on the master of slots {start}-{end}")));
+                let key = self.key(&tag, "", ":epoch");
+                ranges.push((start, end, Arc::from(key.as_str())));
+                nodes.push((key, format!(" on the master of slots {start}-{end}")));
             }
         } else {
             // The fleet's epoch is read by the heartbeat itself.
@@ -1145,6 +1193,10 @@ impl Shared {
             if e.evicted.is_some_and(|count| self.evicted_since(&key, count)) {
                 self.forget(Loss::Evicted);
             }
+        }
+        // Each range's epoch is known now (read above): records may read them.
+        if epochs {
+            self.publish_ranges(ranges);
         }
         Ok(seen)
     }
@@ -1257,6 +1309,13 @@ mod tests {
         let tag = tag_in_slots(5461, 10922).unwrap();
         assert!((5461..=10922).contains(&(crc16(tag.as_bytes()) % 16384)));
         assert_eq!(hex(&[0, 15, 255]), "000fff");
+        // CLUSTER KEYSLOT's answers: the first `{…}` with something inside, else the key.
+        assert_eq!(slot_of("{a}x"), 15495);
+        assert_eq!(slot_of("{e0}y"), 652);
+        assert_eq!(slot_of("foo"), 12182);
+        assert_eq!(slot_of("{}foo"), crc16(b"{}foo") % 16384);
+        assert_eq!(slot_of("x{foo}{bar}"), 12182);
+        assert_eq!(slot_of("x{foo"), crc16(b"x{foo") % 16384);
     }
 
     /// a node may drop replay records only with a memory limit and an evicting policy;

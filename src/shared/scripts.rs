@@ -8,17 +8,19 @@
 /// replay record.
 ///
 /// `KEYS[1]`: the bucket (its theoretical arrival time, microseconds); `KEYS[2]`, when
-/// given: the set of the key's signatures with this one's timestamp; `KEYS[3]`, when given
-/// (one Redis, not a cluster): the fleet's epoch, read with the record so that the gateway
-/// knows whether the record met the fleet's data or an emptied Redis.
+/// given: the set of the key's signatures with this one's timestamp.
 /// `ARGV[1]`: microseconds between requests at the sustained rate; `ARGV[2]`: burst;
-/// `ARGV[3]`: how long the set lives, milliseconds; `ARGV[4]`: `n`; `ARGV[5]`, with
-/// `KEYS[2]`: the signature's record (its hash).
+/// `ARGV[3]`: how long the set lives, milliseconds; `ARGV[4]`: `n`; with `KEYS[2]`:
+/// `ARGV[5]`, the signature's record (its hash), and `ARGV[6]`, the epoch key of this
+/// node ('' for none), read with the record so that the gateway knows whether the record
+/// met the node's data or an emptied node. Under Redis Cluster that key is in another slot
+/// of the same node, which is why it is an argument: a script may touch keys of other
+/// slots of its node, but not declare them.
 ///
 /// Returns `{granted, remaining, epoch}` (1 ≤ granted ≤ n; remaining: what the bucket
 /// still holds), `{0, wait_us, epoch}` (nothing to grant) or `{-1, 0, epoch}` (the
-/// signature was accepted before); `epoch`: `KEYS[3]`'s value, nil when missing or not
-/// given. A request over its limit records no signature (it was not accepted, and a key
+/// signature was accepted before); `epoch`: the epoch key's value, nil when missing or
+/// not given. A request over its limit records no signature (it was not accepted, and a key
 /// sending far over its limit must not fill Redis with records); a replay takes nothing.
 pub const TAKE: &str = r"
 local t = redis.call('TIME')
@@ -27,7 +29,7 @@ local step = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
 local want = tonumber(ARGV[4])
 local epoch = false
-if #KEYS > 2 then epoch = redis.call('GET', KEYS[3]) end
+if ARGV[6] and ARGV[6] ~= '' then epoch = redis.call('GET', ARGV[6]) end
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
 local free = math.floor((now + step * burst - tat) / step)
@@ -44,6 +46,20 @@ local n = math.min(want, free)
 local new = tat + n * step
 redis.call('SET', KEYS[1], string.format('%.0f', new), 'PX', math.ceil((new - now) / 1000) + 1)
 return {n, free - n, epoch}
+";
+
+/// Records one signature (under Redis Cluster; on one Redis the records of a worker go in
+/// one pipeline, `batch.rs`) and reads its node's epoch after it, like `TAKE`.
+///
+/// `KEYS[1]`: the set of the key's signatures with this one's timestamp. `ARGV[1]`: the
+/// record; `ARGV[2]`: how long the set lives, milliseconds; `ARGV[3]`: the node's epoch
+/// key ('' for none). Returns `{1 (recorded now) or 0 (there already), epoch}`.
+pub const RECORD: &str = r"
+local added = redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local epoch = false
+if ARGV[3] ~= '' then epoch = redis.call('GET', ARGV[3]) end
+return {added, epoch}
 ";
 
 /// Adds usage deltas to one hash and keeps the latest `last_used`.

@@ -505,13 +505,57 @@ async fn a_replay_record_outlives_the_window_of_a_gateway_whose_clock_is_behind(
     assert_unauthorized(&signed(&client, &right, &signer, now, "/api/x").await, "Replayed request");
 }
 
-/// Redis flushed, and signatures accepted before replayed the moment after — before any
-/// heartbeat can notice (they run once a second) — each to the gateway that did not accept
-/// it (the one that did remembers it by itself): each record reads the fleet's epoch in its
-/// own round trip, so the replay is refused both by gateway A, whose lease of the key still
-/// holds a request (the record goes alone, in a pipeline), and by gateway B, which asks
-/// Redis for a lease (the record goes with the lease's script). Each counts the loss once,
-/// though its heartbeat then finds the epoch set again.
+/// Three signatures accepted for `flush_and_replay`: one by gateway B, two by gateway A, so
+/// that A's second lease of the key is two requests, one left for 50 ms. Returns their
+/// timestamp.
+async fn accept_before_a_flush(fleet: &[GatewayProcess], client: &H1, signer: &HmacKey) -> i64 {
+    let then = crate::support::creds::unix_now();
+    assert_eq!(signed(client, &fleet[1], signer, then, "/api/b").await.status, 200);
+    assert_eq!(signed(client, &fleet[0], signer, then, "/api/a").await.status, 200);
+    assert_eq!(signed(client, &fleet[0], signer, then, "/api/c").await.status, 200);
+    then
+}
+
+/// Flushes the Redis (or cluster node) behind `direct`, which holds the key's records, and
+/// replays at once — before any heartbeat can notice (they run once a second) — each
+/// signature to the gateway that did not accept it (the one that did remembers it by
+/// itself). A spends the request left in its lease (its record goes alone), B asks Redis
+/// for a lease (the record goes with the lease's script). Both must answer 503, and the
+/// upstream see nothing.
+async fn flush_and_replay(
+    fleet: &[GatewayProcess],
+    client: &H1,
+    up: &TestUpstream,
+    signer: &HmacKey,
+    then: i64,
+    direct: &mut ::redis::aio::MultiplexedConnection,
+) {
+    let replays = "gatehouse_shared_state_op_duration_seconds_count{op=\"replay\"}";
+    let replays_before = metric(&fleet[0], replays).await;
+    let seen = up.count();
+    let flushed: String = ::redis::cmd("FLUSHALL").query_async(direct).await.expect("FLUSHALL");
+    assert_eq!(flushed, "OK");
+    for (gw, target) in [(&fleet[0], "/api/b"), (&fleet[1], "/api/a")] {
+        let r = signed(client, gw, signer, then, target).await;
+        assert_ne!(r.status, 200, "a replay was accepted right after Redis lost its records");
+        assert_replay_unavailable(&r);
+    }
+    assert_eq!(up.count(), seen, "a replay reached the upstream");
+    println!("records sent alone by A for its replay: {}", metric(&fleet[0], replays).await - replays_before);
+}
+
+async fn connect_directly(url: String) -> ::redis::aio::MultiplexedConnection {
+    ::redis::Client::open(url)
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("a connection to the test's Redis")
+}
+
+/// Redis flushed, and signatures accepted before replayed the moment after: each record
+/// reads the fleet's epoch in its own round trip, after the record, so both gateways refuse
+/// the replays (`flush_and_replay`). Each counts the loss once, though its heartbeat then
+/// finds the epoch set again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_sent_the_moment_redis_is_flushed_is_refused() {
     let server = RedisServer::start().await;
@@ -520,29 +564,10 @@ async fn a_replay_sent_the_moment_redis_is_flushed_is_refused() {
     let signer = creds.hmac_user("signer");
     let config = fleet_config(&creds, &up, Redis::One(&server.url()), "flush:");
     let fleet = start_fleet(&config, 2).await;
-    let mut direct = ::redis::Client::open(server.url())
-        .expect("redis url")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("a connection to the test's Redis");
+    let mut direct = connect_directly(server.url()).await;
     let client = H1::new();
-    let then = crate::support::creds::unix_now();
-    assert_eq!(signed(&client, &fleet[1], &signer, then, "/api/b").await.status, 200);
-    // Two signed requests to A: its second lease of the key is two requests, one left for 50 ms.
-    assert_eq!(signed(&client, &fleet[0], &signer, then, "/api/a").await.status, 200);
-    assert_eq!(signed(&client, &fleet[0], &signer, then, "/api/c").await.status, 200);
-    let replays_before = metric(&fleet[0], "gatehouse_shared_state_op_duration_seconds_count{op=\"replay\"}").await;
-    let seen = up.count();
-    let flushed: String = ::redis::cmd("FLUSHALL").query_async(&mut direct).await.expect("FLUSHALL");
-    assert_eq!(flushed, "OK");
-    for (gw, target) in [(&fleet[0], "/api/b"), (&fleet[1], "/api/a")] {
-        let r = signed(&client, gw, &signer, then, target).await;
-        assert_ne!(r.status, 200, "a replay was accepted right after Redis lost its records");
-        assert_replay_unavailable(&r);
-    }
-    assert_eq!(up.count(), seen, "a replay reached the upstream");
-    let replays = metric(&fleet[0], "gatehouse_shared_state_op_duration_seconds_count{op=\"replay\"}").await;
-    println!("records sent alone by A for its replay: {}", replays - replays_before);
+    let then = accept_before_a_flush(&fleet, &client, &signer).await;
+    flush_and_replay(&fleet, &client, &up, &signer, then, &mut direct).await;
     // The heartbeats set the epoch again and find it changed: still one loss each.
     for gw in &fleet {
         until_metric(gw, "gatehouse_shared_state_data_lost_total", 1.0, STEP).await;
@@ -555,6 +580,33 @@ async fn a_replay_sent_the_moment_redis_is_flushed_is_refused() {
         assert_eq!(metric(gw, "gatehouse_shared_state_data_lost_total").await, 1.0, "one loss counted twice");
     }
     assert!(!server.cli(&["get", "flush:{fleet}:epoch"]).await.trim().is_empty(), "no epoch set again");
+}
+
+/// The same under Redis Cluster, with the node that holds the key's records flushed: each
+/// record reads the epoch of its own node (a key in another slot of that node).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_sent_the_moment_a_cluster_node_is_flushed_is_refused() {
+    let cluster = RedisCluster::start().await;
+    let up = TestUpstream::start().await;
+    let mut creds = Creds::new();
+    let signer = creds.hmac_user("signer");
+    let urls = cluster.urls();
+    let config = fleet_config(&creds, &up, Redis::Cluster(&urls), "nodeflush:");
+    let fleet = start_fleet(&config, 2).await;
+    let client = H1::new();
+    let then = accept_before_a_flush(&fleet, &client, &signer).await;
+    let pattern = format!("nodeflush:{{k:{}}}:sig:*", signer.key_id);
+    let mut holder = None;
+    for n in &cluster.nodes {
+        if !n.cli(&["--scan", "--pattern", &pattern]).await.trim().is_empty() {
+            holder = Some(n.url());
+        }
+    }
+    let mut direct = connect_directly(holder.expect("a node holds the key's records")).await;
+    flush_and_replay(&fleet, &client, &up, &signer, then, &mut direct).await;
+    for gw in &fleet {
+        until_metric(gw, "gatehouse_shared_state_data_lost_total", 1.0, STEP).await;
+    }
 }
 
 /// Redis flushed under gateway A after it accepted a signature; gateway B starts after
