@@ -169,6 +169,11 @@ enum Loss {
     Evicted,
 }
 
+/// What a record's script answers for an epoch key it could not read (under Redis Cluster,
+/// a key on another node: a record redirected to a master importing its slot). No epoch
+/// is empty (they are random hex).
+const UNREADABLE: &str = "";
+
 /// What a look at every node found (`Shared::check_nodes`), besides losses (fenced at
 /// once).
 #[derive(Debug, Default)]
@@ -394,6 +399,12 @@ pub struct Shared {
     /// (`vouch`); replaced whole, under `epochs_write`, when one changes.
     epochs: arc_swap::ArcSwap<Epochs>,
     epochs_write: Mutex<()>,
+    /// Counts the replacements of `epochs`: a record's answer read before one, handled
+    /// after it, must not be taken for news (`vouch`).
+    epochs_version: std::sync::atomic::AtomicU64,
+    /// Wakes the heartbeat to read the epochs now (a cluster record found its node's
+    /// missing, which a slot migration can show without a loss).
+    recheck: tokio::sync::Notify,
     /// The fleet's epoch key.
     fleet_epoch_key: Arc<str>,
     /// One Redis, not a cluster: the fleet's epoch key is in every operation's reach.
@@ -555,6 +566,8 @@ impl Shared {
             node: random_id(),
             epochs: arc_swap::ArcSwap::from_pointee(Epochs::default()),
             epochs_write: Mutex::new(()),
+            epochs_version: std::sync::atomic::AtomicU64::new(0),
+            recheck: tokio::sync::Notify::new(),
             fleet_epoch_key: key(&cfg.key_prefix, "fleet", "", ":epoch").into(),
             single: matches!(cfg.endpoint, crate::config::shared_state::RedisEndpoint::Single(_)),
             evictions: Mutex::new(std::collections::HashMap::new()),
@@ -632,17 +645,34 @@ impl Shared {
     /// set and be recorded as new. So every record reads, in its round trip and after the
     /// record, the epoch of the node that holds it (`read`: that key and what it held):
     /// one that still reads as the value known means the record met the data the node
-    /// had; a missing or different one is the loss, fenced here. No epoch read (a cluster
-    /// node this gateway does not know yet) cannot vouch. And the signature must not be
-    /// fenced now: the heartbeat may have found a loss meanwhile.
-    fn vouch(&self, read: Option<(&str, Option<&str>)>, timestamp: i64) -> bool {
+    /// had, and the signature is vouched for unless it is fenced now (the heartbeat may
+    /// have found a loss meanwhile). Anything else is not vouched for, and the request
+    /// takes the fallback:
+    /// - a different value is the loss, fenced here; so is a missing one on one Redis;
+    /// - under Redis Cluster a missing one may also be a slot migration (a record sent to
+    ///   the importing master before the epoch key moved there): the heartbeat reads the
+    ///   node's epoch at once, where the cluster routes it, and fences if it is a loss;
+    /// - an epoch that could not be read ([`UNREADABLE`]), no epoch key known for the
+    ///   record's node, or a known value that is itself missing.
+    ///
+    /// `version`: `epochs_version` before the record was sent. If the epochs changed while
+    /// it was in flight, its read may be older than what is known: it is compared, never
+    /// taken for news (so one loss is never counted twice).
+    fn vouch(&self, read: Option<(&str, Option<&str>)>, timestamp: i64, version: u64) -> bool {
         let Some((key, seen)) = read else { return false };
-        match self.epochs.load().values.get(key) {
-            None => return false,
-            Some(known) if known.as_deref() == seen => {}
-            Some(_) => self.saw_epoch(key, seen.map(str::to_string)),
+        if seen == Some(UNREADABLE) {
+            return false;
         }
-        !self.fenced(timestamp)
+        let epochs = self.epochs.load();
+        let Some(Some(known)) = epochs.values.get(key) else { return false };
+        if seen == Some(known.as_str()) {
+            return !self.fenced(timestamp);
+        }
+        match seen {
+            None if !self.single => self.recheck.notify_one(),
+            _ => self.saw_epoch(key, seen.map(str::to_string), Some(version)),
+        }
+        false
     }
 
     /// The epoch key on the node that holds `tagged` (a key of an operation): the fleet's
@@ -825,7 +855,9 @@ impl Shared {
     ) -> Result<Admission, Unavailable> {
         let Some(sig) = signature else { return Ok(Admission::Admitted { remaining }) };
         let recorded = self.record_signature(key_id, sig).await;
-        if !matches!(recorded, Ok(Record::New))
+        // A request not vouched for was admitted by the limit (it keeps its request, as on
+        // the refill path); a replay or no answer was not.
+        if matches!(recorded, Ok(Record::Seen) | Err(_))
             && let Some(lease) = self.leases.get(key_id)
         {
             lease.give_back();
@@ -868,6 +900,7 @@ impl Shared {
         let ttl_ms = signature.map_or(0, |s| s.ttl_ms());
         let member = signature.map(|s| signature_member(s.signature));
         let epoch_key = signature.and_then(|_| self.epoch_key_of(&self.key("k:", key_id, "")));
+        let version = self.epochs_version.load(Ordering::SeqCst);
         if let Some(s) = signature {
             inv.key(self.signature_set(key_id, s.timestamp));
         }
@@ -884,7 +917,9 @@ impl Shared {
             c if c > 0 => {
                 let remaining = lease.granted(now, u32::try_from(c).unwrap_or(1), u32::try_from(n).unwrap_or(0));
                 match signature {
-                    Some(s) if !self.vouch(epoch_key.as_deref().map(|k| (k, epoch.as_deref())), s.timestamp) => {
+                    Some(s)
+                        if !self.vouch(epoch_key.as_deref().map(|k| (k, epoch.as_deref())), s.timestamp, version) =>
+                    {
                         Admission::Fenced { remaining }
                     }
                     _ => Admission::Admitted { remaining },
@@ -937,6 +972,7 @@ impl Shared {
     async fn record_signature(&self, key_id: &str, s: SignatureRecord<'_>) -> Result<Record, Unavailable> {
         let set = self.signature_set(key_id, s.timestamp);
         let member = signature_member(s.signature);
+        let version = self.epochs_version.load(Ordering::SeqCst);
         let record = async {
             let mut conn = self.local().await?;
             if let Conn::Single(_) = conn {
@@ -954,7 +990,9 @@ impl Shared {
         let (added, epoch_key, epoch) = self.op(Op::Replay, record).await?;
         Ok(match added {
             false => Record::Seen,
-            true if self.vouch(epoch_key.as_deref().map(|k| (k, epoch.as_deref())), s.timestamp) => Record::New,
+            true if self.vouch(epoch_key.as_deref().map(|k| (k, epoch.as_deref())), s.timestamp, version) => {
+                Record::New
+            }
             true => Record::Unvouched,
         })
     }
@@ -1045,7 +1083,7 @@ impl Shared {
         self.live.store(alive.max(1), Ordering::Relaxed);
         self.metrics.gateways.set(i64::from(alive.max(1)));
         let fleet_key = self.fleet_epoch_key.clone();
-        self.saw_epoch(&fleet_key, Some(epoch));
+        self.saw_epoch(&fleet_key, Some(epoch), None);
         let seen = self.beat_step("node checks timed out", self.check_nodes(true)).await?;
         self.metrics.evicting.set(i64::from(seen.evicting.is_some()));
         if let Some(evicting) = &seen.evicting {
@@ -1123,8 +1161,14 @@ impl Shared {
     ///
     /// The fence is raised before the new value is published to requests (`epochs`): a
     /// request that finds the value it read already known then finds the fence too.
-    fn saw_epoch(&self, key: &str, seen: Option<String>) {
+    ///
+    /// `version`: for a request's read, `epochs_version` when it was sent; a read from
+    /// before the last change is not news, and is dropped.
+    fn saw_epoch(&self, key: &str, seen: Option<String>, version: Option<u64>) {
         let _writing = self.epochs_write.lock().unwrap_or_else(PoisonError::into_inner);
+        if version.is_some_and(|v| v != self.epochs_version.load(Ordering::SeqCst)) {
+            return;
+        }
         let known = self.epochs.load_full();
         let lost = match (known.values.get(key), &seen) {
             (Some(before), _) if *before == seen => return,
@@ -1139,6 +1183,7 @@ impl Shared {
         let mut next = Epochs { values: known.values.clone(), ranges: known.ranges.clone() };
         next.values.insert(key.to_string(), seen);
         self.epochs.store(Arc::new(next));
+        self.epochs_version.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Publishes which master's epoch key covers which slots, once each is known.
@@ -1149,6 +1194,7 @@ impl Shared {
             return;
         }
         self.epochs.store(Arc::new(Epochs { values: known.values.clone(), ranges }));
+        self.epochs_version.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Looks at every node: under Redis Cluster each master's epoch key (a hash tag in one
@@ -1181,7 +1227,7 @@ impl Shared {
                 let mut inv = self.set_epoch.prepare_invoke();
                 inv.key(key.as_str()).arg(random_id());
                 let epoch: String = self.main().run(&inv).await?;
-                self.saw_epoch(&key, Some(epoch));
+                self.saw_epoch(&key, Some(epoch), None);
             }
             let mut inv = self.eviction.prepare_invoke();
             inv.key(key.as_str());
@@ -1227,7 +1273,8 @@ impl Shared {
 
     /// Heartbeats every second. When the breaker opens, probes at once and then every
     /// 200 ms, and closes it once Redis answers a probe within `op_timeout` (after the
-    /// epoch check).
+    /// epoch check). When a cluster record found its node's epoch missing (`vouch`), beats
+    /// early, at most once per 200 ms.
     ///
     /// Why at once: one slow operation opens the breaker, and on a saturated box that can
     /// be a request's wait rather than Redis (its worker thread not scheduled for a while);
@@ -1242,13 +1289,18 @@ impl Shared {
                 } else {
                     breaker::PROBE_EVERY
                 };
-                tokio::select! {
-                    () = tokio::time::sleep(pause) => {}
-                    () = self.opened.notified() => {}
+                let recheck = tokio::select! {
+                    () = tokio::time::sleep(pause) => false,
+                    () = self.opened.notified() => false,
+                    () = self.recheck.notified() => true,
+                };
+                if recheck {
+                    // At most one early heartbeat per probe interval, whatever the requests.
+                    tokio::time::sleep(breaker::PROBE_EVERY.saturating_sub(last_beat.elapsed())).await;
                 }
                 let mark = self.breaker.mark();
                 let open = !self.breaker.closed();
-                if !open && last_beat.elapsed() < HEARTBEAT_EVERY {
+                if !open && !recheck && last_beat.elapsed() < HEARTBEAT_EVERY {
                     continue;
                 }
                 match self.beat().await {

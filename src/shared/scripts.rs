@@ -20,7 +20,10 @@
 /// Returns `{granted, remaining, epoch}` (1 ≤ granted ≤ n; remaining: what the bucket
 /// still holds), `{0, wait_us, epoch}` (nothing to grant) or `{-1, 0, epoch}` (the
 /// signature was accepted before); `epoch`: the epoch key's value, nil when missing or
-/// not given. A request over its limit records no signature (it was not accepted, and a key
+/// not given, '' when it could not be read (under Redis Cluster: on another node, as when
+/// this script was redirected to a master importing the slot) — then the signature is not
+/// recorded either: the gateway cannot vouch for it, and a retry of the same request must
+/// not find it recorded. A request over its limit records no signature (it was not accepted, and a key
 /// sending far over its limit must not fill Redis with records); a replay takes nothing.
 pub const TAKE: &str = r"
 local t = redis.call('TIME')
@@ -29,14 +32,17 @@ local step = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
 local want = tonumber(ARGV[4])
 local epoch = false
-if ARGV[6] and ARGV[6] ~= '' then epoch = redis.call('GET', ARGV[6]) end
+if ARGV[6] and ARGV[6] ~= '' then
+  epoch = redis.pcall('GET', ARGV[6])
+  if type(epoch) == 'table' then epoch = '' end
+end
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
 local free = math.floor((now + step * burst - tat) / step)
 if free < 1 then
   return {0, tat + step - step * burst - now, epoch}
 end
-if #KEYS > 1 then
+if #KEYS > 1 and epoch ~= '' then
   if redis.call('SADD', KEYS[2], ARGV[5]) == 0 then
     return {-1, 0, epoch}
   end
@@ -53,12 +59,16 @@ return {n, free - n, epoch}
 ///
 /// `KEYS[1]`: the set of the key's signatures with this one's timestamp. `ARGV[1]`: the
 /// record; `ARGV[2]`: how long the set lives, milliseconds; `ARGV[3]`: the node's epoch
-/// key ('' for none). Returns `{1 (recorded now) or 0 (there already), epoch}`.
+/// key ('' for none). Returns `{1 (recorded now) or 0 (there already), epoch}`, and
+/// `{1, ''}` without recording when the epoch could not be read (as `TAKE`).
 pub const RECORD: &str = r"
+local epoch = false
+if ARGV[3] ~= '' then
+  epoch = redis.pcall('GET', ARGV[3])
+  if type(epoch) == 'table' then return {1, ''} end
+end
 local added = redis.call('SADD', KEYS[1], ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
-local epoch = false
-if ARGV[3] ~= '' then epoch = redis.call('GET', ARGV[3]) end
 return {added, epoch}
 ";
 
