@@ -94,7 +94,13 @@ impl Conn {
                     .connection_timeout(CONNECT_TIMEOUT)
                     .response_timeout(response_timeout)
                     .tcp_settings(tcp())
-                    .retries(1);
+                    // One retry (a redirect, or TRYAGAIN while a slot moves), after at most
+                    // 20 ms: the client's default waits 1.28 s or more before retrying, far
+                    // past any operation's timeout, so a slot being moved would time out
+                    // and open the breaker instead of failing that one request.
+                    .retries(1)
+                    .min_retry_wait(1)
+                    .max_retry_wait(20);
                 if let Some(p) = &cfg.password {
                     b = b.password(p.0.clone());
                 }

@@ -794,6 +794,14 @@ impl Shared {
                 TIMEOUTS_IN_A_ROW.set(0);
                 return Ok(v);
             }
+            Ok(Err(e)) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::TryAgain) => {
+                // Under Redis Cluster, a script with two keys of a slot being moved while
+                // only one has moved: the node answers, and this one request falls back. It
+                // is not an outage (the breaker, and its epoch check, are for those).
+                series.error.inc();
+                TIMEOUTS_IN_A_ROW.set(0);
+                return Err(Unavailable);
+            }
             Ok(Err(e)) => {
                 series.error.inc();
                 Err(e)
