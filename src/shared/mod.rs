@@ -642,8 +642,9 @@ impl Shared {
     ///
     /// Redis (or a node of a cluster) restarted empty or flushed forgets the records; the
     /// heartbeat notices within a second, but a replay in that second would meet an empty
-    /// set and be recorded as new. So every record reads, in its round trip and after the
-    /// record, the epoch of the node that holds it (`read`: that key and what it held):
+    /// set and be recorded as new. So every record reads, in its round trip, the epoch of
+    /// the node that holds it (after the record in a pipeline, atomically with it in a
+    /// script; `read`: that key and what it held):
     /// one that still reads as the value known means the record met the data the node
     /// had, and the signature is vouched for unless it is fenced now (the heartbeat may
     /// have found a loss meanwhile). Anything else is not vouched for, and the request
