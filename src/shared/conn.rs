@@ -94,11 +94,13 @@ impl Conn {
                     .connection_timeout(CONNECT_TIMEOUT)
                     .response_timeout(response_timeout)
                     .tcp_settings(tcp())
-                    // One retry (a redirect, or TRYAGAIN while a slot moves), after at most
-                    // 20 ms: the client's default waits 1.28 s or more before retrying, far
-                    // past any operation's timeout, so a slot being moved would time out
-                    // and open the breaker instead of failing that one request.
-                    .retries(1)
+                    // Three retries (redirects, TRYAGAIN while a slot moves, a reconnect;
+                    // one budget for all), each after 1-19 ms: the client's default waits
+                    // 1.28 s or more before a retry, far past any operation's timeout, so a
+                    // slot being moved would time out and open the breaker instead of
+                    // failing that one request. Three: TRYAGAIN and then a redirect (the
+                    // bucket moved meanwhile) is one ordinary sequence of a reshard.
+                    .retries(3)
                     .min_retry_wait(1)
                     .max_retry_wait(20);
                 if let Some(p) = &cfg.password {

@@ -241,6 +241,8 @@ struct OpSeries {
     timeout: IntCounter,
     error: IntCounter,
     breaker_open: IntCounter,
+    /// Under Redis Cluster, an operation caught in a slot migration (see `Shared::migrating`).
+    migrating: IntCounter,
 }
 
 /// The shared-state metrics; `pipeline::metrics` registers them.
@@ -285,7 +287,7 @@ impl SharedMetrics {
             op_errors: IntCounterVec::new(
                 Opts::new(
                     "gatehouse_shared_state_errors_total",
-                    "Redis operations that failed, by op and kind (timeout, error, breaker_open).",
+                    "Redis operations that failed, by op and kind (timeout, error, breaker_open, migrating: caught in a Redis Cluster slot migration, that request fell back).",
                 ),
                 &["op", "kind"],
             )?,
@@ -317,6 +319,7 @@ impl SharedMetrics {
                     timeout: errors("timeout"),
                     error: errors("error"),
                     breaker_open: errors("breaker_open"),
+                    migrating: errors("migrating"),
                 }
             })
             .collect();
@@ -368,6 +371,14 @@ impl EveryMinute {
         *last = Some(Instant::now());
         true
     }
+}
+
+/// An error that a Redis Cluster slot being moved gives one operation, not an outage:
+/// TRYAGAIN (a script's keys half moved), or an ASK or MOVED redirect left when the client's
+/// retries ran out.
+fn caught_in_a_migration(e: &redis::RedisError) -> bool {
+    use redis::{ErrorKind::Server, ServerErrorKind as K};
+    matches!(e.kind(), Server(K::TryAgain) | Server(K::Ask) | Server(K::Moved))
 }
 
 /// A wait for Redis that ran out, as the client reports its own (`is_timeout()`).
@@ -434,6 +445,7 @@ pub struct Shared {
     evicting_log: EveryMinute,
     clock_log: EveryMinute,
     lost_log: EveryMinute,
+    migrating_log: EveryMinute,
     /// Wakes the background task when the breaker opens, so that it probes at once.
     opened: tokio::sync::Notify,
 }
@@ -587,6 +599,7 @@ impl Shared {
             evicting_log: EveryMinute::default(),
             clock_log: EveryMinute::default(),
             lost_log: EveryMinute::default(),
+            migrating_log: EveryMinute::default(),
             opened: tokio::sync::Notify::new(),
         };
         // Before announcing anything: a Redis that may evict keys can drop a replay record
@@ -659,9 +672,10 @@ impl Shared {
     /// `version`: `epochs_version` before the record was sent. If the epochs changed while
     /// it was in flight, its read may be older than what is known: it is compared, never
     /// taken for news (so one loss is never counted twice).
-    fn vouch(&self, read: Option<(&str, Option<&str>)>, timestamp: i64, version: u64) -> bool {
+    fn vouch(&self, op: Op, read: Option<(&str, Option<&str>)>, timestamp: i64, version: u64) -> bool {
         let Some((key, seen)) = read else { return false };
         if seen == Some(UNREADABLE) {
+            self.migrating(op, "the record reached a master importing its slot");
             return false;
         }
         let epochs = self.epochs.load();
@@ -795,12 +809,13 @@ impl Shared {
                 TIMEOUTS_IN_A_ROW.set(0);
                 return Ok(v);
             }
-            Ok(Err(e)) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::TryAgain) => {
-                // Under Redis Cluster, a script with two keys of a slot being moved while
-                // only one has moved: the node answers, and this one request falls back. It
-                // is not an outage (the breaker, and its epoch check, are for those).
-                series.error.inc();
+            Ok(Err(e)) if caught_in_a_migration(&e) => {
+                // Under Redis Cluster, a slot being moved: a script whose two keys are half
+                // moved (TRYAGAIN), or redirects that outran the client's retries. The node
+                // answers; this one request falls back. It is not an outage (the breaker, and
+                // its epoch check, are for those).
                 TIMEOUTS_IN_A_ROW.set(0);
+                self.migrating(op, &e.to_string());
                 return Err(Unavailable);
             }
             Ok(Err(e)) => {
@@ -823,6 +838,17 @@ impl Shared {
             self.opened.notify_one();
         }
         Err(Unavailable)
+    }
+
+    /// Counts an operation caught in a Redis Cluster slot migration (its request falls back)
+    /// and logs it once a minute: a reshard left half-way (a slot still MIGRATING) would
+    /// otherwise send every new signed request of that slot to the fallback unseen, with
+    /// `gatehouse_shared_state_up` at 1.
+    fn migrating(&self, op: Op, what: &str) {
+        self.metrics.op(op).migrating.inc();
+        if self.migrating_log.due() {
+            tracing::warn!(redis = %self.describe, error = %what, "shared state: requests of a Redis Cluster slot being moved fall back (shared_state.on_unavailable) until the slot has moved; a reshard left half-way keeps them there (redis-cli --cluster fix)");
+        }
     }
 
     fn log_outage(&self, err: &str) {
@@ -927,7 +953,12 @@ impl Shared {
                 let remaining = lease.granted(now, u32::try_from(c).unwrap_or(1), u32::try_from(n).unwrap_or(0));
                 match signature {
                     Some(s)
-                        if !self.vouch(epoch_key.as_deref().map(|k| (k, epoch.as_deref())), s.timestamp, version) =>
+                        if !self.vouch(
+                            Op::Admit,
+                            epoch_key.as_deref().map(|k| (k, epoch.as_deref())),
+                            s.timestamp,
+                            version,
+                        ) =>
                     {
                         Admission::Fenced { remaining }
                     }
@@ -999,7 +1030,13 @@ impl Shared {
         let (added, epoch_key, epoch) = self.op(Op::Replay, record).await?;
         Ok(match added {
             false => Record::Seen,
-            true if self.vouch(epoch_key.as_deref().map(|k| (k, epoch.as_deref())), s.timestamp, version) => {
+            true if self.vouch(
+                Op::Replay,
+                epoch_key.as_deref().map(|k| (k, epoch.as_deref())),
+                s.timestamp,
+                version,
+            ) =>
+            {
                 Record::New
             }
             true => Record::Unvouched,

@@ -55,7 +55,9 @@ return {n, free - n, epoch}
 ";
 
 /// Records one signature (under Redis Cluster; on one Redis the records of a worker go in
-/// one pipeline, `batch.rs`) and reads its node's epoch after it, like `TAKE`.
+/// one pipeline, `batch.rs`) and reads its node's epoch with it (first, then the record:
+/// a script runs whole, so the order only decides what an unreadable epoch leaves), like
+/// `TAKE`.
 ///
 /// `KEYS[1]`: the set of the key's signatures with this one's timestamp. `ARGV[1]`: the
 /// record; `ARGV[2]`: how long the set lives, milliseconds; `ARGV[3]`: the node's epoch

@@ -265,6 +265,8 @@ impl GatewayConfig {
 
     /// A `shared_state:` entry, e.g. `("redis", "redis://127.0.0.1:6379")`.
     pub fn shared_state(mut self, name: &str, value: &str) -> Self {
+        // A later setting replaces an earlier one of the same name.
+        self.shared_state.retain(|(n, _)| n != name);
         self.shared_state.push((name.into(), value.into()));
         self
     }
