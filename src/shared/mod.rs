@@ -934,10 +934,11 @@ impl Shared {
         inv.key(self.key("k:", key_id, ":rate"));
         let ttl_ms = signature.map_or(0, |s| s.ttl_ms());
         let member = signature.map(|s| signature_member(s.signature));
-        let epoch_key = signature.and_then(|_| self.epoch_key_of(&self.key("k:", key_id, "")));
+        let set = signature.map(|s| self.signature_set(key_id, s.timestamp));
+        let epoch_key = set.as_deref().and_then(|set| self.epoch_key_of(set));
         let version = self.epochs_version.load(Ordering::SeqCst);
-        if let Some(s) = signature {
-            inv.key(self.signature_set(key_id, s.timestamp));
+        if let Some(set) = &set {
+            inv.key(set);
         }
         // Redis's buckets count in microseconds: a limit above 1,000,000 req/s acts as that
         // (a step of 0 would admit everything).
