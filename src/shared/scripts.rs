@@ -23,8 +23,9 @@
 /// not given, '' when it could not be read (under Redis Cluster: on another node, as when
 /// this script was redirected to a master importing the slot) — then the signature is not
 /// recorded either: the gateway cannot vouch for it, and a retry of the same request must
-/// not find it recorded. A request over its limit records no signature (it was not accepted, and a key
-/// sending far over its limit must not fill Redis with records); a replay takes nothing.
+/// not find it recorded. A request over its limit records no signature (it was not
+/// accepted, and a key sending far over its limit must not fill Redis with records); a
+/// replay takes nothing.
 pub const TAKE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
