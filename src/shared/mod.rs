@@ -1018,7 +1018,9 @@ impl Shared {
             let mut conn = self.local().await?;
             if let Conn::Single(_) = conn {
                 let r = self.batcher().record(&conn, set, member, s.ttl_ms()).await?;
-                return Ok((r.added, Some(self.fleet_epoch_key.clone()), r.epoch));
+                // The batcher read the fleet's epoch: named below, without a reference
+                // count that every signed request would write.
+                return Ok((r.added, None, r.epoch));
             }
             // Cluster: one slot (the set's), one round trip; the node's epoch is in another
             // slot of the same node.
@@ -1028,16 +1030,14 @@ impl Shared {
             let (added, epoch): (i64, Option<String>) = conn.run(&inv).await?;
             Ok((added == 1, epoch_key, epoch.map(Arc::from)))
         };
-        let (added, epoch_key, epoch) = self.op(Op::Replay, record).await?;
+        let (added, cluster_epoch_key, epoch) = self.op(Op::Replay, record).await?;
+        let epoch_key = match &cluster_epoch_key {
+            Some(k) => Some(&**k),
+            None => self.single.then_some(&*self.fleet_epoch_key),
+        };
         Ok(match added {
             false => Record::Seen,
-            true if self.vouch(
-                Op::Replay,
-                epoch_key.as_deref().map(|k| (k, epoch.as_deref())),
-                s.timestamp,
-                version,
-            ) =>
-            {
+            true if self.vouch(Op::Replay, epoch_key.map(|k| (k, epoch.as_deref())), s.timestamp, version) => {
                 Record::New
             }
             true => Record::Unvouched,
@@ -1113,7 +1113,7 @@ impl Shared {
     /// Returns how long the heartbeat script's round trip took.
     async fn beat(&self) -> redis::RedisResult<Duration> {
         let mut inv = self.heartbeat.prepare_invoke();
-        inv.key(self.key("fleet", "", ":gateways")).key(self.key("fleet", "", ":epoch"));
+        inv.key(self.key("fleet", "", ":gateways")).key(&*self.fleet_epoch_key);
         inv.arg(self.node.as_str()).arg(GONE_AFTER.as_millis() as u64).arg(random_id());
         let started = Instant::now();
         let (alive, epoch, redis_ms): (u32, String, i64) =
@@ -1129,8 +1129,7 @@ impl Shared {
         self.metrics.op(Op::Heartbeat).duration.observe(round_trip.as_secs_f64());
         self.live.store(alive.max(1), Ordering::Relaxed);
         self.metrics.gateways.set(i64::from(alive.max(1)));
-        let fleet_key = self.fleet_epoch_key.clone();
-        self.saw_epoch(&fleet_key, Some(epoch), None);
+        self.saw_epoch(&self.fleet_epoch_key, Some(epoch), None);
         let seen = self.beat_step("node checks timed out", self.check_nodes(true)).await?;
         self.metrics.evicting.set(i64::from(seen.evicting.is_some()));
         if let Some(evicting) = &seen.evicting {
@@ -1266,7 +1265,7 @@ impl Shared {
             }
         } else {
             // The fleet's epoch is read by the heartbeat itself.
-            nodes.push((self.key("fleet", "", ":epoch"), String::new()));
+            nodes.push((self.fleet_epoch_key.to_string(), String::new()));
         }
         let mut seen = NodesSeen::default();
         for (key, node) in nodes {
