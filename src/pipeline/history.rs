@@ -5,9 +5,11 @@
 //! snapshots of the usage counters, taken every few seconds by a sampler and before every
 //! read, and attributed to the hour and day of the snapshot (so a request counts in the
 //! hour it was sampled in, seconds after it was made). It is kept in the usage state file
-//! and, like the counters, is this gateway's own: with `shared_state`, each gateway
-//! shows its own share.
+//! and, like the counters, is this gateway's own. With `shared_state` the fleet's history
+//! is in Redis instead (each usage flush adds to its hour and day: `Shared::add_usage`),
+//! and a read builds one of these from it ([`History::from_counts`]).
 
+use crate::shared::{HistoryWindow, RequestCounts};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 
@@ -15,6 +17,8 @@ use std::collections::{BTreeMap, HashMap};
 pub const DAYS: i64 = 30;
 /// Hours kept.
 pub const HOURS: i64 = 24;
+/// Both, as the shared state keeps them.
+pub const WINDOW: HistoryWindow = HistoryWindow { hours: HOURS, days: DAYS };
 
 /// Each key's requests by unix hour and unix day.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -31,6 +35,35 @@ pub struct History {
 impl History {
     pub fn is_empty(&self) -> bool {
         self.hours.is_empty() && self.days.is_empty()
+    }
+
+    /// The fleet's history as the shared state holds it.
+    pub fn from_counts(c: RequestCounts) -> History {
+        History { hours: c.hours, days: c.days, seen: HashMap::new() }
+    }
+
+    /// Counts `n` more requests of `key` in the hour and day of `now`.
+    pub fn add(&mut self, key: &str, n: u64, now: i64) {
+        if n == 0 {
+            return;
+        }
+        let (hour, day) = (now.div_euclid(3600), now.div_euclid(86_400));
+        *self.hours.entry(key.to_string()).or_default().entry(hour).or_default() += n;
+        *self.days.entry(key.to_string()).or_default().entry(day).or_default() += n;
+    }
+
+    /// A copy of `keys`' history alone.
+    pub fn only<'a>(&self, keys: impl IntoIterator<Item = &'a str>) -> History {
+        let mut out = History::default();
+        for k in keys {
+            if let Some(by) = self.hours.get(k) {
+                out.hours.insert(k.to_string(), by.clone());
+            }
+            if let Some(by) = self.days.get(k) {
+                out.days.insert(k.to_string(), by.clone());
+            }
+        }
+        out
     }
 
     /// Starts from the counters as they are (`totals`: key → requests), so that what was
@@ -50,9 +83,7 @@ impl History {
                 continue;
             }
             self.seen.insert(key.clone(), total);
-            let delta = total - before;
-            *self.hours.entry(key.clone()).or_default().entry(hour).or_default() += delta;
-            *self.days.entry(key).or_default().entry(day).or_default() += delta;
+            self.add(&key, total - before, now);
         }
         for (window, keep_from) in [(&mut self.hours, hour - HOURS + 1), (&mut self.days, day - DAYS + 1)] {
             window.retain(|_, by| {

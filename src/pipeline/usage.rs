@@ -8,7 +8,7 @@
 
 use crate::credentials::file::FileUser;
 use crate::credentials::ops::ts;
-use crate::pipeline::history::History;
+use crate::pipeline::history::{self, History};
 use crate::shared::{Shared, Unavailable, UsageRow};
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
@@ -165,14 +165,36 @@ impl Usage {
 
     /// The history, brought up to `now` (unix seconds) first; held locked while the
     /// guard lives.
-    pub fn sampled_history(&self, now: i64) -> Option<std::sync::MutexGuard<'_, History>> {
+    fn sampled_history(&self, now: i64) -> std::sync::MutexGuard<'_, History> {
         // The counters are read under the lock: two samplers cannot interleave a reading
-        // and a sample (an older reading applied last would count its requests again).
-        let mut h = self.history.lock().ok()?;
+        // and a sample (an older reading applied last would count its requests again). A
+        // sampler that panicked left whole hours and days behind it, at worst one sample
+        // short: still worth showing.
+        let mut h = self.history.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let totals: Vec<(String, u64)> =
             self.keys.iter().map(|e| (e.key().to_string(), e.value().requests.load(Ordering::Relaxed))).collect();
         h.sample(totals, now);
-        Some(h)
+        h
+    }
+
+    /// `ids`' requests per hour and day as of `now`: this gateway's; with shared state
+    /// the fleet's (Redis's counts plus what this gateway has not flushed yet, which it
+    /// counts in the current hour, as its next flush will).
+    pub async fn history(&self, shared: Option<&Shared>, ids: &[String], now: i64) -> Result<History, Unavailable> {
+        let Some(shared) = shared else {
+            return Ok(self.sampled_history(now).only(ids.iter().map(String::as_str)));
+        };
+        // Held across the read, as in `fleet_view`: a flush in between would count its
+        // requests twice (in Redis and as unsent).
+        let sent = self.sent.lock().await;
+        let mut h = History::from_counts(shared.read_requests(ids, now, history::WINDOW).await?);
+        let unsent = self.unsent(&sent);
+        for id in ids {
+            if let Some(d) = unsent.get(id) {
+                h.add(id, d.requests, now);
+            }
+        }
+        Ok(h)
     }
 
     /// Samples the history every `every` until the process ends, so that requests land
@@ -279,8 +301,9 @@ impl Usage {
         let delta: Vec<(String, UsageRow)> = self.unsent(&sent).into_iter().collect();
         // Each part is marked sent once Redis has it: a flush that fails part-way does not
         // add the parts already written again at the next one.
+        let now = crate::credentials::ops::now().unix_timestamp();
         for part in delta.chunks(crate::shared::USAGE_ROWS_PER_CALL) {
-            shared.add_usage(part).await?;
+            shared.add_usage(part, now, history::WINDOW).await?;
             for (id, d) in part {
                 sent.entry(id.clone()).or_default().add(d.clone());
             }
@@ -353,35 +376,31 @@ pub fn usage_view(u: &FileUser, usage: &BTreeMap<String, KeyUsageRecord>) -> Val
     })
 }
 
-impl Usage {
-    /// Adds this gateway's history to a [`usage_view`]: `requests_24h` per key and in
-    /// total, and `per_day` (`[{"date", "requests"}]`, the last 30 days, oldest first,
-    /// days without requests left out).
-    pub fn add_history(&self, view: &mut Value, now: i64) {
-        let Some(h) = self.sampled_history(now) else { return };
-        let mut days: BTreeMap<i64, u64> = BTreeMap::new();
-        let mut total = 0;
-        if let Some(keys) = view["keys"].as_object_mut() {
-            for (id, k) in keys.iter_mut() {
-                let n = h.last_24h(id, now);
-                total += n;
-                k["requests_24h"] = n.into();
-                for (d, n) in h.per_day(id, now) {
-                    *days.entry(d).or_default() += n;
-                }
+/// Adds a history ([`Usage::history`]) to a [`usage_view`]: `requests_24h` per key and in
+/// total, and `per_day` (`[{"date", "requests"}]`, the last 30 days, oldest first, days
+/// without requests left out).
+pub fn add_history(view: &mut Value, h: &History, now: i64) {
+    let mut days: BTreeMap<i64, u64> = BTreeMap::new();
+    let mut total = 0;
+    if let Some(keys) = view["keys"].as_object_mut() {
+        for (id, k) in keys.iter_mut() {
+            let n = h.last_24h(id, now);
+            total += n;
+            k["requests_24h"] = n.into();
+            for (d, n) in h.per_day(id, now) {
+                *days.entry(d).or_default() += n;
             }
         }
-        drop(h);
-        view["requests_24h"] = total.into();
-        view["per_day"] = days
-            .into_iter()
-            .filter_map(|(d, n)| {
-                let date = time::OffsetDateTime::from_unix_timestamp(d * 86_400).ok()?.date();
-                Some(json!({"date": date.to_string(), "requests": n}))
-            })
-            .collect::<Vec<_>>()
-            .into();
     }
+    view["requests_24h"] = total.into();
+    view["per_day"] = days
+        .into_iter()
+        .filter_map(|(d, n)| {
+            let date = time::OffsetDateTime::from_unix_timestamp(d * 86_400).ok()?.date();
+            Some(json!({"date": date.to_string(), "requests": n}))
+        })
+        .collect::<Vec<_>>()
+        .into();
 }
 
 #[cfg(test)]
@@ -404,7 +423,7 @@ mod tests {
         back.record(&user, &key, false, false, 200);
         let now = crate::credentials::ops::now().unix_timestamp();
         let mut view = json!({"keys": {"ak_1": {}}});
-        back.add_history(&mut view, now);
+        add_history(&mut view, &back.sampled_history(now), now);
         assert_eq!(view["requests_24h"], 4, "{view}");
         assert_eq!(view["keys"]["ak_1"]["requests_24h"], 4);
         assert_eq!(view["per_day"].as_array().unwrap().len(), 1, "{view}");

@@ -213,10 +213,13 @@ impl Server {
         let (stop_tx, stop_rx) = watch::channel(false);
         gw.credentials.clone().spawn_reloader();
         gw.usage.clone().spawn_flusher(Duration::from_secs(5));
-        gw.usage.clone().spawn_history_sampler(Duration::from_secs(10));
-        if let Some(s) = &gw.shared {
-            s.clone().spawn();
-            gw.usage.clone().spawn_shared_flusher(s.clone(), Duration::from_secs(1));
+        match &gw.shared {
+            None => gw.usage.clone().spawn_history_sampler(Duration::from_secs(10)),
+            // The fleet's history is counted in Redis by each flush.
+            Some(s) => {
+                s.clone().spawn();
+                gw.usage.clone().spawn_shared_flusher(s.clone(), Duration::from_secs(1));
+            }
         }
         // Drop limiter state of keys gone from the snapshot and of idle client IPs.
         let pruned = gw.clone();

@@ -15,6 +15,7 @@
 //! | `P{k:KEY_ID}:sig:TS` | the accepted signatures with timestamp `TS` (their SHA-256, first 16 bytes), until 30 s after that timestamp leaves the window (clock slack) |
 //! | `P{ip:HEX}:fail` | a client network's failed-authentication bucket |
 //! | `P{fleet}:usage` | usage counts and `last_used` of every key |
+//! | `P{fleet}:usage:hour:H`, `P{fleet}:usage:day:D` | each key's requests in unix hour `H`, unix day `D` (the history), until they leave its window |
 //! | `P{fleet}:gateways` | gateways alive (sorted by last heartbeat) |
 //! | `P{fleet}:epoch` | set once; a different value means Redis lost its data |
 //! | `P{fleet}:fence` | signatures signed before it may have been accepted before Redis lost its data |
@@ -46,6 +47,9 @@ const GONE_AFTER: Duration = Duration::from_secs(5);
 /// Usage rows per `add_usage` call: a fleet with 100,000 keys writes in a few bounded
 /// scripts, not one huge one.
 pub const USAGE_ROWS_PER_CALL: usize = 500;
+
+/// Commands per round trip when reading the request history (`Shared::read_requests`).
+pub const HISTORY_READS_PER_CALL: usize = 1000;
 
 /// How much longer than its window a replay record lives in Redis. Each gateway sets the
 /// record's expiry by its own clock and decides freshness by it too, so a record set by a
@@ -110,6 +114,21 @@ impl SignatureRecord<'_> {
     }
 }
 
+/// How far back the fleet's request history goes (`Shared::add_usage` keeps each hour's
+/// and day's counts until they leave it; `Shared::read_requests` reads it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryWindow {
+    pub hours: i64,
+    pub days: i64,
+}
+
+/// Requests per key (by key id) per unix hour and per unix day, summed over the fleet.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestCounts {
+    pub hours: BTreeMap<String, BTreeMap<i64, u64>>,
+    pub days: BTreeMap<String, BTreeMap<i64, u64>>,
+}
+
 /// One key's usage as Redis keeps it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UsageRow {
@@ -167,6 +186,13 @@ enum Loss {
     Data,
     /// A node evicted keys.
     Evicted,
+}
+
+/// The two spans the request history is counted in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Bucket {
+    Hour,
+    Day,
 }
 
 /// What a record's script answers for an epoch key it could not read (under Redis Cluster,
@@ -782,6 +808,11 @@ impl Shared {
         conn.run(inv).await
     }
 
+    async fn pipeline<T: redis::FromRedisValue>(&self, pipe: &redis::Pipeline) -> redis::RedisResult<T> {
+        let mut conn = self.local().await?;
+        conn.pipeline(pipe).await
+    }
+
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
         let mut conn = self.local().await?;
         conn.query(cmd).await
@@ -1057,9 +1088,25 @@ impl Shared {
 
     /// Adds usage deltas (key id → row) to the fleet's totals, in one script: callers give
     /// at most [`USAGE_ROWS_PER_CALL`] rows.
-    pub async fn add_usage(&self, rows: &[(String, UsageRow)]) -> Result<(), Unavailable> {
+    ///
+    /// The requests also count in the hour and the day of `at` (unix seconds, this
+    /// gateway's clock: the moment of the flush, as a gateway without shared state samples
+    /// its own history), kept for `window`.
+    pub async fn add_usage(
+        &self,
+        rows: &[(String, UsageRow)],
+        at: i64,
+        window: HistoryWindow,
+    ) -> Result<(), Unavailable> {
+        let (hour, day) = (at.div_euclid(3600), at.div_euclid(86_400));
         let mut inv = self.add_usage.prepare_invoke();
-        inv.key(self.key("fleet", "", ":usage"));
+        inv.key(self.key("fleet", "", ":usage"))
+            .key(self.history_key(Bucket::Hour, hour))
+            .key(self.history_key(Bucket::Day, day));
+        // Read until the bucket is `window` old, so kept until then (and an hour more, for
+        // gateways whose clocks are a little behind).
+        let ms_until = |t: i64| (t - at).max(1) * 1000;
+        inv.arg(ms_until((hour + window.hours + 1) * 3600)).arg(ms_until((day + window.days) * 86_400 + 3600));
         for (id, r) in rows {
             inv.arg(id.as_str())
                 .arg(r.user.as_str())
@@ -1070,6 +1117,55 @@ impl Shared {
         }
         let _: i64 = self.op(Op::Usage, self.run(&inv)).await?;
         Ok(())
+    }
+
+    /// `ids`' requests per hour and per day, summed over the fleet, for the `window` up to
+    /// `now` (unix seconds).
+    ///
+    /// One `HGET` per key and bucket (the documented ACL allows it; `HMGET` would need
+    /// one more command there), pipelined: at most [`HISTORY_READS_PER_CALL`] a round
+    /// trip, so a user's page costs one and no read holds Redis for long.
+    pub async fn read_requests(
+        &self,
+        ids: &[String],
+        now: i64,
+        window: HistoryWindow,
+    ) -> Result<RequestCounts, Unavailable> {
+        let (hour, day) = (now.div_euclid(3600), now.div_euclid(86_400));
+        let buckets: Vec<(Bucket, i64, String)> = (hour - window.hours + 1..=hour)
+            .map(|h| (Bucket::Hour, h))
+            .chain((day - window.days + 1..=day).map(|d| (Bucket::Day, d)))
+            .map(|(b, t)| (b, t, self.history_key(b, t)))
+            .collect();
+        let mut out = RequestCounts::default();
+        for part in ids.chunks((HISTORY_READS_PER_CALL / buckets.len().max(1)).max(1)) {
+            let mut pipe = redis::pipe();
+            for (_, _, key) in &buckets {
+                for id in part {
+                    pipe.cmd("HGET").arg(key).arg(id);
+                }
+            }
+            let replies: Vec<Option<String>> = self.op(Op::Usage, self.pipeline(&pipe)).await?;
+            let asked = buckets.iter().flat_map(|(b, t, _)| part.iter().map(move |id| (*b, *t, id)));
+            for ((bucket, t, id), n) in asked.zip(replies) {
+                // Another application's value under the prefix reads as nothing.
+                let Some(n) = n.and_then(|n| n.parse::<u64>().ok()).filter(|n| *n > 0) else { continue };
+                let into = match bucket {
+                    Bucket::Hour => &mut out.hours,
+                    Bucket::Day => &mut out.days,
+                };
+                into.entry(id.clone()).or_default().insert(t, n);
+            }
+        }
+        Ok(out)
+    }
+
+    fn history_key(&self, bucket: Bucket, t: i64) -> String {
+        let unit = match bucket {
+            Bucket::Hour => "hour",
+            Bucket::Day => "day",
+        };
+        self.key("fleet", "", &format!(":usage:{unit}:{t}"))
     }
 
     /// Every key's usage, summed over the fleet.

@@ -75,21 +75,35 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return {added, epoch}
 ";
 
-/// Adds usage deltas to one hash and keeps the latest `last_used`.
+/// Adds usage deltas to one hash and keeps the latest `last_used`; adds the requests to
+/// the hour's and the day's counts too (the history the console charts).
 ///
-/// `KEYS[1]`: the usage hash. `ARGV`: groups of six: key id, user, requests, errors,
+/// `KEYS[1]`: the usage hash; `KEYS[2]`, `KEYS[3]`: this hour's and this day's counts (a
+/// field per key). `ARGV[1]`, `ARGV[2]`: in how many ms those two expire (once out of the
+/// history's window; `PEXPIRE`, which the documented ACL already allows, rather than
+/// `EXPIREAT`). Then groups of six: key id, user, requests, errors,
 /// rate-limited, last used (unix seconds, 0: none).
 pub const ADD_USAGE: &str = r"
-for i = 1, #ARGV, 6 do
+local counted = false
+for i = 3, #ARGV, 6 do
   local k = ARGV[i]
   redis.call('HSET', KEYS[1], k .. '|user', ARGV[i + 1])
   redis.call('HINCRBY', KEYS[1], k .. '|requests', ARGV[i + 2])
+  if tonumber(ARGV[i + 2]) > 0 then
+    redis.call('HINCRBY', KEYS[2], k, ARGV[i + 2])
+    redis.call('HINCRBY', KEYS[3], k, ARGV[i + 2])
+    counted = true
+  end
   redis.call('HINCRBY', KEYS[1], k .. '|errors', ARGV[i + 3])
   redis.call('HINCRBY', KEYS[1], k .. '|rate_limited', ARGV[i + 4])
   local seen = tonumber(redis.call('HGET', KEYS[1], k .. '|last_used') or '0')
   if tonumber(ARGV[i + 5]) > seen then
     redis.call('HSET', KEYS[1], k .. '|last_used', ARGV[i + 5])
   end
+end
+if counted then
+  redis.call('PEXPIRE', KEYS[2], ARGV[1])
+  redis.call('PEXPIRE', KEYS[3], ARGV[2])
 end
 return 1
 ";

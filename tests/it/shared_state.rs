@@ -84,6 +84,20 @@ async fn replay_is_refused_fleet_wide(redis: Redis<'_>) -> (String, i64) {
     }
     assert_eq!(accepted, 1000);
     assert_eq!(up.count(), 1001, "every signature forwarded exactly once");
+    // The key's request history (in Redis, beside its totals) catches up with its totals
+    // on every gateway once each has flushed.
+    for gw in &fleet {
+        within(STEP, "the fleet's history to reach its totals", async {
+            loop {
+                let v = gw.admin().get("/admin/v1/users/signer/usage").await.json();
+                if v["requests"].as_u64() >= Some(1001) && v["requests_24h"] == v["requests"] {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+    }
     (prefix, now)
 }
 
@@ -215,7 +229,8 @@ async fn usage_is_summed_over_the_fleet_and_survives_replacing_every_gateway() {
     let key = creds.api_user("counted");
     let port = redis::shared().await;
     let url = format!("redis://127.0.0.1:{port}");
-    let config = fleet_config(&creds, &up, Redis::One(&url), &redis::unique_prefix("usage"));
+    let prefix = redis::unique_prefix("usage");
+    let config = fleet_config(&creds, &up, Redis::One(&url), &prefix);
     let fleet = start_fleet(&config, 3).await;
     let client = H1::new();
     const N: u64 = 61;
@@ -247,6 +262,25 @@ async fn usage_is_summed_over_the_fleet_and_survives_replacing_every_gateway() {
         (before_last..=after_last).contains(&seen),
         "last_used_at {seen} is not the last request's ({before_last}..={after_last})"
     );
+    // The history (the console's chart) is the fleet's too, not each gateway's third.
+    let history = |v: &serde_json::Value| {
+        let per_day: u64 = v["per_day"].as_array().unwrap().iter().map(|d| d["requests"].as_u64().unwrap()).sum();
+        (v["requests_24h"].as_u64(), v["keys"][&key.key_id]["requests_24h"].as_u64(), per_day)
+    };
+    for gw in &fleet {
+        let v = gw.admin().get(usage_path).await.json();
+        assert_eq!(history(&v), (Some(N), Some(N), N), "{v}");
+    }
+    // Each hour's and day's counts leave Redis once out of the window (24 h, 30 days).
+    let buckets = redis::cli(port, &["--scan", "--pattern", &format!("{prefix}{{fleet}}:usage:*")]).await;
+    let mut buckets: Vec<&str> = buckets.lines().collect();
+    buckets.sort();
+    assert!((2..=4).contains(&buckets.len()), "one hour and one day (or two of each across a boundary): {buckets:?}");
+    for b in buckets {
+        let ttl: i64 = redis::cli(port, &["ttl", b]).await.trim().parse().unwrap();
+        let (lo, hi) = if b.contains(":usage:hour:") { (23 * 3600, 25 * 3600) } else { (29 * 86_400, 31 * 86_400) };
+        assert!((lo..=hi).contains(&ttl), "{b} expires in {ttl} s");
+    }
 
     // Replace every gateway (a rolling restart that ends with none of the old pods).
     let written: Vec<_> = fleet.into_iter().map(GatewayProcess::into_written).collect();
@@ -258,7 +292,17 @@ async fn usage_is_summed_over_the_fleet_and_survives_replacing_every_gateway() {
         let v = gw.admin().get(usage_path).await.json();
         assert_eq!(v["requests"], N, "{v}");
         assert_eq!(last_used(&v), seen);
+        assert_eq!(history(&v), (Some(N), Some(N), N), "{v}");
     }
+    // So does the console's users list (its last two columns: 24 hours, all time).
+    let admin = format!("http://{}", again[1].admin_addr());
+    let form = [("origin", admin.as_str()), ("content-type", "application/x-www-form-urlencoded")];
+    let token = format!("token={}", again[1].written().admin_token());
+    let signed = client.request("POST", &format!("{admin}/ui/sign-in"), &form, token).await;
+    assert_eq!(signed.status, 303, "{}", signed.text());
+    let cookie = signed.header("set-cookie").split(';').next().unwrap().to_string();
+    let page = client.get_with(&format!("{admin}/ui/users"), &[("cookie", cookie.as_str())]).await.text();
+    assert!(page.contains(&format!("<td>{N}</td><td>{N}</td></tr>")), "{page}");
     // The CLI reads the same totals from Redis, through the gateway's config.
     let config = again[0].written().path.display().to_string();
     let out = crate::support::process::run_cli(&["users", "show", "counted", "--json", "--config", &config]).await;

@@ -62,14 +62,25 @@ pub(super) async fn usage_now(
 ) -> Result<std::collections::BTreeMap<String, crate::pipeline::usage::KeyUsageRecord>, ApiError> {
     match &admin.shared {
         None => Ok(admin.usage.snapshot()),
-        Some(s) => admin.usage.fleet_view(s).await.map_err(|_| {
-            ApiError(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "shared_state_unavailable",
-                "Usage is kept in the shared state, which is unavailable".into(),
-            )
-        }),
+        Some(s) => admin.usage.fleet_view(s).await.map_err(|_| usage_unavailable()),
     }
+}
+
+/// `ids`' requests per hour and day: this gateway's, or with shared state the fleet's.
+pub(super) async fn history_now(
+    admin: &Admin,
+    ids: &[String],
+    now: i64,
+) -> Result<crate::pipeline::history::History, ApiError> {
+    admin.usage.history(admin.shared.as_deref(), ids, now).await.map_err(|_| usage_unavailable())
+}
+
+fn usage_unavailable() -> ApiError {
+    ApiError(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "shared_state_unavailable",
+        "Usage is kept in the shared state, which is unavailable".into(),
+    )
 }
 
 fn bad(msg: impl Into<String>) -> ApiError {
@@ -350,9 +361,12 @@ pub(super) async fn run(
         }
         (Method::GET, ["users", id, "usage"]) => {
             let c = read(store)?;
+            let u = ops::user(&c, id)?;
             let usage = usage_now(admin).await?;
-            let mut v = crate::pipeline::usage::usage_view(ops::user(&c, id)?, &usage);
-            admin.usage.add_history(&mut v, ops::now().unix_timestamp());
+            let mut v = crate::pipeline::usage::usage_view(u, &usage);
+            let ids: Vec<String> = u.keys.iter().map(|k| k.id.value.clone()).collect();
+            let now = ops::now().unix_timestamp();
+            crate::pipeline::usage::add_history(&mut v, &history_now(admin, &ids, now).await?, now);
             (StatusCode::OK, v)
         }
         (Method::PATCH, ["users", id]) => {

@@ -355,7 +355,16 @@ async fn users(ctx: &Ctx<'_>, q: &Form) -> Response<Body> {
     let usage = api::usage_now(ctx.admin).await.unwrap_or_default();
     let roles = ctx.get("/admin/v1/roles", "").await.unwrap_or_default();
     let now = crate::credentials::ops::now().unix_timestamp();
-    let Some(history) = ctx.admin.usage.sampled_history(now) else { return unavailable() };
+    let ids: Vec<String> = list
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|u| u["keys"].as_array().into_iter().flatten())
+        .filter_map(|k| k["id"].as_str().map(String::from))
+        .collect();
+    // Like the totals above: while the shared state is away the page still lists the
+    // users, with the counts it cannot read as 0.
+    let history = api::history_now(ctx.admin, &ids, now).await.unwrap_or_default();
     let recent = |key: &str| history.last_24h(key, now);
     html(StatusCode::OK, pages::users(ctx, &list, &usage, &recent, &roles, q))
 }
