@@ -28,10 +28,11 @@ CONF
   PIDS+=($!)
 }
 
-# bench_cleanup DIR: for `trap 'bench_cleanup "$WORK"' EXIT`. Stops every pid in PIDS and
-# removes DIR, unless KEEP_WORK=1.
+# bench_cleanup DIR: for `trap 'bench_cleanup "$WORK"' EXIT`. Stops every pid in PIDS,
+# puts back the guest's halt polling (bench_halt_poll) and removes DIR, unless KEEP_WORK=1.
 bench_cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+  bench_halt_poll_restore
   if [ "${KEEP_WORK:-0}" = 1 ]; then echo "kept $1" >&2; else rm -rf "$1"; fi
 }
 
@@ -62,4 +63,31 @@ bench_config() {
     [ -z "$top" ] || printf '%s\n' "$top"
     printf 'routes:\n  - name: bench\n    path_prefix: /\n    upstream: http://127.0.0.1:%s\n' "$upstream"
   } >"$file"
+}
+
+# bench_halt_poll: prints how long an idle vCPU of this KVM guest polls before it halts
+# (cpuidle-haltpoll's guest_halt_poll_ns) and, with GUEST_HALT_POLL_NS set (root), sets it
+# for the run; bench_cleanup puts the old value back. Why it matters: a process asleep on a
+# vCPU that halted is woken through the host, and on this box that costs ~40 µs per
+# wake-up (redis-benchmark -c1: 0.055 ms with 0, the value this VM boots with; 0.015 ms
+# with 200000, Linux's default). At light load every hop between processes (client,
+# gateway, Redis, upstream) pays it, so the light-load rows say which value they ran with.
+HALT_POLL_FILE=/sys/module/haltpoll/parameters/guest_halt_poll_ns
+HALT_POLL_WAS=
+bench_halt_poll() {
+  if [ ! -r "$HALT_POLL_FILE" ]; then
+    [ -z "${GUEST_HALT_POLL_NS:-}" ] || { echo "[bench] GUEST_HALT_POLL_NS: this machine has no $HALT_POLL_FILE" >&2; exit 1; }
+    echo "[bench] guest halt polling: none here (not a KVM guest with cpuidle-haltpoll)" >&2
+    return 0
+  fi
+  local was
+  was=$(cat "$HALT_POLL_FILE")
+  if [ -n "${GUEST_HALT_POLL_NS:-}" ]; then
+    echo "$GUEST_HALT_POLL_NS" >"$HALT_POLL_FILE" || { echo "[bench] cannot set $HALT_POLL_FILE (root?)" >&2; exit 1; }
+    HALT_POLL_WAS=$was
+  fi
+  echo "[bench] guest_halt_poll_ns=$(cat "$HALT_POLL_FILE") for this run (the machine's: $was)" >&2
+}
+bench_halt_poll_restore() {
+  if [ -n "$HALT_POLL_WAS" ]; then echo "$HALT_POLL_WAS" >"$HALT_POLL_FILE" 2>/dev/null || true; fi
 }

@@ -30,8 +30,9 @@
 #      what waking a process on the other CPU costs on this box.
 #
 # Settings: USERS=1000, SKIP_BUILD=0, GATEWAY_PORT=18090, SHARED_PORT=18091, REDIS_PORT=18092,
-# BASE_PORT=18080 (the upstream), SHARED=1, plus every setting of benches/peers.sh (DURATION,
-# ROUNDS, CONNS, …), passed through.
+# BASE_PORT=18080 (the upstream), SHARED=1, GUEST_HALT_POLL_NS (unset: the machine's own;
+# see benches/common.sh), plus every setting of benches/peers.sh (DURATION, ROUNDS, CONNS,
+# …), passed through.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -60,11 +61,13 @@ WORK=$(mktemp -d /tmp/gatehouse-peers.XXXXXX)
 PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+  bench_halt_poll_restore
   [ "${KEEP_WORK:-0}" = 1 ] || rm -rf "$WORK"
 }
 trap cleanup EXIT
 CREDS=$WORK/credentials.yaml
 source "$ROOT/benches/common.sh"
+bench_halt_poll
 
 log "writing $USERS users to $CREDS"
 KEY=$(bench_key_user)

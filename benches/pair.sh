@@ -25,6 +25,8 @@
 #   SHARED_B=1 MODE=hmac CONNS=1 bash benches/pair.sh BIN BIN    # the same at light load
 #   ROUNDS=20 DURATION=3 CONNS=64 bash benches/pair.sh /tmp/a /tmp/b
 #   MODE=hmac bash benches/pair.sh /tmp/a /tmp/b
+#   GUEST_HALT_POLL_NS=200000 SHARED_B=1 MODE=hmac CONNS=1 bash benches/pair.sh BIN BIN
+#                                   # with idle vCPUs polling first (benches/common.sh)
 # Needs nginx, wrk, curl, python3 (installs none of them; benches/load.sh does).
 set -euo pipefail
 
@@ -48,6 +50,7 @@ BASE=$(mktemp -d /tmp/gatehouse-pair.XXXXXX)
 chmod 755 "$BASE"
 PIDS=()
 trap 'bench_cleanup "$BASE"' EXIT
+bench_halt_poll
 UP_PORT=$(bench_free_port)
 bench_upstream "$BASE/up" "$UP_PORT"
 SHARED_YAML=""
