@@ -877,6 +877,11 @@ impl Shared {
     /// `gatehouse_shared_state_up` at 1.
     fn migrating(&self, op: Op, what: &str) {
         self.metrics.op(op).migrating.inc();
+        // The slots have moved under this gateway: read the map that names each record's
+        // epoch key now (at most one early heartbeat per probe interval) rather than at the
+        // next heartbeat, so that a reshard sends each moved key to the fallback for a
+        // fifth of a second rather than up to a second after its slot moved.
+        self.recheck.notify_one();
         if self.migrating_log.due() {
             tracing::warn!(redis = %self.describe, error = %what, "shared state: requests of a Redis Cluster slot being moved fall back (shared_state.on_unavailable) until the slot has moved; a reshard left half-way keeps them there (redis-cli --cluster fix)");
         }

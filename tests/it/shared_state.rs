@@ -1363,3 +1363,133 @@ async fn a_cluster_node_that_comes_back_empty_cannot_be_used_to_replay_an_earlie
     }
     assert_eq!(up.count(), seen);
 }
+
+/// Under Redis Cluster, a real reshard while three gateways take signed traffic:
+/// `redis-cli --cluster reshard` moves a master's first slots (the records and buckets of
+/// three keys among them) to another master, one slot at a time, as an operator would.
+/// Meanwhile every signature is sent to one gateway and then replayed at the next: none is
+/// ever accepted twice, and the upstream sees each accepted one once. A request caught in
+/// a moving slot may get the fallback (503); a move is not a loss of data (nothing is
+/// fenced) and opens no breaker; once it is over, each gateway accepts new signatures of
+/// the moved keys and refuses their replays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_reshard_never_lets_a_replay_through() {
+    let cluster = RedisCluster::start().await;
+    let up = TestUpstream::start().await;
+    let mut creds = Creds::new();
+    let prefix = "reshard:";
+    // The first master (`--cluster create` gives it slots 0–5460) gives up its first slots:
+    // the three keys of forty whose slots come first are among them. (That fewer than three
+    // of forty random keys hash into its third of the slots has a chance of 2 in 100,000.)
+    let keys: Vec<HmacKey> = (0..40).map(|i| creds.hmac_user(&format!("resharded{i}"))).collect();
+    let mut by_slot = Vec::new();
+    for k in &keys {
+        let slot = cluster.nodes[0].cli(&["cluster", "keyslot", &format!("{prefix}{{k:{}}}", k.key_id)]).await;
+        by_slot.push((slot.trim().parse::<u32>().unwrap(), k));
+    }
+    by_slot.sort_by_key(|(slot, _)| *slot);
+    let moving: Vec<&HmacKey> = by_slot[..3].iter().map(|(_, k)| *k).collect();
+    // At least 1,500 slots (a second or two): long enough for traffic to overlap the move.
+    let slots = (by_slot[2].0 + 1).max(1500);
+    assert!(
+        slots <= 5461,
+        "three keys in the first master's slots: {:?}",
+        &by_slot[..3].iter().map(|s| s.0).collect::<Vec<_>>()
+    );
+    let config = fleet_config(&creds, &up, Redis::Cluster(&cluster.urls()), prefix)
+        .shared_state("op_timeout", "1s")
+        .rate_limit(10_000, 10_000)
+        .failed_per_ip_per_minute(100_000);
+    let fleet = start_fleet(&config, 3).await;
+    let from = cluster.nodes[0].cli(&["cluster", "myid"]).await.trim().to_string();
+    let to = cluster.nodes[1].cli(&["cluster", "myid"]).await.trim().to_string();
+    let entry = format!("127.0.0.1:{}", cluster.nodes[0].port);
+    let reshard = tokio::process::Command::new("redis-cli")
+        .args(["--cluster", "reshard", &entry, "--cluster-from", &from, "--cluster-to", &to])
+        .args(["--cluster-slots", &slots.to_string(), "--cluster-yes"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .output();
+    let mut reshard = std::pin::pin!(reshard);
+    let started = Instant::now();
+    let client = H1::new();
+    let (mut sent, mut accepted, mut fell_back) = (0, 0, 0);
+    // One signature after another, each to one gateway and then to the next, until the
+    // reshard is over (bounded: a reshard of a few thousand empty slots takes seconds).
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let done = loop {
+        let i = sent;
+        let key = moving[i % moving.len()];
+        let target = format!("/api/reshard/{i}");
+        let now = crate::support::creds::unix_now();
+        let mut ok = 0;
+        for gw in [&fleet[i % 3], &fleet[(i + 1) % 3]] {
+            let r = signed(&client, gw, key, now, &target).await;
+            match r.status.as_u16() {
+                200 => ok += 1,
+                401 => drop(assert_unauthorized(&r, "Replayed request")),
+                503 => {
+                    assert_replay_unavailable(&r);
+                    fell_back += 1;
+                }
+                s => panic!("signature {i} answered {s}: {}", r.text()),
+            }
+        }
+        assert!(ok <= 1, "signature {i} was accepted twice during the reshard");
+        accepted += ok;
+        sent += 1;
+        assert_eq!(up.count(), accepted, "the upstream saw a request that was not accepted once");
+        if let Some(out) = futures_util::FutureExt::now_or_never(reshard.as_mut()) {
+            break out.expect("redis-cli --cluster reshard");
+        }
+        assert!(Instant::now() < deadline, "the reshard did not end in 90 s");
+    };
+    assert!(
+        done.status.success(),
+        "reshard: {}{}",
+        String::from_utf8_lossy(&done.stdout),
+        String::from_utf8_lossy(&done.stderr)
+    );
+    println!(
+        "during the reshard of {slots} slots ({:.1} s): {sent} signatures, {accepted} accepted, {fell_back} fallbacks",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(sent >= 10, "the reshard ended before the traffic got going ({sent} signatures)");
+    cluster.wait_ok().await;
+    for gw in &fleet {
+        let node = cluster.nodes[0].cli(&["cluster", "countkeysinslot", "0"]).await;
+        assert_eq!(node.trim(), "0", "slot 0 left keys behind");
+        assert_eq!(gw.count_logged("shared state unavailable: falling back"), 0, "a breaker opened:\n{}", gw.stderr());
+        assert_eq!(metric(gw, "gatehouse_shared_state_data_lost_total").await, 0.0, "a move was taken for a loss");
+    }
+    // Once every gateway has read the new slot map (its heartbeat, within a second), each
+    // moved key's new signatures are accepted again and their replays refused.
+    let mut n = 0;
+    for key in &moving {
+        for gw in &fleet {
+            within(STEP, "a moved key's signature accepted after the reshard", async {
+                loop {
+                    n += 1;
+                    let r =
+                        signed(&client, gw, key, crate::support::creds::unix_now(), &format!("/api/after/{n}")).await;
+                    if r.status == 200 {
+                        return;
+                    }
+                    assert_replay_unavailable(&r);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+            .await;
+        }
+    }
+    for (i, key) in moving.iter().enumerate() {
+        for g in 0..3 {
+            let target = format!("/api/settled/{i}/{g}");
+            let now = crate::support::creds::unix_now();
+            let r = signed(&client, &fleet[g], key, now, &target).await;
+            assert_eq!(r.status, 200, "{}", r.text());
+            assert_unauthorized(&signed(&client, &fleet[(g + 1) % 3], key, now, &target).await, "Replayed request");
+        }
+    }
+}
