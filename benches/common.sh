@@ -72,6 +72,7 @@ bench_config() {
 # wake-up (redis-benchmark -c1: 0.055 ms with 0, the value this VM boots with; 0.015 ms
 # with 200000, Linux's default). At light load every hop between processes (client,
 # gateway, Redis, upstream) pays it, so the light-load rows say which value they ran with.
+# Two runs that overlap would each put back what they found: run one at a time.
 HALT_POLL_FILE=/sys/module/haltpoll/parameters/guest_halt_poll_ns
 HALT_POLL_WAS=
 bench_halt_poll() {
@@ -83,8 +84,9 @@ bench_halt_poll() {
   local was
   was=$(cat "$HALT_POLL_FILE")
   if [ -n "${GUEST_HALT_POLL_NS:-}" ]; then
-    echo "$GUEST_HALT_POLL_NS" >"$HALT_POLL_FILE" || { echo "[bench] cannot set $HALT_POLL_FILE (root?)" >&2; exit 1; }
+    # Noted before the write: a run stopped between the two still puts it back.
     HALT_POLL_WAS=$was
+    echo "$GUEST_HALT_POLL_NS" >"$HALT_POLL_FILE" || { echo "[bench] cannot set $HALT_POLL_FILE (root?)" >&2; exit 1; }
   fi
   echo "[bench] guest_halt_poll_ns=$(cat "$HALT_POLL_FILE") for this run (the machine's: $was)" >&2
 }

@@ -64,9 +64,9 @@ cleanup() {
   bench_halt_poll_restore
   [ "${KEEP_WORK:-0}" = 1 ] || rm -rf "$WORK"
 }
-trap cleanup EXIT
 CREDS=$WORK/credentials.yaml
 source "$ROOT/benches/common.sh"
+trap cleanup EXIT
 bench_halt_poll
 
 log "writing $USERS users to $CREDS"

@@ -9,7 +9,7 @@
 use crate::credentials::file::FileUser;
 use crate::credentials::ops::ts;
 use crate::pipeline::history::{self, History};
-use crate::shared::{Shared, Unavailable, UsageRow};
+use crate::shared::{HistoryWindow, Shared, Unavailable, UsageRow};
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -179,15 +179,22 @@ impl Usage {
 
     /// `ids`' requests per hour and day as of `now`: this gateway's; with shared state
     /// the fleet's (Redis's counts plus what this gateway has not flushed yet, which it
-    /// counts in the current hour, as its next flush will).
-    pub async fn history(&self, shared: Option<&Shared>, ids: &[String], now: i64) -> Result<History, Unavailable> {
+    /// counts in the current hour, as its next flush will), read for `window` only (a
+    /// caller that needs no days reads no days).
+    pub async fn history(
+        &self,
+        shared: Option<&Shared>,
+        ids: &[String],
+        now: i64,
+        window: HistoryWindow,
+    ) -> Result<History, Unavailable> {
         let Some(shared) = shared else {
             return Ok(self.sampled_history(now).only(ids.iter().map(String::as_str)));
         };
         // Held across the read, as in `fleet_view`: a flush in between would count its
         // requests twice (in Redis and as unsent).
         let sent = self.sent.lock().await;
-        let mut h = History::from_counts(shared.read_requests(ids, now, history::WINDOW).await?);
+        let mut h = History::from_counts(shared.read_requests(ids, now, window).await?);
         let unsent = self.unsent(&sent);
         for id in ids {
             if let Some(d) = unsent.get(id) {

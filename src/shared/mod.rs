@@ -1129,7 +1129,9 @@ impl Shared {
     ///
     /// One `HGET` per key and bucket (the documented ACL allows it; `HMGET` would need
     /// one more command there), pipelined: at most [`HISTORY_READS_PER_CALL`] a round
-    /// trip, so a user's page costs one and no read holds Redis for long.
+    /// trip (18 keys' 24 hours and 30 days; 41 keys' 24 hours), so a user's page costs one
+    /// and no read holds Redis for long. Each costs Redis one field lookup: the console's
+    /// users list reads only its shown keys' hours.
     pub async fn read_requests(
         &self,
         ids: &[String],

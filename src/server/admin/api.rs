@@ -71,8 +71,9 @@ pub(super) async fn history_now(
     admin: &Admin,
     ids: &[String],
     now: i64,
+    window: crate::shared::HistoryWindow,
 ) -> Result<crate::pipeline::history::History, ApiError> {
-    admin.usage.history(admin.shared.as_deref(), ids, now).await.map_err(|_| usage_unavailable())
+    admin.usage.history(admin.shared.as_deref(), ids, now, window).await.map_err(|_| usage_unavailable())
 }
 
 fn usage_unavailable() -> ApiError {
@@ -366,7 +367,11 @@ pub(super) async fn run(
             let mut v = crate::pipeline::usage::usage_view(u, &usage);
             let ids: Vec<String> = u.keys.iter().map(|k| k.id.value.clone()).collect();
             let now = ops::now().unix_timestamp();
-            crate::pipeline::usage::add_history(&mut v, &history_now(admin, &ids, now).await?, now);
+            crate::pipeline::usage::add_history(
+                &mut v,
+                &history_now(admin, &ids, now, crate::pipeline::history::WINDOW).await?,
+                now,
+            );
             (StatusCode::OK, v)
         }
         (Method::PATCH, ["users", id]) => {

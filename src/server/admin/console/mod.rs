@@ -23,6 +23,8 @@ use super::api::{self, ApiError, Call};
 use super::caller::{Caller, Refusal};
 use super::{Admin, Peer};
 use crate::credentials::admin_tokens::AdminRole;
+use crate::pipeline::history;
+use crate::shared::HistoryWindow;
 use crate::wire::body::Body;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
@@ -355,16 +357,17 @@ async fn users(ctx: &Ctx<'_>, q: &Form) -> Response<Body> {
     let usage = api::usage_now(ctx.admin).await.unwrap_or_default();
     let roles = ctx.get("/admin/v1/roles", "").await.unwrap_or_default();
     let now = crate::credentials::ops::now().unix_timestamp();
-    let ids: Vec<String> = list
-        .as_array()
+    // Only the shown users' keys, and only the last 24 hours (the page's one column): with
+    // shared state each is a read from Redis.
+    let ids: Vec<String> = pages::shown_users(&list, q)
         .into_iter()
-        .flatten()
         .flat_map(|u| u["keys"].as_array().into_iter().flatten())
         .filter_map(|k| k["id"].as_str().map(String::from))
         .collect();
+    let window = HistoryWindow { hours: history::HOURS, days: 0 };
     // Like the totals above: while the shared state is away the page still lists the
     // users, with the counts it cannot read as 0.
-    let history = api::history_now(ctx.admin, &ids, now).await.unwrap_or_default();
+    let history = api::history_now(ctx.admin, &ids, now, window).await.unwrap_or_default();
     let recent = |key: &str| history.last_24h(key, now);
     html(StatusCode::OK, pages::users(ctx, &list, &usage, &recent, &roles, q))
 }

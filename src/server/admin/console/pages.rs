@@ -211,19 +211,11 @@ fn user_usage(u: &Value, usage: &UsageMap) -> (u64, Option<i64>) {
     (requests, last)
 }
 
-pub fn users(
-    ctx: &Ctx<'_>,
-    list: &Value,
-    usage: &UsageMap,
-    recent: &dyn Fn(&str) -> u64,
-    roles: &Value,
-    q: &Form,
-) -> Markup {
-    let now = crate::credentials::ops::now();
+/// The users of `list` that the users page's filters (`q`) let through.
+pub fn shown_users<'a>(list: &'a Value, q: &Form) -> Vec<&'a Value> {
     let want = |k: &str| q.get(k).map(str::trim).filter(|v| !v.is_empty());
     let search = want("q").map(str::to_lowercase);
-    let shown: Vec<&Value> = list
-        .as_array()
+    list.as_array()
         .into_iter()
         .flatten()
         .filter(|u| want("status").is_none_or(|st| s(u, "status") == st))
@@ -237,7 +229,20 @@ pub fn users(
                     .any(|h| h.to_lowercase().contains(needle.as_str()))
             })
         })
-        .collect();
+        .collect()
+}
+
+pub fn users(
+    ctx: &Ctx<'_>,
+    list: &Value,
+    usage: &UsageMap,
+    recent: &dyn Fn(&str) -> u64,
+    roles: &Value,
+    q: &Form,
+) -> Markup {
+    let now = crate::credentials::ops::now();
+    let want = |k: &str| q.get(k).map(str::trim).filter(|v| !v.is_empty());
+    let shown = shown_users(list, q);
     let role_names: Vec<&String> = roles.as_object().map(|o| o.keys().collect()).unwrap_or_default();
     let body = html! {
         form.filters method="get" action="/ui/users" role="search" {
