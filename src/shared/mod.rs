@@ -439,8 +439,9 @@ pub struct Shared {
     /// Counts the replacements of `epochs`: a record's answer read before one, handled
     /// after it, must not be taken for news (`vouch`).
     epochs_version: std::sync::atomic::AtomicU64,
-    /// Wakes the heartbeat to read the epochs now (a cluster record found its node's
-    /// missing, which a slot migration can show without a loss).
+    /// Wakes the heartbeat to read the epochs and the slot map now: a cluster record found
+    /// its node's epoch missing (which a slot migration can show without a loss), or a
+    /// request was caught in a slot migration (`migrating`).
     recheck: tokio::sync::Notify,
     /// The fleet's epoch key.
     fleet_epoch_key: Arc<str>,
@@ -1331,8 +1332,7 @@ impl Shared {
         }
         let mut next = Epochs { values: known.values.clone(), ranges: known.ranges.clone() };
         next.values.insert(key.to_string(), seen);
-        self.epochs.store(Arc::new(next));
-        self.epochs_version.fetch_add(1, Ordering::SeqCst);
+        self.replace_epochs(next);
     }
 
     /// Publishes which master's epoch key covers which slots, once each is known.
@@ -1342,7 +1342,13 @@ impl Shared {
         if known.ranges == ranges {
             return;
         }
-        self.epochs.store(Arc::new(Epochs { values: known.values.clone(), ranges }));
+        self.replace_epochs(Epochs { values: known.values.clone(), ranges });
+    }
+
+    /// Publishes `next` to requests and counts the change (`epochs_version`); callers hold
+    /// `epochs_write`.
+    fn replace_epochs(&self, next: Epochs) {
+        self.epochs.store(Arc::new(next));
         self.epochs_version.fetch_add(1, Ordering::SeqCst);
     }
 
@@ -1422,8 +1428,9 @@ impl Shared {
 
     /// Heartbeats every second. When the breaker opens, probes at once and then every
     /// 200 ms, and closes it once Redis answers a probe within `op_timeout` (after the
-    /// epoch check). When a cluster record found its node's epoch missing (`vouch`), beats
-    /// early, at most once per 200 ms.
+    /// epoch check). When a cluster record found its node's epoch missing (`vouch`) or a
+    /// request was caught in a slot migration (`migrating`), beats early, at most once per
+    /// 200 ms.
     ///
     /// Why at once: one slow operation opens the breaker, and on a saturated box that can
     /// be a request's wait rather than Redis (its worker thread not scheduled for a while);
